@@ -1,0 +1,275 @@
+"""The job spec: one validated config object for every job kind (DESIGN §5, issue #2).
+
+This module imports only pydantic and yaml so that the API can validate a spec
+without importing torch. Every model forbids unknown keys, so a typo is an
+error that names the field instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NUM_TRAIN_TIMESTEPS = 1000
+Family = Literal["sdxl", "sd15", "sd3"]
+
+# Real-score CFG defaults per family (DESIGN §3; DMD2 uses 8 for SDXL, 1.75 for SD1.5).
+DEFAULT_REAL_GUIDANCE: dict[str, float] = {"sdxl": 8.0, "sd15": 1.75, "sd3": 4.0}
+# Global-attention block indices of the SAM encoders (segment-anything build_sam.py).
+SAM_GLOBAL_BLOCKS: dict[str, list[int]] = {
+    "vit_b": [2, 5, 8, 11],
+    "vit_l": [5, 11, 17, 23],
+    "vit_h": [7, 15, 23, 31],
+    "tiny": [1, 3],
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def default_timesteps(num_steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
+    """DMD2's list: range(T-1, 0, -T//K), e.g. K=4 -> [999, 749, 499, 249]."""
+    stride = num_train_timesteps // num_steps
+    return list(range(num_train_timesteps - 1, 0, -stride))[:num_steps]
+
+
+class LoraSpec(_Strict):
+    rank: int = Field(64, ge=1, le=1024)
+    alpha: float = Field(8.0, gt=0)
+    target_modules: list[str] | None = None  # None: the family's attention projections
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class ModelSpec(_Strict):
+    teacher: str = Field(min_length=1, description="hub id, local diffusers folder, or tiny:<family>")
+    family: Literal["auto", "sdxl", "sd15", "sd3"] = "auto"
+    revision: str | None = None
+    resolution: int | None = Field(None, ge=16, le=4096, description="pixels; default: the teacher's")
+    lora: LoraSpec | None = None
+
+
+class DataSpec(_Strict):
+    images: str | None = Field(None, description="folder of images with same-named .txt captions")
+    manifest: str | None = Field(None, description="JSONL with {image, caption} per line")
+    prompts: str | None = Field(None, description="text file, one prompt per line (no real images)")
+    builtin: Literal["digits"] | None = Field(None, description="a dataset shipped in a package")
+    num_workers: int = Field(0, ge=0, le=64)
+    center_crop: bool = True
+    random_flip: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        sources = [s for s in ("images", "manifest", "prompts", "builtin") if getattr(self, s)]
+        if not sources:
+            raise ValueError("give one of data.images, data.manifest, data.prompts or data.builtin")
+        if len(sources) > 1:
+            raise ValueError(f"give only one data source, got {', '.join('data.' + s for s in sources)}")
+        return self
+
+    @property
+    def has_real_images(self) -> bool:
+        return not self.prompts
+
+
+class ScheduleSpec(_Strict):
+    num_steps: int = Field(4, ge=1, le=50, description="K, the generator's step count")
+    timesteps: list[int] | None = Field(None, description="S = [tau_K .. tau_1], high noise first")
+    dm_steps: list[int] | None = Field(None, description="steps that get the DM loss; default all but last")
+    gan_steps: list[int] | None = Field(None, description="low-noise steps for the GAN; default the last")
+    shift: float | None = Field(None, gt=0, description="flow-matching shift; default the teacher's")
+
+    @model_validator(mode="after")
+    def _resolve(self) -> ScheduleSpec:
+        ts = self.timesteps or default_timesteps(self.num_steps)
+        if len(ts) != self.num_steps:
+            raise ValueError(f"schedule.timesteps has {len(ts)} entries but schedule.num_steps is {self.num_steps}")
+        if any(t < 0 or t >= NUM_TRAIN_TIMESTEPS for t in ts):
+            raise ValueError(f"schedule.timesteps must lie in [0, {NUM_TRAIN_TIMESTEPS - 1}]")
+        if any(a <= b for a, b in zip(ts, ts[1:], strict=False)):
+            raise ValueError("schedule.timesteps must be strictly decreasing (high noise first)")
+        dm = self.dm_steps if self.dm_steps is not None else (ts[:-1] if len(ts) > 1 else ts)
+        gan = self.gan_steps if self.gan_steps is not None else ts[-1:]
+        for name, sub in (("dm_steps", dm), ("gan_steps", gan)):
+            bad = [t for t in sub if t not in ts]
+            if bad:
+                raise ValueError(f"schedule.{name} {bad} are not in schedule.timesteps {ts}")
+        if not dm:
+            raise ValueError("schedule.dm_steps must not be empty")
+        # Assign through __dict__ so validate_assignment does not recurse into this validator.
+        self.__dict__.update(timesteps=list(ts), dm_steps=list(dm), gan_steps=list(gan))
+        return self
+
+
+class DiscriminatorSpec(_Strict):
+    backbone: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "vit_l"
+    checkpoint: str | None = Field(None, description="SAM .pth (image_encoder.* keys); required for vit_*")
+    blocks: list[int] | None = Field(None, description="encoder blocks with heads; default: global attention")
+    img_size: int | None = Field(None, ge=16, description="encoder input size; 1024 for vit_*, 64 for tiny")
+    head_channels: int = Field(256, ge=8)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> DiscriminatorSpec:
+        blocks = self.blocks or SAM_GLOBAL_BLOCKS[self.backbone]
+        img = self.img_size or (64 if self.backbone == "tiny" else 1024)
+        self.__dict__.update(blocks=list(blocks), img_size=img)
+        return self
+
+
+class DistillSpec(_Strict):
+    mode: Literal["flash", "dmd2"] = "flash"
+    ttur: int | None = Field(None, ge=1, le=100, description="fake-score updates per generator update")
+    ema: float | None = Field(None, ge=0, lt=1, description="lambda_ema of Eq. (11); 0 turns it off")
+    real_guidance: float | None = Field(None, ge=1, description="teacher CFG in the DM loss")
+    fake_guidance: float = Field(1.0, ge=1)
+    dm_min: float = Field(0.02, ge=0, le=1)
+    dm_max: float = Field(0.98, ge=0, le=1)
+    dm_weight: float = Field(1.0, ge=0)
+    gan_weight: float | None = Field(None, ge=0, description="lambda on the generator's adversarial loss")
+    disc_weight: float = Field(1.0, ge=0, description="dmd2 mode: weight of L_D in the fake-score loss")
+    gan_loss: Literal["hinge", "logistic"] = "hinge"
+    discriminator: DiscriminatorSpec = Field(default_factory=DiscriminatorSpec)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> DistillSpec:
+        if self.dm_min >= self.dm_max:
+            raise ValueError("distill.dm_min must be below distill.dm_max")
+        flash = self.mode == "flash"
+        updates: dict[str, Any] = {}
+        if self.ttur is None:
+            updates["ttur"] = 1 if flash else 5
+        if self.ema is None:
+            updates["ema"] = 0.98 if flash else 0.0
+        elif not flash and self.ema:
+            raise ValueError("distill.ema must be 0 in dmd2 mode (DMD2 has no EMA injection)")
+        if self.gan_weight is None:
+            # DMD2's 5e-3 (its latent head). The paper gives no lambda for the Pixel-GAN, so flash
+            # starts from the same value; the digits benchmark (bench/quality_vs_cost.py) revisits it.
+            updates["gan_weight"] = 5e-3
+        if not flash and "disc_weight" not in self.model_fields_set:
+            updates["disc_weight"] = 1e-2
+        self.__dict__.update(updates)
+        return self
+
+
+class OptimizerSpec(_Strict):
+    lr: float = Field(5e-7, gt=0, le=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.01, ge=0)
+    eps: float = Field(1e-8, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("betas must lie in [0, 1)")
+        return v
+
+
+class OptimSpec(_Strict):
+    generator: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    fake_score: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    discriminator: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(lr=2e-5, betas=(0.0, 0.99)))
+    grad_clip: float | None = Field(10.0, gt=0, description="max grad norm for every network; null: off")
+    warmup_steps: int = Field(0, ge=0)
+
+
+class TrainSpec(_Strict):
+    max_steps: int = Field(1000, ge=1, description="loop iterations (one fake-score update each)")
+    batch_size: int = Field(1, ge=1, le=4096, description="per process")
+    grad_accum: int = Field(1, ge=1, le=1, description="DMD2 asserts 1; kept for the spec's shape")
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    gradient_checkpointing: bool = False
+    seed: int = Field(0, ge=0)
+    checkpoint_every: int = Field(500, ge=1)
+    sample_every: int = Field(500, ge=1)
+    num_samples: int = Field(4, ge=1, le=64)
+    keep_last: int = Field(3, ge=1)
+    log_every: int = Field(1, ge=1)
+    max_nonfinite: int = Field(10, ge=1, description="consecutive NaN/inf steps before failing")
+    num_processes: int = Field(1, ge=1, le=1024, description="GPUs for accelerate launch")
+
+
+class DistillJob(_Strict):
+    kind: Literal["distill"] = "distill"
+    name: str | None = Field(None, max_length=200)
+    model: ModelSpec
+    data: DataSpec
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+    @model_validator(mode="after")
+    def _cross(self) -> DistillJob:
+        if not self.data.has_real_images and self.distill.gan_weight:
+            raise ValueError("data.prompts has no real images for the GAN: use images/manifest/builtin "
+                             "or set distill.gan_weight: 0")
+        return self
+
+
+JobSpec = Annotated[DistillJob, Field(discriminator="kind")]
+
+
+class SpecError(ValueError):
+    """A spec that does not validate; the message names every bad field."""
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc or '<spec>'}: {msg}")
+    return "\n".join(lines)
+
+
+def _coerce(value: str) -> Any:
+    """`--set` values are YAML scalars or lists: 20, 0.5, true, null, [999, 499]."""
+    return yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides to a raw spec dict (before validation)."""
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {key}: {p} is not a section")
+            node = child
+        node[parts[-1]] = _coerce(value)
+    return raw
+
+
+def parse_spec(raw: dict[str, Any]) -> DistillJob:
+    if not isinstance(raw, dict):
+        raise SpecError("<spec>: the spec must be a mapping")
+    raw = dict(raw)
+    raw.setdefault("kind", "distill")
+    try:
+        if raw["kind"] == "distill":
+            return DistillJob.model_validate(raw)
+        raise SpecError(f"kind: unknown job kind {raw['kind']!r} (expected 'distill')")
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err)) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> DistillJob:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    try:
+        text = path.read_text()
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise SpecError(f"{path}: not valid YAML/JSON: {err}") from None
+    return parse_spec(apply_overrides(raw or {}, overrides or []))
