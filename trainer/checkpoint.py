@@ -1,0 +1,114 @@
+"""Checkpoints: `run_dir/checkpoints/step-XXXXXXXX/`.
+
+    meta.json                   written last: a folder without it is incomplete and ignored
+    unet/ or transformer/       the generator as a diffusers model folder (full fine-tune), or
+    lora/                       the generator's LoRA in diffusers' format (`load_lora_weights`)
+    trainable/*.safetensors     the trainable weights of every network, for resume
+    state/                      accelerate state: optimisers and RNG
+
+A checkpoint is written into a temporary folder and renamed into place, so a
+crash never leaves a half-written `step-*` folder; old ones are rotated away.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from trainer.sink import METRICS_FILE, Sink
+
+CKPT_DIR = "checkpoints"
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / "meta.json").is_file())
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _export_generator(distiller, out: Path) -> str:  # noqa: ANN001
+    t = distiller.teacher
+    gen = distiller.generator
+    if distiller.cfg.model.lora is None:
+        gen.save_pretrained(out / t.denoiser_name, safe_serialization=True)
+        return t.denoiser_name
+    from peft.utils import get_peft_model_state_dict
+
+    from trainer.models import pipeline_class
+
+    layers = get_peft_model_state_dict(gen)
+    key = "unet_lora_layers" if t.denoiser_name == "unet" else "transformer_lora_layers"
+    pipeline_class(t.family).save_lora_weights(out / "lora", **{key: layers}, safe_serialization=True)
+    return "lora"
+
+
+def save_checkpoint(run_dir: Path, step: int, distiller, acc, cfg, sink: Sink) -> Path | None:  # noqa: ANN001
+    """Every rank joins (accelerate state is per rank); rank 0 writes the model files and renames."""
+    root = Path(run_dir) / CKPT_DIR
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "trainable").mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp / "state"))  # optimisers + RNG (accelerate writes them per process)
+    if acc.is_main_process:
+        for name, mod in distiller.trainable_modules().items():
+            save_file(trainable_state(mod), str(tmp / "trainable" / f"{name}.safetensors"))
+        kind = _export_generator(distiller, tmp)
+        t = distiller.teacher
+        meta = {"step": step, "family": t.family, "teacher": cfg.model.teacher, "resolution": t.resolution,
+                "timesteps": distiller.S, "num_steps": len(distiller.S), "generator": kind,
+                "mode": cfg.distill.mode, "parameterisation": t.param.kind,
+                "shift": getattr(t.param, "shift", None), "lora": cfg.model.lora.model_dump() if cfg.model.lora else None}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoint_dirs(run_dir)[: -cfg.train.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        sink.save_checkpoint(step, final, {"generator": kind})
+    acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(ckpt: Path, distiller, acc) -> int:  # noqa: ANN001
+    """Restore the trainable weights, the optimisers and RNG; returns the checkpoint's step."""
+    for name, mod in distiller.trainable_modules().items():
+        path = ckpt / "trainable" / f"{name}.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {ckpt} has no {name} weights ({path.name}); was it written by "
+                                    "a run with a different mode?")
+        state = load_file(str(path), device=str(acc.device))
+        params = dict(mod.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+        if missing:
+            raise ValueError(f"checkpoint {ckpt}: {name} lacks {len(missing)} tensors, e.g. {missing[0]}")
+        with torch.no_grad():
+            for n, v in state.items():
+                params[n].copy_(v)
+    acc.load_state(str(ckpt / "state"))
+    return int(json.loads((ckpt / "meta.json").read_text())["step"])
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume, drop metric rows logged after the checkpoint so no (key, step) appears twice."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))

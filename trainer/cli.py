@@ -1,0 +1,73 @@
+"""`flashdmd train`: build one validated config, print it, write it, call `train(cfg, sink)`.
+
+Runs as is (`flashdmd train ...`, `python -m trainer ...`) or under
+`accelerate launch -m trainer ...`. Exit codes: 0 finished, 2 bad spec or
+missing input, 3 stopped on request (checkpoint written), 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from trainer.config import SpecError, load_spec
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
+
+
+@click.command("train")
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a spec field, e.g. train.max_steps=20")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="where config, metrics, samples and checkpoints go (default runs/<spec name>)")
+@click.option("--resume", is_flag=True, help="continue from the run directory's latest checkpoint")
+@click.option("--dry-run", is_flag=True, help="print the resolved config and exit")
+def train_command(spec: Path, overrides: tuple[str, ...], run_dir: Path | None, resume: bool, dry_run: bool) -> None:
+    """Distil a teacher into a few-step generator with Flash-DMD (or the dmd2 baseline)."""
+    try:
+        cfg = load_spec(spec, list(overrides))
+    except SpecError as err:
+        click.echo(f"error: invalid spec {spec}:\n{err}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    resolved = cfg.model_dump(mode="json")
+    if dry_run:
+        click.echo(json.dumps(resolved, indent=2))
+        return
+    run_dir = run_dir or Path("runs") / spec.stem
+    # Imported here so that `--dry-run` and spec errors answer without loading torch.
+    from trainer.errors import InputError, StopRequested
+    from trainer.loop import train
+    from trainer.sink import JsonlSink
+
+    try:
+        code = _run(train, cfg, run_dir, resume, resolved, JsonlSink)
+    except InputError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except StopRequested as stop:
+        click.echo(f"stopped on request at step {stop.step}; resume with --resume", err=True)
+        sys.exit(EXIT_STOPPED)
+    sys.exit(code)
+
+
+def _run(train, cfg, run_dir: Path, resume: bool, resolved: dict, sink_cls) -> int:  # noqa: ANN001
+    from accelerate import PartialState
+
+    state = PartialState()
+    sink = sink_cls(run_dir, enabled=state.is_main_process)
+    if state.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+        click.echo(json.dumps(resolved, indent=2), err=True)
+    try:
+        train(cfg, sink, run_dir=run_dir, resume=resume)
+    finally:
+        sink.close()
+    return EXIT_OK
+
+
+def main() -> None:
+    train_command(prog_name="python -m trainer")

@@ -1,0 +1,155 @@
+"""Training data: image folder + .txt captions, JSONL manifest, prompts file, built-in digits.
+
+Every source yields {"image": [3, R, R] in [-1, 1] or absent, "caption": str}.
+Real images feed the discriminator; captions condition the generator.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from trainer.config import DataSpec
+from trainer.errors import InputError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def digit_prompt(label: int) -> str:
+    return f"a handwritten digit {DIGIT_WORDS[label]}"
+
+
+def to_tensor(img: Image.Image, resolution: int, center_crop: bool = True) -> torch.Tensor:
+    """PIL -> [3, R, R] float in [-1, 1]: resize the short side, then centre-crop (or squash)."""
+    img = img.convert("RGB")
+    if center_crop:
+        w, h = img.size
+        s = resolution / min(w, h)
+        img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+        w, h = img.size
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        img = img.crop((left, top, left + resolution, top + resolution))
+    else:
+        img = img.resize((resolution, resolution), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class PairDataset(Dataset):
+    def __init__(self, items: list[tuple[Path, str]], resolution: int, center_crop: bool, flip: bool) -> None:
+        self.items, self.resolution, self.center_crop, self.flip = items, resolution, center_crop, flip
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        path, caption = self.items[i]
+        with Image.open(path) as img:
+            x = to_tensor(img, self.resolution, self.center_crop)
+        if self.flip and random.random() < 0.5:
+            x = x.flip(-1)
+        return {"image": x, "caption": caption}
+
+
+class PromptDataset(Dataset):
+    def __init__(self, prompts: list[str]) -> None:
+        self.prompts = prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"caption": self.prompts[i]}
+
+
+class DigitsDataset(Dataset):
+    """sklearn's 8x8 digits (1797 images, shipped in the package), upsampled to R x R RGB."""
+
+    def __init__(self, resolution: int) -> None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        imgs = torch.from_numpy(digits.images.astype(np.float32) / 16.0)  # [N, 8, 8] in [0, 1]
+        imgs = torch.nn.functional.interpolate(imgs[:, None], size=(resolution, resolution),
+                                               mode="bilinear", align_corners=False)
+        self.images = (imgs.clamp(0, 1) * 2 - 1).expand(-1, 3, -1, -1).contiguous()  # [N, 3, R, R]
+        self.labels = digits.target.tolist()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "caption": digit_prompt(self.labels[i]), "label": self.labels[i]}
+
+
+def _image_folder(root: Path) -> list[tuple[Path, str]]:
+    items = []
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() in IMAGE_EXTS:
+            cap = p.with_suffix(".txt")
+            items.append((p, cap.read_text().strip() if cap.exists() else ""))
+    return items
+
+
+def _manifest(path: Path) -> list[tuple[Path, str]]:
+    items = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            img = Path(row["image"])
+            items.append((img if img.is_absolute() else path.parent / img, str(row.get("caption", ""))))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise InputError(f"data.manifest: {path}:{n}: expected {{\"image\", \"caption\"}}: {err}") from None
+    missing = [str(p) for p, _ in items if not p.exists()]
+    if missing:
+        raise InputError(f"data.manifest: {len(missing)} image(s) not found, e.g. {missing[0]}")
+    return items
+
+
+def build_dataset(spec: DataSpec, resolution: int) -> Dataset:
+    if spec.builtin == "digits":
+        return DigitsDataset(resolution)
+    if spec.prompts:
+        path = Path(spec.prompts).expanduser()
+        if not path.is_file():
+            raise InputError(f"data.prompts: no such file: {path}")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise InputError(f"data.prompts: {path} has no prompts")
+        return PromptDataset(prompts)
+    if spec.images:
+        root = Path(spec.images).expanduser()
+        if not root.is_dir():
+            raise InputError(f"data.images: no such folder: {root}")
+        items = _image_folder(root)
+        where = "data.images"
+    else:
+        path = Path(spec.manifest).expanduser()
+        if not path.is_file():
+            raise InputError(f"data.manifest: no such file: {path}")
+        items, where = _manifest(path), "data.manifest"
+    if not items:
+        raise InputError(f"{where}: no images found ({', '.join(sorted(IMAGE_EXTS))})")
+    return PairDataset(items, resolution, spec.center_crop, spec.random_flip)
+
+
+def infinite_batches(ds: Dataset, batch_size: int, seed: int, num_workers: int = 0,
+                     start_epoch: int = 0) -> Iterator[dict]:
+    """Reshuffle every epoch with a seed derived from (seed, epoch), so a resumed run is reproducible."""
+    epoch = start_epoch
+    while True:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=len(ds) >= batch_size,
+                            generator=g, num_workers=num_workers)
+        yield from loader
+        epoch += 1

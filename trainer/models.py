@@ -1,0 +1,234 @@
+"""Load a teacher pipeline (hub id, local folder or tiny:<family>), encode text, call denoisers.
+
+One code path for real and tiny teachers: everything goes through the diffusers
+pipeline classes' `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from trainer.config import ModelSpec
+from trainer.errors import InputError
+from trainer.schedules import Parameterisation, parameterisation_for
+
+PIPELINE_FAMILY = {
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionPipeline": "sd15",
+    "StableDiffusion3Pipeline": "sd3",
+}
+# LoRA targets: the attention projections (DMD2's LoRA also adapts these).
+LORA_TARGETS = {
+    "unet": ["to_q", "to_k", "to_v", "to_out.0"],
+    "transformer": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+}
+
+
+@dataclass
+class Cond:
+    """Text conditioning of a batch, in the form the denoiser's forward takes."""
+
+    embeds: Tensor  # [B, L, D] encoder_hidden_states
+    pooled: Tensor | None = None  # [B, P] SDXL text_embeds / SD3 pooled_projections
+    time_ids: Tensor | None = None  # [B, 6] SDXL micro-conditioning
+
+    def map(self, fn) -> Cond:  # noqa: ANN001
+        return Cond(*(None if v is None else fn(v) for v in (self.embeds, self.pooled, self.time_ids)))
+
+    def __getitem__(self, idx) -> Cond:  # noqa: ANN001
+        return self.map(lambda v: v[idx])
+
+    @staticmethod
+    def cat(conds: list[Cond]) -> Cond:
+        first = conds[0]
+        return Cond(*(None if getattr(first, f) is None else torch.cat([getattr(c, f) for c in conds])
+                      for f in ("embeds", "pooled", "time_ids")))
+
+
+def is_local_path(ref: str) -> bool:
+    return ref.startswith(("/", "./", "../", "~")) or os.path.exists(ref)
+
+
+def resolve_teacher(ref: str) -> str:
+    """Map a teacher reference to a folder or hub id, with clear errors for missing paths."""
+    if ref.startswith("tiny:"):
+        from trainer.tiny import tiny_pipeline_dir
+
+        family = ref.split(":", 1)[1]
+        if family not in ("sdxl", "sd15", "sd3"):
+            raise InputError(f"model.teacher: unknown tiny family {family!r} (sdxl, sd15, sd3)")
+        return str(tiny_pipeline_dir(family))
+    if is_local_path(ref):
+        path = Path(ref).expanduser()
+        if not path.is_dir():
+            raise InputError(f"model.teacher: no such folder: {path}")
+        if not (path / "model_index.json").is_file():
+            raise InputError(f"model.teacher: {path} is not a diffusers pipeline folder (no model_index.json)")
+        return str(path)
+    return ref
+
+
+def detect_family(ref: str, revision: str | None = None) -> str:
+    from diffusers import DiffusionPipeline
+
+    try:
+        if os.path.isdir(ref):
+            index = json.loads((Path(ref) / "model_index.json").read_text())
+        else:
+            index = DiffusionPipeline.load_config(ref, revision=revision)
+    except Exception as err:  # hub errors come in many types; the message is what matters
+        raise InputError(f"model.teacher: cannot read {ref!r}: {err.__class__.__name__}: {err}") from None
+    cls = index.get("_class_name", "")
+    if cls not in PIPELINE_FAMILY:
+        raise InputError(f"model.teacher: unsupported pipeline {cls!r}; expected one of {sorted(PIPELINE_FAMILY)}")
+    return PIPELINE_FAMILY[cls]
+
+
+def pipeline_class(family: str):  # noqa: ANN201
+    import diffusers
+
+    name = {v: k for k, v in PIPELINE_FAMILY.items()}[family]
+    return getattr(diffusers, name)
+
+
+class Teacher:
+    """The frozen teacher pipeline plus what the trainer needs from it."""
+
+    def __init__(self, pipe, family: str, ref: str, resolution: int | None, shift: float | None) -> None:  # noqa: ANN001
+        self.pipe, self.family, self.ref = pipe, family, ref
+        self.denoiser_name = "transformer" if family == "sd3" else "unet"
+        self.denoiser: nn.Module = getattr(pipe, self.denoiser_name)
+        self.vae = pipe.vae
+        self.param: Parameterisation = parameterisation_for(family, dict(pipe.scheduler.config), shift)
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        default_res = int(self.denoiser.config.sample_size) * self.vae_scale
+        self.resolution = resolution or default_res
+        if self.resolution % (self.vae_scale * (2 if family == "sd3" else 1)):
+            raise InputError(f"model.resolution {self.resolution} is not a multiple of the VAE factor {self.vae_scale}")
+        self.latent_channels = int(self.denoiser.config.in_channels)
+        self.latent_size = self.resolution // self.vae_scale
+        for m in (self.denoiser, self.vae, *self.text_encoders()):
+            m.requires_grad_(False).eval()
+        self._uncond: Cond | None = None
+
+    def text_encoders(self) -> list[nn.Module]:
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        return [m for m in (getattr(self.pipe, n, None) for n in names) if m is not None]
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    def to(self, device: torch.device | str) -> Teacher:
+        self.pipe.to(device)
+        self._uncond = None
+        return self
+
+    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        return (batch, self.latent_channels, self.latent_size, self.latent_size)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Cond:
+        device, n = self.device, len(prompts)
+        if self.family == "sdxl":
+            embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                          do_classifier_free_guidance=False)
+            return Cond(embeds, pooled, self.time_ids(n))
+        if self.family == "sd3":
+            embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=device,
+                                                          num_images_per_prompt=1, do_classifier_free_guidance=False)
+            return Cond(embeds, pooled)
+        embeds, _ = self.pipe.encode_prompt(prompts, device, 1, False)
+        return Cond(embeds)
+
+    def uncond(self, batch: int) -> Cond:
+        """The CFG unconditional input. SDXL uses zeros (DMD2; force_zeros_for_empty_prompt), others ""."""
+        if self._uncond is None:
+            if self.family == "sdxl":
+                c = self.encode([""])
+                self._uncond = Cond(torch.zeros_like(c.embeds), torch.zeros_like(c.pooled), c.time_ids)
+            else:
+                self._uncond = self.encode([""])
+        return self._uncond.map(lambda v: v.expand(batch, *v.shape[1:]))
+
+    def time_ids(self, batch: int) -> Tensor:
+        """SDXL micro-conditioning [orig_h, orig_w, crop_top, crop_left, target_h, target_w] (DMD2)."""
+        r = float(self.resolution)
+        return torch.tensor([[r, r, 0.0, 0.0, r, r]], device=self.device).expand(batch, 6)
+
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """[B, 3, H, W] in [-1, 1] -> scaled latents [B, C, h, w]."""
+        with torch.no_grad():
+            dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+            lat = dist.sample(generator)
+        return self._scale(lat)
+
+    def _scale(self, lat: Tensor) -> Tensor:
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (lat - shift) * self.vae.config.scaling_factor
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> images in [-1, 1] (keeps the graph when grad is enabled)."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        lat = latents / self.vae.config.scaling_factor + shift
+        return self.vae.decode(lat.to(self.vae.dtype), return_dict=False)[0]
+
+
+def load_teacher(spec: ModelSpec, device: torch.device | str = "cpu", shift: float | None = None) -> Teacher:
+    ref = resolve_teacher(spec.teacher)
+    family = detect_family(ref, spec.revision) if spec.family == "auto" else spec.family
+    cls = pipeline_class(family)
+    kwargs = {"revision": spec.revision} if spec.revision else {}
+    if family == "sd15":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = cls.from_pretrained(ref, torch_dtype=torch.float32, **kwargs)
+    except Exception as err:  # surface hub/IO errors as one clear line
+        raise InputError(f"model.teacher: cannot load {spec.teacher!r} as {cls.__name__}: "
+                         f"{err.__class__.__name__}: {err}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return Teacher(pipe, family, spec.teacher, spec.resolution, shift).to(device)
+
+
+def predict(net: nn.Module, x_t: Tensor, t: Tensor, cond: Cond, param: Parameterisation) -> Tensor:
+    """The denoiser's raw prediction (eps, v or flow velocity).  x_t: [B, C, H, W], t: [B] -> [B, C, H, W]."""
+    time = param.model_time(t)
+    if cond.pooled is not None and cond.time_ids is None:  # SD3 transformer
+        return net(hidden_states=x_t, timestep=time, encoder_hidden_states=cond.embeds,
+                   pooled_projections=cond.pooled, return_dict=False)[0]
+    added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids} if cond.time_ids is not None else None
+    return net(x_t, time, encoder_hidden_states=cond.embeds, added_cond_kwargs=added, return_dict=False)[0]
+
+
+def predict_x0(net: nn.Module, x_t: Tensor, t: Tensor, cond: Cond, param: Parameterisation,
+               guidance: float = 1.0, uncond: Cond | None = None) -> Tensor:
+    """x0 estimate with optional CFG: pred_u + w (pred_c - pred_u), one batched forward of 2B."""
+    if guidance == 1.0 or uncond is None:
+        pred = predict(net, x_t, t, cond, param)
+    else:
+        both = predict(net, torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([uncond, cond]), param)
+        pred_u, pred_c = both.chunk(2)
+        pred = pred_u + guidance * (pred_c - pred_u)
+    return param.to_x0(x_t, pred.to(x_t.dtype), t)
+
+
+def trainable_copy(denoiser: nn.Module, lora: object | None, kind: str) -> nn.Module:
+    """A trainable copy of the teacher's denoiser: full weights, or frozen weights plus a LoRA adapter."""
+    net = copy.deepcopy(denoiser)
+    if lora is None:
+        return net.requires_grad_(True).train()
+    from peft import LoraConfig
+
+    net.requires_grad_(False)
+    targets = lora.target_modules or LORA_TARGETS[kind]
+    net.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                               target_modules=targets, init_lora_weights=True))
+    return net.train()
+
