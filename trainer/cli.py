@@ -38,7 +38,7 @@ def train_command(spec: Path, overrides: tuple[str, ...], run_dir: Path | None, 
         return
     run_dir = run_dir or Path("runs") / spec.stem
     # Imported here so that `--dry-run` and spec errors answer without loading torch.
-    from trainer.errors import InputError, StopRequested
+    from trainer.errors import InputError, StopRequested, TrainingError
     from trainer.loop import train
     from trainer.sink import JsonlSink
 
@@ -47,6 +47,9 @@ def train_command(spec: Path, overrides: tuple[str, ...], run_dir: Path | None, 
     except InputError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_BAD_INPUT)
+    except TrainingError as err:
+        click.echo(f"error: training failed: {err}", err=True)
+        sys.exit(EXIT_FAILED)
     except StopRequested as stop:
         click.echo(f"stopped on request at step {stop.step}; resume with --resume", err=True)
         sys.exit(EXIT_STOPPED)

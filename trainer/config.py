@@ -131,7 +131,8 @@ class DistillSpec(_Strict):
     dm_weight: float = Field(1.0, ge=0)
     gan_weight: float | None = Field(None, ge=0, description="lambda on the generator's adversarial loss")
     disc_weight: float = Field(1.0, ge=0, description="dmd2 mode: weight of L_D in the fake-score loss")
-    gan_loss: Literal["hinge", "logistic"] = "hinge"
+    gan_loss: Literal["hinge", "logistic"] | None = Field(
+        None, description="default: hinge for flash (Alg. 1 line 25), logistic/softplus for dmd2")
     discriminator: DiscriminatorSpec = Field(default_factory=DiscriminatorSpec)
 
     @model_validator(mode="after")
@@ -150,6 +151,8 @@ class DistillSpec(_Strict):
             # DMD2's 5e-3 (its latent head). The paper gives no lambda for the Pixel-GAN, so flash
             # starts from the same value; the digits benchmark (bench/quality_vs_cost.py) revisits it.
             updates["gan_weight"] = 5e-3
+        if self.gan_loss is None:
+            updates["gan_loss"] = "hinge" if flash else "logistic"
         if not flash and "disc_weight" not in self.model_fields_set:
             updates["disc_weight"] = 1e-2
         self.__dict__.update(updates)

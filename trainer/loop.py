@@ -52,6 +52,21 @@ def save_samples(distiller, prompts: list[str], path: Path) -> Path:  # noqa: AN
     return path
 
 
+class NonfiniteGuard:
+    """Skip-and-count for non-finite steps; fail with a clear error after `limit` in a row."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.consecutive, self.total = limit, 0, 0
+
+    def update(self, skipped: bool, step: int) -> None:
+        self.consecutive = self.consecutive + 1 if skipped else 0
+        self.total += skipped
+        if self.consecutive >= self.limit:
+            raise TrainingError(f"{self.consecutive} consecutive steps with non-finite losses or gradients "
+                                f"(up to step {step}; train.max_nonfinite={self.limit}); lower the learning "
+                                "rates or use mixed_precision: bf16 instead of fp16")
+
+
 class _StopFlag:
     """SIGTERM from the worker means: checkpoint at the next step boundary and exit."""
 
@@ -91,7 +106,7 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
     batches = infinite_batches(ds, cfg.train.batch_size, cfg.train.seed + acc.process_index,
                                cfg.data.num_workers, start_epoch=epoch)
     sample_prompts = _sample_prompts(ds, cfg.train.num_samples)
-    stop, nonfinite, last_saved = _StopFlag(), 0, start
+    stop, guard, last_saved = _StopFlag(), NonfiniteGuard(cfg.train.max_nonfinite), start
     bar = tqdm(total=cfg.train.max_steps, initial=start, desc=f"{cfg.distill.mode} K={len(distiller.S)}",
                disable=not acc.is_main_process, dynamic_ncols=True)
     step = start
@@ -101,14 +116,11 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
             logs = distiller.step(next(batches), step)
             step += 1
             skipped = any(v for k, v in logs.items() if k.startswith("skipped/"))
-            nonfinite = nonfinite + 1 if skipped else 0
             if skipped:
                 sink.log_event("nonfinite", f"non-finite loss or gradient at step {step}; update skipped",
-                               step=step, consecutive=nonfinite)
-            if nonfinite >= cfg.train.max_nonfinite:
-                raise TrainingError(f"{nonfinite} consecutive steps with non-finite losses or gradients "
-                                    f"(train.max_nonfinite={cfg.train.max_nonfinite}); lower the learning "
-                                    "rates or use mixed_precision: bf16 instead of fp16")
+                               step=step, consecutive=guard.consecutive + 1)
+            guard.update(skipped, step)
+            logs["nonfinite/total"] = float(guard.total)
             logs["time/step_s"] = time.perf_counter() - t0
             logs["lr/generator"] = distiller.opt_g.param_groups[0]["lr"]
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
@@ -126,10 +138,9 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
             if requested:
                 sink.log_event("stopped", f"stopped on request at step {step}", step=step)
                 raise StopRequested(step)
-    except (TrainingError, RuntimeError) as err:
-        if not isinstance(err, StopRequested):
-            sink.log_event("failed", str(err), code=type(err).__name__, message=str(err), step=step,
-                           last_checkpoint=last_saved)
+    except (TrainingError, RuntimeError) as err:  # a StopRequested is not a failure and passes through
+        sink.log_event("failed", str(err), code=type(err).__name__, message=str(err), step=step,
+                       last_checkpoint=last_saved)
         raise
     finally:
         bar.close()

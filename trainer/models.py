@@ -189,7 +189,7 @@ def load_teacher(spec: ModelSpec, device: torch.device | str = "cpu", shift: flo
     if family == "sd15":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = cls.from_pretrained(ref, torch_dtype=torch.float32, **kwargs)
+        pipe = cls.from_pretrained(ref, **kwargs)  # float32 weights; bf16 is applied per network later
     except Exception as err:  # surface hub/IO errors as one clear line
         raise InputError(f"model.teacher: cannot load {spec.teacher!r} as {cls.__name__}: "
                          f"{err.__class__.__name__}: {err}") from None
