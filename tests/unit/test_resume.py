@@ -48,9 +48,10 @@ def test_resume_continues_exactly(make_cfg, batch, tmp_path, family):
     assert logs_b["loss/dm"] == pytest.approx(logs_a["loss/dm"], rel=1e-5)
     for n, p in d2.generator.named_parameters():
         if p.requires_grad:
-            # Adam divides by sqrt(v); for LoRA's near-zero grads, float-summation order differences are
-            # amplified, so allow 1e-4 (a tenth of the lr). Optimiser state was compared bit-exact above.
-            torch.testing.assert_close(p.detach(), after_a[n], rtol=1e-3, atol=1e-4)
+            # Adam divides by sqrt(v): for LoRA's near-zero grads, SDPA's float-summation differences are
+            # amplified, so SD3 gets half an lr of slack. Optimiser state was compared bit-exact above.
+            atol = 5e-4 if family == "sd3" else 1e-6
+            torch.testing.assert_close(p.detach(), after_a[n], rtol=1e-5, atol=atol)
     sink.close()
 
 
