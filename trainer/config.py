@@ -85,7 +85,7 @@ class ScheduleSpec(_Strict):
 
     @model_validator(mode="after")
     def _resolve(self) -> ScheduleSpec:
-        ts = self.timesteps or default_timesteps(self.num_steps)
+        ts = self.timesteps if self.timesteps is not None else default_timesteps(self.num_steps)
         if len(ts) != self.num_steps:
             raise ValueError(f"schedule.timesteps has {len(ts)} entries but schedule.num_steps is {self.num_steps}")
         if any(t < 0 or t >= NUM_TRAIN_TIMESTEPS for t in ts):
@@ -114,7 +114,7 @@ class DiscriminatorSpec(_Strict):
 
     @model_validator(mode="after")
     def _resolve(self) -> DiscriminatorSpec:
-        blocks = self.blocks or SAM_GLOBAL_BLOCKS[self.backbone]
+        blocks = self.blocks if self.blocks is not None else SAM_GLOBAL_BLOCKS[self.backbone]
         img = self.img_size or (64 if self.backbone == "tiny" else 1024)
         self.__dict__.update(blocks=list(blocks), img_size=img)
         return self
@@ -271,8 +271,10 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> DistillJo
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as err:
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SpecError(f"{path}: not valid YAML/JSON: {err}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise SpecError(f"{path}: <spec>: the spec must be a mapping, got {type(raw).__name__}")
     return parse_spec(apply_overrides(raw or {}, overrides or []))

@@ -111,6 +111,17 @@ class Distiller:
             opts["discriminator"] = self.opt_d
         return opts
 
+    def set_learning_rates(self, step: int) -> float:
+        """Linear warm-up as a pure function of the step (EDM2 style), so resuming needs no scheduler state."""
+        warm = self.cfg.optim.warmup_steps
+        scale = min(1.0, (step + 1) / warm) if warm else 1.0
+        specs = {"generator": self.cfg.optim.generator, "fake_score": self.cfg.optim.fake_score,
+                 "discriminator": self.cfg.optim.discriminator}
+        for name, opt in self.optimizers().items():
+            for group in opt.param_groups:
+                group["lr"] = specs[name].lr * scale
+        return scale
+
     # ---------------------------------------------------------------- small pieces
     def rng(self, step: int, salt: int = 0) -> torch.Generator:
         """Per-step randomness, identical on every rank for the step choice (DMD2 broadcasts k)."""
@@ -251,6 +262,7 @@ class Distiller:
 
     # ---------------------------------------------------------------- one iteration
     def step(self, batch: dict, step: int) -> dict[str, float]:
+        self.set_learning_rates(step)
         gen = self.rng(step, salt=2 + self.acc.process_index)
         prompts = list(batch["caption"])
         b = len(prompts)

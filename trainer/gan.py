@@ -8,7 +8,6 @@ are skipped without copying diffusers' forward.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from trainer.models import Cond, predict

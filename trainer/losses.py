@@ -33,7 +33,7 @@ def dm_loss(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> tuple[Tensor, Logs]:
         p_real = x64 - real  # [B, C, H, W]
         p_fake = x64 - fake
         weight = p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)  # [B, 1, 1, 1]
-        grad = torch.nan_to_num((p_real - p_fake) / weight)  # [B, C, H, W]
+        grad = torch.nan_to_num((p_real - p_fake) / weight, nan=0.0, posinf=0.0, neginf=0.0)  # [B, C, H, W]
         target = (x64 - grad).to(x.dtype)
     loss = 0.5 * F.mse_loss(x.float(), target.float(), reduction="mean")
     return loss, {"loss/dm": loss.item(), "dm/grad_norm": grad.norm().item() / x.shape[0] ** 0.5}

@@ -99,10 +99,7 @@ class EpsDDPM(Parameterisation):
         a, s = self.coefs(_as_t(t, x_t.shape[0], x_t.device))
         x_t64, pred64 = x_t.double(), pred.double()
         a, s = _bcast(a, x_t64), _bcast(s, x_t64)
-        if self.prediction_type == "v_prediction":
-            x0 = a * x_t64 - s * pred64
-        else:
-            x0 = (x_t64 - s * pred64) / a
+        x0 = a * x_t64 - s * pred64 if self.prediction_type == "v_prediction" else (x_t64 - s * pred64) / a
         return x0.to(x_t.dtype)
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor | int) -> Tensor:
@@ -131,15 +128,17 @@ class Flow(Parameterisation):
                    num_train_timesteps=int(config.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS)))
 
     def sigma(self, t: Tensor) -> Tensor:
-        u = (t.to(torch.float64) + 1) / self.num_train_timesteps
-        return self.shift * u / (1 + (self.shift - 1) * u)
+        # float32 like diffusers' table, so model_time(t) equals the scheduler's timestep values exactly
+        # (diffusers looks timesteps up by equality, e.g. in scale_noise).
+        u = (t.to(torch.float32) + 1) / self.num_train_timesteps
+        return (self.shift * u / (1 + (self.shift - 1) * u)).to(torch.float64)
 
     def coefs(self, t: Tensor) -> tuple[Tensor, Tensor]:
         s = self.sigma(t)
         return 1 - s, s
 
     def model_time(self, t: Tensor) -> Tensor:
-        return (self.sigma(t) * self.num_train_timesteps).float()
+        return (self.sigma(t).float() * self.num_train_timesteps)
 
     def to_x0(self, x_t: Tensor, pred: Tensor, t: Tensor | int) -> Tensor:
         s = _bcast(self.sigma(_as_t(t, x_t.shape[0], x_t.device)), x_t.double())

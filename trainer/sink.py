@@ -42,8 +42,9 @@ class JsonlSink:
         self._metrics = self._events = None
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._metrics = open(self.run_dir / METRICS_FILE, "a", buffering=1)
-            self._events = open(self.run_dir / EVENTS_FILE, "a", buffering=1)
+            # Long-lived append handles, closed in close(); line-buffered so every row reaches the file.
+            self._metrics = open(self.run_dir / METRICS_FILE, "a", buffering=1)  # noqa: SIM115
+            self._events = open(self.run_dir / EVENTS_FILE, "a", buffering=1)  # noqa: SIM115
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if self._metrics is None:
