@@ -81,6 +81,10 @@ class _StopFlag:
 
 def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = False) -> int:
     """Run Flash-DMD stage 1 until cfg.train.max_steps; returns the last step."""
+    if cfg.kind == "rl":  # stage 2 (joint RL) has its own loop
+        from trainer.rl_loop import train_rl
+
+        return train_rl(cfg, sink, run_dir=run_dir, resume=resume)
     from trainer.distill import Distiller
 
     run_dir = Path(run_dir)

@@ -6,6 +6,7 @@ equation numbers refer to the Flash-DMD paper (shared/paper/flash-dmd.md).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -112,3 +113,45 @@ def ema_inject_(pairs: Iterable[tuple[Tensor, Tensor]], lam: float) -> int:
         psi.mul_(lam).add_(theta.detach().to(psi.dtype), alpha=1 - lam)
         n += 1
     return n
+
+
+# ------------------------------------------------------------------ stage 2: preference optimisation (Sec. 3.4)
+
+def gaussian_log_density(z: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """log p(z_s | z_t, c) of the sampler's transition, the p_* of Eq. (13), averaged over elements.
+
+    The few-step (LCM/DMD2) transition is z_s = a_s * x0(z_t) + std_s * eps, i.e. the Gaussian
+    N(a_s x0, std_s^2 I): eps models a_s = sqrt(abar_s), std_s^2 = 1 - abar_s; flow models a_s = 1 - sigma_s,
+    std_s = sigma_s. The per-element mean (not the sum) follows LPO, so beta = 500 keeps its meaning.
+
+    z:    the next latent z_s                 [B, C, H, W]
+    mean: a_s * x0_theta(z_t, t, c)           [B, C, H, W]
+    std:  std_s (> 0)                         [B] or scalar
+    returns                                   [B]  (float64: beta * H is sensitive to rounding)
+    """
+    z64, m64 = z.double(), mean.double()
+    s = torch.as_tensor(std, dtype=torch.float64, device=z.device).reshape(-1, *([1] * (z.ndim - 1)))
+    elem = -0.5 * ((z64 - m64) / s) ** 2 - torch.log(s) - 0.5 * math.log(2 * math.pi)  # [B, C, H, W]
+    return elem.flatten(1).mean(dim=1)
+
+
+def dpo_loss(logp_w: Tensor, logp_ref_w: Tensor, logp_l: Tensor, logp_ref_l: Tensor, beta: float,
+             ratio_clip: float | None = None) -> tuple[Tensor, Logs]:
+    """Step-wise DPO, Eq. (12)-(13): L = -E[log sigmoid(beta * H(w, l))],
+
+        H(w, l) = log p_theta(w)/p_ref(w) - log p_theta(l)/p_ref(l).
+
+    All inputs are per-pair log-densities [P] (from `gaussian_log_density`); the ref terms carry no grad.
+    ratio_clip (LPO/SPO, optional): clamp each ratio exp(log-ratio) to [1 - c, 1 + c] before the log, so
+    the gradient vanishes once a ratio leaves that band. At initialisation (policy = reference) H = 0 and
+    L = log 2.
+    """
+    lr_w = logp_w - logp_ref_w.detach()  # [P]
+    lr_l = logp_l - logp_ref_l.detach()  # [P]
+    if ratio_clip is not None:
+        lo, hi = math.log1p(-ratio_clip), math.log1p(ratio_clip)
+        lr_w, lr_l = lr_w.clamp(lo, hi), lr_l.clamp(lo, hi)
+    h = lr_w - lr_l  # [P]
+    loss = -F.logsigmoid(beta * h).mean()
+    return loss, {"loss/rl": loss.item(), "rl/H": h.mean().item(), "rl/logratio_w": lr_w.mean().item(),
+                  "rl/logratio_l": lr_l.mean().item(), "rl/implicit_acc": (h > 0).double().mean().item()}

@@ -8,7 +8,13 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from trainer.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
+from trainer.checkpoint import (
+    checkpoint_dirs,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    truncate_metrics,
+)
 from trainer.distill import Distiller
 from trainer.errors import TrainingError
 from trainer.loop import NonfiniteGuard

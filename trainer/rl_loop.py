@@ -1,0 +1,220 @@
+"""`train_rl(cfg, sink, run_dir=..., resume=...)`: the stage-2 (kind: rl) training function.
+
+Initialisation (DESIGN §3): G, the fake score and (when present) the Pixel-GAN heads come from the stage-1
+checkpoint named by `rl.init_from` (a `step-*` folder, or a run directory: its latest checkpoint); p_ref is a
+frozen copy of that G. With `rl.init_from: null` everything starts from the teacher and a `warning` event says
+so (the tiny preset does this, so it runs on a fresh clone with one command). Optimiser states start fresh.
+Checkpoints use stage 1's layout (trainable/, unet/ or lora/, meta.json), so inference and export read them
+as they read stage-1 ones; `rl.json` beside meta.json records where the run came from. Resuming re-runs the
+same command with --resume: p_ref is rebuilt from `rl.init_from`, then the RL checkpoint is restored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
+from trainer.config import RewardSpec, RLJob
+from trainer.data import build_dataset, infinite_batches
+from trainer.errors import InputError, StopRequested, TrainingError
+from trainer.loop import NonfiniteGuard, _accelerator, _sample_prompts, _StopFlag
+from trainer.models import Teacher, load_teacher, predict_x0
+from trainer.reward import LatentRewardModel, PixelReward, RewardModel, load_lrm, pixel_scorer
+from trainer.sink import Sink
+
+
+def resolve_init(ref: str) -> Path:
+    """A stage-1 checkpoint folder (with meta.json), or a run directory whose latest checkpoint is used."""
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        raise InputError(f"rl.init_from: no such folder: {path}")
+    if (path / "meta.json").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise InputError(f"rl.init_from: {path} is neither a checkpoint folder (meta.json) nor a run directory "
+                         "with checkpoints/step-*")
+    return latest
+
+
+def load_stage1(ckpt: Path, distiller, cfg: RLJob) -> tuple[dict, list[str]]:  # noqa: ANN001
+    """Copy the stage-1 weights into the distiller's networks; returns (meta, names loaded)."""
+    meta = json.loads((ckpt / "meta.json").read_text())
+    t = distiller.teacher
+    if meta.get("family") != t.family:
+        raise InputError(f"rl.init_from: {ckpt} is a {meta.get('family')} checkpoint, the teacher is {t.family}")
+    if list(meta.get("timesteps", [])) != list(distiller.S):
+        raise InputError(f"rl.init_from: {ckpt} was trained with timesteps {meta.get('timesteps')}, but "
+                         f"schedule.timesteps is {distiller.S}; use the stage-1 schedule")
+    if (meta.get("lora") is None) != (cfg.model.lora is None):
+        raise InputError(f"rl.init_from: {ckpt} has {'a LoRA' if meta.get('lora') else 'a full'} generator; "
+                         "set model.lora to match it")
+    loaded = []
+    for name, mod in distiller.trainable_modules().items():
+        path = ckpt / "trainable" / f"{name}.safetensors"
+        if not path.is_file():
+            if name == "generator":
+                raise InputError(f"rl.init_from: {ckpt} has no trainable/generator.safetensors")
+            continue  # e.g. no discriminator heads in a GAN-off stage-1 run: they start fresh
+        state = load_file(str(path), device=str(distiller.device))
+        params = dict(mod.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+        if missing:
+            raise InputError(f"rl.init_from: {path} lacks {len(missing)} tensors, e.g. {missing[0]}")
+        with torch.no_grad():
+            for n, v in state.items():
+                if n in params:
+                    params[n].copy_(v)
+        loaded.append(name)
+    return meta, loaded
+
+
+def build_reward(spec: RewardSpec, teacher: Teacher, cfg: RLJob, sink: Sink) -> RewardModel:
+    """The reward model named by rl.reward (built before bf16 casts of the teacher touch its weights)."""
+    if spec.kind == "pixel":
+        try:
+            scorer = pixel_scorer(spec.scorer or "")
+        except KeyError as err:
+            raise InputError(str(err.args[0])) from None
+        net = teacher.denoiser
+
+        def denoise(z: torch.Tensor, t: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+            cond = teacher.encode(list(prompts)).map(lambda v: v.to(net.dtype))
+            return predict_x0(net, z.to(net.dtype), t, cond, teacher.param).float()
+
+        return PixelReward(lambda x: teacher.decode(x).float(), scorer, denoise)
+    if spec.path is None:
+        sink.log_event("warning", "rl.reward.path is not set: the reward is an UNTRAINED Latent Reward Model built "
+                       "from the teacher's UNet with a random projection; its preferences are arbitrary, so use "
+                       "it only to check the plumbing", field="rl.reward.path")
+        try:
+            lrm = LatentRewardModel.from_pipeline(teacher.pipe, resolution=teacher.resolution,
+                                                  vfe_scale=spec.vfe_scale, seed=cfg.train.seed)
+        except TypeError as err:
+            raise InputError(f"rl.reward: {err}") from None
+    else:
+        path = Path(spec.path).expanduser()
+        try:
+            lrm = load_lrm(path, base=teacher.pipe, resolution=teacher.resolution, vfe_scale=spec.vfe_scale)
+        except (FileNotFoundError, ValueError, OSError) as err:
+            raise InputError(f"rl.reward.path: {err}") from None
+        if int(lrm.unet.config.in_channels) != teacher.latent_channels:
+            raise InputError(f"rl.reward.path: the LRM takes {lrm.unet.config.in_channels}-channel latents, the "
+                             f"teacher makes {teacher.latent_channels}")
+    return lrm.to(teacher.device).requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def sample_and_score(rl, prompts: list[str], path: Path | None) -> float:  # noqa: ANN001
+    """The sample grid (as stage 1 writes it) and the reward of those final images at t = 0."""
+    from inference.sampler import image_grid, sample
+
+    t = rl.teacher
+    lat = sample(rl.generator, t.encode(prompts), rl.S, rl.param, seeds=list(range(len(prompts))),
+                 latent_shape=t.latent_shape(1)[1:])
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(t.decode(lat), cols=min(len(prompts), 8)).save(path)
+    zeros = torch.zeros(len(prompts), dtype=torch.long, device=lat.device)
+    return float(rl.reward.score(lat, zeros, prompts).float().mean())
+
+
+def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = False) -> int:
+    """Run stage 2 until cfg.train.max_steps RL updates; returns the last step."""
+    from trainer.distill import Distiller
+    from trainer.rl import JointRL
+
+    run_dir = Path(run_dir)
+    acc = _accelerator(cfg)
+    torch.manual_seed(cfg.train.seed)
+    teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
+    reward = build_reward(cfg.rl.reward, teacher, cfg, sink)
+    ds = build_dataset(cfg.data, teacher.resolution)
+    distiller = Distiller(cfg, teacher, acc)
+    init = None
+    if cfg.rl.init_from is None:
+        sink.log_event("warning", "rl.init_from is not set: G, the fake score and p_ref start from the teacher "
+                       "(a multi-step model), not from a stage-1 generator; set rl.init_from for real runs",
+                       field="rl.init_from")
+    else:
+        init = resolve_init(cfg.rl.init_from)
+        meta, loaded = load_stage1(init, distiller, cfg)
+        if meta.get("teacher") != cfg.model.teacher:
+            sink.log_event("warning", f"rl.init_from was distilled from {meta.get('teacher')!r}, this run's "
+                           f"teacher is {cfg.model.teacher!r}", field="rl.init_from")
+        sink.log_event("init", f"initialised from {init} (step {meta.get('step')})", path=str(init),
+                       networks=loaded)
+    rl = JointRL(cfg, distiller, reward, acc)  # p_ref = the generator as initialised above
+
+    start = 0
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, rl, acc)
+        if acc.is_main_process:
+            truncate_metrics(run_dir, start)
+    sink.log_event("started", f"joint RL from step {start}", step=start, max_steps=cfg.train.max_steps,
+                   resumed=ckpt is not None, family=teacher.family, rl_timesteps=rl.rl_steps,
+                   joint=cfg.rl.joint, ratio=cfg.rl.ratio, reward=cfg.rl.reward.kind)
+    if start >= cfg.train.max_steps:
+        sink.log_event("finished", "nothing to do: already at max_steps", step=start)
+        return start
+
+    rl_bs, bs = cfg.rl.batch_size or cfg.train.batch_size, cfg.train.batch_size
+    n = max(len(ds), 1)
+    prompts_it = infinite_batches(ds, rl_bs, cfg.train.seed + 7919 + acc.process_index, cfg.data.num_workers,
+                                  start_epoch=(start * rl_bs) // n)
+    distill_it = infinite_batches(ds, bs, cfg.train.seed + acc.process_index, cfg.data.num_workers,
+                                  start_epoch=((start // cfg.rl.ratio) * bs) // n)
+    sample_prompts = _sample_prompts(ds, cfg.train.num_samples)
+    stop, guard, last_saved = _StopFlag(), NonfiniteGuard(cfg.train.max_nonfinite), start
+    bar = tqdm(total=cfg.train.max_steps, initial=start, desc=f"rl K={len(rl.S)}", disable=not acc.is_main_process,
+               dynamic_ncols=True)
+    step = start
+    try:
+        while step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            logs = rl.step(list(next(prompts_it)["caption"]), step, lambda: next(distill_it))
+            step += 1
+            skipped = any(v for k, v in logs.items() if k.startswith("skipped/"))
+            if skipped:
+                sink.log_event("nonfinite", f"non-finite loss or gradient at step {step}; update skipped",
+                               step=step, consecutive=guard.consecutive + 1)
+            guard.update(skipped, step)
+            logs["nonfinite/total"] = float(guard.total)
+            logs["time/step_s"] = time.perf_counter() - t0
+            sample_now = acc.is_main_process and (step % cfg.train.sample_every == 0 or step == cfg.train.max_steps)
+            if sample_now:
+                path = run_dir / "samples" / f"step-{step:08d}.png"
+                logs["eval/reward"] = sample_and_score(rl, sample_prompts, path)
+                sink.log_event("sample", f"sample grid at step {step}", step=step, path=str(path))
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or sample_now:
+                sink.log_metrics(step, {k: v for k, v in logs.items() if math.isfinite(v)})
+            bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()
+                             if k in ("loss/rl", "rl/kept_frac", "rl/reward_mean", "loss/dm")})
+            bar.update(1)
+            requested = stop.set or sink.should_stop()
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps or requested:
+                final = save_checkpoint(run_dir, step, rl, acc, cfg, sink)
+                if acc.is_main_process and final is not None:
+                    (final / "rl.json").write_text(json.dumps({
+                        "kind": "rl", "init_from": str(init) if init else None, "reward": cfg.rl.reward.model_dump(),
+                        "rl_timesteps": rl.rl_steps, "joint": cfg.rl.joint, "ratio": cfg.rl.ratio}, indent=2))
+                last_saved = step
+            if requested:
+                sink.log_event("stopped", f"stopped on request at step {step}", step=step)
+                raise StopRequested(step)
+    except (TrainingError, RuntimeError) as err:
+        sink.log_event("failed", str(err), code=type(err).__name__, message=str(err), step=step,
+                       last_checkpoint=last_saved)
+        raise
+    finally:
+        bar.close()
+    sink.log_event("finished", f"finished at step {step}", step=step)
+    return step
