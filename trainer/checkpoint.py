@@ -52,8 +52,11 @@ def _export_generator(distiller, out: Path) -> str:  # noqa: ANN001
     from trainer.models import pipeline_class
 
     layers = get_peft_model_state_dict(gen)
-    key = "unet_lora_layers" if t.denoiser_name == "unet" else "transformer_lora_layers"
-    pipeline_class(t.family).save_lora_weights(out / "lora", **{key: layers}, safe_serialization=True)
+    # The adapter metadata carries lora_alpha: without it load_lora_weights assumes alpha = rank.
+    metadata = gen.peft_config["default"].to_dict()
+    prefix = t.denoiser_name
+    pipeline_class(t.family).save_lora_weights(out / "lora", **{f"{prefix}_lora_layers": layers,
+                                               f"{prefix}_lora_adapter_metadata": metadata}, safe_serialization=True)
     return "lora"
 
 

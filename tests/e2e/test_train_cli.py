@@ -68,7 +68,8 @@ def test_preset_trains_and_checkpoint_loads_in_diffusers(run_cli, cli_env, tmp_p
 
 def test_sd3_lora_preset_trains_and_loads_with_load_lora_weights(run_cli, cli_env, tmp_path):
     run_dir = tmp_path / "run"
-    res = run_cli("presets/tiny-sd3.yaml", "--run-dir", str(run_dir), "--set", "train.max_steps=20")
+    res = run_cli("presets/tiny-sd3.yaml", "--run-dir", str(run_dir), "--set", "train.max_steps=20",
+                  "--set", "model.lora.alpha=2")
     assert res.returncode == 0, res.stderr[-3000:]
     _check_run(run_dir, 20, "sd3")
     lora_dir = run_dir / "checkpoints" / "step-00000020" / "lora"
@@ -80,6 +81,8 @@ def test_sd3_lora_preset_trains_and_loads_with_load_lora_weights(run_cli, cli_en
     gen = torch.Generator().manual_seed(0)
     base = pipe("a digit", num_inference_steps=2, guidance_scale=1.0, output_type="np", generator=gen).images
     pipe.load_lora_weights(lora_dir)
+    # the adapter metadata travels with the file, so diffusers uses alpha 2 (scale 0.5), not alpha = rank
+    assert [(c.r, c.lora_alpha) for c in pipe.transformer.peft_config.values()] == [(4, 2.0)]
     gen = torch.Generator().manual_seed(0)
     tuned = pipe("a digit", num_inference_steps=2, guidance_scale=1.0, output_type="np", generator=gen).images
     assert tuned.shape == (1, 32, 32, 3)

@@ -1,0 +1,121 @@
+"""`flashdmd generate` and `flashdmd export`.
+
+Exit codes: 0 done, 2 bad input (unknown checkpoint, steps the checkpoint was not trained
+for, bad size or format), 1 anything else. torch is imported only once the arguments are
+known to be good, so `--help` and usage errors answer at once.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from pathlib import Path
+
+import click
+
+from inference.checkpoint import LORA_FORMATS, CheckpointError, CheckpointInfo, resolve_checkpoint_dir
+
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _checkpoint(checkpoint: Path | None, job: str | None) -> CheckpointInfo:
+    if (checkpoint is None) == (job is None):
+        _fail("give exactly one of --checkpoint PATH or --job ID")
+    if job is not None:
+        from api.settings import Settings  # the job's run directory lives under the service's storage root
+
+        checkpoint = Settings().run_dir(job)
+        if not checkpoint.is_dir():
+            _fail(f"job {job}: no run directory at {checkpoint}")
+    assert checkpoint is not None
+    return CheckpointInfo.load(resolve_checkpoint_dir(checkpoint))
+
+
+def _outputs(output: Path | None, seeds: list[int]) -> tuple[list[Path], str]:
+    out = output or Path(f"flashdmd-{seeds[0]}.png")
+    fmt = SUFFIX_FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        _fail(f"-o {out}: the suffix must be one of {', '.join(SUFFIX_FORMATS)}")
+    if len(seeds) == 1:
+        return [out], fmt  # type: ignore[return-value]
+    return [out.with_name(f"{out.stem}-{s}{out.suffix}") for s in seeds], fmt  # type: ignore[return-value]
+
+
+@click.command("generate")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="checkpoint folder or run directory")
+@click.option("--job", help="job id: its latest checkpoint under the service's storage root")
+@click.option("--prompt", required=True)
+@click.option("--negative-prompt", default=None, help="only used with --guidance > 1")
+@click.option("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's own K)")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None, help="default: random (printed)")
+@click.option("-n", "--num-images", type=click.IntRange(1, 64), default=1, help="image i uses seed + i")
+@click.option("--width", type=int, default=None)
+@click.option("--height", type=int, default=None)
+@click.option("--guidance", type=click.FloatRange(1.0, 30.0), default=1.0,
+              help="CFG scale; the generator is distilled to run without it (1)")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="image file (.png, .jpg, .webp); several images get -<seed> suffixes")
+@click.option("--device", default=None, help="default: cuda if available, else cpu")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="generator/text-encoder dtype (default: bf16 on cuda, fp32 on cpu)")
+def generate_command(checkpoint: Path | None, job: str | None, prompt: str, negative_prompt: str | None,
+                     steps: int | None, seed: int | None, num_images: int, width: int | None, height: int | None,
+                     guidance: float, output: Path | None, device: str | None, dtype: str | None) -> None:
+    """Generate images with a trained few-step generator."""
+    try:
+        info = _checkpoint(checkpoint, job)
+        info.timesteps_for(steps)
+        info.check_size(width, height, 4096)
+    except CheckpointError as err:
+        _fail(str(err))
+    if negative_prompt and guidance <= 1.0:
+        _fail("--negative-prompt has no effect without --guidance > 1 (the generator runs without CFG)")
+    seed = secrets.randbits(31) if seed is None else seed
+    seeds = [seed + i for i in range(num_images)]
+    paths, fmt = _outputs(output, seeds)
+
+    import torch
+
+    from inference.export import DTYPES
+    from inference.images import encode_image
+    from inference.pipeline import load_pipeline
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    try:
+        pipe = load_pipeline(info, device=device, dtype=DTYPES[dtype])
+        images = pipe.generate([prompt] * num_images, seeds, steps=steps, width=width, height=height,
+                               guidance=guidance, negative_prompt=negative_prompt)
+    except CheckpointError as err:
+        _fail(str(err))
+    for path, image, s in zip(paths, images, seeds, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_image(image, fmt))
+        click.echo(f"{path}\tseed={s}")
+
+
+@click.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(LORA_FORMATS), required=True)
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="output folder (default ./<run>-step-N-<format>)")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32")
+def export_command(checkpoint: Path, fmt: str, output: Path | None, dtype: str) -> None:
+    """Export a checkpoint as a diffusers folder, UNet safetensors, or LoRA (diffusers or kohya keys)."""
+    try:
+        info = CheckpointInfo.load(checkpoint)
+        if fmt not in info.export_formats():
+            raise CheckpointError(f"format {fmt!r} needs a LoRA checkpoint; {info.id} has a full {info.generator} "
+                                  f"(available: {', '.join(info.export_formats())})")
+        from inference.export import export_checkpoint
+
+        out = export_checkpoint(info, fmt, output, dtype=dtype)
+    except CheckpointError as err:
+        _fail(str(err))
+    click.echo(str(out))
