@@ -1,0 +1,121 @@
+"""`flashdmd up`: API and worker on one machine with no external servers.
+
+SQLite and the filesystem broker live under the data dir; the worker is a child
+process running the very same `flashdmd worker` as production does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from api import migrate
+from api.auth import create_token, ensure_token, find_token
+from api.db import make_engine, make_sessionmaker
+from api.proc import die_with_parent
+from api.settings import Settings
+
+log = logging.getLogger(__name__)
+STOP_TIMEOUT = 10.0  # seconds the worker gets to shut down before its process group is killed
+
+
+def bootstrap_token(settings: Settings) -> tuple[str, str]:
+    """(token, where it came from): FLASHDMD_TOKEN, else DATA_DIR/token (kept across restarts), else a new one."""
+    token_file = settings.data_dir / "token"
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            if settings.token:
+                ensure_token(session=session, token=settings.token, name="FLASHDMD_TOKEN")
+                return settings.token, "FLASHDMD_TOKEN"
+            if token_file.is_file():
+                saved = token_file.read_text().strip()
+                if saved and find_token(session=session, token=saved):
+                    return saved, str(token_file)
+            _, token = create_token(session=session, name="flashdmd up", prefix=settings.token_prefix)
+    finally:
+        engine.dispose()
+    token_file.touch(mode=0o600)
+    token_file.write_text(token + "\n")
+    return token, str(token_file)
+
+
+class WorkerChild:
+    """The embedded worker: restarted if it dies, stopped (and its process group killed) on exit."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._keep_alive, name="flashdmd-worker-child", daemon=True)
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread.start()
+
+    def _spawn(self) -> None:
+        # Its own session keeps the terminal's Ctrl-C away from it (we stop it in order), and the
+        # death signal takes it down if `up` itself is killed.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "api", "worker"], start_new_session=True, preexec_fn=die_with_parent()
+        )
+
+    def _keep_alive(self) -> None:
+        while not self._stopping.is_set():
+            assert self.proc is not None
+            code = self.proc.wait()
+            if self._stopping.is_set():
+                return
+            log.warning("the worker exited with code %s; restarting it", code)
+            time.sleep(2.0)
+            if not self._stopping.is_set():
+                self._spawn()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        # A running training would keep the worker's warm shutdown waiting; it is killed instead and the
+        # job resumes from its last checkpoint on the next start (the reaper finds its stale heartbeat).
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(STOP_TIMEOUT)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def run_embedded(*, host: str, port: int, data_dir: Path | None) -> None:
+    if data_dir is not None:
+        # Through the environment, so that the worker child builds the same Settings.
+        os.environ["FLASHDMD_DATA_DIR"] = str(data_dir.expanduser().absolute())
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate.upgrade(settings.sqlalchemy_url)
+    token, source = bootstrap_token(settings)
+
+    import uvicorn
+
+    from api.main import create_app
+
+    worker = WorkerChild()
+    worker.start()
+    url = f"http://{host}:{port}"
+    click.echo(f"flashdmd is up at {url} (docs: {url}/docs); data in {settings.data_dir}", err=True)
+    if source == "FLASHDMD_TOKEN":  # the user's own secret: not echoed to the terminal or logs
+        click.echo("token: the one in FLASHDMD_TOKEN", err=True)
+    else:
+        click.echo(f"token (also in {source}): {token}", err=True)
+        click.echo(f'  curl -H "Authorization: Bearer {token}" {url}/jobs', err=True)
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    finally:
+        worker.stop()

@@ -1,0 +1,65 @@
+"""The FastAPI application: `uvicorn --factory api.main:create_app` (or `flashdmd serve` / `flashdmd up`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import FastAPI
+
+from api.celery_app import Dispatcher
+from api.db import make_engine, make_sessionmaker
+from api.errors import install_error_handlers
+from api.observability import LatencyMiddleware, Observability
+from api.reaper import Reaper
+from api.routes import generate, health, jobs
+from api.settings import Settings
+
+
+def _version() -> str:
+    try:
+        return version("flashdmd")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    engine = make_engine(settings.sqlalchemy_url)
+    sessions = make_sessionmaker(engine)
+    dispatcher = Dispatcher(settings)
+    observability = Observability(sessions)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        reaper = None
+        if settings.reaper_interval_seconds > 0:
+            reaper = Reaper(sessions=sessions, settings=settings, send=dispatcher.send)
+            reaper.start()
+        try:
+            yield
+        finally:
+            if reaper is not None:
+                reaper.stop()
+            dispatcher.close()
+            engine.dispose()
+
+    app = FastAPI(
+        title="flashdmd",
+        version=_version(),
+        description="Distil a diffusion teacher into a few-step generator with Flash-DMD. "
+        "Every route but /healthz and /readyz needs `Authorization: Bearer <token>` (`flashdmd token create`).",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = sessions
+    app.state.dispatcher = dispatcher
+    app.state.observability = observability
+    install_error_handlers(app)
+    app.add_middleware(LatencyMiddleware, observability=observability)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(generate.router)
+    return app

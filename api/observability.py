@@ -1,0 +1,74 @@
+"""Prometheus metrics: request latency, jobs by status and queue depth (read from the job table at scrape)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.models import JOB_STATUSES, WAITING, Job
+
+
+class JobsCollector(Collector):
+    """Counts come from the database at scrape time, so every API replica reports the same numbers."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    def collect(self) -> Iterator[Metric]:
+        with self.sessions() as session:
+            counts = {s: n for s, n in session.execute(select(Job.status, func.count()).group_by(Job.status))}
+        jobs = GaugeMetricFamily("flashdmd_jobs", "Jobs by status", labels=["status"])
+        for status in JOB_STATUSES:
+            jobs.add_metric([status], counts.get(status, 0))
+        yield jobs
+        yield GaugeMetricFamily(
+            "flashdmd_queue_depth", "Jobs waiting for a worker (queued or recovering)",
+            value=sum(counts.get(s, 0) for s in WAITING),
+        )
+
+
+class Observability:
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.registry = CollectorRegistry()
+        self.latency = Histogram(
+            "flashdmd_http_request_duration_seconds", "HTTP request latency",
+            ["method", "route", "status"], registry=self.registry,
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+        )
+        self.registry.register(JobsCollector(sessions))
+
+
+class LatencyMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware overhead); labels by route template to keep cardinality bounded."""
+
+    def __init__(self, app: ASGIApp, observability: Observability) -> None:
+        self.app = app
+        self.observability = observability
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            self.observability.latency.labels(
+                scope["method"], getattr(route, "path", "unmatched"), str(status)
+            ).observe(time.perf_counter() - start)

@@ -1,0 +1,215 @@
+"""POST /generate: images from a job's checkpoint with the K-step sampler (DESIGN §5).
+
+Everything is checked before any work starts: the body (pydantic), then the checkpoint
+(a path under the storage or model roots, or a job's latest checkpoint), then steps,
+size and the pixel budget against that checkpoint; 422 names the field. Then the
+request takes a slot: at most `generate_max_concurrency` run at once and
+`generate_max_queue` wait; anyone beyond that, or waiting longer than the timeout,
+gets 503 with Retry-After at once, so a burst never piles up work or memory.
+Loading, sampling and encoding run in worker threads, never on the event loop;
+loaded pipelines live in an LRU cache bounded by `generate_cache_bytes`.
+
+torch and the inference code are imported on the first request, so the API starts
+(and serves /jobs) without loading them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from api import crud
+from api.deps import CurrentToken, SessionDep, SettingsDep
+from api.errors import APIError
+from api.schemas import ErrorBody
+from api.schemas_generate import GeneratedImage, GenerateRequest, GenerateResponse, GenerateSettings
+from api.settings import Settings
+from api.spec_paths import resolve_location
+
+T = TypeVar("T")
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+errors = {code: {"model": ErrorBody} for code in (401, 404, 409, 422, 503)}
+router = APIRouter(tags=["generate"], responses=errors)  # type: ignore[arg-type]
+
+
+class Busy(APIError):
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__("overloaded", message, 503, headers={"Retry-After": str(retry_after)})
+
+
+class Limiter:
+    """Admission control in the event loop: `concurrency` slots and a waiting room of `queue`."""
+
+    def __init__(self, concurrency: int, queue: int, timeout: float, retry_after: int) -> None:
+        self.concurrency, self.queue, self.timeout, self.retry_after = concurrency, queue, timeout, retry_after
+        self._sem = asyncio.Semaphore(concurrency)
+        self.admitted = 0  # running + waiting
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.admitted >= self.concurrency + self.queue:
+            raise Busy(f"{self.admitted} generations running or queued; try again later", self.retry_after)
+        self.admitted += 1
+        try:
+            try:
+                await asyncio.wait_for(self._sem.acquire(), self.timeout)
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                raise Busy(f"no generation slot within {self.timeout:g} s", self.retry_after) from None
+            try:
+                yield
+            finally:
+                self._sem.release()
+        finally:
+            self.admitted -= 1
+
+
+class Runtime:
+    """Per-app state: the limiter, and the pipeline cache (built in a worker thread on first use, as it
+    imports torch)."""
+
+    def __init__(self, gs: GenerateSettings) -> None:
+        self.settings = gs
+        self.limiter = Limiter(gs.generate_max_concurrency, gs.generate_max_queue,
+                               gs.generate_queue_timeout_seconds, gs.generate_retry_after_seconds)
+        self._cache: Any = None
+        self._lock = threading.Lock()
+
+    def cache(self) -> Any:
+        with self._lock:
+            if self._cache is None:
+                import torch
+
+                from inference.cache import PipelineCache
+                from inference.checkpoint import CheckpointInfo
+                from inference.export import DTYPES
+                from inference.pipeline import estimate_bytes, load_pipeline
+
+                gs = self.settings
+                device = gs.generate_device or ("cuda" if torch.cuda.is_available() else "cpu")
+                dtype = DTYPES[gs.generate_dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+                self._cache = PipelineCache(
+                    gs.generate_cache_bytes,
+                    lambda path: load_pipeline(Path(str(path)), device=device, dtype=dtype),
+                    lambda pipe: pipe.nbytes,
+                    estimate=lambda path: estimate_bytes(CheckpointInfo.load(Path(str(path))), dtype))
+            return self._cache
+
+
+def runtime(app: FastAPI) -> Runtime:
+    # Created in the event loop with no await in between, so two first requests cannot both create one.
+    rt = getattr(app.state, "generate_runtime", None)
+    if rt is None:
+        gs = getattr(app.state, "generate_settings", None) or GenerateSettings()
+        rt = app.state.generate_runtime = Runtime(gs)
+    return rt
+
+
+async def _hold(fn: Callable[[], T]) -> T:
+    """Run fn in a thread; if the request is cancelled, keep its slot until the thread is done."""
+    task = asyncio.ensure_future(run_in_threadpool(fn))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
+
+
+def _invalid(message: str, *fields: str) -> APIError:
+    return APIError("invalid_request", message, fields=list(fields))
+
+
+def _checkpoint_dir(body: GenerateRequest, session: Session, token: Any, settings: Settings) -> Path:
+    from inference.checkpoint import CheckpointError, resolve_checkpoint_dir
+
+    if body.job is not None:
+        job = crud.get_job(session=session, owner=token, job_id=body.job)
+        run_dir = settings.run_dir(job.id)
+        done = [run_dir / c.path for c in crud.list_checkpoints(session=session, job_id=job.id)]
+        done = [p for p in done if (p / "meta.json").is_file()]
+        if not done:
+            raise APIError("invalid_state", f"job {job.id} has no checkpoint yet", fields=["job"])
+        return done[-1]
+    assert body.checkpoint is not None
+    roots = [p for p in (settings.storage_root, *settings.allowed_model_roots) if p is not None]
+    real = resolve_location(body.checkpoint, roots=[Path(r).resolve() for r in roots], hub_ok=False, tiny_ok=False)
+    if real is None:
+        raise APIError("path_not_allowed", "checkpoint: must be an absolute path under the storage root or the "
+                       "allowed model roots", fields=["checkpoint"])
+    try:
+        return resolve_checkpoint_dir(real)
+    except CheckpointError as err:
+        raise _invalid(f"checkpoint: {err}", "checkpoint") from None
+
+
+def _validate(body: GenerateRequest, gs: GenerateSettings, session: Session, token: Any,
+              settings: Settings) -> tuple[Any, list[int], tuple[int, int]]:
+    """Everything about the request that can be checked without weights: (info, timesteps, (w, h))."""
+    from inference.checkpoint import CheckpointError, CheckpointInfo
+
+    path = _checkpoint_dir(body, session, token, settings)
+    try:
+        info = CheckpointInfo.load(path)
+        ts = info.timesteps_for(body.steps)
+        size = info.check_size(body.width, body.height, gs.generate_max_side)
+    except CheckpointError as err:
+        raise _invalid(f"{err.field}: {err}", err.field) from None
+    if body.num_images * size[0] * size[1] > gs.generate_max_pixels:
+        raise _invalid(f"num_images: {body.num_images} images of {size[0]}x{size[1]} exceed the "
+                       f"{gs.generate_max_pixels} pixels one request may ask for", "num_images")
+    return info, ts, size
+
+
+@router.post("/generate", response_model=GenerateResponse, responses={200: {"content": {
+    "image/png": {}, "image/jpeg": {}, "image/webp": {}}, "description": "one image: its bytes, with X-Seed and "
+    "X-Checkpoint headers; several: JSON with base64 images and their seeds"}})
+async def generate(body: GenerateRequest, request: Request, session: SessionDep, token: CurrentToken,
+                   settings: SettingsDep) -> Any:
+    """Generate images with a checkpoint's K-step sampler. The same seed gives the same bytes."""
+    rt = runtime(request.app)
+    gs = rt.settings
+    if (body.checkpoint is None) == (body.job is None):
+        raise _invalid("give exactly one of checkpoint or job", "checkpoint", "job")
+    if len(body.prompt) > gs.generate_max_prompt_chars:
+        raise _invalid(f"prompt: longer than {gs.generate_max_prompt_chars} characters", "prompt")
+    if body.negative_prompt and body.guidance_scale <= 1.0:
+        raise _invalid("negative_prompt: has no effect without guidance_scale > 1 (the generator runs without "
+                       "CFG)", "negative_prompt")
+    if body.num_images > gs.generate_max_images:
+        raise _invalid(f"num_images: at most {gs.generate_max_images}", "num_images")
+    info, _, (width, height) = await run_in_threadpool(_validate, body, gs, session, token, settings)
+    seed = secrets.randbits(31) if body.seed is None else body.seed
+    seeds = [seed + i for i in range(body.num_images)]
+
+    def work() -> list[bytes]:
+        from inference.images import encode_image
+
+        pipe = rt.cache().get(str(info.path))
+        images = pipe.generate([body.prompt] * len(seeds), seeds, steps=body.steps, width=width, height=height,
+                               guidance=body.guidance_scale, negative_prompt=body.negative_prompt)
+        return [encode_image(img, body.format) for img in images]
+
+    from inference.checkpoint import CheckpointError
+
+    try:
+        async with rt.limiter.slot():
+            encoded = await _hold(work)
+    except CheckpointError as err:  # e.g. the teacher the checkpoint names cannot be loaded
+        raise _invalid(f"{err.field}: {err}", err.field) from None
+    steps = len(info.timesteps_for(body.steps))
+    if len(encoded) == 1:
+        return Response(encoded[0], media_type=MEDIA_TYPES[body.format],
+                        headers={"X-Seed": str(seed), "X-Checkpoint": info.id, "X-Steps": str(steps)})
+    b64 = await run_in_threadpool(lambda: [base64.b64encode(e).decode("ascii") for e in encoded])
+    return GenerateResponse(checkpoint=info.id, steps=steps, width=width, height=height, format=body.format,
+                            images=[GeneratedImage(seed=s, media_type=MEDIA_TYPES[body.format], data=d)
+                                    for s, d in zip(seeds, b64, strict=True)])

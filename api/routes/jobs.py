@@ -1,0 +1,177 @@
+"""/jobs: create, list, inspect, cancel and resume training jobs, and read what they produced."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import FileResponse
+
+from api import crud
+from api.deps import CurrentToken, DispatcherDep, SessionDep, SettingsDep
+from api.errors import APIError, not_found
+from api.models import JOB_STATUSES, Job
+from api.schemas import (
+    CheckpointPublic,
+    ErrorBody,
+    EventPublic,
+    JobCreate,
+    JobPublic,
+    MetricPoint,
+    MetricsPublic,
+    Page,
+    SamplePublic,
+)
+from api.settings import Settings
+from api.spec_paths import check_spec_paths
+from trainer.config import SpecError, parse_spec
+
+JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
+errors = {code: {"model": ErrorBody} for code in (401, 404, 409, 422)}
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=errors)  # type: ignore[arg-type]
+
+
+def _validated_spec(raw: dict[str, Any], settings: Settings, owns_job: Callable[[str], bool]) -> dict[str, Any]:
+    try:
+        spec = parse_spec(raw).model_dump(mode="json")
+    except SpecError as err:
+        # The trainer's message has one "field.path: message" line per problem; name the fields from the body.
+        fields, lines = [], []
+        for line in str(err).splitlines():
+            field, _, message = line.partition(": ")
+            field = "spec" if field == "<spec>" else f"spec.{field}"
+            fields.append(field)
+            lines.append(f"{field}: {message}")
+        raise APIError("invalid_request", "; ".join(lines), fields=fields) from None
+    return check_spec_paths(spec, settings=settings, owns_job=owns_job)
+
+
+@router.post("", status_code=201, response_model=JobPublic)
+def create_job(
+    body: JobCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    token: CurrentToken,
+    dispatcher: DispatcherDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
+) -> JobPublic:
+    """Validate the spec (the trainer's own models, plus the allowed roots) and queue the job.
+
+    With an `Idempotency-Key` header, repeating the request returns the job it created
+    (status 200, `Idempotent-Replayed: true`) instead of creating another.
+    """
+    spec = _validated_spec(body.spec, settings, lambda job_id: crud.owns_job(session=session, owner=token, job_id=job_id))
+    request_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
+    job, created = crud.create_job(
+        session=session, owner=token, spec=spec, name=body.name, idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
+    if created:
+        crud.dispatch(session=session, job_id=job.id, send=dispatcher.send)
+    else:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    return JobPublic.of(job)
+
+
+@router.get("", response_model=Page[JobPublic])
+def list_jobs(
+    session: SessionDep,
+    token: CurrentToken,
+    status: JobStatus | None = None,
+    after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> Page[JobPublic]:
+    jobs, has_more = crud.list_jobs(session=session, owner=token, status=status, after=after, limit=limit)
+    return Page[JobPublic](data=[JobPublic.of(j) for j in jobs], has_more=has_more)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, session: SessionDep, token: CurrentToken) -> JobPublic:
+    return JobPublic.of(crud.get_job(session=session, owner=token, job_id=job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, session: SessionDep, token: CurrentToken) -> JobPublic:
+    """Cancel: a waiting job stops at once; a running one checkpoints and stops (then is killed after a grace)."""
+    job = crud.get_job(session=session, owner=token, job_id=job_id)
+    return JobPublic.of(crud.request_cancel(session=session, job=job))
+
+
+@router.post("/{job_id}/resume", response_model=JobPublic)
+def resume_job(job_id: str, session: SessionDep, token: CurrentToken, dispatcher: DispatcherDep) -> JobPublic:
+    """Queue a cancelled or failed job again; it continues from its latest checkpoint."""
+    job = crud.request_resume(session=session, job=crud.get_job(session=session, owner=token, job_id=job_id))
+    crud.dispatch(session=session, job_id=job.id, send=dispatcher.send)
+    return JobPublic.of(job)
+
+
+@router.get("/{job_id}/events", response_model=Page[EventPublic])
+def list_events(
+    job_id: str,
+    session: SessionDep,
+    token: CurrentToken,
+    after: Annotated[int, Query(ge=0, description="the last event id already seen")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Page[EventPublic]:
+    job = crud.get_job(session=session, owner=token, job_id=job_id)
+    events, has_more = crud.list_events(session=session, job_id=job.id, after=after, limit=limit)
+    return Page[EventPublic](data=[EventPublic.model_validate(e) for e in events], has_more=has_more)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsPublic)
+def get_metrics(
+    job_id: str,
+    session: SessionDep,
+    token: CurrentToken,
+    key: Annotated[str | None, Query(description="default: the first key in alphabetical order")] = None,
+    since_step: Annotated[int | None, Query(description="only steps after this one")] = None,
+    stride: Annotated[int, Query(ge=1, le=100_000, description="every stride-th point (counted from since_step)")] = 1,
+    limit: Annotated[int, Query(ge=1, le=20_000)] = 1000,
+) -> MetricsPublic:
+    """Points `{step, wall_time, value}` of one metric; page with `since_step` = the last step returned."""
+    job = crud.get_job(session=session, owner=token, job_id=job_id)
+    keys = crud.metric_keys(session=session, job_id=job.id)
+    key = key or (keys[0] if keys else None)
+    points, has_more = (
+        crud.metric_points(session=session, job_id=job.id, key=key, since_step=since_step, stride=stride, limit=limit)
+        if key else ([], False)
+    )
+    return MetricsPublic(key=key, keys=keys, points=[MetricPoint.of(*p) for p in points], has_more=has_more)
+
+
+@router.get("/{job_id}/checkpoints", response_model=Page[CheckpointPublic])
+def list_checkpoints(job_id: str, session: SessionDep, token: CurrentToken, settings: SettingsDep) -> Page[CheckpointPublic]:
+    job = crud.get_job(session=session, owner=token, job_id=job_id)
+    run_dir = settings.run_dir(job.id)
+    return Page[CheckpointPublic](data=[
+        CheckpointPublic(step=c.step, path=str(run_dir / c.path), meta=c.meta, created_at=c.created_at)
+        for c in crud.list_checkpoints(session=session, job_id=job.id)
+    ])
+
+
+@router.get("/{job_id}/samples", response_model=Page[SamplePublic])
+def list_samples(job_id: str, session: SessionDep, token: CurrentToken, request: Request) -> Page[SamplePublic]:
+    job = crud.get_job(session=session, owner=token, job_id=job_id)
+    return Page[SamplePublic](data=[
+        SamplePublic(step=s.step, url=str(request.url_for("get_sample", job_id=job.id, step=s.step)),
+                     created_at=s.created_at)
+        for s in crud.list_samples(session=session, job_id=job.id)
+    ])
+
+
+@router.get("/{job_id}/samples/{step}", name="get_sample", response_class=FileResponse,
+            responses={200: {"content": {"image/png": {}}}})
+def get_sample(job_id: str, step: int, session: SessionDep, token: CurrentToken, settings: SettingsDep) -> FileResponse:
+    """The sample image the trainer wrote at `step`."""
+    job: Job = crud.get_job(session=session, owner=token, job_id=job_id)
+    sample = crud.get_sample(session=session, job_id=job.id, step=step)
+    run_dir = settings.run_dir(job.id).resolve()
+    path = (run_dir / sample.path).resolve()
+    if not path.is_relative_to(run_dir) or not path.is_file():
+        raise not_found("sample file")
+    return FileResponse(path, media_type="image/png")

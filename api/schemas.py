@@ -1,0 +1,140 @@
+"""Request and response bodies, layered as Create / Public / list-of-Public."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.models import ACTIVE, Job
+
+T = TypeVar("T")
+
+TINY_SPEC_EXAMPLE = {
+    "kind": "distill",
+    "model": {"teacher": "tiny:sdxl"},
+    "data": {"builtin": "digits"},
+    "train": {"max_steps": 6, "batch_size": 2, "mixed_precision": "no", "checkpoint_every": 2, "sample_every": 3},
+    "distill": {"discriminator": {"backbone": "tiny"}},
+}
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    fields: list[str] | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorInfo
+
+
+class Page(BaseModel, Generic[T]):
+    data: list[T]
+    has_more: bool = False
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # A plain mapping here: the trainer's own models (trainer.config.parse_spec) validate it, so the API
+    # and `flashdmd train` accept exactly the same specs and report errors the same way.
+    spec: dict[str, Any] = Field(description="the job spec, as for `flashdmd train`", examples=[TINY_SPEC_EXAMPLE])
+    name: str | None = Field(None, max_length=200)
+
+
+class Progress(BaseModel):
+    step: int
+    total_steps: int
+    rate: float | None = Field(None, description="steps per second, over the latest steps")
+    eta: float | None = Field(None, description="seconds left at the current rate")
+
+
+class JobPublic(BaseModel):
+    id: str
+    name: str | None
+    kind: str
+    status: str
+    attempt: int
+    cancel_requested: bool
+    progress: Progress
+    error: ErrorInfo | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    spec: dict[str, Any]
+
+    @classmethod
+    def of(cls, job: Job) -> JobPublic:
+        step, total, rate = job.progress_step, job.total_steps, job.progress_rate
+        if job.status == "succeeded":
+            step, eta = max(step, total), 0.0
+        elif job.status in ACTIVE and rate:
+            eta = max(total - step, 0) / rate
+        else:
+            eta = None
+        error = ErrorInfo(code=job.error_code, message=job.error_message or "") if job.error_code else None
+        return cls(
+            id=job.id,
+            name=job.name,
+            kind=job.kind,
+            status=job.status,
+            attempt=job.attempt,
+            cancel_requested=job.cancel_requested,
+            progress=Progress(step=step, total_steps=total, rate=rate, eta=eta),
+            error=error,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            spec=job.spec,
+        )
+
+
+class EventPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    time: datetime
+    kind: str
+    message: str
+    data: dict[str, Any]
+    source: str
+
+
+class MetricPoint(BaseModel):
+    step: int
+    wall_time: float
+    value: float | None = Field(description="null for NaN or infinity, which JSON cannot carry")
+
+    @classmethod
+    def of(cls, step: int, wall_time: float, value: float | None) -> MetricPoint:
+        return cls(step=step, wall_time=wall_time, value=value if value is not None and math.isfinite(value) else None)
+
+
+class MetricsPublic(BaseModel):
+    key: str | None
+    keys: list[str]
+    points: list[MetricPoint]
+    has_more: bool
+
+
+class CheckpointPublic(BaseModel):
+    step: int
+    path: str = Field(description="absolute path on the shared storage volume")
+    meta: dict[str, Any]
+    created_at: datetime
+
+
+class SamplePublic(BaseModel):
+    step: int
+    url: str
+    created_at: datetime
+
+
+class HealthPublic(BaseModel):
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,107 @@
+"""One `Settings` object for the API, the worker and the CLI (DESIGN §2).
+
+Every value comes from a `FLASHDMD_*` environment variable. Only the URLs differ
+between the embedded mode (`flashdmd up`: SQLite and a filesystem broker under
+the data dir) and production (Postgres and Redis), so the code path is the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_paths(value: Any) -> Any:
+    """Accept a JSON list or a comma/colon separated string, as people write both in env files."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if not text:
+        return []
+    if text.startswith("["):
+        return json.loads(text)
+    return [p for p in text.replace(os.pathsep, ",").split(",") if p.strip()]
+
+
+PathList = Annotated[list[Path], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLASHDMD_", extra="ignore")
+
+    data_dir: Path = Field(Path("~/.flashdmd"), description="embedded database, broker folder and token")
+    database_url: str = Field("", description="default: sqlite:///<data_dir>/flashdmd.db")
+    broker_url: str = Field("", description="default: filesystem:// (a folder under data_dir)")
+    storage_root: Path | None = Field(None, description="runs live in <storage_root>/jobs/<id>/")
+    allowed_model_roots: PathList = Field(default_factory=list)
+    allowed_data_roots: PathList = Field(default_factory=list)
+
+    token: str | None = Field(None, description="bootstrap token for `flashdmd up`")
+    token_prefix: str = "fdmd_"
+
+    queue: str = Field("gpu", description="Celery queue the GPU workers consume")
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    stale_after_seconds: float = Field(60.0, gt=0)
+    cancel_grace_seconds: float = Field(60.0, ge=0)
+    reaper_interval_seconds: float = Field(10.0, ge=0, description="0 turns the API's reaper thread off")
+    max_recoveries: int = Field(3, ge=0, description="requeues after a lost worker before the job fails")
+    # Redis redelivers an unacked (acks_late) message after this long, even while the first copy still runs.
+    # The atomic claim makes such a copy a no-op, and the reaper (not redelivery) recovers lost workers,
+    # so this only bounds how long a message taken by a worker that died before claiming waits.
+    visibility_timeout_seconds: int = Field(3600, ge=60)
+    ingest_poll_seconds: float = Field(0.5, gt=0)
+    accelerate_config: Path | None = None
+
+    @field_validator("allowed_model_roots", "allowed_data_roots", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        return _split_paths(value)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Settings:
+        data_dir = self.data_dir.expanduser().absolute()
+        updates: dict[str, Any] = {"data_dir": data_dir}
+        if not self.database_url:
+            updates["database_url"] = f"sqlite:///{data_dir / 'flashdmd.db'}"
+        if not self.broker_url:
+            updates["broker_url"] = "filesystem://"
+        updates["storage_root"] = (self.storage_root or data_dir / "storage").expanduser().absolute()
+        # Roots are compared after realpath, so resolve symlinks in the roots themselves too.
+        for name in ("allowed_model_roots", "allowed_data_roots"):
+            updates[name] = [Path(os.path.realpath(p.expanduser())) for p in getattr(self, name)]
+        if self.stale_after_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError("FLASHDMD_STALE_AFTER_SECONDS must be at least twice FLASHDMD_HEARTBEAT_SECONDS")
+        self.__dict__.update(updates)
+        return self
+
+    @property
+    def run_root(self) -> Path:
+        assert self.storage_root is not None
+        return self.storage_root / "jobs"
+
+    def run_dir(self, job_id: str) -> Path:
+        return self.run_root / job_id
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem://")
+
+    @property
+    def broker_folder(self) -> Path:
+        """The filesystem broker's folder: the URL's path if it has one, else <data_dir>/broker."""
+        path = self.broker_url.removeprefix("filesystem://")
+        return Path(path) if path else self.data_dir / "broker"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """psycopg 3 is our Postgres driver; plain postgresql:// URLs would ask for psycopg2."""
+        url = self.database_url
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url.removeprefix(prefix)
+        return url

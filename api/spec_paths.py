@@ -1,0 +1,98 @@
+"""Model and data locations in a spec: hub ids, `tiny:`/builtin ids, or paths under the allowed roots.
+
+A path is resolved with realpath (so `..` and symlinks cannot escape a root) and the
+resolved path is what the job stores, so the trainer opens exactly what was checked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from api.errors import APIError
+from api.settings import Settings
+
+# org/name: one slash, no leading dot, slash or tilde, no "..". A bare name is not accepted as a hub id,
+# so "models" cannot be mistaken for a relative folder (the trainer runs in its run directory anyway).
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class _Field:
+    path: tuple[str, ...]
+    roots: str  # Settings attribute
+    hub_ok: bool = False
+    tiny_ok: bool = False
+    own_runs: bool = False  # also the run directories of the caller's own jobs (a stage-1 checkpoint)
+
+
+FIELDS = (
+    _Field(("model", "teacher"), "allowed_model_roots", hub_ok=True, tiny_ok=True),
+    _Field(("distill", "discriminator", "checkpoint"), "allowed_model_roots"),
+    _Field(("data", "images"), "allowed_data_roots"),
+    _Field(("data", "manifest"), "allowed_data_roots"),
+    _Field(("data", "prompts"), "allowed_data_roots"),
+    _Field(("rl", "init_from"), "allowed_model_roots", own_runs=True),
+    _Field(("rl", "reward", "path"), "allowed_model_roots"),
+)
+
+
+def _under(path: str, roots: list[Path]) -> bool:
+    return any(path == str(root) or path.startswith(str(root).rstrip(os.sep) + os.sep) for root in roots)
+
+
+def resolve_location(value: str, *, roots: list[Path], hub_ok: bool, tiny_ok: bool) -> str | None:
+    """The value to store, or None when it is not allowed."""
+    if tiny_ok and value.startswith("tiny:"):
+        return value
+    if hub_ok and HUB_ID.match(value) and ".." not in value:
+        return value
+    expanded = os.path.expanduser(value)
+    if "\x00" in expanded or not os.path.isabs(expanded):
+        return None
+    real = os.path.realpath(expanded)
+    return real if _under(real, roots) else None
+
+
+def _own_run(path: str, *, settings: Settings, owns_job: Callable[[str], bool]) -> bool:
+    """Under <storage_root>/jobs/<id>/ of a job the caller owns (another owner's jobs stay invisible)."""
+    run_root = os.path.realpath(settings.run_root)
+    if not _under(path, [Path(run_root)]) or path == run_root:
+        return False
+    return owns_job(Path(os.path.relpath(path, run_root)).parts[0])
+
+
+def check_spec_paths(
+    spec: dict[str, Any], *, settings: Settings, owns_job: Callable[[str], bool] = lambda _id: False
+) -> dict[str, Any]:
+    """Check (and normalise, in place) every location in a validated spec dict; 422 names the field."""
+    bad: list[tuple[str, str]] = []
+    for field in FIELDS:
+        parent: Any = spec
+        for key in field.path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        value = parent.get(field.path[-1]) if isinstance(parent, dict) else None
+        if not isinstance(value, str):
+            continue
+        roots: list[Path] = getattr(settings, field.roots)
+        resolved = resolve_location(value, roots=roots, hub_ok=field.hub_ok, tiny_ok=field.tiny_ok)
+        if resolved is None and field.own_runs and os.path.isabs(value):
+            real = os.path.realpath(value)
+            resolved = real if _own_run(real, settings=settings, owns_job=owns_job) else None
+        name = "spec." + ".".join(field.path)
+        if resolved is None:
+            allowed = ", ".join(str(r) for r in roots) or "none configured"
+            what = "a hub id (org/name) or " if field.hub_ok else ""
+            also = " or in one of your own jobs' run directories" if field.own_runs else ""
+            bad.append((name, f"{value!r} must be {what}an absolute path under the allowed roots ({allowed}){also}"))
+        else:
+            parent[field.path[-1]] = resolved
+    if bad:
+        raise APIError(
+            "path_not_allowed", "; ".join(f"{n}: {m}" for n, m in bad), fields=[n for n, _ in bad]
+        )
+    return spec
