@@ -47,7 +47,7 @@ def _under(path: str, roots: list[Path]) -> bool:
 
 def resolve_location(value: str, *, roots: list[Path], hub_ok: bool, tiny_ok: bool) -> str | None:
     """The value to store, or None when it is not allowed."""
-    if tiny_ok and value.startswith("tiny:"):
+    if tiny_ok and value.startswith(("tiny:", "toy:")):  # built-in models (tiny random, shipped digits)
         return value
     if hub_ok and HUB_ID.match(value) and ".." not in value:
         return value

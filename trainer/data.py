@@ -77,17 +77,26 @@ class DigitsDataset(Dataset):
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        imgs = torch.from_numpy(digits.images.astype(np.float32) / 16.0)  # [N, 8, 8] in [0, 1]
-        imgs = torch.nn.functional.interpolate(imgs[:, None], size=(resolution, resolution),
-                                               mode="bilinear", align_corners=False)
-        self.images = (imgs.clamp(0, 1) * 2 - 1).expand(-1, 3, -1, -1).contiguous()  # [N, 3, R, R]
+        # Kept at 8x8 and upsampled per item: all 1797 images at 1024^2 would take 22 GB.
+        self.small = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]  # [N, 1, 8, 8] in [0, 1]
+        self.resolution = resolution
         self.labels = digits.target.tolist()
+
+    def image(self, i: int) -> torch.Tensor:
+        img = torch.nn.functional.interpolate(self.small[i:i + 1], size=(self.resolution, self.resolution),
+                                              mode="bilinear", align_corners=False)[0]
+        return (img.clamp(0, 1) * 2 - 1).expand(3, -1, -1).contiguous()  # [3, R, R]
+
+    @property
+    def images(self) -> torch.Tensor:
+        """All images [N, 3, R, R] (for evaluation code at small resolutions)."""
+        return torch.stack([self.image(i) for i in range(len(self))])
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "caption": digit_prompt(self.labels[i]), "label": self.labels[i]}
+        return {"image": self.image(i), "caption": digit_prompt(self.labels[i]), "label": self.labels[i]}
 
 
 def _image_folder(root: Path) -> list[tuple[Path, str]]:

@@ -177,6 +177,16 @@ class Distiller:
 
     def generator_update(self, x: Tensor, k: int, cond: Cond, uncond: Cond, gen: torch.Generator) -> tuple[dict, Tensor | None]:
         """Alg. 1 lines 12-17. Returns logs and (flash) the detached decoded fake for D."""
+        # The other networks stay frozen through the backward too: with gradient checkpointing their
+        # forward is recomputed during backward, and must see the same requires_grad flags.
+        with frozen(self.fake, self.latent_head, self.disc):
+            logs, fake_img, upd = self._generator_loss_and_step(x, k, cond, uncond, gen)
+        if upd.applied and self.flash and self.cfg.distill.ema:
+            ema_inject_(self.ema_pairs, self.cfg.distill.ema)  # Eq. (11), Alg. 1 line 18
+        return logs, fake_img
+
+    def _generator_loss_and_step(self, x: Tensor, k: int, cond: Cond, uncond: Cond,
+                                 gen: torch.Generator) -> tuple[dict, Tensor | None, Update]:
         d = self.cfg.distill
         logs: dict[str, float] = {"dm/step_index": float(k), "dm/timestep": float(self.S[k])}
         loss_dm, dm_logs = self.dm_term(x, cond, uncond, gen)
@@ -187,27 +197,25 @@ class Distiller:
             # Eq. (8): roll x out to a clean x0 (detached), re-noise at t_hat in the low-noise set;
             # Eq. (9): the generator's x0 at t_hat, decoded, judged by the Pixel-GAN.
             x_clean = rollout_to_clean(lambda z, t: self.gen_x0(z, t, cond), x, self.S, k, self.param, gen)
-            t_hat = d_t = self.cfg.schedule.gan_steps[int(torch.randint(len(self.cfg.schedule.gan_steps), (1,), generator=gen))]
+            gan_steps = self.cfg.schedule.gan_steps
+            t_hat = gan_steps[int(torch.randint(len(gan_steps), (1,), generator=gen))]
             x_hat = self.param.add_noise(x_clean, self.randn(x.shape, gen), t_hat)
             x0_hat = self.gen_x0(x_hat, t_hat, cond)
-            with frozen(self.disc), self.acc.autocast():
+            with self.acc.autocast():
                 img = self.teacher.decode(x0_hat)
                 adv, adv_logs = self.g_loss(self.disc(img, grad_through_encoder=True))
             fake_img = img.detach()
             loss = loss + d.gan_weight * adv
-            logs.update(adv_logs, **{"gan/timestep": float(d_t)})
+            logs.update(adv_logs, **{"gan/timestep": float(t_hat)})
         elif self.latent_head is not None:
             # DMD2: latent GAN head on the fake score's mid-block features of noised x, summed at every step.
-            with frozen(self.fake, self.latent_head):
-                adv, adv_logs = self.g_loss(self.latent_logits(x, cond, gen))
+            adv, adv_logs = self.g_loss(self.latent_logits(x, cond, gen))
             loss = loss + d.gan_weight * adv
             logs.update(adv_logs)
         upd = self._apply(loss, [p for p in self.generator.parameters() if p.requires_grad], self.opt_g)
         logs.update({"loss/generator": loss.item(), "grad_norm/generator": upd.grad_norm,
                      "skipped/generator": float(not upd.applied)})
-        if upd.applied and self.flash and d.ema:
-            ema_inject_(self.ema_pairs, d.ema)  # Eq. (11), Alg. 1 line 18
-        return logs, fake_img
+        return logs, fake_img, upd
 
     def latent_logits(self, latents: Tensor, cond: Cond, gen: torch.Generator) -> Tensor:
         """DMD2's diffusion-GAN: noise at t_D ~ U{0..999}, mid-block features, conv head -> [B, 1]."""

@@ -65,6 +65,16 @@ def resolve_teacher(ref: str) -> str:
         if family not in ("sdxl", "sd15", "sd3"):
             raise InputError(f"model.teacher: unknown tiny family {family!r} (sdxl, sd15, sd3)")
         return str(tiny_pipeline_dir(family))
+    if ref.startswith("toy:"):
+        name = ref.split(":", 1)[1]
+        if name != "digits":
+            raise InputError(f"model.teacher: unknown toy model {name!r} (digits)")
+        from trainer.toy import TEACHER_DIR
+
+        if not (TEACHER_DIR / "model_index.json").is_file():
+            raise InputError(f"model.teacher: the digits teacher is missing at {TEACHER_DIR}; "
+                             "rebuild it with `flashdmd toy train-teacher`")
+        return str(TEACHER_DIR)
     if is_local_path(ref):
         path = Path(ref).expanduser()
         if not path.is_dir():

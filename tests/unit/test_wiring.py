@@ -139,3 +139,13 @@ def test_other_families_step(make_cfg, batch, family):
     if family == "sd3":  # LoRA: only adapters train, and EMA pairs are the adapters
         assert all("lora" in n for n, p in d.generator.named_parameters() if p.requires_grad)
         assert d.ema_pairs and all(p.shape == q.shape for p, q in d.ema_pairs)
+
+
+@pytest.mark.parametrize("mode", ["flash", "dmd2"])
+def test_gradient_checkpointing_runs_every_update(make_cfg, batch, mode):
+    # Checkpointed forwards are recomputed in backward: the networks frozen for the generator's
+    # loss must stay frozen until its backward is done.
+    d = build(make_cfg(distill__mode=mode, distill__ttur=1, train__gradient_checkpointing=True))
+    g0 = snapshot(d.generator)
+    logs = d.step(batch(), 0)
+    assert changed(d.generator, g0) and logs["skipped/generator"] == 0.0
