@@ -21,7 +21,7 @@ def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def run_cli(cli_env):
-    def run(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    def run(*args: str, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, env=cli_env,
                               capture_output=True, text=True, timeout=timeout, **kw)
 

@@ -1,0 +1,198 @@
+"""The digits toy: the shipped teacher loads (our loader and stock diffusers) and samples; the evaluator's FD,
+accuracy and diversity; the shipped evaluator's held-out accuracy; the rebuild paths run (a few steps)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.config import ModelSpec
+from trainer.models import load_teacher
+from trainer.toy import EVALUATOR_DIR, TEACHER_DIR
+from trainer.toy import evaluate as E
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine a second OpenMP thread mostly spins."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_teacher(ModelSpec(teacher=str(TEACHER_DIR)))
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return E.DigitsEvaluator.load(EVALUATOR_DIR)
+
+
+# ------------------------------------------------------------------------------------------------ shipped files
+
+
+def test_shipped_teacher_is_small_and_documented() -> None:
+    size = sum(p.stat().st_size for p in TEACHER_DIR.rglob("*") if p.is_file())
+    assert size < 20 * 2**20
+    info = json.loads((TEACHER_DIR / "training.json").read_text())
+    assert info["command"].startswith("flashdmd toy train-teacher --seed ")
+    assert (TEACHER_DIR.parent / "README.md").read_text().count(info["command"]) >= 1
+
+
+def test_shipped_teacher_loads_through_load_teacher(teacher) -> None:
+    assert teacher.family == "sdxl"
+    assert (teacher.resolution, teacher.vae_scale, teacher.latent_size) == (32, 4, 8)
+    assert teacher.pipe.config.force_zeros_for_empty_prompt  # Teacher.uncond's zeros match the training dropout
+    sched = teacher.pipe.scheduler.config
+    assert (sched.beta_schedule, sched.beta_start, sched.beta_end, sched.prediction_type) == (
+        "scaled_linear", 0.00085, 0.012, "epsilon")
+    assert 1e6 <= sum(p.numel() for p in teacher.denoiser.parameters()) <= 3e6
+    # Latents have about unit std (scaling_factor was set from the data).
+    real = E.real_digits()[0][:256]
+    lat = teacher.encode_images(real, torch.Generator().manual_seed(0))
+    assert lat.shape == (256, 4, 8, 8)
+    assert 0.8 < lat.std().item() < 1.25
+
+
+def test_shipped_teacher_samples_digits_in_our_loop(teacher, evaluator) -> None:
+    labels = torch.arange(10)
+    imgs = E.generate(teacher, labels, method="ddim", timesteps=[999, 749, 499, 249], guidance=E.DEFAULT_GUIDANCE)
+    assert imgs.shape == (10, 3, 32, 32) and torch.isfinite(imgs).all()
+    # Even 4 DDIM steps of the trained teacher give mostly the prompted digits (random weights give ~10%).
+    assert evaluator.accuracy(imgs, labels) >= 0.6
+
+
+def test_shipped_teacher_runs_in_stock_diffusers() -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(TEACHER_DIR))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(["a handwritten digit three", "a handwritten digit seven"], num_inference_steps=4, guidance_scale=3.0,
+               output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (2, 3, 32, 32)  # the default resolution is 32 px
+    assert torch.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_shipped_evaluator_held_out_accuracy(evaluator) -> None:
+    images, labels = E.real_digits()
+    _, test = E.split_indices(labels)
+    assert evaluator.accuracy(images[test], labels[test]) >= 0.95
+    assert evaluator.meta["test_accuracy"] >= 0.97
+
+
+def test_shipped_reference_matches_shipped_teacher_and_evaluator(teacher, evaluator) -> None:
+    """The teacher-50 statistics in the package belong to the shipped weights (no regeneration needed)."""
+    key = E.reference_key(teacher, evaluator, per_class=E.EVAL_PER_CLASS, steps=E.REFERENCE_STEPS,
+                          guidance=E.DEFAULT_GUIDANCE, seed=0)
+    assert (EVALUATOR_DIR / "reference" / f"teacher{E.REFERENCE_STEPS}-{key}.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------- FD
+
+
+def _diag_fd(mu1, var1, mu2, var2) -> float:
+    return float(((mu1 - mu2) ** 2).sum() + (var1 + var2 - 2 * np.sqrt(var1 * var2)).sum())
+
+
+def test_fd_of_gaussians_matches_closed_form() -> None:
+    rng = np.random.default_rng(0)
+    d, n = 6, 200_000
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    var1, var2 = rng.uniform(0.2, 3.0, size=d), rng.uniform(0.2, 3.0, size=d)
+    a = mu1 + np.sqrt(var1) * rng.standard_normal((n, d))
+    b = mu2 + np.sqrt(var2) * rng.standard_normal((n, d))
+    expected = _diag_fd(mu1, var1, mu2, var2)
+    assert E.fd(a, b) == pytest.approx(expected, rel=0.03, abs=0.02)
+    # Exact statistics give the exact value, also for torch input.
+    assert E.fd_from_stats(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(expected, rel=1e-10)
+    assert E.fd(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(E.fd(a, b), rel=1e-9)
+
+
+def test_fd_is_zero_on_itself_symmetric_and_agrees_with_scipy() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((500, 10)) @ rng.standard_normal((10, 10))
+    y = rng.standard_normal((400, 10)) @ rng.standard_normal((10, 10)) + 0.5
+    assert E.fd(x, x) == pytest.approx(0.0, abs=1e-8)
+    assert E.fd(x, y) == pytest.approx(E.fd(y, x), rel=1e-8)
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    m1, c1 = E.feature_stats(x)
+    m2, c2 = E.feature_stats(y)
+    root = scipy_linalg.sqrtm(c1 @ c2).real
+    ref = ((m1 - m2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * np.trace(root)
+    assert E.fd(x, y) == pytest.approx(ref, rel=1e-6)
+
+
+def test_fd_handles_rank_deficient_features() -> None:
+    x = np.zeros((50, 4))
+    x[:, 0] = np.arange(50)  # three constant (zero-variance) dims
+    assert math.isfinite(E.fd(x, x + 1.0)) and E.fd(x, x + 1.0) == pytest.approx(4.0, rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------- accuracy / diversity
+
+
+def test_accuracy_on_real_and_mislabelled_digits(evaluator) -> None:
+    images, labels = E.real_digits()
+    _, test = E.split_indices(labels)
+    x, y = images[test[:100]], labels[test[:100]]
+    assert E.accuracy(x, y, evaluator) >= 0.95
+    assert E.accuracy(x, (y + 1) % 10, evaluator) <= 0.05
+    assert E.accuracy_from_logits(torch.tensor([[0.0, 1.0], [2.0, 1.0], [0.0, 3.0]]), [1, 1, 1]) == pytest.approx(2 / 3)
+
+
+def test_diversity_on_hand_made_features() -> None:
+    # class 0: points 0, 3 (distance 3); class 1: a 3-4-5 right triangle -> mean pair distance (3+4+5)/3 = 4.
+    feats = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 0.0], [3.0, 0.0], [0.0, 4.0], [9.0, 9.0]])
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])  # class 2 has one sample and is skipped
+    assert E.diversity_from_features(feats, labels) == pytest.approx((3.0 + 4.0) / 2)
+    with pytest.raises(ValueError):
+        E.diversity_from_features(feats[:1], labels[:1])
+
+
+def test_diversity_of_images_collapse_is_zero(evaluator) -> None:
+    images, labels = E.real_digits()
+    idx = torch.cat([torch.nonzero(labels == c)[:8, 0] for c in range(10)])
+    real = E.intra_class_diversity(images[idx], labels[idx], evaluator)
+    collapsed = images[idx].clone()
+    for c in range(10):  # every sample of a class is the same image
+        sel = labels[idx] == c
+        collapsed[sel] = collapsed[sel][0]
+    assert real > 0.5
+    assert E.intra_class_diversity(collapsed, labels[idx], evaluator) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_report_has_every_metric(evaluator) -> None:
+    images, labels = E.real_digits()
+    rep = evaluator.report(images[:300], labels[:300], reference=evaluator.real_stats())
+    assert set(rep) == {"accuracy", "fd_real", "diversity", "n", "fd_teacher"}
+    assert rep["fd_real"] == pytest.approx(rep["fd_teacher"]) and rep["n"] == 300
+
+
+# ----------------------------------------------------------------------------------------------- rebuild paths
+
+
+def test_train_teacher_smoke(tmp_path) -> None:
+    """The rebuild path end to end, a few steps: a loadable pipeline folder with provenance."""
+    from trainer.toy.teacher import Recipe, train_teacher
+
+    out = tmp_path / "teacher"
+    recipe = Recipe(vae_steps=2, vae_batch=4, steps=2, batch=4, subset=64, eval_samples=8)
+    summary = train_teacher(out, recipe, progress=False, command="x")
+    assert (out / "model_index.json").is_file() and (out / "training.json").is_file()
+    assert summary["metrics"]["unet_steps_done"] == 2 and summary["metrics"]["scaling_factor"] > 0
+    t = load_teacher(ModelSpec(teacher=str(out)))
+    assert torch.isfinite(t.decode(torch.zeros(1, 4, 8, 8))).all()
+
+
+def test_train_evaluator_smoke(tmp_path) -> None:
+    meta = E.train_evaluator(tmp_path, max_steps=2, progress=False)
+    assert meta["steps"] == 2 and 0.0 <= meta["test_accuracy"] <= 1.0
+    loaded = E.DigitsEvaluator.load(tmp_path)
+    assert loaded.features(torch.zeros(2, 3, 32, 32)).shape == (2, E.FEATURE_DIM)

@@ -1,0 +1,21 @@
+"""The digits toy: a real, small SDXL-format teacher and a digits evaluator, both trained by our own code.
+
+- `trainer.toy.teacher`: trains a tiny AutoencoderKL, two tiny CLIP text encoders and a text_time UNet on
+  sklearn's digits (upsampled to 32x32 RGB) and saves a `StableDiffusionXLPipeline` folder. The trained folder
+  ships in the repo at `TEACHER_DIR`; `flashdmd toy train-teacher` rebuilds it.
+- `trainer.toy.evaluate`: a small digits CNN (shipped at `EVALUATOR_DIR`; `flashdmd toy train-evaluator` rebuilds
+  it) and the metrics on its features: prompt-adherence accuracy, digits-FD against real digits and against the
+  teacher's 50-step CFG samples, and intra-class diversity.
+- `trainer.toy.cli`: the `flashdmd toy` click group.
+
+See `trainer/toy/README.md` for the commands and seeds that made the shipped files, and the measured numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TEACHER_DIR = HERE / "digits_teacher"  # the shipped StableDiffusionXLPipeline folder
+EVALUATOR_DIR = HERE / "digits_evaluator"  # the shipped CNN weights and the teacher-50 reference statistics
+RESOLUTION = 32  # pixels; the shipped teacher's default (VAE factor 4 -> 8x8x4 latents)

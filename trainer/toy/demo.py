@@ -1,0 +1,204 @@
+"""`flashdmd demo`: the main job on the embedded default, end to end, as a user would run it.
+
+1. start the embedded service (`flashdmd up`: SQLite, filesystem broker, a worker child process);
+2. submit a Flash-DMD 4-step `distill` job on the shipped digits teacher over the REST API and show its progress;
+3. call `POST /generate` on the finished job and score student and teacher with the digits evaluator;
+4. write demo-out/: a grid (teacher 50-step | teacher 4-step | student 4-step, same seeds), loss and
+   digits-FD curves, summary.json; print a table and leave the service URL and token on screen.
+
+This module is an HTTP *client* of the service (httpx), plus local scoring; it imports no service code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+from tqdm.auto import tqdm
+
+from trainer.toy import TEACHER_DIR
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+# The student recipe on the digits teacher (bench/quality_vs_cost.py measured the alternatives).
+DEMO_SPEC: dict[str, Any] = {
+    "kind": "distill",
+    "name": "digits-flash-4step",
+    "model": {"teacher": "toy:digits"},
+    "data": {"builtin": "digits"},
+    "schedule": {"num_steps": 4},
+    "distill": {"mode": "flash", "real_guidance": 2.0,
+                "discriminator": {"backbone": "tiny", "head_channels": 32}},
+    "optim": {"generator": {"lr": 1e-4}, "fake_score": {"lr": 1e-4},
+              "discriminator": {"lr": 1e-4, "betas": [0.0, 0.99]}},
+    "train": {"max_steps": 600, "batch_size": 16, "mixed_precision": "no", "checkpoint_every": 100,
+              "sample_every": 100, "num_samples": 10, "keep_last": 10},
+}
+
+
+class Service:
+    """`flashdmd up` as a child process; stopped on exit unless the user keeps it."""
+
+    def __init__(self, port: int, data_dir: Path) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.log = open(data_dir / "service.log", "ab")  # noqa: SIM115 - lives as long as the service
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "api", "up", "--host", "127.0.0.1", "--port", str(port),
+                                      "--data-dir", str(data_dir)], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout: float = 180.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise click.ClickException(f"the service exited ({self.proc.returncode}); see "
+                                           f"{self.data_dir / 'service.log'}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200 and (self.data_dir / "token").exists():
+                    token = os.environ.get("FLASHDMD_TOKEN") or (self.data_dir / "token").read_text().strip()
+                    if token:
+                        return token
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise click.ClickException(f"the service did not answer /healthz within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def _check(resp: httpx.Response) -> Any:
+    if resp.status_code >= 400:
+        raise click.ClickException(f"{resp.request.method} {resp.request.url.path}: {resp.status_code} {resp.text}")
+    return resp.json() if resp.headers.get("content-type", "").startswith("application/json") else resp.content
+
+
+def follow(client: httpx.Client, job_id: str) -> dict:
+    """Show the job's progress until it ends."""
+    job = _check(client.get(f"/jobs/{job_id}"))
+    bar = tqdm(total=job["progress"]["total_steps"], desc=f"job {job_id} {job['status']}", unit="step")
+    while job["status"] not in TERMINAL:
+        time.sleep(1.0)
+        job = _check(client.get(f"/jobs/{job_id}"))
+        bar.n = min(job["progress"]["step"], bar.total)
+        bar.set_description(f"job {job_id} {job['status']}")
+        eta = job["progress"].get("eta")
+        bar.set_postfix_str(f"eta {eta:.0f}s" if eta else "")
+        bar.refresh()
+    bar.close()
+    return job
+
+
+def student_images(client: httpx.Client, job_id: str, seeds: list[int]):  # noqa: ANN201
+    """One /generate call per digit (its own seed); returns images [10, 3, R, R] in [-1, 1] and s/image."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from trainer.data import digit_prompt
+
+    out, t0 = [], time.perf_counter()
+    for digit, seed in enumerate(seeds):
+        png = _check(client.post("/generate", json={"job": job_id, "prompt": digit_prompt(digit), "seed": seed}))
+        arr = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32) / 127.5 - 1
+        out.append(torch.from_numpy(arr).permute(2, 0, 1))
+    return torch.stack(out), (time.perf_counter() - t0) / len(seeds)
+
+
+def metric_series(client: httpx.Client, job_id: str, key: str) -> list[tuple[int, float]]:
+    page = _check(client.get(f"/jobs/{job_id}/metrics", params={"key": key, "limit": 10000}))
+    points = page.get("data", page.get("points", [])) if isinstance(page, dict) else page
+    return [(p["step"], p["value"]) for p in points]
+
+
+def run_demo(*, out: Path, steps: int | None, quick: bool, port: int, data_dir: Path | None, keep_serving: bool,
+             per_class: int) -> dict:
+    from trainer.toy.scoring import plot_curves, save_grid, score_run
+
+    if not (TEACHER_DIR / "model_index.json").is_file():
+        raise click.ClickException(f"the digits teacher is missing at {TEACHER_DIR}; run `flashdmd toy train-teacher`")
+    out.mkdir(parents=True, exist_ok=True)
+    spec = json.loads(json.dumps(DEMO_SPEC))
+    if quick:
+        spec["train"].update(max_steps=60, checkpoint_every=20, sample_every=20)
+        per_class = min(per_class, 20)
+    if steps:
+        every = max(steps // 6, 1)
+        spec["train"].update(max_steps=steps, checkpoint_every=every, sample_every=every)
+    service = Service(port, (data_dir or out / "service").absolute())
+    try:
+        click.echo(f"starting the embedded service on {service.url} ...")
+        token = service.wait_ready()
+        with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {token}"}, timeout=120) as client:
+            job = _check(client.post("/jobs", json=spec))
+            click.echo(f"submitted job {job['id']}: Flash-DMD, K=4, {spec['train']['max_steps']} steps")
+            job = follow(client, job["id"])
+            if job["status"] != "succeeded":
+                raise click.ClickException(f"job {job['id']} ended {job['status']}: {job.get('error')}")
+            checkpoints = _check(client.get(f"/jobs/{job['id']}/checkpoints"))["data"]
+            seeds = list(range(10))  # image i of the grid: seed i for teacher and student alike
+            student, latency = student_images(client, job["id"], seeds)
+            curves = {k: metric_series(client, job["id"], k)
+                      for k in ("loss/dm", "loss/fake_score", "loss/disc", "loss/gen_adv")}
+        summary = score_run(checkpoints=checkpoints, student_grid=student, seeds=seeds, per_class=per_class,
+                            student_latency=latency, out=out)
+        summary.update(job=job["id"], service={"url": service.url, "token_file": str(service.data_dir / "token")},
+                       spec=spec)
+        plot_curves(curves, summary["fd_over_steps"], out)
+        save_grid(summary.pop("_grid"), out / "grid.png")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        _print_table(summary)
+        click.echo(f"\nwrote {out}/grid.png, {out}/curves.png, {out}/summary.json")
+        click.echo(f"service: {service.url}   token: {token}")
+        click.echo(f'try: curl -s -X POST {service.url}/generate -H "Authorization: Bearer {token}" '
+                   f'-H "Content-Type: application/json" -d \'{{"job": "{job["id"]}", "prompt": '
+                   f'"a handwritten digit seven", "seed": 1}}\' -o seven.png')
+        if keep_serving:
+            click.echo("the service keeps running; press Ctrl+C to stop it")
+            with contextlib.suppress(KeyboardInterrupt):
+                service.proc.wait()
+        return summary
+    finally:
+        service.stop()
+
+
+def _print_table(summary: dict) -> None:
+    rows = summary["table"]
+    click.echo(f"\n{'sampler':<22}{'FD vs real':>12}{'FD vs T50':>12}{'accuracy':>10}{'diversity':>11}{'s/image':>10}")
+    for name, r in rows.items():
+        click.echo(f"{name:<22}{r['fd_real']:>12.2f}{r.get('fd_teacher', float('nan')):>12.2f}"
+                   f"{r['accuracy']:>10.3f}{r['diversity']:>11.3f}{r.get('latency_s', float('nan')):>10.4f}")
+
+
+@click.command("demo")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True)
+@click.option("--steps", type=int, default=None, help="distillation steps (default 600)")
+@click.option("--quick", is_flag=True, help="a short run (60 steps, smaller evaluation) to try the plumbing")
+@click.option("--port", type=int, default=8765, show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="the embedded service's data (default OUT/service)")
+@click.option("--serve/--no-serve", "keep_serving", default=None,
+              help="keep the service running at the end (default: when run in a terminal)")
+@click.option("--per-class", type=int, default=50, show_default=True, help="evaluation samples per digit")
+def demo_command(out: Path, steps: int | None, quick: bool, port: int, data_dir: Path | None,
+                 keep_serving: bool | None, per_class: int) -> None:
+    """Distil the shipped digits teacher into a 4-step student through the embedded service, and score it."""
+    if keep_serving is None:
+        keep_serving = sys.stdout.isatty() and sys.stdin.isatty()
+    run_demo(out=out, steps=steps, quick=quick, port=port, data_dir=data_dir, keep_serving=keep_serving,
+             per_class=per_class)

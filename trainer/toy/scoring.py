@@ -1,0 +1,103 @@
+"""Score a digits distillation run: teacher 50-step / teacher 4-step / student 4-step, FD over steps, plots.
+
+Shared by `flashdmd demo` and `bench/quality_vs_cost.py`. All sample sets use the same labels and the same
+per-image seeds (image i: seed i), so rows differ only in the sampler.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trainer.config import ModelSpec
+from trainer.data import digit_prompt
+from trainer.models import load_teacher
+from trainer.toy.evaluate import default_evaluator, eval_labels, generate, teacher_reference
+
+SEED = 0
+
+
+def _timed(fn, n: int):  # noqa: ANN001, ANN202
+    t0 = time.perf_counter()
+    out = fn()
+    return out, (time.perf_counter() - t0) / max(n, 1)
+
+
+def student_samples(checkpoint: str | Path, labels: Tensor, batch: int = 250) -> Tensor:
+    """The checkpoint's K-step samples for `labels` (image i: seed i), decoded to [-1, 1]."""
+    from inference.pipeline import load_pipeline
+
+    pipe = load_pipeline(checkpoint)
+    out = []
+    for lo in range(0, len(labels), batch):
+        lab = labels[lo:lo + batch].tolist()
+        lat = pipe.latents([digit_prompt(c) for c in lab], [SEED * 1_000_003 + lo + j for j in range(len(lab))])
+        out.append(pipe.decode(lat).clamp(-1, 1))
+    return torch.cat(out)
+
+
+def score_run(*, checkpoints: list[dict[str, Any]], student_grid: Tensor, seeds: list[int], per_class: int,
+              student_latency: float, out: Path) -> dict[str, Any]:
+    teacher = load_teacher(ModelSpec(teacher="toy:digits"))
+    ev = default_evaluator()
+    reference = teacher_reference(teacher, ev, progress=True)
+    labels = eval_labels(per_class)
+    n = len(labels)
+    t50, lat50 = _timed(lambda: generate(teacher, labels, method="euler", steps=50, seed=SEED, progress=True), n)
+    t4, lat4 = _timed(lambda: generate(teacher, labels, method="renoise", seed=SEED, progress=True), n)
+    d4, latd4 = _timed(lambda: generate(teacher, labels, method="ddim", seed=SEED, progress=True), n)
+    table = {
+        "teacher 50-step CFG": {**ev.report(t50, labels, reference), "latency_s": lat50},
+        "teacher 4-step DDIM": {**ev.report(d4, labels, reference), "latency_s": latd4},
+        "teacher 4-step renoise": {**ev.report(t4, labels, reference), "latency_s": lat4},
+    }
+    fd_over_steps = []
+    for ck in sorted(checkpoints, key=lambda c: c["step"]):
+        rep = ev.report(student_samples(ck["path"], labels), labels, reference)
+        fd_over_steps.append({"step": ck["step"], **rep})
+    table["student 4-step"] = {**fd_over_steps[-1], "latency_s": student_latency}
+    grid_labels = torch.arange(10)
+    grid = torch.cat([generate(teacher, grid_labels, method="euler", steps=50, seed=SEED),
+                      generate(teacher, grid_labels, method="renoise", seed=SEED), student_grid])
+    best_teacher4 = min(table["teacher 4-step DDIM"]["fd_real"], table["teacher 4-step renoise"]["fd_real"])
+    return {"table": table, "fd_over_steps": fd_over_steps, "per_class": per_class, "seeds": seeds,
+            "student_beats_teacher_4step": table["student 4-step"]["fd_real"] < best_teacher4,
+            "real_baselines": ev.real_baselines(), "_grid": grid}
+
+
+def save_grid(images: Tensor, path: Path, cols: int = 10) -> None:
+    """Rows: teacher 50-step, teacher 4-step, student 4-step (digits 0-9), upscaled 2x for viewing."""
+    from inference.sampler import image_grid
+
+    grid = image_grid(images, cols=cols)
+    grid.resize((grid.width * 2, grid.height * 2)).save(path)
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], fd_over_steps: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key, pts in curves.items():
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            axes[0].plot(xs, ys, label=key, linewidth=1)
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("step")
+    axes[0].set_title("losses")
+    axes[0].legend()
+    steps = [r["step"] for r in fd_over_steps]
+    axes[1].plot(steps, [r["fd_real"] for r in fd_over_steps], "o-", label="FD vs real")
+    axes[1].plot(steps, [r["fd_teacher"] for r in fd_over_steps], "s-", label="FD vs teacher 50-step")
+    axes[1].set_xlabel("step")
+    axes[1].set_title("student digits-FD")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
