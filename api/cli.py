@@ -8,6 +8,8 @@ import click
 
 from inference.cli import export_command, generate_command
 from trainer.cli import train_command
+from trainer.toy.cli import toy_group
+from trainer.toy.demo import demo_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,6 +21,8 @@ def cli() -> None:
 cli.add_command(train_command)
 cli.add_command(generate_command)
 cli.add_command(export_command)
+cli.add_command(demo_command)
+cli.add_command(toy_group)
 
 
 @cli.command("up")
