@@ -89,6 +89,19 @@ def save_checkpoint(run_dir: Path, step: int, distiller, acc, cfg, sink: Sink) -
     return final
 
 
+def load_trainable(module: nn.Module, path: Path, device: torch.device | str) -> None:
+    """Copy a `trainable/*.safetensors` file into `module`; every trainable parameter must be present."""
+    state = load_file(str(path), device=str(device))
+    params = dict(module.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} tensors, e.g. {missing[0]}")
+    with torch.no_grad():
+        for n, v in state.items():
+            if n in params:
+                params[n].copy_(v)
+
+
 def load_checkpoint(ckpt: Path, distiller, acc) -> int:  # noqa: ANN001
     """Restore the trainable weights, the optimisers and RNG; returns the checkpoint's step."""
     for name, mod in distiller.trainable_modules().items():
@@ -96,14 +109,7 @@ def load_checkpoint(ckpt: Path, distiller, acc) -> int:  # noqa: ANN001
         if not path.exists():
             raise FileNotFoundError(f"checkpoint {ckpt} has no {name} weights ({path.name}); was it written by "
                                     "a run with a different mode?")
-        state = load_file(str(path), device=str(acc.device))
-        params = dict(mod.named_parameters())
-        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-        if missing:
-            raise ValueError(f"checkpoint {ckpt}: {name} lacks {len(missing)} tensors, e.g. {missing[0]}")
-        with torch.no_grad():
-            for n, v in state.items():
-                params[n].copy_(v)
+        load_trainable(mod, path, acc.device)
     acc.load_state(str(ckpt / "state"))
     return int(json.loads((ckpt / "meta.json").read_text())["step"])
 

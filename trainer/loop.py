@@ -58,6 +58,15 @@ class NonfiniteGuard:
     def __init__(self, limit: int) -> None:
         self.limit, self.consecutive, self.total = limit, 0, 0
 
+    def observe(self, logs: dict[str, float], step: int, sink: Sink) -> None:
+        """Count a step whose update was skipped (a `skipped/*` log), log the event, and record the total."""
+        skipped = any(v for k, v in logs.items() if k.startswith("skipped/"))
+        if skipped:
+            sink.log_event("nonfinite", f"non-finite loss or gradient at step {step}; update skipped",
+                           step=step, consecutive=self.consecutive + 1)
+        self.update(skipped, step)
+        logs["nonfinite/total"] = float(self.total)
+
     def update(self, skipped: bool, step: int) -> None:
         self.consecutive = self.consecutive + 1 if skipped else 0
         self.total += skipped
@@ -119,12 +128,7 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
             t0 = time.perf_counter()
             logs = distiller.step(next(batches), step)
             step += 1
-            skipped = any(v for k, v in logs.items() if k.startswith("skipped/"))
-            if skipped:
-                sink.log_event("nonfinite", f"non-finite loss or gradient at step {step}; update skipped",
-                               step=step, consecutive=guard.consecutive + 1)
-            guard.update(skipped, step)
-            logs["nonfinite/total"] = float(guard.total)
+            guard.observe(logs, step, sink)
             logs["time/step_s"] = time.perf_counter() - t0
             logs["lr/generator"] = distiller.opt_g.param_groups[0]["lr"]
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:

@@ -17,10 +17,15 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
+from trainer.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_trainable,
+    save_checkpoint,
+    truncate_metrics,
+)
 from trainer.config import RewardSpec, RLJob
 from trainer.data import build_dataset, infinite_batches
 from trainer.errors import InputError, StopRequested, TrainingError
@@ -63,15 +68,10 @@ def load_stage1(ckpt: Path, distiller, cfg: RLJob) -> tuple[dict, list[str]]:  #
             if name == "generator":
                 raise InputError(f"rl.init_from: {ckpt} has no trainable/generator.safetensors")
             continue  # e.g. no discriminator heads in a GAN-off stage-1 run: they start fresh
-        state = load_file(str(path), device=str(distiller.device))
-        params = dict(mod.named_parameters())
-        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-        if missing:
-            raise InputError(f"rl.init_from: {path} lacks {len(missing)} tensors, e.g. {missing[0]}")
-        with torch.no_grad():
-            for n, v in state.items():
-                if n in params:
-                    params[n].copy_(v)
+        try:
+            load_trainable(mod, path, distiller.device)
+        except ValueError as err:
+            raise InputError(f"rl.init_from: {err}") from None
         loaded.append(name)
     return meta, loaded
 
@@ -182,12 +182,7 @@ def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fals
             t0 = time.perf_counter()
             logs = rl.step(list(next(prompts_it)["caption"]), step, lambda: next(distill_it))
             step += 1
-            skipped = any(v for k, v in logs.items() if k.startswith("skipped/"))
-            if skipped:
-                sink.log_event("nonfinite", f"non-finite loss or gradient at step {step}; update skipped",
-                               step=step, consecutive=guard.consecutive + 1)
-            guard.update(skipped, step)
-            logs["nonfinite/total"] = float(guard.total)
+            guard.observe(logs, step, sink)
             logs["time/step_s"] = time.perf_counter() - t0
             sample_now = acc.is_main_process and (step % cfg.train.sample_every == 0 or step == cfg.train.max_steps)
             if sample_now:
