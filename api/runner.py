@@ -27,7 +27,7 @@ from api.ingest import STOP_FILE, RunIngestor, latest_checkpoint_step, rewind
 from api.models import ACTIVE, WAITING, Job
 from api.proc import drain_marker, kill_job_processes, output_tail, signal_group, spawn, trainer_command
 from api.settings import Settings
-from trainer.config import SpecError, parse_spec
+from trainer.config import SpecError, num_processes, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Attempt:
             self._finish("failed", "invalid_spec", str(err))
             return
         try:
-            self.proc = self._start(spec.model_dump(mode="json"), spec.train.num_processes)
+            self.proc = self._start(spec.model_dump(mode="json"), num_processes(spec))
         except Exception as exc:
             log.exception("job %s: could not start the trainer", job_id)
             self._reap_processes()

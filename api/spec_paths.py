@@ -38,7 +38,25 @@ FIELDS = (
     _Field(("data", "prompts"), "allowed_data_roots"),
     _Field(("rl", "init_from"), "allowed_model_roots", own_runs=True),
     _Field(("rl", "reward", "path"), "allowed_model_roots"),
+    _Field(("eval", "checkpoint"), "allowed_model_roots", own_runs=True),
+    _Field(("eval", "prompts"), "allowed_data_roots"),
+    _Field(("eval", "scorers", "*", "path"), "allowed_model_roots"),
+    _Field(("eval", "scorers", "*", "reference"), "allowed_data_roots"),
 )
+
+
+def _locations(spec: dict[str, Any], path: tuple[str, ...]) -> list[tuple[dict[str, Any], tuple[str, ...]]]:
+    """(parent mapping, concrete path) for each place `path` names; "*" walks every item of a list."""
+    found: list[tuple[Any, tuple[str, ...]]] = [(spec, ())]
+    for key in path[:-1]:
+        step: list[tuple[Any, tuple[str, ...]]] = []
+        for node, where in found:
+            if key == "*" and isinstance(node, list):
+                step += [(item, (*where, str(i))) for i, item in enumerate(node)]
+            elif isinstance(node, dict) and key in node:
+                step.append((node[key], (*where, key)))
+        found = step
+    return [(node, (*where, path[-1])) for node, where in found if isinstance(node, dict)]
 
 
 def _under(path: str, roots: list[Path]) -> bool:
@@ -71,11 +89,8 @@ def check_spec_paths(
 ) -> dict[str, Any]:
     """Check (and normalise, in place) every location in a validated spec dict; 422 names the field."""
     bad: list[tuple[str, str]] = []
-    for field in FIELDS:
-        parent: Any = spec
-        for key in field.path[:-1]:
-            parent = parent.get(key) if isinstance(parent, dict) else None
-        value = parent.get(field.path[-1]) if isinstance(parent, dict) else None
+    for field, parent, where in [(f, p, w) for f in FIELDS for p, w in _locations(spec, f.path)]:
+        value = parent.get(field.path[-1])
         if not isinstance(value, str):
             continue
         roots: list[Path] = getattr(settings, field.roots)
@@ -83,7 +98,7 @@ def check_spec_paths(
         if resolved is None and field.own_runs and os.path.isabs(value):
             real = os.path.realpath(value)
             resolved = real if _own_run(real, settings=settings, owns_job=owns_job) else None
-        name = "spec." + ".".join(field.path)
+        name = "spec." + ".".join(where)
         if resolved is None:
             allowed = ", ".join(str(r) for r in roots) or "none configured"
             what = "a hub id (org/name) or " if field.hub_ok else ""

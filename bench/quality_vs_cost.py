@@ -12,7 +12,7 @@ Cost axes: cumulative generator updates, and cumulative training wall time (the 
 wall-time axis: the first checkpoint of a Flash-DMD run whose FD vs real is at or below the best FD any dmd2
 checkpoint reached (same K), as a percentage of the wall time dmd2 spent to reach its best, and of dmd2's whole run.
 
-    python bench/quality_vs_cost.py                       # the committed run (about 1 h on 2 CPU cores)
+    python bench/quality_vs_cost.py                       # the committed run (about 1 h on one CPU core)
     python bench/quality_vs_cost.py --scale 0.1 --per-class 10 --runs flash-ttur1-k4   # a smoke run
 
 Writes bench/results/quality_vs_cost.{json,png,md}. Runs are kept under --work (default runs/bench-quality);

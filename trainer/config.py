@@ -330,22 +330,33 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def parse_spec(raw: dict[str, Any]) -> DistillJob:
+def parse_spec(raw: dict[str, Any]) -> Any:
+    """A DistillJob, RLJob or EvalJob (trainer/eval_spec.py), by `kind` (default distill)."""
+    from trainer.eval_spec import EvalJob
+
     if not isinstance(raw, dict):
         raise SpecError("<spec>: the spec must be a mapping")
     raw = dict(raw)
     raw.setdefault("kind", "distill")
+    models: dict[Any, type[BaseModel]] = {"distill": DistillJob, "rl": RLJob, "eval": EvalJob}
+    if raw["kind"] not in models:
+        raise SpecError(f"kind: unknown job kind {raw['kind']!r} (expected 'distill', 'rl' or 'eval')")
     try:
-        if raw["kind"] == "distill":
-            return DistillJob.model_validate(raw)
-        if raw["kind"] == "rl":
-            return RLJob.model_validate(raw)
-        raise SpecError(f"kind: unknown job kind {raw['kind']!r} (expected 'distill' or 'rl')")
+        return models[raw["kind"]].model_validate(raw)
     except ValidationError as err:
         raise SpecError(format_validation_error(err)) from None
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> DistillJob:
+def total_steps(spec: Any) -> int:
+    """The progress total of a validated job: training steps, or scored checkpoints for an eval job."""
+    return spec.total_steps if spec.kind == "eval" else spec.train.max_steps
+
+
+def num_processes(spec: Any) -> int:
+    return 1 if spec.kind == "eval" else spec.train.num_processes
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> Any:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")

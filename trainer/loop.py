@@ -94,6 +94,10 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
         from trainer.rl_loop import train_rl
 
         return train_rl(cfg, sink, run_dir=run_dir, resume=resume)
+    if cfg.kind == "eval":  # scoring a checkpoint runs through the same command, sink and exit codes
+        from inference.evaluate import run_eval
+
+        return run_eval(cfg, sink, run_dir=run_dir, resume=resume)
     from trainer.distill import Distiller
 
     run_dir = Path(run_dir)

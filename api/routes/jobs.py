@@ -46,6 +46,12 @@ def _validated_spec(raw: dict[str, Any], settings: Settings, owns_job: Callable[
             fields.append(field)
             lines.append(f"{field}: {message}")
         raise APIError("invalid_request", "; ".join(lines), fields=fields) from None
+    if spec["kind"] == "eval" and spec["eval"]["job"]:
+        # An eval job may name one of the caller's jobs; the trainer only knows paths, so store its run directory.
+        source = spec["eval"]["job"]
+        if not owns_job(source):
+            raise APIError("invalid_request", f"spec.eval.job: no job {source!r} of yours", fields=["spec.eval.job"])
+        spec["eval"].update(checkpoint=str(settings.run_dir(source)), job=None)
     return check_spec_paths(spec, settings=settings, owns_job=owns_job)
 
 

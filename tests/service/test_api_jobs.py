@@ -284,3 +284,38 @@ def test_rl_job_paths_checkpoint_of_your_own_job_or_an_allowed_root(client, new_
     assert response.status_code == 422 and response.json()["error"]["fields"] == ["spec.rl.reward.path"]
     inside = {"path": str(roots["models"] / "lrm")}
     assert client.post("/jobs", json={"spec": rl(reward=inside)}, headers=owner).status_code == 201
+
+
+def test_eval_job_names_your_job_or_paths_under_the_roots(client, new_token, roots, settings) -> None:
+    owner, other = new_token(), new_token()
+    source = client.post("/jobs", json={"spec": TINY_SPEC}, headers=owner).json()["id"]
+
+    def ev(**section) -> dict:
+        return {"kind": "eval", "eval": {"protocol": "prompts", "prompts": str(roots["data"] / "p.txt"),
+                                         "scorers": [{"kind": "clip", "path": str(roots["models"] / "clip")}],
+                                         **section}}
+
+    created = client.post("/jobs", json={"spec": ev(job=source)}, headers=owner)
+    assert created.status_code == 201, created.text
+    body = created.json()
+    # The job id becomes that job's run directory, which the trainer can open; progress counts checkpoints.
+    assert body["kind"] == "eval" and body["spec"]["eval"]["checkpoint"] == str(settings.run_dir(source))
+    assert body["spec"]["eval"]["job"] is None and body["progress"]["total_steps"] == 1
+    response = client.post("/jobs", json={"spec": ev(job=source)}, headers=other)
+    assert response.status_code == 422 and response.json()["error"]["fields"] == ["spec.eval.job"]
+    bad_scorer = ev(job=source, scorers=[{"kind": "clip", "path": str(roots["models"] / "clip")},
+                                         {"kind": "fid", "path": str(roots["outside"] / "inception.pt"),
+                                          "reference": str(roots["data"] / "coco.npz")}])
+    response = client.post("/jobs", json={"spec": bad_scorer}, headers=owner)
+    assert response.status_code == 422 and response.json()["error"]["fields"] == ["spec.eval.scorers.1.path"]
+    for spec, field in [
+        (ev(), "spec.eval"),  # neither checkpoint nor job
+        (ev(job=source, steps=[]), "spec.eval"),
+        (ev(job=source, scorers=[{"kind": "fid", "path": str(roots["models"] / "i.pt")}]), "spec.eval.scorers.0"),
+        (ev(job=source, prompts=None), "spec.eval"),
+    ]:
+        response = client.post("/jobs", json={"spec": spec}, headers=owner)
+        assert response.status_code == 422 and response.json()["error"]["fields"] == [field], (spec, response.text)
+    outside = ev(checkpoint=str(roots["outside"] / "ck"))
+    response = client.post("/jobs", json={"spec": outside}, headers=owner)
+    assert response.status_code == 422 and response.json()["error"]["fields"] == ["spec.eval.checkpoint"]

@@ -105,6 +105,32 @@ def test_tiny_job_succeeds_and_a_duplicate_delivery_does_nothing(life: Life) -> 
     assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
 
 
+def test_an_eval_job_over_http_stores_its_scores_as_metrics(life: Life, roots) -> None:
+    from inference.tiny_scorers import tiny_clip_dir
+
+    clip = tiny_clip_dir(roots["models"] / "eval-clip")
+    prompts = roots["data"] / "eval-prompts.txt"
+    prompts.write_text("a handwritten digit seven\na handwritten digit one\na photo of a cat\n")
+    source = life.client.post("/jobs", json={"spec": TINY_SPEC}, headers=life.auth).json()["id"]
+    # Submitted at once: the worker takes one job at a time, so the eval runs after its source job.
+    spec = {"kind": "eval", "eval": {"job": source, "steps": "all", "protocol": "prompts", "prompts": str(prompts),
+                                     "batch_size": 2, "grid": 3, "scorers": [{"kind": "clip", "path": str(clip)}]}}
+    created = life.client.post("/jobs", json={"spec": spec, "name": "eval-of-tiny"}, headers=life.auth)
+    assert created.status_code == 201, created.text
+    eval_id = created.json()["id"]
+    job = life.wait_terminal(eval_id)
+    assert life.job(source)["status"] == "succeeded"
+    assert job["status"] == "succeeded" and job["kind"] == "eval", (job, life.debug(eval_id))
+    metrics = life.get(f"/jobs/{eval_id}/metrics")
+    assert {"eval/clip", "eval/clip_std", "eval/checkpoint_step"} <= set(metrics["keys"])
+    steps = life.get(f"/jobs/{eval_id}/metrics", key="eval/checkpoint_step")["points"]
+    assert [p["value"] for p in steps] == [2.0, 4.0, 6.0]  # every checkpoint of the source job, in order
+    clip_points = life.get(f"/jobs/{eval_id}/metrics", key="eval/clip")["points"]
+    assert len(clip_points) == 3 and all(0 <= p["value"] <= 100 for p in clip_points)
+    assert "scored" in life.kinds(eval_id)
+    assert [s["step"] for s in life.get(f"/jobs/{eval_id}/samples")["data"]] == [1, 2, 3]
+
+
 def test_worker_shutdown_and_cancel_both_stop_at_a_checkpoint(life: Life) -> None:
     # No periodic checkpoint before step 1000: every checkpoint here is one written on a stop request.
     spec = tiny_spec(max_steps=500, checkpoint_every=1000, sample_every=1000)

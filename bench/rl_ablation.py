@@ -1,0 +1,215 @@
+"""A mini Table 4 on the digits teacher: joint RL vs post-train RL, RL timesteps, and the GAN (Sec. 3.4).
+
+Every run starts from the same stage-1 checkpoint (bench/quality_vs_cost.py's flash-ttur1-k4, the demo recipe)
+with the shipped toy Latent Reward Model (`trainer/toy/digits_reward`), the same seed, batch and RL settings;
+runs differ only in what the row names:
+- joint-5to1: 5 RL updates per distillation update (Table 4's choice), Pixel-GAN on;
+- joint-1to1: 1:1;
+- post-train: RL only (rl.joint: false), no distillation updates;
+- all-timesteps: RL candidates at every step but the deterministic last (999, 749, 499), joint 5:1;
+- joint-nogan: joint 5:1 with distill.gan_weight 0.
+Each is a real `python -m trainer` subprocess (kind: rl). Every checkpoint (and the stage-1 start) is scored on
+the same labels and per-image seeds: the LRM reward of the final images (t = 0), digits-FD vs real and vs the
+teacher's 50-step samples, prompt accuracy and intra-class diversity.
+
+    python bench/rl_ablation.py            # the committed run (about 25 min on one CPU core)
+    python bench/rl_ablation.py --scale 0.05 --per-class 5 --runs joint-5to1   # a smoke run
+
+Writes bench/results/rl_ablation.{json,png,md}. The paper's claim under test: joint RL raises the reward while FD
+stays put, and post-train RL reward-hacks (reward up, FD worse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import REPO, command_line, format_table, machine_info, write_json
+from quality_vs_cost import RESULTS, _merge, cumulative_seconds, train_run
+
+from trainer.toy import HERE
+from trainer.toy.demo import DEMO_SPEC
+
+REWARD_DIR = HERE / "digits_reward"
+DEFAULT_INIT = REPO / "runs" / "bench-quality" / "flash-ttur1-k4"
+RL_BASE: dict[str, Any] = {
+    "kind": "rl",
+    "rl": {"reward": {"kind": "lrm", "path": str(REWARD_DIR)}, "num_candidates": 4, "beta": 500.0,
+           "ratio": 5, "joint": True, "batch_size": 8, "optimizer": {"lr": 1e-5}},
+}
+RUNS: dict[str, dict[str, Any]] = {
+    "joint-5to1": {},
+    "joint-1to1": {"rl": {"ratio": 1}},
+    "post-train": {"rl": {"joint": False}},
+    "all-timesteps": {"rl": {"timesteps": "all"}},
+    "joint-nogan": {"distill": {"gan_weight": 0.0}},
+}
+RL_UPDATES = 600
+EVAL_POINTS = 6
+
+
+def run_spec(name: str, init: Path, scale: float, seed: int, thresholds: tuple[float, float]) -> dict[str, Any]:
+    spec = _merge(_merge(DEMO_SPEC, RL_BASE), RUNS[name])
+    spec["name"] = f"bench-rl-{name}"
+    spec["rl"].update(init_from=str(init), threshold_min=thresholds[0], threshold_max=thresholds[1])
+    updates = max(int(round(RL_UPDATES * scale)), EVAL_POINTS)
+    every = max(updates // EVAL_POINTS, 1)
+    spec["train"].update(max_steps=every * EVAL_POINTS, checkpoint_every=every, sample_every=every * EVAL_POINTS,
+                         keep_last=1000, seed=seed, log_every=1, num_samples=10)
+    return spec
+
+
+def score_checkpoint(ck: Path, ctx: dict) -> dict[str, float]:
+    """Reward of the final latents (t = 0) and the digits metrics of their images."""
+    import torch
+
+    from inference.pipeline import load_pipeline
+    from trainer.data import digit_prompt
+    from trainer.toy.scoring import SEED
+
+    pipe = load_pipeline(ck)
+    labels, rewards, images = ctx["labels"], [], []
+    for lo in range(0, len(labels), 250):
+        lab = labels[lo:lo + 250].tolist()
+        prompts = [digit_prompt(c) for c in lab]
+        with torch.no_grad():
+            lat = pipe.latents(prompts, [SEED * 1_000_003 + lo + j for j in range(len(lab))])
+            rewards.append(ctx["lrm"].score(lat, torch.zeros(len(lab), dtype=torch.long), prompts).float())
+            images.append(pipe.decode(lat).clamp(-1, 1))
+    rep = ctx["evaluator"].report(torch.cat(images), labels, ctx["reference"])
+    return {"reward": float(torch.cat(rewards).mean()), **rep}
+
+
+def run_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
+    """Training metrics per step (the last row per step wins, as after a resume)."""
+    out: dict[int, dict[str, float]] = {}
+    with open(run_dir / "metrics.jsonl") as fh:
+        for line in fh:
+            row = json.loads(line)
+            out.setdefault(row["step"], {}).update(row["metrics"])
+    return out
+
+
+def summarise_training(metrics: dict[int, dict[str, float]], upto: int, window: int) -> dict[str, float]:
+    """Means over the `window` RL updates before `upto` of the RL diagnostics."""
+    rows = [metrics[s] for s in range(max(upto - window + 1, 1), upto + 1) if s in metrics]
+    out = {}
+    for key in ("loss/rl", "rl/kept_frac", "rl/reward_gap", "rl/reward_mean"):
+        vals = [r[key] for r in rows if key in r]
+        if vals:
+            out[key] = sum(vals) / len(vals)
+    return out
+
+
+def plot(results: dict[str, dict], start: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("reward", "LRM reward (t = 0)"), ("fd_real", "digits-FD vs real"), ("fd_teacher", "digits-FD vs teacher"),
+            ("accuracy", "accuracy"), ("diversity", "intra-class diversity")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6))
+    for name, r in results.items():
+        pts = [{"step": 0, **start}, *r["points"]]
+        for ax, (k, title) in zip(axes, keys, strict=True):
+            ax.plot([p["step"] for p in pts], [p[k] for p in pts], marker="o", ms=3, label=name)
+            ax.set_title(title)
+            ax.set_xlabel("RL updates")
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Stage-2 RL ablation on the digits teacher (same stage-1 checkpoint and reward)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(results: dict[str, dict], start: dict, command: str) -> str:
+    rows = [["stage-1 start", "-", "-", "-", f"{start['reward']:.3f}", f"{start['fd_real']:.2f}",
+             f"{start['fd_teacher']:.2f}", f"{start['accuracy']:.3f}", f"{start['diversity']:.3f}", "-", "-"]]
+    for name, r in results.items():
+        last = r["points"][-1]
+        rows.append([name, r["ratio"] if r["joint"] else "RL only", ",".join(map(str, r["rl_timesteps"])),
+                     last["step"], f"{last['reward']:.3f} ({last['reward'] - start['reward']:+.3f})",
+                     f"{last['fd_real']:.2f} ({last['fd_real'] - start['fd_real']:+.2f})",
+                     f"{last['fd_teacher']:.2f}", f"{last['accuracy']:.3f}", f"{last['diversity']:.3f}",
+                     f"{last.get('rl/kept_frac', float('nan')):.2f}", f"{last['wall_s']:.0f}"])
+    return "\n".join(["# Stage-2 RL ablation on the digits teacher", "", f"Command: `{command}`", "",
+                      format_table(["run", "RL:distill", "RL timesteps", "RL updates", "reward (delta)",
+                                    "FD real (delta)", "FD teacher", "accuracy", "diversity", "kept frac",
+                                    "train s"], rows)]) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
+    ap.add_argument("--init", type=Path, default=DEFAULT_INIT, help="stage-1 checkpoint or run directory")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every run's RL updates")
+    ap.add_argument("--per-class", type=int, default=50, help="evaluation samples per digit (N = 10x)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threshold", type=float, nargs=2, default=(0.2, 0.3), metavar=("MIN", "MAX"),
+                    help="rl.threshold_min/max on the softmax gap of a pair")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-rl")
+    ap.add_argument("--out", type=Path, default=RESULTS / "rl_ablation")
+    args = ap.parse_args()
+    names = [n.strip() for n in args.runs.split(",") if n.strip()]
+    if unknown := [n for n in names if n not in RUNS]:
+        ap.error(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
+
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+
+    from trainer.config import ModelSpec, parse_spec
+    from trainer.models import load_teacher
+    from trainer.reward import load_lrm
+    from trainer.rl_loop import resolve_init
+    from trainer.toy.evaluate import default_evaluator, eval_labels, teacher_reference
+
+    torch.set_num_threads(args.threads)
+    diffusers_logging.disable_progress_bar()
+    t_start = time.time()
+    try:
+        init = resolve_init(str(args.init))
+    except Exception as err:  # noqa: BLE001 - say how to make the stage-1 checkpoint
+        raise SystemExit(f"--init: {err}\nmake it with: python bench/quality_vs_cost.py --runs flash-ttur1-k4") from None
+    teacher = load_teacher(ModelSpec(teacher="toy:digits"))
+    ev = default_evaluator()
+    lrm = load_lrm(REWARD_DIR, base=teacher.pipe).eval()
+    ctx = {"evaluator": ev, "labels": eval_labels(args.per_class), "reference": teacher_reference(teacher, ev),
+           "lrm": lrm}
+    start = score_checkpoint(init, ctx)
+    print(f"stage-1 start {init}: reward {start['reward']:.3f}, FD real {start['fd_real']:.2f}", flush=True)
+    results: dict[str, dict] = {}
+    for name in names:
+        spec = run_spec(name, init, args.scale, args.seed, tuple(args.threshold))
+        cfg = parse_spec(spec)
+        run_dir = train_run(name, spec, args.work, args.threads)
+        seconds, metrics = cumulative_seconds(run_dir), run_metrics(run_dir)
+        every = spec["train"]["checkpoint_every"]
+        points = []
+        for ck in sorted((run_dir / "checkpoints").glob("step-*")):
+            step = int(ck.name.split("-")[1])
+            p = {"step": step, "wall_s": round(seconds[step], 2), **score_checkpoint(ck, ctx),
+                 **summarise_training(metrics, step, every)}
+            points.append(p)
+            print(f"[{name}] RL update {step}: reward {p['reward']:.3f}, FD real {p['fd_real']:.2f}, "
+                  f"acc {p['accuracy']:.3f}, kept {p.get('rl/kept_frac', float('nan')):.2f}", flush=True)
+        results[name] = {"ratio": cfg.rl.ratio, "joint": cfg.rl.joint, "rl_timesteps": cfg.rl.timesteps,
+                         "gan_weight": cfg.distill.gan_weight, "spec": spec, "points": points}
+    command = command_line()
+    payload = {"command": command, "machine": machine_info(), "init": str(init), "reward": str(REWARD_DIR),
+               "per_class": args.per_class, "seed": args.seed, "threads": args.threads, "scale": args.scale,
+               "start": start, "results": results, "total_s": round(time.time() - t_start, 1)}
+    write_json(args.out.with_suffix(".json"), payload)
+    plot(results, start, args.out.with_suffix(".png"))
+    md = table(results, start, command)
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
