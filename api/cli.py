@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from inference.cli import export_command, generate_command
-from trainer.cli import train_command
+from trainer.cli import eval_command, train_command
 from trainer.toy.cli import toy_group
 from trainer.toy.demo import demo_command
 
@@ -19,6 +19,7 @@ def cli() -> None:
 
 
 cli.add_command(train_command)
+cli.add_command(eval_command)
 cli.add_command(generate_command)
 cli.add_command(export_command)
 cli.add_command(demo_command)

@@ -74,3 +74,24 @@ def _run(train, cfg, run_dir: Path, resume: bool, resolved: dict, sink_cls) -> i
 
 def main() -> None:
     train_command(prog_name="python -m trainer")
+
+
+@click.command("eval")
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="override a spec field, e.g. eval.checkpoint=runs/x")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="where metrics, grids and eval.json go (default runs/<spec name>)")
+@click.pass_context
+def eval_command(ctx: click.Context, spec: Path, overrides: tuple[str, ...], run_dir: Path | None) -> None:
+    """Score checkpoints with a `kind: eval` spec (digits evaluator, or CLIP/PickScore/HPSv2/ImageReward/FID)."""
+    try:
+        kind = load_spec(spec, list(overrides)).kind
+    except SpecError as err:
+        click.echo(f"error: invalid spec {spec}:\n{err}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    if kind != "eval":
+        click.echo(f"error: {spec} is a kind: {kind} spec; `flashdmd eval` runs kind: eval specs "
+                   "(use `flashdmd train` for training)", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    ctx.invoke(train_command, spec=spec, overrides=overrides, run_dir=run_dir, resume=False, dry_run=False)

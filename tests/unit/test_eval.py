@@ -218,3 +218,20 @@ def test_run_eval_digits_protocol_and_its_teacher_check(tmp_path, tiny_dir):
     cfg = parse_spec({"kind": "eval", "eval": {"checkpoint": str(other), "per_class": 3}})
     with pytest.raises(InputError, match="eval.protocol: digits scores checkpoints distilled from the digits"):
         run_eval(cfg, JsonlSink(tmp_path / "e3"), run_dir=tmp_path / "e3")
+
+
+def test_flashdmd_eval_runs_eval_specs_only(tmp_path, tiny_dir):
+    import subprocess
+    import sys
+
+    ck = make_checkpoint(tmp_path / "digits", "sdxl", TEACHER_DIR, step=5)
+    spec = tmp_path / "e.yaml"
+    spec.write_text(f"kind: eval\neval:\n  checkpoint: {ck}\n  per_class: 2\n  grid: 4\n")
+    run = subprocess.run([sys.executable, "-m", "api", "eval", str(spec), "--run-dir", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "eval/fd_real" in (tmp_path / "out" / "metrics.jsonl").read_text()
+    train = tmp_path / "t.yaml"
+    train.write_text("model: {teacher: 'tiny:sdxl'}\ndata: {builtin: digits}\n")
+    run = subprocess.run([sys.executable, "-m", "api", "eval", str(train)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "kind: distill spec" in run.stderr
