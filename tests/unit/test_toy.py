@@ -196,3 +196,23 @@ def test_train_evaluator_smoke(tmp_path) -> None:
     assert meta["steps"] == 2 and 0.0 <= meta["test_accuracy"] <= 1.0
     loaded = E.DigitsEvaluator.load(tmp_path)
     assert loaded.features(torch.zeros(2, 3, 32, 32)).shape == (2, E.FEATURE_DIM)
+
+
+def test_shipped_reward_prefers_clean_right_class_digits_on_held_out_pairs(teacher) -> None:
+    """The toy LRM (trainer/toy/digits_reward) ranks held-out pairs it never saw, low noise best, t=999 near chance."""
+    from trainer.data import DigitsDataset
+    from trainer.reward import load_lrm
+    from trainer.toy import HERE
+    from trainer.toy.reward import encode_pairs, make_pairs, pair_accuracy, split
+
+    folder = HERE / "digits_reward"
+    report = json.loads((folder / "report.json").read_text())
+    assert report["held_out_accuracy_after"]["acc/t1"] > 0.95
+    lrm = load_lrm(folder, base=teacher.pipe).eval()
+    ds = DigitsDataset(teacher.resolution)
+    labels = torch.tensor(ds.labels)
+    _, held_out = split(len(labels), seed=0)  # the same split the shipped model was trained without
+    gen = torch.Generator().manual_seed(123)
+    pairs = encode_pairs(teacher, make_pairs(ds.images[held_out], labels[held_out], 64, gen), gen)
+    acc = pair_accuracy(lrm, teacher.param, pairs, timesteps=(1, 499))
+    assert acc["acc/t1"] >= 0.9 and acc["acc/t499"] >= 0.75, acc

@@ -136,3 +136,13 @@ def eval_teacher_command(teacher: Path, evaluator: Path, guidance: float | None,
         rows = torch.cat([imgs[:30] for imgs in samples.values()])  # 3 rows of digits 0..9 per sampler
         grid.parent.mkdir(parents=True, exist_ok=True)
         image_grid(rows, cols=10).resize((10 * 64, 9 * 64), Image.NEAREST).save(grid)
+
+
+def _register_reward() -> None:
+    """`flashdmd toy train-reward`: the toy LRM (trainer/toy/reward.py), rebuilt as shipped."""
+    from trainer.toy.reward import main as reward_main
+
+    toy_group.add_command(reward_main, "train-reward")
+
+
+_register_reward()
