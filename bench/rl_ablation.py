@@ -38,7 +38,7 @@ DEFAULT_INIT = REPO / "runs" / "bench-quality" / "flash-ttur1-k4"
 RL_BASE: dict[str, Any] = {
     "kind": "rl",
     "rl": {"reward": {"kind": "lrm", "path": str(REWARD_DIR)}, "num_candidates": 4, "beta": 500.0,
-           "ratio": 5, "joint": True, "batch_size": 8, "optimizer": {"lr": 1e-5}},
+           "ratio": 5, "joint": True, "batch_size": 8, "optimizer": {"lr": 1e-5}},  # lr: --rl-lr
 }
 RUNS: dict[str, dict[str, Any]] = {
     "joint-5to1": {},
@@ -51,10 +51,12 @@ RL_UPDATES = 600
 EVAL_POINTS = 6
 
 
-def run_spec(name: str, init: Path, scale: float, seed: int, thresholds: tuple[float, float]) -> dict[str, Any]:
+def run_spec(name: str, init: Path, scale: float, seed: int, thresholds: tuple[float, float],
+             rl_lr: float) -> dict[str, Any]:
     spec = _merge(_merge(DEMO_SPEC, RL_BASE), RUNS[name])
     spec["name"] = f"bench-rl-{name}"
     spec["rl"].update(init_from=str(init), threshold_min=thresholds[0], threshold_max=thresholds[1])
+    spec["rl"]["optimizer"]["lr"] = rl_lr
     updates = max(int(round(RL_UPDATES * scale)), EVAL_POINTS)
     every = max(updates // EVAL_POINTS, 1)
     spec["train"].update(max_steps=every * EVAL_POINTS, checkpoint_every=every, sample_every=every * EVAL_POINTS,
@@ -81,6 +83,27 @@ def score_checkpoint(ck: Path, ctx: dict) -> dict[str, float]:
             images.append(pipe.decode(lat).clamp(-1, 1))
     rep = ctx["evaluator"].report(torch.cat(images), labels, ctx["reference"])
     return {"reward": float(torch.cat(rewards).mean()), **rep}
+
+
+def real_digits_reward(teacher, lrm, labels) -> float:  # noqa: ANN001
+    """The LRM's reward (t = 0) of real digits with the same labels: the top of the scale for this reward."""
+    import torch
+
+    from trainer.data import DigitsDataset, digit_prompt
+
+    ds = DigitsDataset(teacher.resolution)
+    real = torch.tensor(ds.labels)
+    by_class = {c: (real == c).nonzero().flatten() for c in range(10)}
+    seen = dict.fromkeys(range(10), 0)
+    idx = []
+    for c in labels.tolist():  # the k-th "c" in labels gets the k-th real c
+        pool = by_class[c]
+        idx.append(int(pool[seen[c] % len(pool)]))
+        seen[c] += 1
+    lat = teacher.encode_images(ds.images[torch.tensor(idx)], torch.Generator().manual_seed(0))
+    prompts = [digit_prompt(c) for c in labels.tolist()]
+    with torch.no_grad():
+        return float(lrm.score(lat, torch.zeros(len(idx), dtype=torch.long), prompts).float().mean())
 
 
 def run_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
@@ -152,6 +175,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threshold", type=float, nargs=2, default=(0.2, 0.3), metavar=("MIN", "MAX"),
                     help="rl.threshold_min/max on the softmax gap of a pair")
+    ap.add_argument("--rl-lr", type=float, default=1e-5, help="rl.optimizer.lr")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-rl")
     ap.add_argument("--out", type=Path, default=RESULTS / "rl_ablation")
@@ -182,10 +206,12 @@ def main() -> None:
     ctx = {"evaluator": ev, "labels": eval_labels(args.per_class), "reference": teacher_reference(teacher, ev),
            "lrm": lrm}
     start = score_checkpoint(init, ctx)
-    print(f"stage-1 start {init}: reward {start['reward']:.3f}, FD real {start['fd_real']:.2f}", flush=True)
+    real_reward = real_digits_reward(teacher, lrm, ctx["labels"])
+    print(f"stage-1 start {init}: reward {start['reward']:.3f}, FD real {start['fd_real']:.2f}; "
+          f"real digits' reward {real_reward:.3f}", flush=True)
     results: dict[str, dict] = {}
     for name in names:
-        spec = run_spec(name, init, args.scale, args.seed, tuple(args.threshold))
+        spec = run_spec(name, init, args.scale, args.seed, tuple(args.threshold), args.rl_lr)
         cfg = parse_spec(spec)
         run_dir = train_run(name, spec, args.work, args.threads)
         seconds, metrics = cumulative_seconds(run_dir), run_metrics(run_dir)
@@ -203,10 +229,10 @@ def main() -> None:
     command = command_line()
     payload = {"command": command, "machine": machine_info(), "init": str(init), "reward": str(REWARD_DIR),
                "per_class": args.per_class, "seed": args.seed, "threads": args.threads, "scale": args.scale,
-               "start": start, "results": results, "total_s": round(time.time() - t_start, 1)}
+               "rl_lr": args.rl_lr, "start": start, "real_digits_reward": real_reward, "results": results, "total_s": round(time.time() - t_start, 1)}
     write_json(args.out.with_suffix(".json"), payload)
     plot(results, start, args.out.with_suffix(".png"))
-    md = table(results, start, command)
+    md = table(results, start, command) + f"\nReward of real digits (same labels, t = 0): {real_reward:.3f}\n"
     args.out.with_suffix(".md").write_text(md)
     print(md)
 
