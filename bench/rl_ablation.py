@@ -7,7 +7,9 @@ runs differ only in what the row names:
 - joint-1to1: 1:1;
 - post-train: RL only (rl.joint: false), no distillation updates;
 - all-timesteps: RL candidates at every step but the deterministic last (999, 749, 499), joint 5:1;
-- joint-nogan: joint 5:1 with distill.gan_weight 0.
+- joint-nogan: joint 5:1 with distill.gan_weight 0;
+- distill-only (the control): no RL, stage 1 resumed for the 120 distillation updates joint-5to1 makes (plotted
+  against the RL updates joint-5to1 has made by then).
 Each is a real `python -m trainer` subprocess (kind: rl). Every checkpoint (and the stage-1 start) is scored on
 the same labels and per-image seeds: the LRM reward of the final images (t = 0), digits-FD vs real and vs the
 teacher's 50-step samples, prompt accuracy and intra-class diversity.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -40,12 +43,14 @@ RL_BASE: dict[str, Any] = {
     "rl": {"reward": {"kind": "lrm", "path": str(REWARD_DIR)}, "num_candidates": 4, "beta": 500.0,
            "ratio": 5, "joint": True, "batch_size": 8, "optimizer": {"lr": 1e-5}},  # lr: --rl-lr
 }
+CONTROL = "distill-only"  # no RL: stage 1 continued for the distillation updates joint-5to1 makes alongside RL
 RUNS: dict[str, dict[str, Any]] = {
     "joint-5to1": {},
     "joint-1to1": {"rl": {"ratio": 1}},
     "post-train": {"rl": {"joint": False}},
     "all-timesteps": {"rl": {"timesteps": "all"}},
     "joint-nogan": {"distill": {"gan_weight": 0.0}},
+    CONTROL: {},  # built by control_spec
 }
 RL_UPDATES = 600
 EVAL_POINTS = 6
@@ -62,6 +67,19 @@ def run_spec(name: str, init: Path, scale: float, seed: int, thresholds: tuple[f
     spec["train"].update(max_steps=every * EVAL_POINTS, checkpoint_every=every, sample_every=every * EVAL_POINTS,
                          keep_last=1000, seed=seed, log_every=1, num_samples=10)
     return spec
+
+
+def control_spec(init: Path, scale: float, seed: int) -> tuple[dict[str, Any], int, int]:
+    """The stage-1 spec continued from `init` (a resume of a copy): (spec, start step, RL:distill ratio)."""
+    ratio = RL_BASE["rl"]["ratio"]
+    start = int(json.loads((init / "meta.json").read_text())["step"])
+    rl_every = max(max(int(round(RL_UPDATES * scale)), EVAL_POINTS) // EVAL_POINTS, 1)
+    every = max(rl_every // ratio, 1)  # distillation updates joint-5to1 makes per RL checkpoint interval
+    spec = json.loads(json.dumps(DEMO_SPEC))
+    spec["name"] = f"bench-rl-{CONTROL}"
+    spec["train"].update(max_steps=start + every * EVAL_POINTS, checkpoint_every=every,
+                         sample_every=every * EVAL_POINTS, keep_last=1000, seed=seed, log_every=1)
+    return spec, start, ratio
 
 
 def score_checkpoint(ck: Path, ctx: dict) -> dict[str, float]:
@@ -127,7 +145,7 @@ def summarise_training(metrics: dict[int, dict[str, float]], upto: int, window: 
     return out
 
 
-def plot(results: dict[str, dict], start: dict, path: Path) -> None:
+def plot(results: dict[str, dict], start: dict, path: Path, real_reward: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,6 +161,8 @@ def plot(results: dict[str, dict], start: dict, path: Path) -> None:
             ax.set_title(title)
             ax.set_xlabel("RL updates")
             ax.grid(alpha=0.3)
+    if real_reward is not None:
+        axes[0].axhline(real_reward, color="k", ls=":", lw=1, label="real digits")
     axes[0].legend(fontsize=7)
     fig.suptitle("Stage-2 RL ablation on the digits teacher (same stage-1 checkpoint and reward)")
     fig.tight_layout()
@@ -155,11 +175,12 @@ def table(results: dict[str, dict], start: dict, command: str) -> str:
              f"{start['fd_teacher']:.2f}", f"{start['accuracy']:.3f}", f"{start['diversity']:.3f}", "-", "-"]]
     for name, r in results.items():
         last = r["points"][-1]
-        rows.append([name, r["ratio"] if r["joint"] else "RL only", ",".join(map(str, r["rl_timesteps"])),
+        mix = r.get("label") or (r["ratio"] if r["joint"] else "RL only")
+        rows.append([name, mix, ",".join(map(str, r["rl_timesteps"])) or "-",
                      last["step"], f"{last['reward']:.3f} ({last['reward'] - start['reward']:+.3f})",
                      f"{last['fd_real']:.2f} ({last['fd_real'] - start['fd_real']:+.2f})",
                      f"{last['fd_teacher']:.2f}", f"{last['accuracy']:.3f}", f"{last['diversity']:.3f}",
-                     f"{last.get('rl/kept_frac', float('nan')):.2f}", f"{last['wall_s']:.0f}"])
+                     f"{last['rl/kept_frac']:.2f}" if "rl/kept_frac" in last else "-", f"{last['wall_s']:.0f}"])
     return "\n".join(["# Stage-2 RL ablation on the digits teacher", "", f"Command: `{command}`", "",
                       format_table(["run", "RL:distill", "RL timesteps", "RL updates", "reward (delta)",
                                     "FD real (delta)", "FD teacher", "accuracy", "diversity", "kept frac",
@@ -179,7 +200,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-rl")
     ap.add_argument("--out", type=Path, default=RESULTS / "rl_ablation")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="redo the plot and table from a results JSON this script wrote (no training)")
     args = ap.parse_args()
+    if args.from_json is not None:
+        p = json.loads(args.from_json.read_text())
+        real = p.get("real_digits_reward")
+        plot(p["results"], p["start"], args.out.with_suffix(".png"), real)
+        md = table(p["results"], p["start"], p["command"])
+        if real is not None:
+            md += f"\nReward of real digits (same labels, t = 0): {real:.3f}\n"
+        args.out.with_suffix(".md").write_text(md)
+        print(md)
+        return
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
     if unknown := [n for n in names if n not in RUNS]:
         ap.error(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
@@ -211,7 +244,14 @@ def main() -> None:
           f"real digits' reward {real_reward:.3f}", flush=True)
     results: dict[str, dict] = {}
     for name in names:
-        spec = run_spec(name, init, args.scale, args.seed, tuple(args.threshold), args.rl_lr)
+        s0, ratio = 0, 1
+        if name == CONTROL:
+            spec, s0, ratio = control_spec(init, args.scale, args.seed)
+            copy = args.work / name / "checkpoints" / f"step-{s0:08d}"
+            if not copy.parent.is_dir():
+                shutil.copytree(init, copy)  # the trainer resumes from this copy: weights, optimisers, step
+        else:
+            spec = run_spec(name, init, args.scale, args.seed, tuple(args.threshold), args.rl_lr)
         cfg = parse_spec(spec)
         run_dir = train_run(name, spec, args.work, args.threads)
         seconds, metrics = cumulative_seconds(run_dir), run_metrics(run_dir)
@@ -219,19 +259,25 @@ def main() -> None:
         points = []
         for ck in sorted((run_dir / "checkpoints").glob("step-*")):
             step = int(ck.name.split("-")[1])
-            p = {"step": step, "wall_s": round(seconds[step], 2), **score_checkpoint(ck, ctx),
+            if step <= s0:
+                continue
+            p = {"step": (step - s0) * ratio, "wall_s": round(seconds[step], 2), **score_checkpoint(ck, ctx),
                  **summarise_training(metrics, step, every)}
             points.append(p)
             print(f"[{name}] RL update {step}: reward {p['reward']:.3f}, FD real {p['fd_real']:.2f}, "
                   f"acc {p['accuracy']:.3f}, kept {p.get('rl/kept_frac', float('nan')):.2f}", flush=True)
-        results[name] = {"ratio": cfg.rl.ratio, "joint": cfg.rl.joint, "rl_timesteps": cfg.rl.timesteps,
-                         "gan_weight": cfg.distill.gan_weight, "spec": spec, "points": points}
+        if name == CONTROL:  # x axis: the RL updates joint-5to1 has made by the same number of distillation updates
+            results[name] = {"label": "no RL", "ratio": ratio, "joint": True, "rl_timesteps": [],
+                             "gan_weight": cfg.distill.gan_weight, "spec": spec, "points": points}
+        else:
+            results[name] = {"ratio": cfg.rl.ratio, "joint": cfg.rl.joint, "rl_timesteps": cfg.rl.timesteps,
+                             "gan_weight": cfg.distill.gan_weight, "spec": spec, "points": points}
     command = command_line()
     payload = {"command": command, "machine": machine_info(), "init": str(init), "reward": str(REWARD_DIR),
                "per_class": args.per_class, "seed": args.seed, "threads": args.threads, "scale": args.scale,
                "rl_lr": args.rl_lr, "start": start, "real_digits_reward": real_reward, "results": results, "total_s": round(time.time() - t_start, 1)}
     write_json(args.out.with_suffix(".json"), payload)
-    plot(results, start, args.out.with_suffix(".png"))
+    plot(results, start, args.out.with_suffix(".png"), real_reward)
     md = table(results, start, command) + f"\nReward of real digits (same labels, t = 0): {real_reward:.3f}\n"
     args.out.with_suffix(".md").write_text(md)
     print(md)
