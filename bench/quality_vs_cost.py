@@ -163,6 +163,44 @@ def compare(results: dict[str, dict]) -> list[dict[str, Any]]:
     return rows
 
 
+FD_THRESHOLDS = (12.0, 10.0, 8.0)
+
+
+def time_to_reach(results: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    """Per run and FD threshold: the first checkpoint at or below it (wall s, generator updates), or None."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, r in results.items():
+        out[name] = {}
+        for th in FD_THRESHOLDS:
+            hit = reach(r["points"][1:], th)
+            out[name][f"{th:g}"] = None if hit is None else {"wall_s": hit["wall_s"], "gen_updates": hit["gen_updates"]}
+    return out
+
+
+def seed_noise(results: dict[str, dict], work: Path, per_class: int, reps: int = 3) -> dict[str, dict[str, float]]:
+    """FD vs real of each run's last checkpoint over `reps` disjoint seed sets: how much of a gap is sampling noise."""
+    import numpy as np
+
+    from inference.pipeline import load_pipeline
+    from trainer.data import digit_prompt
+    from trainer.toy.evaluate import default_evaluator, eval_labels
+
+    ev, labels = default_evaluator(), eval_labels(per_class)
+    prompts = [digit_prompt(int(c)) for c in labels]
+    out = {}
+    for name, r in results.items():
+        ck = work / name / "checkpoints" / f"step-{r['spec']['train']['max_steps']:08d}"
+        if not (ck / "meta.json").is_file():
+            continue
+        pipe = load_pipeline(ck)
+        fds = []
+        for rep in range(reps):
+            seeds = [(rep + 1) * 7_000_003 + j for j in range(len(prompts))]
+            fds.append(ev.fd_real(pipe.decode(pipe.latents(prompts, seeds)).clamp(-1, 1)))
+        out[name] = {"fd_real": [round(f, 3) for f in fds], "mean": float(np.mean(fds)), "std": float(np.std(fds))}
+    return out
+
+
 def plot(results: dict[str, dict], path: Path) -> None:
     import matplotlib
 
@@ -190,7 +228,8 @@ def plot(results: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def table(results: dict[str, dict], cmp: list[dict], command: str) -> str:
+def table(results: dict[str, dict], cmp: list[dict], command: str, reach_at: dict | None = None,
+          noise: dict | None = None) -> str:
     rows = []
     for name, r in results.items():
         best = min(r["points"][1:], key=lambda p: p["fd_real"])
@@ -215,6 +254,16 @@ def table(results: dict[str, dict], cmp: list[dict], command: str) -> str:
                          f"{c['dmd2_best_at_wall_s']:.0f} s", "-", "-"])
     out.append(format_table(["flash run", "K", "dmd2 best FD", "flash cost to reach it", "dmd2 cost to its best",
                              "% of dmd2 (to best)", "% of dmd2 (whole run)"], crow))
+    if reach_at:
+        out += ["", "## Training wall time (generator updates) to first reach an FD vs real", ""]
+        rows = [[name, *[("-" if v is None else f"{v['wall_s']:.0f} s ({v['gen_updates']})") for v in by.values()]]
+                for name, by in reach_at.items()]
+        out.append(format_table(["run", *[f"FD <= {k}" for k in next(iter(reach_at.values()))]], rows))
+    if noise:
+        out += ["", "## Sampling noise: FD vs real of each last checkpoint on 3 other seed sets", ""]
+        out.append(format_table(["run", "FD on 3 seed sets", "mean", "std"],
+                                [[n, ", ".join(f"{f:.2f}" for f in v["fd_real"]), f"{v['mean']:.2f}", f"{v['std']:.2f}"]
+                                 for n, v in noise.items()]))
     return "\n".join(out) + "\n"
 
 
@@ -234,9 +283,16 @@ def main() -> None:
     if args.from_json is not None:
         payload = json.loads(args.from_json.read_text())
         payload["compute_to_reach_dmd2_best"] = compare(payload["results"])
+        payload["time_to_reach_fd"] = time_to_reach(payload["results"])
+        payload["derived_with"] = command_line()
+        if "seed_noise" not in payload:
+            payload["seed_noise"] = seed_noise(payload["results"], args.work, payload["per_class"])
         write_json(args.out.with_suffix(".json"), payload)
         plot(payload["results"], args.out.with_suffix(".png"))
-        md = table(payload["results"], payload["compute_to_reach_dmd2_best"], payload["command"])
+        md = table(payload["results"], payload["compute_to_reach_dmd2_best"], payload["command"],
+                   payload["time_to_reach_fd"], payload["seed_noise"])
+        head = f"Command: `{payload['command']}`\n"
+        md = md.replace(head, head + f"\nTables re-derived from its JSON with `{payload['derived_with']}`\n", 1)
         args.out.with_suffix(".md").write_text(md)
         print(md)
         return
@@ -272,15 +328,17 @@ def main() -> None:
         points = score_run(name, run_dir, spec, ttur, ctx, args.keep_checkpoints)
         results[name] = {"K": k, "ttur": cfg.distill.ttur, "ema": cfg.distill.ema, "mode": cfg.distill.mode,
                          "gen_updates": gen_updates, "spec": spec, "points": points}
-    cmp = compare(results)
+    cmp, reach_at = compare(results), time_to_reach(results)
+    noise = seed_noise(results, args.work, args.per_class)
     command = command_line()
     payload = {"command": command, "machine": machine_info(), "per_class": args.per_class, "seed": args.seed,
                "threads": args.threads, "scale": args.scale, "real_baselines": ev.real_baselines(),
-               "results": results, "compute_to_reach_dmd2_best": cmp, "total_s": round(time.time() - t_start, 1)}
+               "results": results, "compute_to_reach_dmd2_best": cmp, "time_to_reach_fd": reach_at,
+               "seed_noise": noise, "total_s": round(time.time() - t_start, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out.with_suffix(".json"), payload)
     plot(results, args.out.with_suffix(".png"))
-    md = table(results, cmp, command)
+    md = table(results, cmp, command, reach_at, noise)
     args.out.with_suffix(".md").write_text(md)
     print(md)
 
