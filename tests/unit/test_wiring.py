@@ -149,3 +149,19 @@ def test_gradient_checkpointing_runs_every_update(make_cfg, batch, mode):
     g0 = snapshot(d.generator)
     logs = d.step(batch(), 0)
     assert changed(d.generator, g0) and logs["skipped/generator"] == 0.0
+
+
+def test_cpu_runs_leave_one_core_free_unless_told(monkeypatch):
+    import torch
+
+    from trainer.cli import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("FLASHDMD_CPU_THREADS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [cpu_threads(n) for n in (1, 2, 16)] == [1, 1, 15]
+    monkeypatch.setenv("FLASHDMD_CPU_THREADS", "2")
+    assert cpu_threads(2) == 2  # an explicit setting wins
+    monkeypatch.delenv("FLASHDMD_CPU_THREADS")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads(2) is None  # torch already follows OMP_NUM_THREADS
