@@ -13,7 +13,6 @@ from sqlalchemy.orm import Session
 from api.db import utcnow
 from api.errors import APIError, not_found
 from api.models import WAITING, ApiToken, Checkpoint, Event, Job, Metric, Sample
-from trainer.config import parse_spec, total_steps
 
 
 def add_event(*, session: Session, job_id: str, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
@@ -55,6 +54,7 @@ def create_job(
     session: Session,
     owner: ApiToken,
     spec: dict[str, Any],
+    total_steps: int,
     name: str | None,
     idempotency_key: str | None,
     request_hash: str,
@@ -64,7 +64,7 @@ def create_job(
         return _replay(existing, request_hash), False
     job = Job(
         owner_id=owner.id, name=name or spec.get("name"), kind=spec["kind"], status="queued", spec=spec,
-        total_steps=total_steps(parse_spec(spec)), idempotency_key=idempotency_key, request_hash=request_hash,
+        total_steps=total_steps, idempotency_key=idempotency_key, request_hash=request_hash,
         cancel_requested=False, attempt=0, recoveries=0, progress_step=0,
     )
     session.add(job)

@@ -13,7 +13,7 @@ import numpy as np
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # PNG at zlib level 1, not Pillow's 6: on a 1024^2 generated image it is ~5x faster (~120 vs ~600 ms on one
-# CPU core, bench/inference.py) for ~15% more bytes, and encode time adds straight to request latency.
+# CPU core, bench/sampler_cpu.py) for ~15% more bytes, and encode time adds straight to request latency.
 # Quality 90 keeps JPEG/WebP artefacts invisible at typical sizes.
 _OPTIONS = {"png": {"compress_level": 1}, "jpeg": {"quality": 90}, "webp": {"quality": 90, "method": 4}}
 _PIL_NAMES = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}

@@ -27,7 +27,7 @@ from api.schemas import (
 )
 from api.settings import Settings
 from api.spec_paths import check_spec_paths
-from trainer.config import SpecError, parse_spec
+from trainer.config import SpecError, parse_spec, total_steps
 
 JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
 errors = {code: {"model": ErrorBody} for code in (401, 404, 409, 422)}
@@ -73,8 +73,8 @@ def create_job(
     spec = _validated_spec(body.spec, settings, lambda job_id: crud.owns_job(session=session, owner=token, job_id=job_id))
     request_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
     job, created = crud.create_job(
-        session=session, owner=token, spec=spec, name=body.name, idempotency_key=idempotency_key,
-        request_hash=request_hash,
+        session=session, owner=token, spec=spec, total_steps=total_steps(parse_spec(spec)), name=body.name,
+        idempotency_key=idempotency_key, request_hash=request_hash,
     )
     if created:
         crud.dispatch(session=session, job_id=job.id, send=dispatcher.send)

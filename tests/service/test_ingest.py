@@ -36,8 +36,8 @@ def job_id(db) -> str:
     with db() as session:
         owner, _ = create_token(session=session, name="ingest", prefix="t_")
         spec = {"kind": "distill", "train": {"max_steps": 100}}
-        job, _ = crud.create_job(session=session, owner=owner, spec=spec, name=None, idempotency_key=None,
-                                 request_hash="x")
+        job, _ = crud.create_job(session=session, owner=owner, spec=spec, total_steps=100, name=None,
+                                 idempotency_key=None, request_hash="x")
         return job.id
 
 

@@ -6,7 +6,7 @@ Measures, over real HTTP (uvicorn in this process, an httpx client with keep-ali
   - GET /jobs/{id}/metrics latency per page with 100k points in the job.
 Targets: p50 <= 20 ms, >= 20k points/s, <= 50 ms per metrics page.
 
-    python bench/api.py [--requests 500] [--points 100000] [--pages 200]
+    python bench/api_latency.py [--requests 500] [--points 100000] [--pages 200]
 
 Writes bench/results/api.json and prints a table. Uses a fresh database
 (flashdmd_bench_<random>, dropped afterwards) and Redis DB 14 by default.
@@ -28,22 +28,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Run as `python bench/api.py`, this file's folder comes first on sys.path, where "api" would mean this
-# very file instead of the package it measures.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import httpx
+import psycopg
+import redis
+import uvicorn
+from sqlalchemy import make_url
 
-import httpx  # noqa: E402
-import psycopg  # noqa: E402
-import redis  # noqa: E402
-import uvicorn  # noqa: E402
-from sqlalchemy import make_url  # noqa: E402
-
-from api import migrate  # noqa: E402
-from api.auth import create_token  # noqa: E402
-from api.ingest import RunIngestor  # noqa: E402
-from api.main import create_app  # noqa: E402
-from api.settings import Settings  # noqa: E402
-from trainer.sink import JsonlSink  # noqa: E402
+from api import migrate
+from api.auth import create_token
+from api.ingest import RunIngestor
+from api.main import create_app
+from api.settings import Settings
+from trainer.sink import JsonlSink
 
 PG_ADMIN_URL = os.environ.get("FLASHDMD_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("FLASHDMD_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")

@@ -1,6 +1,6 @@
 """CPU benchmark of the few-step sampler: overhead over its lower bound, speed-up over the teacher, encoding.
 
-    /work/venv/bin/python bench/inference.py --models tiny,small --rounds 15
+    python bench/sampler_cpu.py --models tiny,small --rounds 15
 
 Models: random-weight SDXL-format pipelines, `tiny` (the `tiny:sdxl` teacher, 32 px) and `small` (bench/
 train_step.py's teacher: the tiny pipeline with an SDXL-shaped UNet of width 64-128-256, 64 px). The
