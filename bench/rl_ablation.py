@@ -170,9 +170,18 @@ def plot(results: dict[str, dict], start: dict, path: Path, real_reward: float |
     plt.close(fig)
 
 
+TAIL = 3  # checkpoints averaged in the table's steadier columns
+
+
+def tail_mean(run: dict, key: str) -> float:
+    """`key` averaged over the run's last TAIL checkpoints."""
+    return sum(p[key] for p in run["points"][-TAIL:]) / len(run["points"][-TAIL:])
+
+
 def table(results: dict[str, dict], start: dict, command: str) -> str:
     rows = [["stage-1 start", "-", "-", "-", f"{start['reward']:.3f}", f"{start['fd_real']:.2f}",
-             f"{start['fd_teacher']:.2f}", f"{start['accuracy']:.3f}", f"{start['diversity']:.3f}", "-", "-"]]
+             f"{start['fd_teacher']:.2f}", f"{start['accuracy']:.3f}", f"{start['diversity']:.3f}", "-", "-", "-",
+             "-"]]
     for name, r in results.items():
         last = r["points"][-1]
         mix = r.get("label") or (r["ratio"] if r["joint"] else "RL only")
@@ -180,11 +189,15 @@ def table(results: dict[str, dict], start: dict, command: str) -> str:
                      last["step"], f"{last['reward']:.3f} ({last['reward'] - start['reward']:+.3f})",
                      f"{last['fd_real']:.2f} ({last['fd_real'] - start['fd_real']:+.2f})",
                      f"{last['fd_teacher']:.2f}", f"{last['accuracy']:.3f}", f"{last['diversity']:.3f}",
-                     f"{last['rl/kept_frac']:.2f}" if "rl/kept_frac" in last else "-", f"{last['wall_s']:.0f}"])
+                     f"{last['rl/kept_frac']:.2f}" if "rl/kept_frac" in last else "-", f"{last['wall_s']:.0f}",
+                     # One checkpoint's scores move by ~0.3 reward and ~2 FD between neighbours (the no-RL
+                     # control too): the mean of the last three is the steadier comparison.
+                     f"{tail_mean(r, 'reward') - start['reward']:+.3f}",
+                     f"{tail_mean(r, 'fd_real') - start['fd_real']:+.2f}"])
     return "\n".join(["# Stage-2 RL ablation on the digits teacher", "", f"Command: `{command}`", "",
                       format_table(["run", "RL:distill", "RL timesteps", "RL updates", "reward (delta)",
                                     "FD real (delta)", "FD teacher", "accuracy", "diversity", "kept frac",
-                                    "train s"], rows)]) + "\n"
+                                    "train s", f"reward delta, last {TAIL}", f"FD delta, last {TAIL}"], rows)]) + "\n"
 
 
 def main() -> None:
