@@ -131,6 +131,28 @@ def test_an_eval_job_over_http_stores_its_scores_as_metrics(life: Life, roots) -
     assert [s["step"] for s in life.get(f"/jobs/{eval_id}/samples")["data"]] == [1, 2, 3]
 
 
+def test_an_rl_job_over_http_starts_from_its_stage1_job_and_logs_rl_metrics(life: Life) -> None:
+    source = life.client.post("/jobs", json={"spec": TINY_SPEC}, headers=life.auth).json()["id"]
+    spec = {**tiny_spec(max_steps=5, checkpoint_every=5, sample_every=5), "kind": "rl",
+            # An untrained LRM's gaps are small: thresholds 0 keep every decisive pair, so updates happen.
+            "rl": {"init_from": str(life.settings.run_dir(source)), "threshold_min": 0.0, "threshold_max": 0.0}}
+    created = life.client.post("/jobs", json={"spec": spec}, headers=life.auth)
+    assert created.status_code == 201, created.text
+    rl_id = created.json()["id"]
+    job = life.wait_terminal(rl_id)  # one job at a time: the RL job runs after its stage-1 source
+    assert life.job(source)["status"] == "succeeded"
+    assert job["status"] == "succeeded" and job["kind"] == "rl", (job, life.debug(rl_id))
+    assert job["progress"]["step"] == job["progress"]["total_steps"] == 5
+    events = life.get(f"/jobs/{rl_id}/events", limit=1000)["data"]
+    init = [e for e in events if e["kind"] == "init"]
+    assert len(init) == 1 and "step-00000006" in init[0]["message"], events  # the source's latest checkpoint
+    keys = set(life.get(f"/jobs/{rl_id}/metrics")["keys"])
+    assert {"loss/rl", "rl/kept_frac", "rl/reward_mean", "rl/updated"} <= keys, keys
+    updated = life.get(f"/jobs/{rl_id}/metrics", key="rl/updated")["points"]
+    assert [p["step"] for p in updated] == [1, 2, 3, 4, 5] and any(p["value"] == 1.0 for p in updated)
+    assert [c["step"] for c in life.get(f"/jobs/{rl_id}/checkpoints")["data"]] == [5]
+
+
 def test_worker_shutdown_and_cancel_both_stop_at_a_checkpoint(life: Life) -> None:
     # No periodic checkpoint before step 1000: every checkpoint here is one written on a stop request.
     spec = tiny_spec(max_steps=500, checkpoint_every=1000, sample_every=1000)

@@ -113,7 +113,9 @@ def test_lrm_scores_depend_on_the_timestep_and_the_prompt(teachers):
         by_t = lrm.score(z, torch.tensor([999, 500, 1]), [PROMPTS[0]] * 3)
         by_p = lrm.score(z, torch.tensor([500, 500, 500]), PROMPTS)
     assert by_t.unique().numel() == 3, "noise-aware: the UNet sees t"
-    assert by_p[0] == by_p[2] and by_p[0] != by_p[1]
+    # Rows 0 and 2 share z, t and prompt; a batched CPU kernel may still differ in the last bits between rows.
+    assert by_p[0].item() == pytest.approx(by_p[2].item(), abs=1e-5)
+    assert abs(by_p[0].item() - by_p[1].item()) > 1e-3, "the score depends on the prompt"
 
 
 def test_pair_loss_by_hand():
