@@ -216,3 +216,18 @@ def test_shipped_reward_prefers_clean_right_class_digits_on_held_out_pairs(teach
     pairs = encode_pairs(teacher, make_pairs(ds.images[held_out], labels[held_out], 64, gen), gen)
     acc = pair_accuracy(lrm, teacher.param, pairs, timesteps=(1, 499))
     assert acc["acc/t1"] >= 0.9 and acc["acc/t499"] >= 0.75, acc
+
+
+def test_demo_grid_names_each_row_in_a_left_margin(tmp_path):
+    from PIL import Image
+
+    from trainer.toy.scoring import GRID_ROWS, save_grid
+
+    save_grid(torch.zeros(30, 3, 32, 32), tmp_path / "grid.png")  # mid-grey images
+    img = np.asarray(Image.open(tmp_path / "grid.png").convert("L"))
+    assert img.shape[0] == 3 * 64 and img.shape[1] > 10 * 64  # 2x digits plus the margin
+    margin = img[:, : img.shape[1] - 10 * 64]
+    for i in range(len(GRID_ROWS)):
+        band = margin[i * 64:(i + 1) * 64]
+        assert (band < 100).any(), f"no label text in row {i}"  # black text on white
+    assert (img[:, -10 * 64:] == 128).mean() > 0.9, "the digits keep their own pixels"

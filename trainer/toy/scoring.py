@@ -69,12 +69,25 @@ def score_run(*, checkpoints: list[dict[str, Any]], student_grid: Tensor, seeds:
             "real_baselines": ev.real_baselines(), "_grid": grid}
 
 
-def save_grid(images: Tensor, path: Path, cols: int = 10) -> None:
-    """Rows: teacher 50-step, teacher 4-step, student 4-step (digits 0-9), upscaled 2x for viewing."""
+GRID_ROWS = ("teacher 50-step CFG", "teacher 4-step", "student 4-step")
+
+
+def save_grid(images: Tensor, path: Path, cols: int = 10, rows: tuple[str, ...] = GRID_ROWS) -> None:
+    """Rows: teacher 50-step, teacher 4-step (renoise), student 4-step (digits 0-9), upscaled 2x, each row
+    named in a left margin so the PNG reads on its own."""
+    from PIL import Image, ImageDraw
+
     from inference.sampler import image_grid
 
     grid = image_grid(images, cols=cols)
-    grid.resize((grid.width * 2, grid.height * 2)).save(path)
+    grid = grid.resize((grid.width * 2, grid.height * 2))
+    margin, row_h = 130, grid.height // len(rows)
+    canvas = Image.new("RGB", (grid.width + margin, grid.height), "white")
+    canvas.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, name in enumerate(rows):
+        draw.text((6, i * row_h + row_h // 2 - 6), name, fill="black")
+    canvas.save(path)
 
 
 def plot_curves(curves: dict[str, list[tuple[int, float]]], fd_over_steps: list[dict], out: Path) -> None:
