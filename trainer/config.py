@@ -179,6 +179,7 @@ class OptimSpec(_Strict):
     discriminator: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(lr=2e-5, betas=(0.0, 0.99)))
     grad_clip: float | None = Field(10.0, gt=0, description="max grad norm for every network; null: off")
     warmup_steps: int = Field(0, ge=0)
+    optimizer: Literal["adamw"] = Field("adamw", description="the optimiser of every trainable network")
 
 
 class TrainSpec(_Strict):

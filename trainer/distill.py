@@ -20,6 +20,7 @@ from trainer.config import DEFAULT_REAL_GUIDANCE, DistillJob
 from trainer.gan import LatentHead, mid_features
 from trainer.losses import GAN_LOSSES, diffusion_loss, dm_loss, ema_inject_, matching_parameters
 from trainer.models import Cond, Teacher, predict, predict_x0, trainable_copy
+from trainer.optim import build_optimizer
 from trainer.schedules import backward_simulate, rollout_to_clean, sample_dm_timesteps
 
 
@@ -84,9 +85,7 @@ class Distiller:
 
     # ---------------------------------------------------------------- setup helpers
     def _adamw(self, params, spec) -> torch.optim.Optimizer:  # noqa: ANN001
-        params = [p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad]
-        return torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay,
-                                 eps=spec.eps)
+        return build_optimizer(params, spec, self.cfg.optim.optimizer)
 
     def _build_latent_head(self) -> LatentHead:
         # A dry run on one latent tells the head its input channels and spatial size.

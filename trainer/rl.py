@@ -27,6 +27,7 @@ from trainer.config import RLJob
 from trainer.distill import Distiller
 from trainer.losses import dpo_loss, gaussian_log_density
 from trainer.models import Cond, predict_x0
+from trainer.optim import build_optimizer
 from trainer.reward import RewardModel
 from trainer.schedules import Parameterisation
 
@@ -180,8 +181,7 @@ class JointRL:
                                              cfg.rl.threshold_max) for t in self.rl_steps}
         spec = cfg.rl.optimizer
         params = [p for p in distiller.generator.parameters() if p.requires_grad]
-        self.opt_rl = accelerator.prepare(torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas),
-                                                            weight_decay=spec.weight_decay, eps=spec.eps))
+        self.opt_rl = accelerator.prepare(build_optimizer(params, spec, cfg.optim.optimizer))
 
     # what checkpoint.py and the sample grid need, as for a Distiller
     @property
