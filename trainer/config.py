@@ -185,7 +185,7 @@ class OptimSpec(_Strict):
 class TrainSpec(_Strict):
     max_steps: int = Field(1000, ge=1, description="loop iterations (one fake-score update each)")
     batch_size: int = Field(1, ge=1, le=4096, description="per process")
-    grad_accum: int = Field(1, ge=1, le=1, description="DMD2 asserts 1; kept for the spec's shape")
+    grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimiser update (no sync between)")
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     gradient_checkpointing: bool = False
     seed: int = Field(0, ge=0)
@@ -196,6 +196,9 @@ class TrainSpec(_Strict):
     log_every: int = Field(1, ge=1)
     max_nonfinite: int = Field(10, ge=1, description="consecutive NaN/inf steps before failing")
     num_processes: int = Field(1, ge=1, le=1024, description="GPUs for accelerate launch")
+    sharding: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: full replicas, bucketed gradient all-reduce; fsdp: FSDP2 fully_shard of "
+        "parameters, gradients and optimiser states across the processes")
 
 
 class DistillJob(_Strict):
@@ -256,6 +259,9 @@ class RLSpec(_Strict):
     ratio_clip: float | None = Field(None, gt=0, lt=1, description="LPO/SPO clamp of each ratio to "
                                      "[1-c, 1+c] (LPO: 0.1); null: Eq. (13) as written")
     batch_size: int | None = Field(None, ge=1, le=4096, description="prompts per RL update; default train.batch_size")
+    critic_updates: Literal["every", "distill_only"] = Field(
+        "every", description="every: the fake score and D update every iteration (Alg. 1 lines 20-26); "
+        "distill_only: only on distillation turns")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="a separate AdamW for L_rl")
 
     @model_validator(mode="after")
