@@ -8,11 +8,21 @@ error that names the field instead of a silently ignored setting.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 NUM_TRAIN_TIMESTEPS = 1000
 Family = Literal["sdxl", "sd15", "sd3"]
@@ -28,8 +38,37 @@ SAM_GLOBAL_BLOCKS: dict[str, list[int]] = {
 }
 
 
+# Bounds that every stored number must respect (issue 11). Step counts land in 32-bit columns (jobs.total_steps,
+# metrics/checkpoints/samples.step), so they stay below 2^31; seeds are multiplied by ~10^6 and offset before
+# they reach torch.Generator.manual_seed (trainer/data.py, inference/evaluate.py), and numpy takes < 2^32.
+INT32_MAX = 2**31 - 1
+SEED_MAX = 2**32 - 1
+TINY_FAMILIES = ("sdxl", "sd15", "sd3")  # trainer/tiny.py FAMILIES (a unit test keeps them equal)
+TOY_MODELS = ("digits",)  # trainer/models.py resolve_teacher
+PIXEL_SCORER_NAMES = ("brightness", "contrast")  # trainer/reward.py PIXEL_SCORERS
+# Encoder depth per SAM backbone (trainer/discriminator.py): a head on block >= depth fails only in the worker.
+SAM_DEPTH: dict[str, int] = {"vit_b": 12, "vit_l": 24, "vit_h": 32, "tiny": 4}
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: "2" or true for an int is an error, not a silent coercion (YAML and `--set` give real
+    # numbers and booleans: see _SpecLoader). allow_inf_nan: JSON "Infinity" parses to a float that
+    # SQLite stores as malformed JSON and Postgres refuses; no spec value is meaningful as inf or NaN.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _storable_text(cls, value: Any, info: ValidationInfo) -> Any:
+        """Strings must survive Postgres: no NUL character (text and JSONB refuse it) and no lone surrogate."""
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                if "\x00" in item:
+                    raise ValueError("must not contain a NUL character")
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+        return value
 
 
 def default_timesteps(num_steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
@@ -46,11 +85,23 @@ class LoraSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    teacher: str = Field(min_length=1, description="hub id, local diffusers folder, or tiny:<family>")
+    teacher: str = Field(min_length=1, max_length=4096,
+                         description="hub id, local diffusers folder, tiny:<family> or toy:digits")
     family: Literal["auto", "sdxl", "sd15", "sd3"] = "auto"
     revision: str | None = None
-    resolution: int | None = Field(None, ge=16, le=4096, description="pixels; default: the teacher's")
+    resolution: int | None = Field(None, ge=16, le=4096, multiple_of=8,
+                                   description="pixels, a multiple of 8 (the VAE's factor); default: the teacher's")
     lora: LoraSpec | None = None
+
+    @field_validator("teacher")
+    @classmethod
+    def _builtin_name(cls, value: str) -> str:
+        # Checked here, not only in the worker, so that `tiny:../../etc` is a 422 at submit.
+        kind, _, name = value.partition(":")
+        known = {"tiny": TINY_FAMILIES, "toy": TOY_MODELS}.get(kind)
+        if known is not None and name not in known:
+            raise ValueError(f"unknown {kind} model {name!r}; expected one of " + ", ".join(f"{kind}:{n}" for n in known))
+        return value
 
 
 class DataSpec(_Strict):
@@ -109,12 +160,16 @@ class DiscriminatorSpec(_Strict):
     backbone: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "vit_l"
     checkpoint: str | None = Field(None, description="SAM .pth (image_encoder.* keys); required for vit_*")
     blocks: list[int] | None = Field(None, description="encoder blocks with heads; default: global attention")
-    img_size: int | None = Field(None, ge=16, description="encoder input size; 1024 for vit_*, 64 for tiny")
-    head_channels: int = Field(256, ge=8)
+    img_size: int | None = Field(None, ge=16, le=4096, description="encoder input size; 1024 for vit_*, 64 for tiny")
+    head_channels: int = Field(256, ge=8, le=4096)
 
     @model_validator(mode="after")
     def _resolve(self) -> DiscriminatorSpec:
         blocks = self.blocks if self.blocks is not None else SAM_GLOBAL_BLOCKS[self.backbone]
+        depth = SAM_DEPTH[self.backbone]
+        if not blocks or any(not 0 <= b < depth for b in blocks):
+            raise ValueError(f"distill.discriminator.blocks must be indices in [0, {depth - 1}] "
+                             f"(the {self.backbone} encoder has {depth} blocks), got {blocks}")
         img = self.img_size or (64 if self.backbone == "tiny" else 1024)
         self.__dict__.update(blocks=list(blocks), img_size=img)
         return self
@@ -161,7 +216,8 @@ class DistillSpec(_Strict):
 
 class OptimizerSpec(_Strict):
     lr: float = Field(5e-7, gt=0, le=1)
-    betas: tuple[float, float] = (0.9, 0.999)
+    # Not strict: a stored spec is JSON, where the tuple comes back as a list; the items stay strict floats.
+    betas: tuple[StrictFloat, StrictFloat] = Field((0.9, 0.999), strict=False)
     weight_decay: float = Field(0.01, ge=0)
     eps: float = Field(1e-8, gt=0)
 
@@ -178,23 +234,23 @@ class OptimSpec(_Strict):
     fake_score: OptimizerSpec = Field(default_factory=OptimizerSpec)
     discriminator: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(lr=2e-5, betas=(0.0, 0.99)))
     grad_clip: float | None = Field(10.0, gt=0, description="max grad norm for every network; null: off")
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=INT32_MAX)
     optimizer: Literal["adamw"] = Field("adamw", description="the optimiser of every trainable network")
 
 
 class TrainSpec(_Strict):
-    max_steps: int = Field(1000, ge=1, description="loop iterations (one fake-score update each)")
+    max_steps: int = Field(1000, ge=1, le=INT32_MAX, description="loop iterations (one fake-score update each)")
     batch_size: int = Field(1, ge=1, le=4096, description="per process")
     grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimiser update (no sync between)")
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     gradient_checkpointing: bool = False
-    seed: int = Field(0, ge=0)
-    checkpoint_every: int = Field(500, ge=1)
-    sample_every: int = Field(500, ge=1)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    checkpoint_every: int = Field(500, ge=1, le=INT32_MAX)
+    sample_every: int = Field(500, ge=1, le=INT32_MAX)
     num_samples: int = Field(4, ge=1, le=64)
-    keep_last: int = Field(3, ge=1)
-    log_every: int = Field(1, ge=1)
-    max_nonfinite: int = Field(10, ge=1, description="consecutive NaN/inf steps before failing")
+    keep_last: int = Field(3, ge=1, le=INT32_MAX)
+    log_every: int = Field(1, ge=1, le=INT32_MAX)
+    max_nonfinite: int = Field(10, ge=1, le=INT32_MAX, description="consecutive NaN/inf steps before failing")
     num_processes: int = Field(1, ge=1, le=1024, description="GPUs for accelerate launch")
     sharding: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp: full replicas, bucketed gradient all-reduce; fsdp: FSDP2 fully_shard of "
@@ -238,6 +294,8 @@ class RewardSpec(_Strict):
     def _check(self) -> RewardSpec:
         if self.kind == "pixel" and not self.scorer:
             raise ValueError("rl.reward.scorer is required when rl.reward.kind is pixel")
+        if self.scorer is not None and self.scorer not in PIXEL_SCORER_NAMES:
+            raise ValueError(f"rl.reward.scorer: unknown pixel scorer {self.scorer!r}; known: {list(PIXEL_SCORER_NAMES)}")
         return self
 
 
@@ -315,9 +373,25 @@ def format_validation_error(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-4` as a *string*, which the strict spec models
+    would refuse; people write learning rates that way, so the file and `--set` paths read it as a float."""
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_SpecLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def _coerce(value: str) -> Any:
-    """`--set` values are YAML scalars or lists: 20, 0.5, true, null, [999, 499]."""
-    return yaml.safe_load(value)
+    """`--set` values are YAML scalars or lists: 20, 0.5, 1e-4, true, null, [999, 499]."""
+    return load_yaml(value)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -369,7 +443,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Any:
         raise SpecError(f"spec file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        raw = json.loads(text) if path.suffix == ".json" else load_yaml(text)
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SpecError(f"{path}: not valid YAML/JSON: {err}") from None
     if raw is not None and not isinstance(raw, dict):

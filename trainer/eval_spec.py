@@ -6,11 +6,11 @@ this imports only pydantic, so the API validates eval specs without torch.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from trainer.config import _Strict
+from trainer.config import INT32_MAX, SEED_MAX, _Strict
 
 ScorerKind = Literal["clip", "pickscore", "hpsv2", "imagereward", "fid"]
 
@@ -44,7 +44,7 @@ class EvalSpec(_Strict):
     checkpoint: str | None = Field(None, description="a step-* checkpoint folder or a run directory")
     job: str | None = Field(None, max_length=64, description="service only: a job of yours; the API sets "
                             "eval.checkpoint to its run directory")
-    steps: Literal["latest", "all"] | list[int] = Field(
+    steps: Literal["latest", "all"] | list[Annotated[int, Field(ge=0, le=INT32_MAX)]] = Field(
         "latest", description="which checkpoints of a run directory: the latest, all, or these steps")
     protocol: Literal["digits", "prompts"] = Field(
         "digits", description="digits: the digits evaluator (FD, accuracy, diversity); prompts: generate one "
@@ -52,9 +52,9 @@ class EvalSpec(_Strict):
     per_class: int = Field(100, ge=2, le=1000, description="digits: samples per digit (N = 10x)")
     prompts: str | None = Field(None, description="prompts: a text file (one prompt per line) or a JSONL "
                                 "file with a caption or prompt per line")
-    max_prompts: int | None = Field(None, ge=1, description="the first N prompts (COCO-10k: 10000)")
+    max_prompts: int | None = Field(None, ge=1, le=INT32_MAX, description="the first N prompts (COCO-10k: 10000)")
     scorers: list[ScorerSpec] = Field(default_factory=list)
-    seed: int = Field(0, ge=0, description="image i uses seed seed * 1000003 + i")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="image i uses seed seed * 1000003 + i")
     batch_size: int = Field(16, ge=1, le=1024, description="images generated per batch")
     guidance: float = Field(1.0, ge=1, description="CFG at sampling; few-step students use 1")
     grid: int = Field(16, ge=0, le=64, description="images saved as a sample grid per checkpoint")

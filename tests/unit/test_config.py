@@ -343,3 +343,89 @@ def test_cli_missing_file_and_malformed_set_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2 and str(missing) in proc.stderr and "Traceback" not in proc.stderr
     proc = _cli(str(REPO / "presets" / "tiny-sd15.yaml"), "--dry-run", "--set", "train.max_steps")
     assert proc.returncode == 2 and "train.max_steps" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 11: bounds, finite floats, strict types and submit-time checks
+# ---------------------------------------------------------------------------------------------
+
+BAD_VALUES: list[tuple[dict[str, Any], str]] = [
+    (minimal(train={"max_steps": 10**20}), "train.max_steps"),
+    (minimal(train={"max_steps": 2**31}), "train.max_steps"),
+    (minimal(train={"seed": 10**30}), "train.seed"),
+    (minimal(train={"seed": 2**32}), "train.seed"),
+    (minimal(train={"checkpoint_every": 2**63}), "train.checkpoint_every"),
+    (minimal(optim={"warmup_steps": 10**19}), "optim.warmup_steps"),
+    (minimal(distill={"dm_weight": float("inf")}), "distill.dm_weight"),
+    (minimal(distill={"fake_guidance": float("inf")}), "distill.fake_guidance"),
+    (minimal(distill={"real_guidance": float("nan")}), "distill.real_guidance"),
+    (minimal(optim={"generator": {"betas": [0.9, float("nan")]}}), "optim.generator.betas"),
+    (minimal(optim={"grad_clip": float("-inf")}), "optim.grad_clip"),
+    (minimal(train={"batch_size": "2"}), "train.batch_size"),
+    (minimal(train={"batch_size": True}), "train.batch_size"),
+    (minimal(train={"batch_size": 2.0}), "train.batch_size"),
+    (minimal(train={"gradient_checkpointing": "yes"}), "train.gradient_checkpointing"),
+    (minimal(train={"gradient_checkpointing": 1}), "train.gradient_checkpointing"),
+    (minimal(distill={"dm_weight": "1.0"}), "distill.dm_weight"),
+    (minimal(optim={"generator": {"betas": ["0.9", 0.99]}}), "optim.generator.betas"),
+    (minimal(model={"resolution": 17}), "model.resolution"),
+    (minimal(model={"resolution": 8192}), "model.resolution"),
+    (minimal(model={"teacher": "tiny:../../etc"}), "model.teacher"),
+    (minimal(model={"teacher": "toy:../x"}), "model.teacher"),
+    (minimal(model={"teacher": "tiny:"}), "model.teacher"),
+    (minimal(model={"teacher": "a\x00b"}), "model.teacher"),
+    (minimal(model={"teacher": "\ud800/x"}), "model.teacher"),
+    (minimal(name="x\x00"), "name"),
+    (minimal(distill={"discriminator": {"backbone": "tiny", "blocks": [10**30]}}), "distill.discriminator"),
+    (minimal(distill={"discriminator": {"img_size": 10**9}}), "distill.discriminator.img_size"),
+]
+
+
+@pytest.mark.parametrize("raw,field", BAD_VALUES, ids=[f"{f}-{i}" for i, (_, f) in enumerate(BAD_VALUES)])
+def test_bad_value_is_an_error_naming_the_field(raw: dict[str, Any], field: str) -> None:
+    message = spec_error(raw)
+    assert message.startswith(field), message
+
+
+def test_eval_spec_bounds() -> None:
+    base = {"kind": "eval", "eval": {"checkpoint": "/x"}}
+    assert spec_error({**base, "eval": {"checkpoint": "/x", "seed": 2**40}}).startswith("eval.seed")
+    assert spec_error({**base, "eval": {"checkpoint": "/x", "steps": [10**30]}}).startswith("eval.steps")
+    assert spec_error({**base, "eval": {"checkpoint": "/x", "guidance": float("inf")}}).startswith("eval.guidance")
+    assert parse_spec({**base, "eval": {"checkpoint": "/x", "seed": 2**32 - 1}}).eval.seed == 2**32 - 1
+
+
+def test_rl_scorer_name_checked_at_submit() -> None:
+    raw = minimal(kind="rl", rl={"reward": {"kind": "pixel", "scorer": "nope"}})
+    assert "unknown pixel scorer" in spec_error(raw)
+
+
+def test_bounds_at_the_edge_are_accepted() -> None:
+    cfg = parse_spec(minimal(train={"max_steps": 2**31 - 1, "seed": 2**32 - 1}, model={"resolution": 16}))
+    assert cfg.train.max_steps == 2**31 - 1 and cfg.model.resolution == 16
+    assert parse_spec(minimal(model={"teacher": "toy:digits"})).model.teacher == "toy:digits"
+    # An int is a fine float.
+    assert parse_spec(minimal(distill={"dm_weight": 2})).distill.dm_weight == 2.0
+
+
+def test_builtin_name_lists_match_the_trainer() -> None:
+    from trainer.config import PIXEL_SCORER_NAMES, SAM_DEPTH, TINY_FAMILIES
+    from trainer.discriminator import _SAM_VARIANTS
+    from trainer.reward import PIXEL_SCORERS
+    from trainer.tiny import FAMILIES
+
+    assert TINY_FAMILIES == FAMILIES
+    assert sorted(PIXEL_SCORER_NAMES) == sorted(PIXEL_SCORERS)
+    assert {k: v[1] for k, v in _SAM_VARIANTS.items()} == {k: d for k, d in SAM_DEPTH.items() if k != "tiny"}
+
+
+def test_yaml_specs_still_give_numbers(tmp_path: Path) -> None:
+    """Strict types must not break YAML specs: YAML 1.1 reads `1e-4` as a string, our loader as a float."""
+    path = tmp_path / "spec.yaml"
+    path.write_text("model: {teacher: tiny:sd15}\ndata: {builtin: digits}\noptim: {generator: {lr: 1e-4}}\n"
+                    "train: {batch_size: 2, gradient_checkpointing: yes}\n")
+    cfg = load_spec(path, ["optim.fake_score.lr=3E-5", "train.seed=7", "distill.dm_weight=2"])
+    assert cfg.optim.generator.lr == 1e-4 and cfg.optim.fake_score.lr == 3e-5
+    assert cfg.train.batch_size == 2 and cfg.train.gradient_checkpointing is True and cfg.train.seed == 7
+    with pytest.raises(SpecError, match="train.batch_size"):
+        load_spec(path, ["train.batch_size='2'"])
