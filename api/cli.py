@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -10,6 +14,11 @@ from inference.cli import export_command, generate_command
 from trainer.cli import eval_command, train_command
 from trainer.toy.cli import toy_group
 from trainer.toy.demo import demo_command
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from api.settings import Settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,6 +54,8 @@ def up_command(host: str, port: int, data_dir: Path | None) -> None:
 def serve_command(host: str, port: int, workers: int) -> None:
     """Run the API (production: FLASHDMD_DATABASE_URL and FLASHDMD_BROKER_URL point at Postgres and Redis)."""
     import uvicorn
+
+    _settings()  # fail here with a clear message (e.g. a short FLASHDMD_TOKEN), not in each uvicorn worker
 
     uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=workers, proxy_headers=True)
 
@@ -95,28 +106,77 @@ def token_group() -> None:
     """API bearer tokens."""
 
 
+def _settings() -> Settings:
+    from pydantic import ValidationError
+
+    from api.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as err:
+        raise click.ClickException(f"invalid settings: {err}") from None
+
+
+@contextlib.contextmanager
+def _token_session() -> Iterator[Session]:
+    """A session on the configured database; a missing schema is explained instead of a traceback."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from api.db import make_engine, make_sessionmaker
+
+    engine = make_engine(_settings().sqlalchemy_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            yield session
+    except SQLAlchemyError as err:
+        raise click.ClickException(
+            f"cannot use the tokens table ({type(err).__name__}); run `flashdmd db upgrade` first?"
+        ) from err
+    finally:
+        engine.dispose()
+
+
 @token_group.command("create")
 @click.option("--name", default="default", show_default=True, help="a label to tell tokens apart")
 def token_create(name: str) -> None:
     """Create a token and print it (only its hash is stored: keep it)."""
-    from sqlalchemy.exc import SQLAlchemyError
-
     from api.auth import create_token
-    from api.db import make_engine, make_sessionmaker
-    from api.settings import Settings
 
-    settings = Settings()
-    engine = make_engine(settings.sqlalchemy_url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            _, token = create_token(session=session, name=name, prefix=settings.token_prefix)
-    except SQLAlchemyError as err:
-        raise click.ClickException(
-            f"cannot store the token ({type(err).__name__}); run `flashdmd db upgrade` first?"
-        ) from err
-    finally:
-        engine.dispose()
+    prefix = _settings().token_prefix
+    with _token_session() as session:
+        _, token = create_token(session=session, name=name, prefix=prefix)
     click.echo(token)
+
+
+@token_group.command("list")
+def token_list() -> None:
+    """List tokens by id (never the secret): name, created, last used, revoked."""
+    from api.auth import list_tokens
+
+    def when(value: datetime | None) -> str:
+        return value.strftime("%Y-%m-%d %H:%M") if value else "-"
+
+    with _token_session() as session:
+        rows = [(t.public_id, t.name, when(t.created_at), when(t.last_used_at),
+                 when(t.revoked_at) if t.revoked_at else "active") for t in list_tokens(session=session)]
+    header = ("ID", "NAME", "CREATED", "LAST USED", "REVOKED")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@token_group.command("revoke")
+@click.argument("token_id")
+def token_revoke(token_id: str) -> None:
+    """Revoke a token by its id (from `token list`); its next request gets 401."""
+    from api.auth import TokenError, revoke_token
+
+    with _token_session() as session:
+        try:
+            row = revoke_token(session=session, ref=token_id)
+        except TokenError as err:
+            raise click.ClickException(str(err)) from None
+        click.echo(f"revoked {row.public_id} ({row.name}) at {row.revoked_at:%Y-%m-%d %H:%M:%S} UTC")
 
 
 def main() -> None:

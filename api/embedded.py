@@ -17,9 +17,11 @@ import time
 from pathlib import Path
 
 import click
+from pydantic import ValidationError
+from sqlalchemy import make_url
 
 from api import migrate
-from api.auth import create_token, ensure_token, find_token
+from api.auth import TokenError, create_token, ensure_token, find_token
 from api.db import make_engine, make_sessionmaker
 from api.proc import die_with_parent
 from api.settings import Settings
@@ -35,7 +37,10 @@ def bootstrap_token(settings: Settings) -> tuple[str, str]:
     try:
         with make_sessionmaker(engine)() as session:
             if settings.token:
-                ensure_token(session=session, token=settings.token, name="FLASHDMD_TOKEN")
+                try:
+                    ensure_token(session=session, token=settings.token, name="FLASHDMD_TOKEN")
+                except TokenError as err:
+                    raise click.ClickException(str(err)) from None
                 return settings.token, "FLASHDMD_TOKEN"
             if token_file.is_file():
                 saved = token_file.read_text().strip()
@@ -45,8 +50,28 @@ def bootstrap_token(settings: Settings) -> tuple[str, str]:
     finally:
         engine.dispose()
     token_file.touch(mode=0o600)
+    token_file.chmod(0o600)  # touch keeps the mode of a file that already existed
     token_file.write_text(token + "\n")
     return token, str(token_file)
+
+
+def secure_data_dir(settings: Settings) -> None:
+    """Data dir 0700 and the SQLite file 0600 (and its -wal/-shm, which SQLite creates with the file's mode).
+
+    The database holds every user's specs and token hashes, the data dir the runs and the bootstrap token:
+    other local users must not read them, whatever the umask.
+    """
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    settings.data_dir.chmod(0o700)
+    url = make_url(settings.sqlalchemy_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return
+    db = Path(url.database)
+    db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(db, os.O_CREAT | os.O_WRONLY, 0o600))
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        if path.exists():
+            path.chmod(0o600)
 
 
 class WorkerChild:
@@ -97,8 +122,11 @@ def run_embedded(*, host: str, port: int, data_dir: Path | None) -> None:
     if data_dir is not None:
         # Through the environment, so that the worker child builds the same Settings.
         os.environ["FLASHDMD_DATA_DIR"] = str(data_dir.expanduser().absolute())
-    settings = Settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        settings = Settings()
+    except ValidationError as err:  # e.g. a short FLASHDMD_TOKEN: say so, without a traceback
+        raise click.ClickException(f"invalid settings: {err}") from None
+    secure_data_dir(settings)
     migrate.upgrade(settings.sqlalchemy_url)
     token, source = bootstrap_token(settings)
 

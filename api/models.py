@@ -56,12 +56,14 @@ class Base(DeclarativeBase):
 
 class ApiToken(Base):
     __tablename__ = "api_tokens"
+    __table_args__ = (Index(None, "public_id", unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
     # sha256 of the token: tokens are 32 random bytes, so a fast hash is enough and lookups stay indexed.
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    prefix: Mapped[str] = mapped_column(String(16))  # shown in listings to tell tokens apart
+    # Random and not secret (it is part of the token, before the secret): listings and revoke name it.
+    public_id: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]

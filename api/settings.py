@@ -57,6 +57,21 @@ class Settings(BaseSettings):
     ingest_poll_seconds: float = Field(0.5, gt=0)
     accelerate_config: Path | None = None
 
+    # Quotas (issue 11): what one token may hold at once. Checked at POST /jobs.
+    max_active_jobs_per_owner: int = Field(
+        10, ge=0, description="jobs of one token not yet finished (queued, running, recovering...); 0: no limit")
+    max_train_steps: int = Field(
+        1_000_000, ge=1, le=2**31 - 1, description="the largest train.max_steps a job may ask for")
+
+    @field_validator("token")
+    @classmethod
+    def _token_length(cls, value: str | None) -> str | None:
+        # 32 characters: a bootstrap token is a password anyone who reaches the port can guess at.
+        if value is not None and len(value) < 32:
+            raise ValueError("FLASHDMD_TOKEN must have at least 32 characters "
+                             "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+        return value
+
     @field_validator("allowed_model_roots", "allowed_data_roots", mode="before")
     @classmethod
     def _paths(cls, value: Any) -> Any:

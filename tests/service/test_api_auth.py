@@ -79,7 +79,7 @@ def test_token_create_cli_stores_only_a_hash(settings, sessions) -> None:
     with sessions() as session:
         rows = session.scalars(select(ApiToken).where(ApiToken.name == "ci")).all()
         assert [r.token_hash for r in rows] == [hash_token(token)]
-        assert all(token not in (r.token_hash, r.prefix, r.name) for r in rows)
+        assert all(token not in (r.token_hash, r.public_id, r.name) for r in rows)
 
 
 def test_a_created_token_authenticates(client, settings) -> None:

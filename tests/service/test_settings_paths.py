@@ -73,6 +73,6 @@ def test_up_token_bootstrap(monkeypatch, tmp_path) -> None:
     assert source == str(token_file) and token_file.read_text().strip() == token
     assert token_file.stat().st_mode & 0o777 == 0o600
     assert bootstrap_token(settings) == (token, source)  # kept across restarts: the jobs stay visible
-    preset = Settings(data_dir=tmp_path, token="my-own-secret-token")
-    assert bootstrap_token(preset) == ("my-own-secret-token", "FLASHDMD_TOKEN")
-    assert bootstrap_token(preset) == ("my-own-secret-token", "FLASHDMD_TOKEN")
+    preset = Settings(data_dir=tmp_path, token="my-own-secret-token-of-32-characters")
+    assert bootstrap_token(preset) == ("my-own-secret-token-of-32-characters", "FLASHDMD_TOKEN")
+    assert bootstrap_token(preset) == ("my-own-secret-token-of-32-characters", "FLASHDMD_TOKEN")
