@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from api.db import utcnow
 from api.errors import APIError, not_found
-from api.models import WAITING, ApiToken, Checkpoint, Event, Job, Metric, Sample
+from api.models import TERMINAL, WAITING, ApiToken, Checkpoint, Event, Job, Metric, Sample
 
 
 def add_event(*, session: Session, job_id: str, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
@@ -27,8 +27,15 @@ def _transition(session: Session, job_id: str, where: Sequence[ColumnElement[boo
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+def _plausible_id(job_id: str) -> bool:
+    # Postgres refuses NUL in a text parameter (a 500); no job id has one, so such an id is simply not found.
+    return "\x00" not in job_id
+
+
 def get_job(*, session: Session, owner: ApiToken, job_id: str) -> Job:
     """The owner's job; another owner's job is reported exactly like a missing one."""
+    if not _plausible_id(job_id):
+        raise not_found()
     job = session.scalar(select(Job).where(Job.id == job_id, Job.owner_id == owner.id))
     if job is None:
         raise not_found()
@@ -36,6 +43,8 @@ def get_job(*, session: Session, owner: ApiToken, job_id: str) -> Job:
 
 
 def owns_job(*, session: Session, owner: ApiToken, job_id: str) -> bool:
+    if not _plausible_id(job_id):
+        return False
     return session.scalar(select(Job.id).where(Job.id == job_id, Job.owner_id == owner.id)) is not None
 
 
@@ -49,6 +58,31 @@ def _replay(job: Job, request_hash: str) -> Job:
     return job
 
 
+def check_active_quota(*, session: Session, owner: ApiToken, limit: int) -> None:
+    """409 `quota_exceeded` when the owner already has `limit` unfinished jobs (0: no limit).
+
+    The owner's token row is locked first (FOR UPDATE on Postgres; SQLite's BEGIN IMMEDIATE already
+    serialises writers), so two concurrent submits cannot both see room for one more job.
+    """
+    if not limit:
+        return
+    session.execute(select(ApiToken.id).where(ApiToken.id == owner.id).with_for_update())
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.owner_id == owner.id, Job.status.not_in(TERMINAL))
+    ) or 0
+    if active >= limit:
+        session.rollback()
+        # 409, not 429: this clears when one of the owner's jobs finishes, not after some time, so a
+        # client's automatic retry-with-backoff on 429 would only spin (the reference's Cog answers a
+        # full house with 409 as well).
+        raise APIError(
+            "quota_exceeded",
+            f"active jobs quota: you have {active} unfinished jobs and the limit is {limit} "
+            "(FLASHDMD_MAX_ACTIVE_JOBS_PER_OWNER); cancel one or wait for one to finish",
+            409,
+        )
+
+
 def create_job(
     *,
     session: Session,
@@ -58,10 +92,12 @@ def create_job(
     name: str | None,
     idempotency_key: str | None,
     request_hash: str,
+    max_active: int = 0,
 ) -> tuple[Job, bool]:
     """Insert a queued job; with an Idempotency-Key already used by this owner, return that job instead."""
     if idempotency_key and (existing := _by_key(session, owner, idempotency_key)):
         return _replay(existing, request_hash), False
+    check_active_quota(session=session, owner=owner, limit=max_active)
     job = Job(
         owner_id=owner.id, name=name or spec.get("name"), kind=spec["kind"], status="queued", spec=spec,
         total_steps=total_steps, idempotency_key=idempotency_key, request_hash=request_hash,
@@ -120,8 +156,10 @@ def request_cancel(*, session: Session, job: Job) -> Job:
     return job
 
 
-def request_resume(*, session: Session, job: Job) -> Job:
+def request_resume(*, session: Session, job: Job, owner: ApiToken | None = None, max_active: int = 0) -> Job:
     """Queue a cancelled or failed job again; the worker resumes from its latest checkpoint."""
+    if owner is not None and job.status in TERMINAL:  # a resumed job is active again: it counts
+        check_active_quota(session=session, owner=owner, limit=max_active)
     if not _transition(
         session, job.id, [Job.status.in_(("cancelled", "failed"))], status="queued", cancel_requested=False,
         error_code=None, error_message=None, finished_at=None, dispatched_at=None, heartbeat_at=None, recoveries=0,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator
 
 from api.models import ACTIVE, Job
+from trainer.config import DistillJob, RLJob
+from trainer.eval_spec import EvalJob
 
 T = TypeVar("T")
 
@@ -36,13 +38,41 @@ class Page(BaseModel, Generic[T]):
     has_more: bool = False
 
 
+# What the OpenAPI schema shows for `spec`: the trainer's job models, by `kind` (issue 11), so that clients
+# can be generated and fuzzers produce specs that get past the first check.
+JobSpecSchema = Annotated[DistillJob | RLJob | EvalJob, Field(discriminator="kind")]
+
+
+def _spec_mapping(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError("the spec must be a mapping")
+    return value
+
+
+def _storable(value: str | None) -> str | None:
+    """Postgres text refuses NUL, and a lone surrogate (a JSON "\\ud800" escape) cannot be encoded."""
+    if value is not None and ("\x00" in value or _unencodable(value)):
+        raise ValueError("must be Unicode text without NUL characters or lone surrogates")
+    return value
+
+
+def _unencodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # A plain mapping here: the trainer's own models (trainer.config.parse_spec) validate it, so the API
-    # and `flashdmd train` accept exactly the same specs and report errors the same way.
-    spec: dict[str, Any] = Field(description="the job spec, as for `flashdmd train`", examples=[TINY_SPEC_EXAMPLE])
-    name: str | None = Field(None, max_length=200)
+    # Validated as a plain mapping here, and then by the trainer's own models (trainer.config.parse_spec) in
+    # the route, so the API and `flashdmd train` accept exactly the same specs (`kind` defaults to distill)
+    # and report errors the same way. The schema still documents those models.
+    spec: Annotated[dict[str, Any], PlainValidator(_spec_mapping, json_schema_input_type=JobSpecSchema)] = Field(
+        description="the job spec, as for `flashdmd train`", examples=[TINY_SPEC_EXAMPLE])
+    name: Annotated[str | None, AfterValidator(_storable)] = Field(None, max_length=200)
 
 
 class Progress(BaseModel):

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from api import crud
@@ -27,16 +27,23 @@ from api.schemas import (
 )
 from api.settings import Settings
 from api.spec_paths import check_spec_paths
-from trainer.config import SpecError, parse_spec, total_steps
+from trainer.config import INT32_MAX, SpecError, parse_spec, total_steps
 
 JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
 errors = {code: {"model": ErrorBody} for code in (401, 404, 409, 422)}
+# Every integer a client sends must fit the column it is compared with (issue 11): SQLite refuses Python ints
+# beyond 64 bits with an OverflowError. Steps are 32-bit (trainer/config.py INT32_MAX); event ids are 64-bit.
+INT64_MAX = 2**63 - 1
+Step = Annotated[int, Path(ge=0, le=INT32_MAX, description="a training step")]
+# Text that Postgres can compare: no NUL (psycopg refuses it) and at most the column's length.
+NO_NUL = r"^[^\x00]*$"
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=errors)  # type: ignore[arg-type]
 
 
 def _validated_spec(raw: dict[str, Any], settings: Settings, owns_job: Callable[[str], bool]) -> dict[str, Any]:
     try:
-        spec = parse_spec(raw).model_dump(mode="json")
+        parsed = parse_spec(raw)
+        spec = parsed.model_dump(mode="json")
     except SpecError as err:
         # The trainer's message has one "field.path: message" line per problem; name the fields from the body.
         fields, lines = [], []
@@ -46,6 +53,11 @@ def _validated_spec(raw: dict[str, Any], settings: Settings, owns_job: Callable[
             fields.append(field)
             lines.append(f"{field}: {message}")
         raise APIError("invalid_request", "; ".join(lines), fields=fields) from None
+    if parsed.kind != "eval" and parsed.train.max_steps > settings.max_train_steps:
+        # The spec allows up to 2^31 - 1; the server's cap keeps one job from holding a worker for ever.
+        raise APIError(
+            "invalid_request", f"spec.train.max_steps: {parsed.train.max_steps} is above this server's limit of "
+            f"{settings.max_train_steps} steps (FLASHDMD_MAX_TRAIN_STEPS)", fields=["spec.train.max_steps"])
     if spec["kind"] == "eval" and spec["eval"]["job"]:
         # An eval job may name one of the caller's jobs; the trainer only knows paths, so store its run directory.
         source = spec["eval"]["job"]
@@ -63,18 +75,21 @@ def create_job(
     token: CurrentToken,
     dispatcher: DispatcherDep,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x20-\x7e]+$")
+    ] = None,
 ) -> JobPublic:
     """Validate the spec (the trainer's own models, plus the allowed roots) and queue the job.
 
     With an `Idempotency-Key` header, repeating the request returns the job it created
-    (status 200, `Idempotent-Replayed: true`) instead of creating another.
+    (status 200, `Idempotent-Replayed: true`) instead of creating another. A token may hold at most
+    FLASHDMD_MAX_ACTIVE_JOBS_PER_OWNER unfinished jobs (409 `quota_exceeded` past it).
     """
     spec = _validated_spec(body.spec, settings, lambda job_id: crud.owns_job(session=session, owner=token, job_id=job_id))
     request_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
     job, created = crud.create_job(
         session=session, owner=token, spec=spec, total_steps=total_steps(parse_spec(spec)), name=body.name,
-        idempotency_key=idempotency_key, request_hash=request_hash,
+        idempotency_key=idempotency_key, request_hash=request_hash, max_active=settings.max_active_jobs_per_owner,
     )
     if created:
         crud.dispatch(session=session, job_id=job.id, send=dispatcher.send)
@@ -89,7 +104,7 @@ def list_jobs(
     session: SessionDep,
     token: CurrentToken,
     status: JobStatus | None = None,
-    after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
+    after: Annotated[str | None, Query(max_length=64, pattern=NO_NUL, description="the last id of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> Page[JobPublic]:
     jobs, has_more = crud.list_jobs(session=session, owner=token, status=status, after=after, limit=limit)
@@ -109,9 +124,12 @@ def cancel_job(job_id: str, session: SessionDep, token: CurrentToken) -> JobPubl
 
 
 @router.post("/{job_id}/resume", response_model=JobPublic)
-def resume_job(job_id: str, session: SessionDep, token: CurrentToken, dispatcher: DispatcherDep) -> JobPublic:
-    """Queue a cancelled or failed job again; it continues from its latest checkpoint."""
-    job = crud.request_resume(session=session, job=crud.get_job(session=session, owner=token, job_id=job_id))
+def resume_job(
+    job_id: str, session: SessionDep, token: CurrentToken, dispatcher: DispatcherDep, settings: SettingsDep
+) -> JobPublic:
+    """Queue a cancelled or failed job again; it continues from its latest checkpoint (counts toward the quota)."""
+    job = crud.request_resume(session=session, job=crud.get_job(session=session, owner=token, job_id=job_id),
+                              owner=token, max_active=settings.max_active_jobs_per_owner)
     crud.dispatch(session=session, job_id=job.id, send=dispatcher.send)
     return JobPublic.of(job)
 
@@ -121,7 +139,7 @@ def list_events(
     job_id: str,
     session: SessionDep,
     token: CurrentToken,
-    after: Annotated[int, Query(ge=0, description="the last event id already seen")] = 0,
+    after: Annotated[int, Query(ge=0, le=INT64_MAX, description="the last event id already seen")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Page[EventPublic]:
     job = crud.get_job(session=session, owner=token, job_id=job_id)
@@ -134,8 +152,9 @@ def get_metrics(
     job_id: str,
     session: SessionDep,
     token: CurrentToken,
-    key: Annotated[str | None, Query(description="default: the first key in alphabetical order")] = None,
-    since_step: Annotated[int | None, Query(description="only steps after this one")] = None,
+    key: Annotated[str | None, Query(max_length=128, pattern=NO_NUL,
+                                     description="default: the first key in alphabetical order")] = None,
+    since_step: Annotated[int | None, Query(ge=-1, le=INT32_MAX, description="only steps after this one")] = None,
     stride: Annotated[int, Query(ge=1, le=100_000, description="every stride-th point (counted from since_step)")] = 1,
     limit: Annotated[int, Query(ge=1, le=20_000)] = 1000,
 ) -> MetricsPublic:
@@ -172,7 +191,7 @@ def list_samples(job_id: str, session: SessionDep, token: CurrentToken, request:
 
 @router.get("/{job_id}/samples/{step}", name="get_sample", response_class=FileResponse,
             responses={200: {"content": {"image/png": {}}}})
-def get_sample(job_id: str, step: int, session: SessionDep, token: CurrentToken, settings: SettingsDep) -> FileResponse:
+def get_sample(job_id: str, step: Step, session: SessionDep, token: CurrentToken, settings: SettingsDep) -> FileResponse:
     """The sample image the trainer wrote at `step`."""
     job: Job = crud.get_job(session=session, owner=token, job_id=job_id)
     sample = crud.get_sample(session=session, job_id=job.id, step=step)
