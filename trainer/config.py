@@ -364,10 +364,16 @@ class SpecError(ValueError):
     """A spec that does not validate; the message names every bad field."""
 
 
+def _is_union_tag(part: Any) -> bool:
+    """pydantic puts the union member in the location (`literal['latest','all']`, `list[constrained-int]`,
+    `function-after[...]`); those are not fields, and a client looks for the field's dotted path."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "none"))
+
+
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        loc = ".".join(str(p) for p in e["loc"] if not _is_union_tag(p))
         msg = e["msg"].removeprefix("Value error, ")
         lines.append(f"{loc or '<spec>'}: {msg}")
     return "\n".join(lines)
