@@ -8,7 +8,6 @@ error that names the field instead of a silently ignored setting.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,9 +18,20 @@ from pydantic import (
     Field,
     StrictFloat,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
+)
+
+from trainer.spec_limits import (
+    INT32_MAX,
+    PIXEL_SCORER_NAMES,
+    SAM_DEPTH,
+    SEED_MAX,
+    TINY_FAMILIES,
+    TOY_MODELS,
+    check_storable_text,
+    is_union_tag,
+    load_yaml,
 )
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -38,37 +48,16 @@ SAM_GLOBAL_BLOCKS: dict[str, list[int]] = {
 }
 
 
-# Bounds that every stored number must respect (issue 11). Step counts land in 32-bit columns (jobs.total_steps,
-# metrics/checkpoints/samples.step), so they stay below 2^31; seeds are multiplied by ~10^6 and offset before
-# they reach torch.Generator.manual_seed (trainer/data.py, inference/evaluate.py), and numpy takes < 2^32.
-INT32_MAX = 2**31 - 1
-SEED_MAX = 2**32 - 1
-TINY_FAMILIES = ("sdxl", "sd15", "sd3")  # trainer/tiny.py FAMILIES (a unit test keeps them equal)
-TOY_MODELS = ("digits",)  # trainer/models.py resolve_teacher
-PIXEL_SCORER_NAMES = ("brightness", "contrast")  # trainer/reward.py PIXEL_SCORERS
-# Encoder depth per SAM backbone (trainer/discriminator.py): a head on block >= depth fails only in the worker.
-SAM_DEPTH: dict[str, int] = {"vit_b": 12, "vit_l": 24, "vit_h": 32, "tiny": 4}
-
-
 class _Strict(BaseModel):
     # strict: "2" or true for an int is an error, not a silent coercion (YAML and `--set` give real
-    # numbers and booleans: see _SpecLoader). allow_inf_nan: JSON "Infinity" parses to a float that
+    # numbers and booleans: see spec_limits.load_yaml). allow_inf_nan: JSON "Infinity" parses to a float that
     # SQLite stores as malformed JSON and Postgres refuses; no spec value is meaningful as inf or NaN.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
     @field_validator("*")
     @classmethod
-    def _storable_text(cls, value: Any, info: ValidationInfo) -> Any:
-        """Strings must survive Postgres: no NUL character (text and JSONB refuse it) and no lone surrogate."""
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, str):
-                if "\x00" in item:
-                    raise ValueError("must not contain a NUL character")
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ValueError("must be valid Unicode text (no lone surrogates)") from None
-        return value
+    def _storable_text(cls, value: Any) -> Any:
+        return check_storable_text(value)
 
 
 def default_timesteps(num_steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
@@ -364,35 +353,13 @@ class SpecError(ValueError):
     """A spec that does not validate; the message names every bad field."""
 
 
-def _is_union_tag(part: Any) -> bool:
-    """pydantic puts the union member in the location (`literal['latest','all']`, `list[constrained-int]`,
-    `function-after[...]`); those are not fields, and a client looks for the field's dotted path."""
-    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "none"))
-
-
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not _is_union_tag(p))
+        loc = ".".join(str(p) for p in e["loc"] if not is_union_tag(p))
         msg = e["msg"].removeprefix("Value error, ")
         lines.append(f"{loc or '<spec>'}: {msg}")
     return "\n".join(lines)
-
-
-class _SpecLoader(yaml.SafeLoader):
-    """YAML with YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-4` as a *string*, which the strict spec models
-    would refuse; people write learning rates that way, so the file and `--set` paths read it as a float."""
-
-
-_SpecLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_SpecLoader)  # a SafeLoader subclass: no arbitrary objects
 
 
 def _coerce(value: str) -> Any:

@@ -10,7 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from trainer.config import INT32_MAX, SEED_MAX, _Strict
+from trainer.config import _Strict
+from trainer.spec_limits import INT32_MAX, SEED_MAX
 
 ScorerKind = Literal["clip", "pickscore", "hpsv2", "imagereward", "fid"]
 

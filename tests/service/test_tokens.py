@@ -71,7 +71,7 @@ def test_create_list_revoke(app: App) -> None:
 
 def test_revoked_token_mid_session(app: App) -> None:
     """A token that worked a moment ago gets 401 on its next request, on every route family."""
-    headers = app.token("ci")
+    headers = app.token("mid-session")
     job_id = app.client.post("/jobs", json={"spec": TINY_SPEC}, headers=headers).json()["id"]
     assert app.client.get("/jobs", headers=headers).status_code == 200
     with app.sessions() as session:

@@ -409,9 +409,9 @@ def test_bounds_at_the_edge_are_accepted() -> None:
 
 
 def test_builtin_name_lists_match_the_trainer() -> None:
-    from trainer.config import PIXEL_SCORER_NAMES, SAM_DEPTH, TINY_FAMILIES
     from trainer.discriminator import _SAM_VARIANTS
     from trainer.reward import PIXEL_SCORERS
+    from trainer.spec_limits import PIXEL_SCORER_NAMES, SAM_DEPTH, TINY_FAMILIES
     from trainer.tiny import FAMILIES
 
     assert TINY_FAMILIES == FAMILIES

@@ -1,0 +1,58 @@
+"""Limits of the job spec (issue 11): bounds the database and the trainer can take, names of built-ins, and
+the YAML reading that lets strict spec models still take hand-written YAML.
+
+Imports only the standard library and yaml (no torch), like trainer/config.py, which applies these.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+# Bounds that every stored number must respect (issue 11). Step counts land in 32-bit columns (jobs.total_steps,
+# metrics/checkpoints/samples.step), so they stay below 2^31; seeds are multiplied by ~10^6 and offset before
+# they reach torch.Generator.manual_seed (trainer/data.py, inference/evaluate.py), and numpy takes < 2^32.
+INT32_MAX = 2**31 - 1
+SEED_MAX = 2**32 - 1
+TINY_FAMILIES = ("sdxl", "sd15", "sd3")  # trainer/tiny.py FAMILIES (a unit test keeps them equal)
+TOY_MODELS = ("digits",)  # trainer/models.py resolve_teacher
+PIXEL_SCORER_NAMES = ("brightness", "contrast")  # trainer/reward.py PIXEL_SCORERS
+# Encoder depth per SAM backbone (trainer/discriminator.py): a head on block >= depth fails only in the worker.
+SAM_DEPTH: dict[str, int] = {"vit_b": 12, "vit_l": 24, "vit_h": 32, "tiny": 4}
+
+
+def check_storable_text(value: Any) -> Any:
+    """Strings (alone or in a list) must survive Postgres: no NUL (text and JSONB refuse it), no lone surrogate."""
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise ValueError("must not contain a NUL character")
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
+def is_union_tag(part: Any) -> bool:
+    """pydantic puts the union member in the location (`literal['latest','all']`, `list[constrained-int]`,
+    `function-after[...]`); those are not fields, and a client looks for the field's dotted path."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "none"))
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-4` as a *string*, which the strict spec models
+    would refuse; people write learning rates that way, so the file and `--set` paths read it as a float."""
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_SpecLoader)  # a SafeLoader subclass: no arbitrary objects
