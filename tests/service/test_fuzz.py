@@ -20,7 +20,7 @@ import traceback
 from typing import Any
 
 import pytest
-import schemathesis
+import schemathesis  # the `test` extra
 from appkit import App, dialect_app
 from hypothesis import HealthCheck, Phase, given, seed
 from hypothesis import settings as hypothesis_settings
