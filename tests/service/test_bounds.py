@@ -194,3 +194,24 @@ def test_bad_path_and_list_values(app: App, owner, job_id: str) -> None:
         assert response.status_code == 404 and response.json() == missing
     assert_names(app.client.post("/jobs", json={"spec": TINY_SPEC}, headers={**owner, "Idempotency-Key": "a\tb"}),
                  "Idempotency-Key")
+
+
+def test_post_jobs_schema_describes_the_job_models(app: App) -> None:
+    """The OpenAPI body of POST /jobs is the real spec (issue 11), so clients can be generated from it."""
+    schema = app.client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    spec = components["JobCreate"]["properties"]["spec"]
+    assert {ref["$ref"].rsplit("/", 1)[1] for ref in spec["oneOf"]} == {"DistillJob", "RLJob", "EvalJob"}
+    assert spec["discriminator"]["propertyName"] == "kind"
+    train = components["TrainSpec"]["properties"]
+    assert train["max_steps"]["maximum"] == 2**31 - 1 and train["seed"]["maximum"] == 2**32 - 1
+    assert train["batch_size"]["type"] == "integer"
+    assert components["ModelSpec"]["properties"]["resolution"]["anyOf"][0]["multipleOf"] == 8
+    assert components["DistillJob"]["additionalProperties"] is False
+    params = {p["name"]: p["schema"] for p in schema["paths"]["/jobs/{job_id}/events"]["get"]["parameters"]}
+    assert params["after"]["maximum"] == 2**63 - 1
+
+
+def test_spec_must_be_a_mapping(app: App, owner) -> None:
+    for bad in ([TINY_SPEC], "tiny:sdxl", 3, None):
+        assert_names(app.post_json("/jobs", {"spec": bad}, owner), "spec")
