@@ -59,8 +59,12 @@ def _locations(spec: dict[str, Any], path: tuple[str, ...]) -> list[tuple[dict[s
     return [(node, (*where, path[-1])) for node, where in found if isinstance(node, dict)]
 
 
-def _under(path: str, roots: list[Path]) -> bool:
+def under_roots(path: str, roots: list[Path]) -> bool:
+    """Is `path` (already realpath'd) one of `roots` or inside one? Compared by components, not prefixes."""
     return any(path == str(root) or path.startswith(str(root).rstrip(os.sep) + os.sep) for root in roots)
+
+
+_under = under_roots
 
 
 def resolve_location(value: str, *, roots: list[Path], hub_ok: bool, tiny_ok: bool) -> str | None:
