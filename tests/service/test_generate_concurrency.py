@@ -1,4 +1,9 @@
-"""Issue 11, finding 2, as it broke: the embedded database (SQLite) with a real worker running a job,
+"""Issue 11, finding 2 and the /generate share of finding 7.
+
+The limiter: one token holds at most its share of slots and sends at most its rate; past
+either it gets 429 with Retry-After, on Postgres and on SQLite.
+
+The concurrency test, as it broke: the embedded database (SQLite) with a real worker running a job,
 12 concurrent POST /generate and GET /jobs every 100 ms. Before, each /generate held SQLite's write lock
 through the generation: 11 of 12 got 500 "database is locked", GET /jobs got 500, heartbeats waited.
 
@@ -15,21 +20,89 @@ from collections import Counter
 
 import pytest
 from fastapi.testclient import TestClient
-from hardenkit import sqlite_url
+from hardenkit import BACKENDS, Api, api_on, sqlite_url
 from servicekit import WorkerProcess, make_settings, queue_name, settings_env, tiny_spec, wait_for
 from sqlalchemy import select
 
 from api.auth import create_token
 from api.db import utcnow
+from api.generate_limits import Limiter
 from api.main import create_app
 from api.models import Job
+from api.routes.generate import runtime
 from inference.testing import make_checkpoint
 from trainer.tiny import tiny_pipeline_dir
 
-pytestmark = [pytest.mark.service, pytest.mark.slow]
+pytestmark = pytest.mark.service
 LOAD_SECONDS = 12.0
 
 
+@pytest.fixture(scope="module")
+def checkpoint(roots, tmp_path_factory):
+    teacher = tiny_pipeline_dir("sdxl", cache_root=tmp_path_factory.mktemp("tiny"))
+    return make_checkpoint(roots["models"] / f"limits-{secrets.token_hex(3)}", "sdxl", teacher)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def api(request, database_url, roots, tmp_path_factory, redis_client):
+    with api_on(request.param, pg_url=database_url, roots=roots, tmp=tmp_path_factory.mktemp("db")) as a:
+        yield a
+
+
+def _fire(api: Api, requests: list[dict[str, str]], checkpoint) -> list:
+    """POST /generate once per headers, all at the same moment; the responses in the same order."""
+    out: list = [None] * len(requests)
+    barrier = threading.Barrier(len(requests))
+
+    def one(i: int) -> None:
+        barrier.wait()
+        out[i] = api.client.post("/generate", headers=requests[i], json={
+            "checkpoint": str(checkpoint), "prompt": "a digit", "seed": i, "num_images": 4})
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out
+
+
+def test_one_token_cannot_take_every_generate_slot(api: Api, checkpoint) -> None:
+    """The finding: the limiter was global, so one user's burst took every slot. Now a token holds at most
+    its share (here 2 of 1 running + 3 waiting); past it 429 + Retry-After, and another token still gets in."""
+    rt = runtime(api.client.app)
+    saved = rt.limiter
+    rt.limiter = Limiter(concurrency=1, queue=3, timeout=60, retry_after=7, owner_share=0.5)
+    a, b = api.token(), api.token()
+    try:
+        responses = _fire(api, [a] * 6 + [b], checkpoint)
+    finally:
+        rt.limiter = saved
+    codes_a = sorted(r.status_code for r in responses[:6])
+    assert codes_a.count(200) <= 2 and codes_a.count(429) >= 4 and set(codes_a) <= {200, 429}, codes_a
+    limited = next(r for r in responses[:6] if r.status_code == 429)
+    assert limited.headers["retry-after"] == "7" and limited.json()["error"]["code"] == "rate_limited"
+    assert responses[6].status_code == 200, responses[6].text  # b was not starved by a's burst
+
+
+def test_past_the_per_token_rate_429_with_retry_after(api: Api, checkpoint) -> None:
+    rt = runtime(api.client.app)
+    saved = rt.limiter
+    rt.limiter = Limiter(concurrency=1, queue=4, timeout=60, retry_after=5, per_minute=6, burst=2)
+    a, b = api.token(), api.token()
+    body = {"checkpoint": str(checkpoint), "prompt": "a digit", "seed": 1}
+    try:
+        codes = [api.client.post("/generate", json=body, headers=a) for _ in range(3)]
+        other = api.client.post("/generate", json=body, headers=b)
+    finally:
+        rt.limiter = saved
+    assert [r.status_code for r in codes] == [200, 200, 429], [r.text for r in codes]
+    # 6 a minute: one more request in at most 10 s.
+    assert 1 <= int(codes[2].headers["retry-after"]) <= 10 and codes[2].json()["error"]["code"] == "rate_limited"
+    assert other.status_code == 200  # the rate is per token
+
+
+@pytest.mark.slow
 def test_concurrent_generate_keeps_sqlite_and_heartbeats_alive(roots, tmp_path) -> None:
     teacher = tiny_pipeline_dir("sdxl", cache_root=tmp_path / "tiny")
     checkpoint = make_checkpoint(roots["models"] / f"conc-{secrets.token_hex(3)}", "sdxl", teacher)
