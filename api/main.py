@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     sessions = make_sessionmaker(engine)
     reads = make_read_sessionmaker(engine)
     dispatcher = Dispatcher(settings)
-    observability = Observability(sessions)
+    observability = Observability(reads)  # a scrape only reads: no write lock on SQLite
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
