@@ -105,7 +105,6 @@ def test_past_the_per_token_rate_429_with_retry_after(api: Api, checkpoint) -> N
 @pytest.mark.slow
 def test_concurrent_generate_keeps_sqlite_and_heartbeats_alive(roots, tmp_path) -> None:
     teacher = tiny_pipeline_dir("sdxl", cache_root=tmp_path / "tiny")
-    checkpoint = make_checkpoint(roots["models"] / f"conc-{secrets.token_hex(3)}", "sdxl", teacher)
     settings = make_settings(sqlite_url(tmp_path), roots, broker_url=f"filesystem://{tmp_path / 'broker'}",
                              queue=queue_name("conc"), reaper_interval_seconds=0.5, heartbeat_seconds=1,
                              stale_after_seconds=3)
@@ -134,6 +133,10 @@ def test_concurrent_generate_keeps_sqlite_and_heartbeats_alive(roots, tmp_path) 
                 return job.status == "running" and job.heartbeat_at is not None
 
             wait_for(running, 120, interval=0.5, what="the job to run")
+            # Each token generates from a job of its own (they stay queued behind the running one): /generate
+            # reads the job's checkpoint rows, as in the request that broke.
+            api = Api("sqlite", client, settings)
+            own_jobs = [api.job_with_checkpoint(headers, teacher) for headers in tokens]
             stop = threading.Event()
             list_codes: Counter[int] = Counter()
             staleness: list[float] = []
@@ -154,9 +157,9 @@ def test_concurrent_generate_keeps_sqlite_and_heartbeats_alive(roots, tmp_path) 
 
             gen_codes: Counter[int] = Counter()
 
-            def generate(headers: dict[str, str], seed: int) -> None:
-                body = {"checkpoint": str(checkpoint), "prompt": "a digit", "seed": seed, "num_images": 2}
-                res = client.post("/generate", json=body, headers=headers)
+            def generate(i: int) -> None:
+                body = {"job": own_jobs[i % 4], "prompt": "a digit", "seed": i, "num_images": 2}
+                res = client.post("/generate", json=body, headers=tokens[i % 4])
                 gen_codes[res.status_code] += 1
                 if res.status_code in (429, 503) and int(res.headers.get("retry-after", 0)) < 1:
                     gen_codes[-1] += 1  # a refusal without Retry-After: counted so the test fails
@@ -168,7 +171,7 @@ def test_concurrent_generate_keeps_sqlite_and_heartbeats_alive(roots, tmp_path) 
             waves = 0
             try:
                 while time.monotonic() < deadline or waves < 2:  # waves of 12: 3 from each of 4 tokens
-                    burst = [threading.Thread(target=generate, args=(tokens[i % 4], i)) for i in range(12)]
+                    burst = [threading.Thread(target=generate, args=(i,)) for i in range(12)]
                     for t in burst:
                         t.start()
                     for t in burst:
