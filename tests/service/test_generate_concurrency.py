@@ -182,8 +182,6 @@ def test_concurrent_generate_keeps_sqlite_and_heartbeats_alive(roots, tmp_path) 
                 for t in background:
                     t.join(10)
             assert set(gen_codes) <= {200, 429, 503}, gen_codes
-            print(f"waves={waves} generate={dict(gen_codes)} list={dict(list_codes)} statuses={statuses} "
-                  f"heartbeat ages={[round(a, 1) for a in staleness]}")
             assert gen_codes[200] >= 4, gen_codes
             assert set(list_codes) == {200} and sum(list_codes.values()) >= 20, list_codes
             assert statuses == {"running"}, statuses
