@@ -135,7 +135,9 @@ def _checkpoint_dir(body: GenerateRequest, session: Session, token: Any, setting
         return done[-1]
     assert body.checkpoint is not None
     value = body.checkpoint
-    if "\x00" in value or not os.path.isabs(value):
+    # No `..` at all: realpath resolves it after following the links before it, so its result could tell
+    # whether a path outside the roots holds a symlink. No legitimate checkpoint path needs one.
+    if "\x00" in value or not os.path.isabs(value) or ".." in Path(value).parts:
         raise _not_allowed()
     # realpath first: `..` and symlinks are judged by where they lead, not by how the path is spelled.
     real = os.path.realpath(value)

@@ -46,6 +46,9 @@ def test_another_owners_checkpoint_by_path_is_refused_like_a_missing_one(api: Ap
     link = roots["models"] / f"link-{secrets.token_hex(3)}"
     link.symlink_to(run_dir)  # a symlink under an allowed model root that leads into A's run directory
     (roots["outside"] / "exists").mkdir(exist_ok=True)
+    if not (roots["outside"] / "lnk").is_symlink():
+        (roots["outside"] / "lnk").symlink_to(roots["outside"] / "exists")
+    probe = f"../../{roots['models'].name}/{link.name}"  # would land in a model root only if lnk is not a link
     attempts = [
         str(run_dir),  # the request that broke: B names A's run directory
         str(run_dir / "checkpoints" / "step-00000007"),
@@ -60,6 +63,8 @@ def test_another_owners_checkpoint_by_path_is_refused_like_a_missing_one(api: Ap
         "/root/.ssh/id_rsa",
         "../../etc/hostname",
         "relative/path",
+        f"{roots['outside']}/lnk/{probe}",  # `..` after a symlink outside the roots...
+        f"{roots['outside']}/nolink/{probe}",  # ...answers exactly like `..` after a plain missing folder
     ]
     bodies = []
     for path in attempts:
