@@ -199,3 +199,38 @@ def test_the_trainer_checks_every_entry_again_at_load(roots, outside, monkeypatc
     monkeypatch.delenv(ENV)  # a trainer run by hand (`flashdmd train`) has no roots to enforce
     path, _ = _manifest_spec(folder, str(outside["exists"]))
     assert len(_manifest(path)) == 2
+
+
+@pytest.mark.slow
+def test_a_manifest_edited_after_submit_fails_in_the_worker_naming_the_line(roots, outside, tmp_path) -> None:
+    """The worker's trainer checks again at load: the manifest passed at submit, then a line was changed to
+    point at another user's sample. The job fails with invalid_input naming the file and line, and the
+    sample is never read."""
+    from fastapi.testclient import TestClient
+    from hardenkit import sqlite_url
+    from servicekit import WorkerProcess, make_settings, queue_name, settings_env, wait_for
+
+    from api.main import create_app
+
+    settings = make_settings(sqlite_url(tmp_path), roots, broker_url=f"filesystem://{tmp_path / 'broker'}",
+                             queue=queue_name("roots"))
+    folder = _data_dir(roots)
+    path, spec = _manifest_spec(folder, "ok.png")
+    with TestClient(create_app(settings)) as client:
+        owner = Api("sqlite", client, settings).token()
+        res = client.post("/jobs", json={"spec": spec}, headers=owner)
+        assert res.status_code == 201, res.text
+        job_id = res.json()["id"]
+        path.write_text(path.read_text() + json.dumps({"image": str(outside["sample"]), "caption": "c"}) + "\n")
+        worker = WorkerProcess(settings_env(settings), tmp_path / "worker.log").start()
+        try:
+            def finished() -> dict | None:
+                job = client.get(f"/jobs/{job_id}", headers=owner).json()
+                return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+            job = wait_for(finished, 240, interval=1.0, what="the job to fail")
+        finally:
+            worker.stop()
+    assert job["status"] == "failed" and job["error"]["code"] == "invalid_input", job
+    assert f"data.manifest: {path}:3: image" in job["error"]["message"], job["error"]
+    assert "not under the allowed data roots" in job["error"]["message"]
