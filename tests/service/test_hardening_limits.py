@@ -174,11 +174,14 @@ def _post_stream(port: int, token: str, total: int, *, chunked: bool = True) -> 
     return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.1 ") else None
 
 
-@pytest.fixture(scope="module")
-def server(roots, tmp_path_factory) -> Iterator[tuple[subprocess.Popen[bytes], int, str]]:
-    """`uvicorn api.main:create_app` in a process of its own, on SQLite, with a token."""
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request, database_url, redis_client, roots, tmp_path_factory) -> Iterator[tuple[subprocess.Popen[bytes], int, str]]:
+    """`uvicorn api.main:create_app` in a process of its own, on Postgres + Redis or SQLite, with a token."""
     tmp = tmp_path_factory.mktemp("server")
-    settings = make_settings(sqlite_url(tmp), roots, broker_url="filesystem://" + str(tmp / "broker"))
+    if request.param == "postgres":
+        settings = make_settings(database_url, roots)
+    else:
+        settings = make_settings(sqlite_url(tmp), roots, broker_url="filesystem://" + str(tmp / "broker"))
     engine = make_engine(settings.sqlalchemy_url)
     with make_sessionmaker(engine)() as session:
         _, token = create_token(session=session, name="t", prefix="fdmd_")
