@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import os
 import secrets
 import threading
@@ -123,7 +122,9 @@ def _reachable(real: str, *, settings: Settings, owns_job: Callable[[str], bool]
 def _checkpoint_dir(body: GenerateRequest, session: Session, token: Any, settings: Settings) -> Path:
     from inference.checkpoint import CheckpointError, resolve_checkpoint_dir
 
-    owns = functools.partial(crud.owns_job, session=session, owner=token)
+    def owns(job_id: str) -> bool:
+        return crud.owns_job(session=session, owner=token, job_id=job_id)
+
     if body.job is not None:
         job = crud.get_job(session=session, owner=token, job_id=body.job)
         run_dir = os.path.realpath(settings.run_dir(job.id))
@@ -139,16 +140,16 @@ def _checkpoint_dir(body: GenerateRequest, session: Session, token: Any, setting
     # whether a path outside the roots holds a symlink. No legitimate checkpoint path needs one.
     if "\x00" in value or not os.path.isabs(value) or ".." in Path(value).parts:
         raise _not_allowed()
-    # realpath first: `..` and symlinks are judged by where they lead, not by how the path is spelled.
+    # realpath first: symlinks are judged by where they lead, not by how the path is spelled.
     real = os.path.realpath(value)
-    if not _reachable(real, settings=settings, owns_job=lambda job_id: owns(job_id=job_id)):
+    if not _reachable(real, settings=settings, owns_job=owns):
         raise _not_allowed()
     try:
         found = os.path.realpath(resolve_checkpoint_dir(real))
     except CheckpointError as err:  # inside a root the caller may read: saying what is wrong leaks nothing
         raise _invalid(f"checkpoint: {err}", "checkpoint") from None
     # The step folder chosen inside a run directory may itself be a symlink: judge where it leads too.
-    if not _reachable(found, settings=settings, owns_job=lambda job_id: owns(job_id=job_id)):
+    if not _reachable(found, settings=settings, owns_job=owns):
         raise _not_allowed()
     return Path(found)
 
