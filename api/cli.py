@@ -48,7 +48,10 @@ def up_command(host: str, port: int, data_dir: Path | None) -> None:
 
 
 @cli.command("serve")
-@click.option("--host", default="0.0.0.0", show_default=True)
+# Loopback unless configured: a service started by hand for a try-out must not be reachable from the network
+# (issue 11). Containers say `--host 0.0.0.0` explicitly (deploy/, docker-compose.yml), or set FLASHDMD_HOST.
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="FLASHDMD_HOST",
+              help="interface to bind; 0.0.0.0 for every interface (behind a proxy or in a container)")
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", default=1, show_default=True, type=int, help="uvicorn worker processes")
 def serve_command(host: str, port: int, workers: int) -> None:

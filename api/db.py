@@ -10,6 +10,8 @@ from typing import Any
 from sqlalchemy import DateTime, Engine, Table, create_engine, event, func, make_url, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -33,41 +35,60 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+# An execution option that marks an engine (and the sessions bound to it) as read-only: on SQLite its
+# transactions start DEFERRED, so in WAL mode they read a snapshot and never wait for the writer.
+READ_ONLY = "flashdmd_read_only"
+
+# Errors that mean "the database is down, unreachable or busy", not "the request is wrong": the API answers
+# them with 503 and Retry-After (api/errors.py), never 500. OperationalError covers both a refused Postgres
+# connection and SQLite's "database is locked" after busy_timeout.
+UNAVAILABLE: tuple[type[Exception], ...] = (OperationalError, InterfaceError, SATimeoutError, DisconnectionError)
+
+
+def make_engine(url: str, *, busy_timeout_ms: int = 30_000, **kwargs: Any) -> Engine:
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:" and not database.startswith("file:"):
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)
-        _configure_sqlite(engine)
+        timeout = busy_timeout_ms / 1000
+        engine = create_engine(url, connect_args={"timeout": timeout, "check_same_thread": False}, **kwargs)
+        _configure_sqlite(engine, busy_timeout_ms)
         return engine
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
-def _configure_sqlite(engine: Engine) -> None:
-    """WAL so readers never block the writer, and BEGIN IMMEDIATE for every transaction.
+def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
+    """WAL, so readers never block the writer; BEGIN IMMEDIATE for transactions that may write.
 
     In WAL mode a transaction that reads first and writes later fails at once with
     SQLITE_BUSY if another connection committed in between (busy_timeout does not
     help there). The worker commits metrics every half second while the API reads
-    and writes, so every transaction takes the write lock up front and waits for it.
+    and writes, so a transaction that may write takes the write lock up front and
+    waits for it (at most busy_timeout). That is only cheap because every write
+    transaction is short: no request holds one across model work (api/routes/generate.py).
+    Read-only sessions (`read_sessionmaker`, GET requests) begin DEFERRED and take no lock.
     """
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # let us emit BEGIN ourselves
         cur = dbapi_conn.cursor()
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=30000"):
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", f"busy_timeout={busy_timeout_ms}"):
             cur.execute(f"PRAGMA {pragma}")
         cur.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN DEFERRED" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for requests that only read (same pool; see READ_ONLY). A write through one may fail on SQLite."""
+    return sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
 
 def utcnow() -> datetime:

@@ -7,17 +7,24 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from api.auth import find_token, touch
+from api.auth import LAST_USED_RESOLUTION, find_token, touch
 from api.celery_app import Dispatcher
+from api.db import utcnow
+from api.edge import CHALLENGE, TOKEN_STATE
 from api.errors import APIError
 from api.models import ApiToken
 from api.settings import Settings
 
+# Requests that only read get sessions that take no write lock on SQLite (api/db.py, READ_ONLY).
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
 
 def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.sessionmaker() as session:
+    state = request.app.state
+    makers = state.read_sessionmaker if request.method in READ_METHODS else state.sessionmaker
+    with makers() as session:
         yield session
 
 
@@ -33,23 +40,39 @@ SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 
-# auto_error=False: a missing header must give our 401 error shape, not FastAPI's 403.
+# auto_error=False: a missing header must give our 401 error shape, not FastAPI's 403. The scheme is here
+# for the OpenAPI document; the token itself is checked by api/edge.py before the body is read.
 _bearer = HTTPBearer(auto_error=False, description="a token from `flashdmd token create`")
 
 
-def get_current_token(
-    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> ApiToken:
-    challenge = {"WWW-Authenticate": "Bearer"}
-    if credentials is None:
-        raise APIError("unauthorized", "missing bearer token", headers=challenge)
-    row = find_token(session=session, token=credentials.credentials)
+def lookup_token(*, reads: sessionmaker[Session], writes: sessionmaker[Session], token: str) -> ApiToken | None:
+    """The live token row for a plain token, in two short transactions at most.
+
+    The lookup reads only; last_used_at (written at most once a minute) gets its own
+    short write transaction, so authentication takes SQLite's write lock once a minute
+    per token rather than on every request.
+    """
+    with reads() as session:
+        row = find_token(session=session, token=token)
     if row is None:
-        raise APIError("unauthorized", "invalid or revoked token", headers=challenge)
-    touch(session=session, row=row)
-    # End the lookup's transaction: on SQLite every transaction holds the write lock (api/db.py), and a
-    # route may open a second connection (e.g. the /metrics collector) that would wait on this one.
-    session.commit()
+        return None
+    if row.last_used_at is None or utcnow() - row.last_used_at > LAST_USED_RESOLUTION:
+        with writes() as session:
+            fresh = find_token(session=session, token=token)
+            if fresh is None:
+                return None
+            touch(session=session, row=fresh)
+            session.commit()
+            row = fresh
+    return row
+
+
+def get_current_token(
+    request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> ApiToken:
+    row = request.scope.get("state", {}).get(TOKEN_STATE)
+    if row is None:  # only on a route that api/edge.py lists as public, which must not ask for a token
+        raise APIError("unauthorized", "missing bearer token", headers=CHALLENGE)
     return row
 
 

@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.db import UNAVAILABLE
+
 log = logging.getLogger(__name__)
 
 # Stable codes and their HTTP status; clients switch on the code, never on the message.
@@ -27,6 +29,10 @@ CODES: dict[str, int] = {
     "invalid_state": 409,
     "idempotency_conflict": 409,
     "not_ready": 503,
+    "payload_too_large": 413,
+    "rate_limited": 429,
+    "overloaded": 503,
+    "database_unavailable": 503,
     "internal_error": 500,
 }
 
@@ -77,13 +83,27 @@ def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")
+    code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "payload_too_large"}.get(
+        exc.status_code, "http_error")
     return APIError(code, str(exc.detail), exc.status_code, headers=getattr(exc, "headers", None)).response()
 
 
 def _api_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
     return exc.response()
+
+
+def database_unavailable(retry_after: int) -> APIError:
+    # No error text: it would name hosts, users or file paths (issue 11, finding 10).
+    return APIError("database_unavailable", "the database is busy or unavailable; try again later",
+                    headers={"Retry-After": str(retry_after)})
+
+
+def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    # A database outage or a lock held too long is the service's state, not a bug: 503, so clients retry.
+    log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    settings = getattr(request.app.state, "settings", None)
+    return database_unavailable(getattr(settings, "db_retry_after_seconds", 5)).response()
 
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -95,4 +115,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    for exc_type in UNAVAILABLE:
+        app.add_exception_handler(exc_type, _database_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -7,10 +7,14 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from api.celery_app import Dispatcher
-from api.db import make_engine, make_sessionmaker
+from api.db import make_engine, make_read_sessionmaker, make_sessionmaker
+from api.deps import lookup_token
+from api.edge import EdgeMiddleware
 from api.errors import install_error_handlers
+from api.models import ApiToken
 from api.observability import LatencyMiddleware, Observability
 from api.reaper import Reaper
 from api.routes import generate, health, jobs
@@ -26,10 +30,11 @@ def _version() -> str:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    engine = make_engine(settings.sqlalchemy_url)
+    engine = make_engine(settings.sqlalchemy_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms)
     sessions = make_sessionmaker(engine)
+    reads = make_read_sessionmaker(engine)
     dispatcher = Dispatcher(settings)
-    observability = Observability(sessions)
+    observability = Observability(reads)  # a scrape only reads: no write lock on SQLite
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -55,9 +60,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = sessions
+    app.state.read_sessionmaker = reads
     app.state.dispatcher = dispatcher
     app.state.observability = observability
     install_error_handlers(app)
+
+    async def authenticate(token: str) -> ApiToken | None:
+        return await run_in_threadpool(lambda: lookup_token(reads=reads, writes=sessions, token=token))
+
+    # Added first, so it runs inside the latency middleware: its 401s and 413s are observed too.
+    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes, authenticate=authenticate,
+                       retry_after=settings.db_retry_after_seconds)
     app.add_middleware(LatencyMiddleware, observability=observability)
     app.include_router(health.router)
     app.include_router(jobs.router)

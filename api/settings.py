@@ -63,6 +63,19 @@ class Settings(BaseSettings):
     max_train_steps: int = Field(
         1_000_000, ge=1, le=2**31 - 1, description="the largest train.max_steps a job may ask for")
 
+    # -- Edge limits, database waits and /generate fairness (issue 11, hardening) --
+    # Bodies are counted while they stream (api/edge.py); every JSON body we accept is a few KB.
+    max_body_bytes: int = Field(2**20, ge=1024, description="largest request body; a bigger one gets 413")
+    # How long an API request waits for SQLite's write lock before it answers 503 (transactions are short,
+    # so a long wait means overload, and a quick 503 + Retry-After beats holding a thread).
+    sqlite_busy_timeout_ms: int = Field(10_000, ge=0)
+    db_retry_after_seconds: int = Field(5, ge=1, description="Retry-After on 503 when the database is busy or down")
+    generate_owner_share: float = Field(0.5, gt=0, le=1,
+                                        description="share of /generate slots (running + waiting) one token may hold")
+    generate_rate_per_minute: float = Field(60.0, ge=0, description="/generate requests per token per minute "
+                                            "(token bucket; 0 turns it off); past it 429 with Retry-After")
+    generate_rate_burst: int = Field(10, ge=1, description="requests a token may send at once before the rate applies")
+
     @field_validator("token")
     @classmethod
     def _token_length(cls, value: str | None) -> str | None:

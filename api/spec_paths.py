@@ -6,6 +6,7 @@ resolved path is what the job stores, so the trainer opens exactly what was chec
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable
@@ -59,8 +60,12 @@ def _locations(spec: dict[str, Any], path: tuple[str, ...]) -> list[tuple[dict[s
     return [(node, (*where, path[-1])) for node, where in found if isinstance(node, dict)]
 
 
-def _under(path: str, roots: list[Path]) -> bool:
+def under_roots(path: str, roots: list[Path]) -> bool:
+    """Is `path` (already realpath'd) one of `roots` or inside one? Compared by components, not prefixes."""
     return any(path == str(root) or path.startswith(str(root).rstrip(os.sep) + os.sep) for root in roots)
+
+
+_under = under_roots
 
 
 def resolve_location(value: str, *, roots: list[Path], hub_ok: bool, tiny_ok: bool) -> str | None:
@@ -84,6 +89,58 @@ def _own_run(path: str, *, settings: Settings, owns_job: Callable[[str], bool]) 
     return owns_job(Path(os.path.relpath(path, run_root)).parts[0])
 
 
+def _in_run_root(path: str, settings: Settings) -> bool:
+    return under_roots(path, [Path(os.path.realpath(settings.run_root))])
+
+
+# A manifest or image folder is checked entry by entry at submit only up to these sizes (reading more would
+# make POST /jobs slow); the worker checks every entry again when it loads them (trainer/roots.py).
+DATA_SOURCES = (("data", "manifest"), ("data", "images"))
+MANIFEST_CHECK_BYTES = 8 * 2**20
+FOLDER_CHECK_ENTRIES = 20_000
+OUTSIDE = "is not under the allowed data roots"  # one message, whether or not the target exists
+
+
+def _data_contents(kind: str, real: str, roots: list[Path]) -> str | None:
+    """The first entry of a manifest or image folder that escapes the data roots (after realpath), or None.
+
+    Only the manifest file itself passed resolve_location; its lines (and a folder's symlinks) can
+    point anywhere, e.g. at another user's samples, so each is resolved and judged the same way.
+    """
+    if kind == "manifest":
+        try:
+            if os.path.getsize(real) > MANIFEST_CHECK_BYTES:
+                return None
+            with open(real, encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None  # missing or unreadable inside a root the caller may use: the trainer says which
+        base = os.path.dirname(real)
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                image = json.loads(line)["image"]
+            except (ValueError, KeyError, TypeError):
+                return f"line {n}: expected a JSON object with an \"image\" path and a \"caption\""
+            if not isinstance(image, str) or "\x00" in image:
+                return f"line {n}: \"image\" must be a path"
+            target = os.path.realpath(os.path.join(base, image))  # as trainer/data.py joins it
+            if not under_roots(target, roots):
+                return f"line {n}: image {image!r} {OUTSIDE}"
+        return None
+    seen = 0
+    for top, dirs, files in os.walk(real):  # does not descend into linked folders; they are judged as links
+        for entry in (*dirs, *files):
+            seen += 1
+            if seen > FOLDER_CHECK_ENTRIES:
+                return None
+            path = os.path.join(top, entry)
+            if os.path.islink(path) and not under_roots(os.path.realpath(path), roots):
+                return f"{os.path.relpath(path, real)!r} is a link that {OUTSIDE}"
+    return None
+
+
 def check_spec_paths(
     spec: dict[str, Any], *, settings: Settings, owns_job: Callable[[str], bool] = lambda _id: False
 ) -> dict[str, Any]:
@@ -98,7 +155,15 @@ def check_spec_paths(
         if resolved is None and field.own_runs and os.path.isabs(value):
             real = os.path.realpath(value)
             resolved = real if _own_run(real, settings=settings, owns_job=owns_job) else None
+        if resolved is not None and os.path.isabs(resolved) and _in_run_root(resolved, settings):
+            # Even when a configured root covers the storage root, run directories stay their owners' own.
+            resolved = resolved if _own_run(resolved, settings=settings, owns_job=owns_job) else None
         name = "spec." + ".".join(where)
+        if resolved is not None and field.path in DATA_SOURCES:
+            problem = _data_contents(field.path[-1], resolved, roots)
+            if problem:
+                bad.append((name, problem))
+                continue
         if resolved is None:
             allowed = ", ".join(str(r) for r in roots) or "none configured"
             what = "a hub id (org/name) or " if field.hub_ok else ""

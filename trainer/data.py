@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from trainer.config import DataSpec
 from trainer.errors import InputError
+from trainer.roots import check_data_file
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -104,6 +105,7 @@ def _image_folder(root: Path) -> list[tuple[Path, str]]:
     for p in sorted(root.rglob("*")):
         if p.suffix.lower() in IMAGE_EXTS:
             cap = p.with_suffix(".txt")
+            check_data_file(p, f"data.images: {p.relative_to(root)}")  # a symlink may lead out of the roots
             items.append((p, cap.read_text().strip() if cap.exists() else ""))
     return items
 
@@ -117,6 +119,7 @@ def _manifest(path: Path) -> list[tuple[Path, str]]:
             row = json.loads(line)
             img = Path(row["image"])
             items.append((img if img.is_absolute() else path.parent / img, str(row.get("caption", ""))))
+            check_data_file(items[-1][0], f"data.manifest: {path}:{n}")  # before the existence check below
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise InputError(f"data.manifest: {path}:{n}: expected {{\"image\", \"caption\"}}: {err}") from None
     missing = [str(p) for p, _ in items if not p.exists()]

@@ -1,11 +1,13 @@
 """POST /generate: images from a job's checkpoint with the K-step sampler (DESIGN §5).
 
 Everything is checked before any work starts: the body (pydantic), then the checkpoint
-(a path under the storage or model roots, or a job's latest checkpoint), then steps,
-size and the pixel budget against that checkpoint; 422 names the field. Then the
-request takes a slot: at most `generate_max_concurrency` run at once and
-`generate_max_queue` wait; anyone beyond that, or waiting longer than the timeout,
-gets 503 with Retry-After at once, so a burst never piles up work or memory.
+(one of the caller's jobs, or a path that after realpath lies in one of the caller's
+own run directories or under the allowed model roots), then steps, size and the pixel
+budget against that checkpoint; 422 names the field. The database is read in one short
+session closed before any model work. Then the request takes a slot (api/generate_limits.py):
+at most `generate_max_concurrency` run at once and `generate_max_queue` wait; anyone
+beyond that, or waiting longer than the timeout, gets 503 with Retry-After at once, so
+a burst never piles up work or memory; a token past its share of slots or its rate gets 429.
 Loading, sampling and encoding run in worker threads, never on the event loop;
 loaded pipelines live in an LRU cache bounded by `generate_cache_bytes`.
 
@@ -17,70 +19,43 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import secrets
 import threading
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request, Response
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from api import crud
-from api.deps import CurrentToken, SessionDep, SettingsDep
+from api.deps import CurrentToken, SettingsDep
 from api.errors import APIError
+from api.generate_limits import Busy, Limiter, RateLimited
 from api.schemas import ErrorBody
 from api.schemas_generate import GeneratedImage, GenerateRequest, GenerateResponse, GenerateSettings
 from api.settings import Settings
-from api.spec_paths import resolve_location
+from api.spec_paths import under_roots
 
 T = TypeVar("T")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-errors = {code: {"model": ErrorBody} for code in (401, 404, 409, 422, 503)}
+errors = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 429, 503)}
+__all__ = ["Busy", "Limiter", "RateLimited", "router", "runtime"]
 router = APIRouter(tags=["generate"], responses=errors)  # type: ignore[arg-type]
-
-
-class Busy(APIError):
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__("overloaded", message, 503, headers={"Retry-After": str(retry_after)})
-
-
-class Limiter:
-    """Admission control in the event loop: `concurrency` slots and a waiting room of `queue`."""
-
-    def __init__(self, concurrency: int, queue: int, timeout: float, retry_after: int) -> None:
-        self.concurrency, self.queue, self.timeout, self.retry_after = concurrency, queue, timeout, retry_after
-        self._sem = asyncio.Semaphore(concurrency)
-        self.admitted = 0  # running + waiting
-
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        if self.admitted >= self.concurrency + self.queue:
-            raise Busy(f"{self.admitted} generations running or queued; try again later", self.retry_after)
-        self.admitted += 1
-        try:
-            try:
-                await asyncio.wait_for(self._sem.acquire(), self.timeout)
-            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-                raise Busy(f"no generation slot within {self.timeout:g} s", self.retry_after) from None
-            try:
-                yield
-            finally:
-                self._sem.release()
-        finally:
-            self.admitted -= 1
 
 
 class Runtime:
     """Per-app state: the limiter, and the pipeline cache (built in a worker thread on first use, as it
     imports torch)."""
 
-    def __init__(self, gs: GenerateSettings) -> None:
+    def __init__(self, gs: GenerateSettings, settings: Settings) -> None:
         self.settings = gs
         self.limiter = Limiter(gs.generate_max_concurrency, gs.generate_max_queue,
-                               gs.generate_queue_timeout_seconds, gs.generate_retry_after_seconds)
+                               gs.generate_queue_timeout_seconds, gs.generate_retry_after_seconds,
+                               owner_share=settings.generate_owner_share,
+                               per_minute=settings.generate_rate_per_minute, burst=settings.generate_rate_burst)
         self._cache: Any = None
         self._lock = threading.Lock()
 
@@ -110,7 +85,7 @@ def runtime(app: FastAPI) -> Runtime:
     rt = getattr(app.state, "generate_runtime", None)
     if rt is None:
         gs = getattr(app.state, "generate_settings", None) or GenerateSettings()
-        rt = app.state.generate_runtime = Runtime(gs)
+        rt = app.state.generate_runtime = Runtime(gs, app.state.settings)
     return rt
 
 
@@ -128,35 +103,68 @@ def _invalid(message: str, *fields: str) -> APIError:
     return APIError("invalid_request", message, fields=list(fields))
 
 
+def _not_allowed() -> APIError:
+    # One message for every refused path, whether or not something exists there (no existence oracle).
+    return APIError("path_not_allowed", "checkpoint: must be an absolute path to a checkpoint of one of your jobs "
+                    "or under the allowed model roots", fields=["checkpoint"])
+
+
+def _reachable(real: str, *, settings: Settings, owns_job: Callable[[str], bool]) -> bool:
+    """May the caller read this realpath? Inside the run root only their own jobs' folders, whatever model
+    roots also cover it (an operator may well list the storage root); elsewhere, the allowed model roots."""
+    run_root = os.path.realpath(settings.run_root)
+    if real == run_root or real.startswith(run_root.rstrip(os.sep) + os.sep):
+        parts = Path(os.path.relpath(real, run_root)).parts
+        return bool(parts) and parts[0] != ".." and owns_job(parts[0])
+    return under_roots(real, settings.allowed_model_roots)
+
+
 def _checkpoint_dir(body: GenerateRequest, session: Session, token: Any, settings: Settings) -> Path:
     from inference.checkpoint import CheckpointError, resolve_checkpoint_dir
 
+    def owns(job_id: str) -> bool:
+        return crud.owns_job(session=session, owner=token, job_id=job_id)
+
     if body.job is not None:
         job = crud.get_job(session=session, owner=token, job_id=body.job)
-        run_dir = settings.run_dir(job.id)
-        done = [run_dir / c.path for c in crud.list_checkpoints(session=session, job_id=job.id)]
-        done = [p for p in done if (p / "meta.json").is_file()]
+        run_dir = os.path.realpath(settings.run_dir(job.id))
+        done = [Path(os.path.realpath(os.path.join(run_dir, c.path)))
+                for c in crud.list_checkpoints(session=session, job_id=job.id)]
+        done = [p for p in done if str(p).startswith(run_dir + os.sep) and (p / "meta.json").is_file()]
         if not done:
             raise APIError("invalid_state", f"job {job.id} has no checkpoint yet", fields=["job"])
         return done[-1]
     assert body.checkpoint is not None
-    roots = [p for p in (settings.storage_root, *settings.allowed_model_roots) if p is not None]
-    real = resolve_location(body.checkpoint, roots=[Path(r).resolve() for r in roots], hub_ok=False, tiny_ok=False)
-    if real is None:
-        raise APIError("path_not_allowed", "checkpoint: must be an absolute path under the storage root or the "
-                       "allowed model roots", fields=["checkpoint"])
+    value = body.checkpoint
+    # No `..` at all: realpath resolves it after following the links before it, so its result could tell
+    # whether a path outside the roots holds a symlink. No legitimate checkpoint path needs one.
+    if "\x00" in value or not os.path.isabs(value) or ".." in Path(value).parts:
+        raise _not_allowed()
+    # realpath first: symlinks are judged by where they lead, not by how the path is spelled.
+    real = os.path.realpath(value)
+    if not _reachable(real, settings=settings, owns_job=owns):
+        raise _not_allowed()
     try:
-        return resolve_checkpoint_dir(real)
-    except CheckpointError as err:
+        found = os.path.realpath(resolve_checkpoint_dir(real))
+    except CheckpointError as err:  # inside a root the caller may read: saying what is wrong leaks nothing
         raise _invalid(f"checkpoint: {err}", "checkpoint") from None
+    # The step folder chosen inside a run directory may itself be a symlink: judge where it leads too.
+    if not _reachable(found, settings=settings, owns_job=owns):
+        raise _not_allowed()
+    return Path(found)
 
 
-def _validate(body: GenerateRequest, gs: GenerateSettings, session: Session, token: Any,
+def _validate(body: GenerateRequest, gs: GenerateSettings, sessions: sessionmaker[Session], token: Any,
               settings: Settings) -> tuple[Any, list[int], tuple[int, int]]:
-    """Everything about the request that can be checked without weights: (info, timesteps, (w, h))."""
+    """Everything about the request that can be checked without weights: (info, timesteps, (w, h)).
+
+    Runs in one short read-only session that is closed before any model work starts, so a
+    generation never holds a database transaction (on SQLite that held the write lock).
+    """
     from inference.checkpoint import CheckpointError, CheckpointInfo
 
-    path = _checkpoint_dir(body, session, token, settings)
+    with sessions() as session:
+        path = _checkpoint_dir(body, session, token, settings)
     try:
         info = CheckpointInfo.load(path)
         ts = info.timesteps_for(body.steps)
@@ -172,8 +180,7 @@ def _validate(body: GenerateRequest, gs: GenerateSettings, session: Session, tok
 @router.post("/generate", response_model=GenerateResponse, responses={200: {"content": {
     "image/png": {}, "image/jpeg": {}, "image/webp": {}}, "description": "one image: its bytes, with X-Seed and "
     "X-Checkpoint headers; several: JSON with base64 images and their seeds"}})
-async def generate(body: GenerateRequest, request: Request, session: SessionDep, token: CurrentToken,
-                   settings: SettingsDep) -> Any:
+async def generate(body: GenerateRequest, request: Request, token: CurrentToken, settings: SettingsDep) -> Any:
     """Generate images with a checkpoint's K-step sampler. The same seed gives the same bytes."""
     rt = runtime(request.app)
     gs = rt.settings
@@ -186,7 +193,8 @@ async def generate(body: GenerateRequest, request: Request, session: SessionDep,
                        "CFG)", "negative_prompt")
     if body.num_images > gs.generate_max_images:
         raise _invalid(f"num_images: at most {gs.generate_max_images}", "num_images")
-    info, _, (width, height) = await run_in_threadpool(_validate, body, gs, session, token, settings)
+    sessions = request.app.state.read_sessionmaker
+    info, _, (width, height) = await run_in_threadpool(_validate, body, gs, sessions, token, settings)
     seed = secrets.randbits(31) if body.seed is None else body.seed
     seeds = [seed + i for i in range(body.num_images)]
 
@@ -201,7 +209,7 @@ async def generate(body: GenerateRequest, request: Request, session: SessionDep,
     from inference.checkpoint import CheckpointError
 
     try:
-        async with rt.limiter.slot():
+        async with rt.limiter.slot(token.id):
             encoded = await _hold(work)
     except CheckpointError as err:  # e.g. the teacher the checkpoint names cannot be loaded
         raise _invalid(f"{err.field}: {err}", err.field) from None

@@ -8,7 +8,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from api import migrate
-from api.deps import CurrentToken, DispatcherDep, SessionDep
+from api.db import UNAVAILABLE
+from api.deps import CurrentToken, DispatcherDep, lookup_token
+from api.edge import bearer_token
 from api.schemas import HealthPublic
 
 router = APIRouter(tags=["health"])
@@ -20,21 +22,39 @@ def healthz() -> HealthPublic:
     return HealthPublic(status="ok")
 
 
+def _has_valid_token(request: Request) -> bool:
+    token = bearer_token(request.scope)
+    if token is None:
+        return False
+    state = request.app.state
+    try:
+        return lookup_token(reads=state.read_sessionmaker, writes=state.sessionmaker, token=token) is not None
+    except UNAVAILABLE:
+        return False
+
+
 @router.get("/readyz", response_model=HealthPublic, responses={503: {"model": HealthPublic}})
-def readyz(session: SessionDep, dispatcher: DispatcherDep) -> Response:
-    """Ready to serve: the database answers and is migrated to head, and the broker answers."""
+def readyz(request: Request, dispatcher: DispatcherDep) -> Response:
+    """Ready to serve: the database answers and is migrated to head, and the broker answers.
+
+    Probes carry no token, so anyone may ask; only a caller with a valid token sees which check
+    failed and why (the reasons name hosts and drivers, issue 11 finding 10).
+    """
     checks: dict[str, str] = {}
     try:
-        session.execute(text("SELECT 1"))
-        current, head = migrate.current_revision(session.connection()), migrate.head_revision()
+        with request.app.state.read_sessionmaker() as session:
+            session.execute(text("SELECT 1"))
+            current, head = migrate.current_revision(session.connection()), migrate.head_revision()
         checks["database"] = "ok"
         checks["migrations"] = "ok" if current == head else f"at {current}, head is {head}: run `flashdmd db upgrade`"
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready"; the reason is shown to token holders only
         checks["database"] = f"{type(exc).__name__}: {exc}"[:300]
     checks["broker"] = dispatcher.ping() or "ok"
     ok = all(v == "ok" for v in checks.values())
-    body = HealthPublic(status="ok" if ok else "unavailable", checks=checks)
-    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+    shown = checks if _has_valid_token(request) else {}
+    body = HealthPublic(status="ok" if ok else "unavailable", checks=shown)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503,
+                        headers=None if ok else {"Retry-After": str(request.app.state.settings.db_retry_after_seconds)})
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})

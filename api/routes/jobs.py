@@ -71,6 +71,7 @@ def _validated_spec(raw: dict[str, Any], settings: Settings, owns_job: Callable[
 @router.post("", status_code=201, response_model=JobPublic)
 def create_job(
     body: JobCreate,
+    request: Request,
     session: SessionDep,
     settings: SettingsDep,
     token: CurrentToken,
@@ -86,7 +87,15 @@ def create_job(
     (status 200, `Idempotent-Replayed: true`) instead of creating another. A token may hold at most
     FLASHDMD_MAX_ACTIVE_JOBS_PER_OWNER unfinished jobs (409 `quota_exceeded` past it).
     """
-    spec = _validated_spec(body.spec, settings, lambda job_id: crud.owns_job(session=session, owner=token, job_id=job_id))
+    reads = request.app.state.read_sessionmaker
+
+    def owns(job_id: str) -> bool:
+        # A short read of its own: the path checks read manifests and walk image folders, which must not run
+        # inside this request's write transaction (on SQLite that would hold the database's write lock).
+        with reads() as own_session:
+            return crud.owns_job(session=own_session, owner=token, job_id=job_id)
+
+    spec = _validated_spec(body.spec, settings, owns)
     request_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
     job, created = crud.create_job(
         session=session, owner=token, spec=spec, total_steps=total_steps(parse_spec(spec)), name=body.name,

@@ -246,7 +246,7 @@ def test_broker_outage_delays_jobs_instead_of_failing_them(database_url, roots, 
     with TestClient(create_app(down)) as client:
         with client.app.state.sessionmaker() as session:
             auth = {"Authorization": "Bearer " + create_token(session=session, name="x", prefix="fdmd_")[1]}
-        ready = client.get("/readyz")
+        ready = client.get("/readyz", headers=auth)  # the reasons are for token holders
         assert ready.status_code == 503 and ready.json()["checks"]["broker"] != "ok"
         response = client.post("/jobs", json={"spec": TINY_SPEC}, headers=auth)
         assert response.status_code == 201 and response.json()["status"] == "queued"
