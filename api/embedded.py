@@ -23,6 +23,7 @@ from api.auth import create_token, ensure_token, find_token
 from api.db import make_engine, make_sessionmaker
 from api.proc import die_with_parent
 from api.settings import Settings
+from api.workers import worker_capacity
 
 log = logging.getLogger(__name__)
 STOP_TIMEOUT = 10.0  # seconds the worker gets to shut down before its process group is killed
@@ -98,6 +99,11 @@ def run_embedded(*, host: str, port: int, data_dir: Path | None) -> None:
         # Through the environment, so that the worker child builds the same Settings.
         os.environ["FLASHDMD_DATA_DIR"] = str(data_dir.expanduser().absolute())
     settings = Settings()
+    if not settings.pools:
+        # The worker child registers itself a few seconds from now; until then the API would find no
+        # live pool and refuse every job. Declare the pool it will be (same Settings, same GPUs) instead.
+        os.environ["FLASHDMD_POOLS"] = worker_capacity(settings).pool
+        settings = Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(settings.sqlalchemy_url)
     token, source = bootstrap_token(settings)

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 
-from api import crud
+from api import crud, workers
 from api.deps import CurrentToken, DispatcherDep, SessionDep, SettingsDep
 from api.errors import APIError, not_found
 from api.models import JOB_STATUSES, Job
@@ -71,6 +71,7 @@ def create_job(
     (status 200, `Idempotent-Replayed: true`) instead of creating another.
     """
     spec = _validated_spec(body.spec, settings, lambda job_id: crud.owns_job(session=session, owner=token, job_id=job_id))
+    workers.check_capacity(session=session, settings=settings, spec=spec)  # 422 if no pool fits (issue 10 §4)
     request_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
     job, created = crud.create_job(
         session=session, owner=token, spec=spec, total_steps=total_steps(parse_spec(spec)), name=body.name,

@@ -1,0 +1,38 @@
+"""workers: each worker's pool, queue and size, with a heartbeat (routing by GPU count, issue 10 §4).
+
+Revision ID: 0002_workers
+Revises: 0001
+Create Date: 2026-11-27
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0002_workers"
+down_revision: str | None = "0001"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+TS = sa.DateTime(timezone=True)
+
+
+def upgrade() -> None:
+    op.create_table(
+        "workers",
+        sa.Column("name", sa.String(255), nullable=False),
+        sa.Column("pool", sa.String(32), nullable=False),
+        sa.Column("queue", sa.String(255), nullable=False),
+        sa.Column("gpus", sa.Integer(), nullable=False),
+        sa.Column("processes", sa.Integer(), nullable=False),
+        sa.Column("started_at", TS, nullable=False),
+        sa.Column("heartbeat_at", TS, nullable=False),
+        sa.PrimaryKeyConstraint("name", name="pk_workers"),
+    )
+    op.create_index("ix_workers_heartbeat_at", "workers", ["heartbeat_at"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_workers_heartbeat_at", table_name="workers")
+    op.drop_table("workers")
