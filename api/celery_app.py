@@ -79,14 +79,15 @@ class Dispatcher:
         self.app = create_celery(settings)
         self.router = Router(settings)
 
-    def send(self, job_id: str) -> bool:
+    def send(self, job_id: str, *, queue: str | None = None) -> bool:
         """Queue a run of the job; False (and a log line) when no pool can run it now or the broker is down.
 
-        A failed send leaves the job's `dispatched_at` empty and the reaper retries it, so a
-        broker outage, or a pool that went away, delays jobs instead of losing them or failing the request.
+        `queue`: the route already chosen by the caller (POST /jobs, which has just checked the pools);
+        otherwise it is looked up now. A failed send leaves the job's `dispatched_at` empty and the reaper
+        retries it, so a broker outage, or a pool that went away, delays jobs instead of losing them.
         """
         try:
-            queue = self.router.queue_for(job_id)
+            queue = queue or self.router.queue_for(job_id)
         except Exception:
             log.warning("could not route job %s; the reaper will retry", job_id, exc_info=True)
             return False

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, select, update
+from sqlalchemy import Engine, create_engine, delete, func, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from api.db import db_now, make_engine, make_sessionmaker, upsert
+from api.db import db_now, make_engine, make_sessionmaker, upsert, utcnow
 from api.errors import APIError
 from api.models import Job, Worker
 from api.settings import Settings
@@ -151,7 +151,11 @@ def live_pools(*, session: Session, settings: Settings) -> list[Pool]:
     The queue check keeps workers of another deployment sharing the database (another FLASHDMD_QUEUE)
     from counting here: we could not reach them.
     """
-    since = db_now(session) - timedelta(seconds=settings.stale_after_seconds)
+    # The database's clock, as for heartbeats written on other hosts, but inside this one query: POST /jobs
+    # pays for every round trip (bench/api_latency.py).
+    stale = timedelta(seconds=settings.stale_after_seconds)
+    since = (func.statement_timestamp() - stale if session.get_bind().dialect.name == "postgresql"
+             else utcnow() - stale)
     rows = session.execute(select(Worker.pool, Worker.queue).where(Worker.heartbeat_at >= since)).all()
     live = {parse_pool(pool, live=True) for pool, queue in rows if queue == pool_queue(settings, pool)}
     declared = {parse_pool(name) for name in settings.pools} - {Pool(p.processes, p.device, False) for p in live}
@@ -164,13 +168,13 @@ def choose_pool(pools: list[Pool], processes: int) -> Pool | None:
     return min(fits, key=lambda p: (p.processes, not p.live, p.device != "gpu")) if fits else None
 
 
-def check_capacity(*, session: Session, settings: Settings, spec: dict[str, Any]) -> Pool:
-    """The pool a new job will go to, or the 422 that names `spec.train.num_processes`."""
+def check_capacity(*, session: Session, settings: Settings, spec: dict[str, Any]) -> str:
+    """The queue a new job goes to (issue 10 §4), or the 422 that names `spec.train.num_processes`."""
     wanted = requested_processes(spec)
     pools = live_pools(session=session, settings=settings)
     pool = choose_pool(pools, wanted)
     if pool is not None:
-        return pool
+        return pool_queue(settings, pool.name)
     offered = ", ".join(f"{p.name}{'' if p.live else ' (declared)'}" for p in pools) or "none"
     field = "spec" if spec.get("kind") == "eval" else FIELD
     raise APIError(

@@ -104,7 +104,8 @@ def write_metrics(run_dir: Path, points: int, keys: int) -> int:
 def run(args: argparse.Namespace, database_url: str, tmp: Path) -> dict[str, Any]:
     migrate.upgrade(database_url)
     settings = Settings(database_url=database_url, broker_url=REDIS_URL, data_dir=tmp, storage_root=tmp / "storage",
-                        queue=f"bench-{secrets.token_hex(3)}", reaper_interval_seconds=0)
+                        queue=f"bench-{secrets.token_hex(3)}", reaper_interval_seconds=0,
+                        pools=["gpu1"])  # no worker runs: a declared pool, so jobs are accepted and routed
     app = create_app(settings)
     sessions = app.state.sessionmaker
     with sessions() as session:

@@ -71,14 +71,14 @@ def create_job(
     (status 200, `Idempotent-Replayed: true`) instead of creating another.
     """
     spec = _validated_spec(body.spec, settings, lambda job_id: crud.owns_job(session=session, owner=token, job_id=job_id))
-    workers.check_capacity(session=session, settings=settings, spec=spec)  # 422 if no pool fits (issue 10 §4)
+    queue = workers.check_capacity(session=session, settings=settings, spec=spec)  # 422 if no pool fits
     request_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
     job, created = crud.create_job(
         session=session, owner=token, spec=spec, total_steps=total_steps(parse_spec(spec)), name=body.name,
         idempotency_key=idempotency_key, request_hash=request_hash,
     )
     if created:
-        crud.dispatch(session=session, job_id=job.id, send=dispatcher.send)
+        crud.dispatch(session=session, job_id=job.id, send=lambda job_id: dispatcher.send(job_id, queue=queue))
     else:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"

@@ -190,7 +190,7 @@ def test_embedded_sqlite_registration_and_routing(tmp_path, sqlite_sessions) -> 
             job, _ = create_job(session=session, owner=owner, spec=tiny_spec(num_processes=2), total_steps=6,
                                 name=None, idempotency_key=None, request_hash="x")
             job_id = job.id
-            assert check_capacity(session=session, settings=settings, spec=job.spec).name == "cpu2"
+            assert check_capacity(session=session, settings=settings, spec=job.spec) == pool_queue(settings, "cpu2")
             session.commit()
         with sqlite_sessions() as writer:
             writer.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow()))  # holds the lock
