@@ -194,6 +194,8 @@ class Router:
     """
 
     def __init__(self, settings: Settings) -> None:
+        for name in settings.pools:  # a typo in FLASHDMD_POOLS stops the API at start, not each POST /jobs
+            parse_pool(name)
         self.settings = settings
         self._engine: Engine | None = None
         self._lock = threading.Lock()
@@ -238,13 +240,13 @@ class Registration:
 
     def start(self) -> None:
         """Register now (so the pool counts before the worker says it is ready), then heartbeat."""
+        log.info("worker %s: pool %s (%d GPU(s), up to %d process(es) per job), queue %s", self.name,
+                 self.capacity.pool, self.capacity.gpus, self.capacity.processes, self.queue)
         try:
             with self._sessions() as session:
                 register(session=session, name=self.name, capacity=self.capacity, queue=self.queue)
         except Exception:  # the database is down: the heartbeat thread registers when it is back
             log.warning("worker %s could not register yet", self.name, exc_info=True)
-        log.info("worker %s registered: pool %s (%d GPU(s), up to %d process(es)), queue %s", self.name,
-                 self.capacity.pool, self.capacity.gpus, self.capacity.processes, self.queue)
         self._thread.start()
 
     def _run(self) -> None:

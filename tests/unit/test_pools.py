@@ -10,6 +10,7 @@ from api.settings import Settings
 from api.workers import (
     Capacity,
     Pool,
+    Router,
     choose_pool,
     detect_gpus,
     parse_pool,
@@ -90,3 +91,8 @@ def test_requested_processes() -> None:
     assert requested_processes({"kind": "rl", "train": {"num_processes": 2}}) == 2
     assert requested_processes({"kind": "distill"}) == 1  # the spec default
     assert requested_processes({"kind": "eval", "train": {"num_processes": 8}}) == 1  # eval runs one process
+
+
+def test_a_misspelt_declared_pool_stops_the_api_at_start(tmp_path) -> None:
+    with pytest.raises(ValueError, match="'gpu-8' is not a pool name"):
+        Router(_settings(tmp_path, pools=["gpu1", "gpu-8"]))
