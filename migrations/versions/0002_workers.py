@@ -31,6 +31,10 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("name", name="pk_workers"),
     )
     op.create_index("ix_workers_heartbeat_at", "workers", ["heartbeat_at"])
+    # Jobs waiting at the upgrade were sent to the old single queue, which no worker reads any more (workers
+    # now consume `<queue>-<pool>`). Marking them unsent makes the reaper send them again, routed by pool;
+    # should an old message still be consumed somewhere, the atomic claim makes the second copy a no-op.
+    op.execute("UPDATE jobs SET dispatched_at = NULL WHERE status IN ('queued', 'recovering')")
 
 
 def downgrade() -> None:

@@ -14,12 +14,13 @@ from datetime import timedelta
 import pytest
 from fastapi.testclient import TestClient
 from servicekit import TINY_SPEC, WorkerProcess, make_settings, queue_name, settings_env, tiny_spec, wait_for
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
+from api import migrate
 from api.auth import create_token
 from api.celery_app import RUN_JOB, Dispatcher
 from api.crud import create_job
-from api.db import utcnow
+from api.db import make_engine, utcnow
 from api.main import create_app
 from api.models import Job, Worker
 from api.reaper import reap_once
@@ -208,3 +209,23 @@ def test_embedded_sqlite_registration_and_routing(tmp_path, sqlite_sessions) -> 
 def _heartbeat(sessions, name: str):
     with sessions() as session:
         return session.scalar(select(Worker.heartbeat_at).where(Worker.name == name))
+
+
+def test_waiting_jobs_are_sent_again_after_the_routing_upgrade(tmp_path) -> None:
+    """0002_workers: jobs queued before it went to the old single queue; the reaper must route them again."""
+    url = f"sqlite:///{tmp_path / 'flashdmd.db'}"
+    migrate.upgrade(url, "0001")
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO api_tokens (id, name, token_hash, prefix, created_at) "
+                          "VALUES (1, 't', 'h', 'p', '2026-01-01 00:00:00')"))
+        for job_id, status in (("job_a", "queued"), ("job_b", "recovering"), ("job_c", "running")):
+            conn.execute(text(
+                "INSERT INTO jobs (id, owner_id, kind, status, spec, total_steps, cancel_requested, attempt, "
+                "recoveries, created_at, updated_at, dispatched_at, progress_step) VALUES (:id, 1, 'distill', "
+                ":status, '{}', 1, 0, 0, 0, '2026-01-01', '2026-01-01', '2026-01-01', 0)"), {"id": job_id, "status": status})
+    migrate.upgrade(url)
+    with engine.connect() as conn:
+        sent = dict(conn.execute(text("SELECT id, dispatched_at IS NOT NULL FROM jobs")).all())
+    engine.dispose()
+    assert sent == {"job_a": 0, "job_b": 0, "job_c": 1}
