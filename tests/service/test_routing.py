@@ -177,6 +177,32 @@ def test_a_real_worker_registers_heartbeats_refuses_a_larger_job_and_leaves(
         assert session.scalars(select(Worker).where(Worker.queue == queue)).all() == []
 
 
+
+@pytest.mark.slow
+def test_a_cpu_worker_runs_the_gloo_processes_it_advertises(database_url, roots, redis_client, auth, tmp_path) -> None:
+    """FLASHDMD_WORKER_PROCESSES=2 on a CPU worker: pool cpu2 takes a 2-process job and launches 2 ranks."""
+    settings = make_settings(database_url, roots, queue=queue_name("cpu2"), pools=[],
+                             worker_gpus=0, worker_processes=2)
+    worker = WorkerProcess(settings_env(settings), tmp_path / "worker.log").start()
+    try:
+        with TestClient(create_app(settings)) as client:
+            spec = tiny_spec(num_processes=2, max_steps=4, checkpoint_every=2, sample_every=4)
+            created = client.post("/jobs", json={"spec": spec}, headers=auth)
+            assert created.status_code == 201, created.text
+            job_id = created.json()["id"]
+
+            def finished() -> dict | None:
+                job = client.get(f"/jobs/{job_id}", headers=auth).json()
+                return job if job["status"] in ("failed", "succeeded", "cancelled") else None
+
+            job = wait_for(finished, 420, interval=1.0, what="the 2-process job")
+        trainer_log = (settings.run_dir(job_id) / "trainer.log").read_text(errors="replace")
+        assert job["status"] == "succeeded", (job, trainer_log[-3000:], worker.log()[-2000:])
+        launch = next(line for line in trainer_log.splitlines() if line.startswith("==> attempt 1:"))
+        assert "launch" in launch and "--num_processes 2" in launch, launch
+    finally:
+        worker.stop(timeout=30)
+
 def test_embedded_sqlite_registration_and_routing(tmp_path, sqlite_sessions) -> None:
     """SQLite (`flashdmd up`): the router reads while another connection holds the write lock, as the
     reaper does when it sends from inside its transaction."""
