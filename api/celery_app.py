@@ -1,8 +1,9 @@
 """Celery configuration, and the API's thin client that sends tasks by name.
 
 Celery only dispatches; the job row decides what runs (DESIGN §1). The client
-imports no task code: it sends `RUN_JOB` by name with the job id. The worker app
-(api/tasks.py) uses the same configuration plus the task itself.
+imports no task code: it sends `RUN_JOB` by name with the job id, to the queue of
+the pool that can run the job (api/workers.py). The worker app (api/tasks.py) uses
+the same configuration plus the task itself.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from celery import Celery
 
 from api.settings import Settings
+from api.workers import Router
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +23,8 @@ RUN_JOB = "flashdmd.run_job"
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     conf: dict[str, Any] = {
-        "task_default_queue": settings.queue,
+        # Every send names its pool's queue (api/workers.py); nothing should land in a queue nobody reads.
+        "task_default_queue": f"{settings.queue}-unrouted",
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_ignore_result": True,  # the job row is the result; no result backend
@@ -69,21 +72,31 @@ def create_celery(settings: Settings) -> Celery:
 
 
 class Dispatcher:
-    """The API's side of Celery: send `RUN_JOB` by name, nothing else."""
+    """The API's side of Celery: send `RUN_JOB` by name to the job's pool queue, nothing else."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = create_celery(settings)
+        self.router = Router(settings)
 
-    def send(self, job_id: str) -> bool:
-        """Queue a run of the job; False (and a log line) when the broker is unreachable.
+    def send(self, job_id: str, *, queue: str | None = None) -> bool:
+        """Queue a run of the job; False (and a log line) when no pool can run it now or the broker is down.
 
-        A failed send leaves the job's `dispatched_at` empty and the reaper retries it, so a
-        broker outage delays jobs instead of losing them or failing the request.
+        `queue`: the route already chosen by the caller (POST /jobs, which has just checked the pools);
+        otherwise it is looked up now. A failed send leaves the job's `dispatched_at` empty and the reaper
+        retries it, so a broker outage, or a pool that went away, delays jobs instead of losing them.
         """
         try:
+            queue = queue or self.router.queue_for(job_id)
+        except Exception:
+            log.warning("could not route job %s; the reaper will retry", job_id, exc_info=True)
+            return False
+        if queue is None:
+            log.warning("no live pool can run job %s now; the reaper retries its send", job_id)
+            return False
+        try:
             self.app.send_task(
-                RUN_JOB, args=[job_id], queue=self.settings.queue, retry=True,
+                RUN_JOB, args=[job_id], queue=queue, retry=True,
                 retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0},
             )
             return True
@@ -102,3 +115,4 @@ class Dispatcher:
 
     def close(self) -> None:
         self.app.close()
+        self.router.close()

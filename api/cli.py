@@ -65,17 +65,17 @@ def serve_command(host: str, port: int, workers: int) -> None:
 
 @cli.command("worker")
 @click.option("--loglevel", default="INFO", show_default=True)
-@click.option("--hostname", default=None, help="Celery node name (default: gpu@<host>)")
+@click.option("--hostname", default=None, help="Celery node name (default: <pool>@<host>, e.g. gpu8@node1)")
 def worker_command(loglevel: str, hostname: str | None) -> None:
-    """Run a GPU worker: one job at a time, acknowledged late, a fresh process per job."""
+    """Run a worker: one job at a time, acknowledged late, a fresh process per job, on its pool's queue."""
     import socket
 
-    from api.tasks import app, settings
+    from api.tasks import app, capacity, queue
 
     app.worker_main([
         "worker", "--pool", "prefork", "--concurrency", "1", "--prefetch-multiplier", "1",
-        "--max-tasks-per-child", "1", "--queues", settings.queue, "--loglevel", loglevel,
-        "--hostname", hostname or f"gpu@{socket.gethostname()}", "--without-gossip", "--without-mingle",
+        "--max-tasks-per-child", "1", "--queues", queue, "--loglevel", loglevel,
+        "--hostname", hostname or f"{capacity.pool}@{socket.gethostname()}", "--without-gossip", "--without-mingle",
     ])
 
 

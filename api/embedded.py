@@ -25,6 +25,7 @@ from api.auth import TokenError, create_token, ensure_token, find_token
 from api.db import make_engine, make_sessionmaker
 from api.proc import die_with_parent
 from api.settings import Settings
+from api.workers import worker_capacity
 
 log = logging.getLogger(__name__)
 STOP_TIMEOUT = 10.0  # seconds the worker gets to shut down before its process group is killed
@@ -124,6 +125,11 @@ def run_embedded(*, host: str, port: int, data_dir: Path | None) -> None:
         os.environ["FLASHDMD_DATA_DIR"] = str(data_dir.expanduser().absolute())
     try:
         settings = Settings()
+        if not settings.pools:
+            # The worker child registers itself a few seconds from now; until then the API would find no
+            # live pool and refuse every job. Declare the pool it will be (same Settings, same GPUs) instead.
+            os.environ["FLASHDMD_POOLS"] = worker_capacity(settings).pool
+            settings = Settings()
     except ValidationError as err:  # e.g. a short FLASHDMD_TOKEN: say so, without a traceback
         raise click.ClickException(f"invalid settings: {err}") from None
     secure_data_dir(settings)

@@ -156,3 +156,18 @@ class Sample(Base):
     step: Mapped[int] = mapped_column(Integer, primary_key=True)
     path: Mapped[str] = mapped_column(Text)  # relative to the run directory
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Worker(Base):
+    """A worker and the size it advertises; rows with a stale heartbeat no longer count (api/workers.py)."""
+
+    __tablename__ = "workers"
+    __table_args__ = (Index(None, "heartbeat_at"),)
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # <host>:<pid> of the worker's main process
+    pool: Mapped[str] = mapped_column(String(32))  # gpu<N> or cpu<N>
+    queue: Mapped[str] = mapped_column(String(255))  # the Celery queue it consumes: <settings.queue>-<pool>
+    gpus: Mapped[int] = mapped_column(Integer)
+    processes: Mapped[int] = mapped_column(Integer)  # the most processes it launches for one job
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]

@@ -27,6 +27,7 @@ from api.ingest import STOP_FILE, RunIngestor, latest_checkpoint_step, rewind
 from api.models import ACTIVE, WAITING, Job
 from api.proc import drain_marker, kill_job_processes, output_tail, signal_group, spawn, trainer_command
 from api.settings import Settings
+from api.workers import Capacity, worker_capacity
 from trainer.config import SpecError, num_processes, parse_spec
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,8 @@ def claim_job(*, session: Session, job_id: str, worker: str) -> Claim | None:
     return Claim(job_id, row[0], row[1], worker) if row else None
 
 
-def run_job(job_id: str, *, settings: Settings) -> None:
-    """The body of the Celery task."""
+def run_job(job_id: str, *, settings: Settings, capacity: Capacity | None = None) -> None:
+    """The body of the Celery task; `capacity` is what this worker advertised (measured here if not given)."""
     engine = make_engine(settings.sqlalchemy_url)
     try:
         sessions = make_sessionmaker(engine)
@@ -73,14 +74,16 @@ def run_job(job_id: str, *, settings: Settings) -> None:
         if claim is None:
             log.info("job %s is not waiting (duplicate delivery or already handled): nothing to do", job_id)
             return
-        Attempt(settings, sessions, claim).run()
+        Attempt(settings, sessions, claim, capacity or worker_capacity(settings)).run()
     finally:
         engine.dispose()
 
 
 class Attempt:
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], claim: Claim) -> None:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], claim: Claim,
+                 capacity: Capacity | None = None) -> None:
         self.settings, self.sessions, self.claim = settings, sessions, claim
+        self.capacity = capacity
         self.run_dir = settings.run_dir(claim.job_id)
         self.log_path = self.run_dir / LOG_FILE
         self.proc: subprocess.Popen[bytes] | None = None
@@ -96,6 +99,8 @@ class Attempt:
             spec = parse_spec(self.claim.spec)
         except SpecError as err:  # validated at submission; only a spec from an older version can fail here
             self._finish("failed", "invalid_spec", str(err))
+            return
+        if self._too_large(num_processes(spec)):
             return
         try:
             self.proc = self._start(spec.model_dump(mode="json"), num_processes(spec))
@@ -114,6 +119,21 @@ class Attempt:
             self._requeue()
         else:
             self._finish(*outcome)
+
+    def _too_large(self, wanted: int) -> bool:
+        """Refuse a job this worker cannot run: it never launches more processes than it advertised.
+
+        Routing sends jobs only to pools that fit (api/workers.py); this catches a message that reached
+        the wrong queue anyway (a hand-sent task, a worker restarted with fewer GPUs, a changed pool).
+        """
+        if self.capacity is None or wanted <= self.capacity.processes:
+            return False
+        cap = self.capacity
+        self._finish("failed", "worker_too_small",
+                     f"spec.train.num_processes is {wanted}, but worker {self.claim.worker} (pool {cap.pool}: "
+                     f"{cap.gpus} GPU(s)) runs at most {cap.processes} process(es); resume the job to route "
+                     "it to a pool that fits")
+        return True
 
     def _start(self, spec: dict[str, Any], num_processes: int) -> subprocess.Popen[bytes]:
         job_id, attempt = self.claim.job_id, self.claim.attempt

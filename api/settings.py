@@ -29,6 +29,7 @@ def _split_paths(value: Any) -> Any:
 
 
 PathList = Annotated[list[Path], NoDecode]
+StrList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
@@ -44,7 +45,13 @@ class Settings(BaseSettings):
     token: str | None = Field(None, description="bootstrap token for `flashdmd up`")
     token_prefix: str = "fdmd_"
 
-    queue: str = Field("gpu", description="Celery queue the GPU workers consume")
+    queue: str = Field("train", description="prefix of the Celery queues: pool P consumes <queue>-<P>")
+    # Pools and routing (api/workers.py, deploy/README.md "Pools and routing").
+    pools: StrList = Field(default_factory=list, description="pools that count as present even with no "
+                           "live worker (e.g. gpu1,gpu8 scaled to zero); `flashdmd up` declares its own")
+    worker_gpus: int | None = Field(None, ge=0, description="this worker's GPUs (default: torch's count)")
+    worker_processes: int | None = Field(None, ge=1, le=1024, description="processes one job may run "
+                                         "here: default 1 on a CPU worker, the GPU count on a GPU worker")
     heartbeat_seconds: float = Field(10.0, gt=0)
     stale_after_seconds: float = Field(60.0, gt=0)
     cancel_grace_seconds: float = Field(60.0, ge=0)
@@ -85,7 +92,7 @@ class Settings(BaseSettings):
                              "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
         return value
 
-    @field_validator("allowed_model_roots", "allowed_data_roots", mode="before")
+    @field_validator("allowed_model_roots", "allowed_data_roots", "pools", mode="before")
     @classmethod
     def _paths(cls, value: Any) -> Any:
         return _split_paths(value)

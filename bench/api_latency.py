@@ -106,7 +106,8 @@ def run(args: argparse.Namespace, database_url: str, tmp: Path) -> dict[str, Any
     settings = Settings(database_url=database_url, broker_url=REDIS_URL, data_dir=tmp, storage_root=tmp / "storage",
                         queue=f"bench-{secrets.token_hex(3)}", reaper_interval_seconds=0,
                         # One token posts hundreds of queued jobs here: a limit high enough to pass, yet checked.
-                        max_active_jobs_per_owner=10**6)
+                        max_active_jobs_per_owner=10**6,
+                        pools=["gpu1"])  # no worker runs: a declared pool, so jobs are accepted and routed
     app = create_app(settings)
     sessions = app.state.sessionmaker
     with sessions() as session:

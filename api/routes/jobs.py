@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 
-from api import crud
+from api import crud, workers
 from api.deps import CurrentToken, DispatcherDep, SessionDep, SettingsDep
 from api.errors import APIError, not_found
 from api.models import JOB_STATUSES, Job
@@ -96,13 +96,15 @@ def create_job(
             return crud.owns_job(session=own_session, owner=token, job_id=job_id)
 
     spec = _validated_spec(body.spec, settings, owns)
+    with reads() as own_session:  # a short read of its own, like the ownership checks above
+        queue = workers.check_capacity(session=own_session, settings=settings, spec=spec)  # 422 if no pool fits
     request_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
     job, created = crud.create_job(
         session=session, owner=token, spec=spec, total_steps=total_steps(parse_spec(spec)), name=body.name,
         idempotency_key=idempotency_key, request_hash=request_hash, max_active=settings.max_active_jobs_per_owner,
     )
     if created:
-        crud.dispatch(session=session, job_id=job.id, send=dispatcher.send)
+        crud.dispatch(session=session, job_id=job.id, send=lambda job_id: dispatcher.send(job_id, queue=queue))
     else:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"

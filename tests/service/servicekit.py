@@ -71,6 +71,9 @@ def make_settings(database_url: str, roots: dict[str, Path], **overrides: Any) -
         "allowed_data_roots": [roots["data"]],
         # No worker consumes this queue: jobs created by the API tests stay queued.
         "queue": queue_name("api-tests"),
+        # A pool that counts with no live worker (api/workers.py), so that jobs are accepted and routed
+        # to its queue, `<queue>-cpu1` (pool_queue), while no worker runs.
+        "pools": ["cpu1"],
         "reaper_interval_seconds": 0,  # tests call reap_once themselves, or start a Reaper
         "heartbeat_seconds": 1,
         "stale_after_seconds": 3,

@@ -13,14 +13,15 @@ from sqlalchemy import update
 
 from api.main import create_app
 from api.models import Job
+from api.workers import pool_queue
 
 pytestmark = pytest.mark.service
 
 
 def _queued(redis_client, settings) -> list[tuple[str, list]]:
-    """(task name, args) of the messages waiting in the settings' queue, newest first."""
+    """(task name, args) of the messages waiting in the declared pool's queue, newest first."""
     out = []
-    for raw in redis_client.lrange(settings.queue, 0, -1):
+    for raw in redis_client.lrange(pool_queue(settings, "cpu1"), 0, -1):
         message = json.loads(raw)
         args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
         out.append((message["headers"]["task"], args))
@@ -28,7 +29,7 @@ def _queued(redis_client, settings) -> list[tuple[str, list]]:
 
 
 def test_create_returns_the_job_and_sends_the_task_by_name(client, auth, redis_client, settings) -> None:
-    before = redis_client.llen(settings.queue)
+    before = redis_client.llen(pool_queue(settings, "cpu1"))
     response = client.post("/jobs", json={"spec": TINY_SPEC, "name": "tiny"}, headers=auth)
     assert response.status_code == 201, response.text
     job = response.json()
@@ -37,18 +38,18 @@ def test_create_returns_the_job_and_sends_the_task_by_name(client, auth, redis_c
     assert job["progress"] == {"step": 0, "total_steps": 6, "rate": None, "eta": None}
     # The stored spec is the resolved one: what the trainer will get, defaults included.
     assert job["spec"]["schedule"]["timesteps"] == [999, 749, 499, 249]
-    assert redis_client.llen(settings.queue) == before + 1
+    assert redis_client.llen(pool_queue(settings, "cpu1")) == before + 1
     assert _queued(redis_client, settings)[0] == ("flashdmd.run_job", [job["id"]])
 
 
 def test_idempotency_key_returns_the_same_job(client, auth, redis_client, settings) -> None:
     headers = {**auth, "Idempotency-Key": "key-1"}
-    before = redis_client.llen(settings.queue)
+    before = redis_client.llen(pool_queue(settings, "cpu1"))
     first = client.post("/jobs", json={"spec": TINY_SPEC}, headers=headers)
     again = client.post("/jobs", json={"spec": TINY_SPEC}, headers=headers)
     assert first.status_code == 201 and again.status_code == 200
     assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
-    assert redis_client.llen(settings.queue) == before + 1  # queued once
+    assert redis_client.llen(pool_queue(settings, "cpu1")) == before + 1  # queued once
     other = client.post("/jobs", json={"spec": tiny_spec(max_steps=7)}, headers=headers)
     assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_conflict"
     # Keys are per owner: the same key from another token is another job.

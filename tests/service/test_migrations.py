@@ -16,7 +16,7 @@ from api.models import Base
 
 pytestmark = pytest.mark.service
 
-TABLES = {"api_tokens", "jobs", "events", "metrics", "checkpoints", "samples"}
+TABLES = {"api_tokens", "jobs", "events", "metrics", "checkpoints", "samples", "workers"}
 
 
 def _tables(url: str) -> set[str]:

@@ -16,6 +16,7 @@ from api.db import utcnow
 from api.models import Event, Job
 from api.reaper import Reaper, reap_once
 from api.runner import Attempt, claim_job, run_job
+from api.workers import pool_queue
 
 pytestmark = pytest.mark.service
 
@@ -110,7 +111,7 @@ def test_reaper_requeues_stale_jobs_and_leaves_live_ones(client, auth, sessions,
 
     result = reap_once(sessions=sessions, settings=reaper_settings, send=dispatcher.send)
     assert result.requeued == [stale] and result.cancelled == [stopping] and result.failed == [exhausted]
-    assert stale in result.dispatched and stale in _queued_ids(redis_client, reaper_settings.queue)
+    assert stale in result.dispatched and stale in _queued_ids(redis_client, pool_queue(reaper_settings, "cpu1"))
 
     job = _get(sessions, stale)
     assert (job.status, job.recoveries, job.worker) == ("recovering", 1, None) and job.dispatched_at is not None

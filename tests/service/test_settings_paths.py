@@ -23,7 +23,7 @@ def test_defaults_derive_from_the_data_dir(monkeypatch, tmp_path) -> None:
     assert settings.database_url == f"sqlite:///{tmp_path}/flashdmd.db"
     assert settings.broker_url == "filesystem://" and settings.broker_folder == tmp_path / "broker"
     assert settings.run_dir("job_x") == tmp_path / "storage" / "jobs" / "job_x"
-    assert settings.allowed_model_roots == [] and settings.queue == "gpu"
+    assert settings.allowed_model_roots == [] and settings.queue == "train"
 
 
 def test_env_names_and_list_formats(monkeypatch, tmp_path) -> None:

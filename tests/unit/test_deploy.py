@@ -31,7 +31,10 @@ DOCKERFILES = [DOCKERFILE_API, DOCKERFILE_WORKER]
 K8S_DIR = DEPLOY / "k8s"
 ACCELERATE_DIR = DEPLOY / "accelerate"
 
-SERVICES = {"postgres", "redis", "migrate", "api", "worker"}
+SERVICES = {"postgres", "redis", "migrate", "api", "worker", "worker-gpu8"}
+# One compose service per worker pool (api/workers.py: gpu<N> offers N processes on N GPUs).
+WORKERS = {"worker": "gpu1", "worker-gpu8": "gpu8"}
+PROFILED = {"worker-gpu8"}  # only with `--profile gpu8`: `docker compose config` leaves it out by default
 # The environment contract of the api/worker/migrate processes (documented in deploy/README.md).
 APP_ENV = {
     "FLASHDMD_DATABASE_URL",
@@ -41,6 +44,7 @@ APP_ENV = {
     "FLASHDMD_ALLOWED_MODEL_ROOTS",
     "FLASHDMD_ALLOWED_DATA_ROOTS",
     "HF_HOME",
+    "FLASHDMD_POOLS",
 }
 SERVE = ["flashdmd", "serve", "--host", "0.0.0.0", "--port", "8000"]
 CHECKPOINT_GRACE_S = 300  # at least this long to let a worker write its last checkpoint
@@ -102,6 +106,20 @@ def _env(svc: dict) -> dict[str, str]:
     return {k: ("" if v is None else str(v)) for k, v in env.items()}
 
 
+def _labels(svc: dict) -> dict[str, str]:
+    labels = svc.get("labels") or {}
+    if isinstance(labels, list):
+        labels = dict(item.split("=", 1) for item in labels)
+    return {k: str(v) for k, v in labels.items()}
+
+
+def _pool_gpus(pool: str) -> int:
+    """GPUs of a pool, by the name the worker registers under (api/workers.py: gpu<N>)."""
+    match = re.fullmatch(r"gpu([1-9][0-9]*)", pool)
+    assert match, f"{pool!r} is not a GPU pool name"
+    return int(match.group(1))
+
+
 def _healthcheck_test(svc: dict) -> str:
     test = (svc.get("healthcheck") or {}).get("test")
     assert test, "no healthcheck"
@@ -111,7 +129,8 @@ def _healthcheck_test(svc: dict) -> str:
 def check_compose(cfg: dict) -> None:
     """Structure that must hold both in the file as written and in `docker compose config` output."""
     services = cfg["services"]
-    assert set(services) == SERVICES
+    assert SERVICES - PROFILED <= set(services) <= SERVICES
+    workers = [name for name in WORKERS if name in services]
 
     assert services["postgres"]["image"].startswith("postgres:16")
     assert services["redis"]["image"].startswith("redis:7")
@@ -121,7 +140,9 @@ def check_compose(cfg: dict) -> None:
 
     assert services["api"]["build"]["dockerfile"] == "deploy/Dockerfile.api"
     assert services["migrate"]["build"]["dockerfile"] == "deploy/Dockerfile.api"
-    assert services["worker"]["build"]["dockerfile"] == "deploy/Dockerfile.worker"
+    for name in workers:
+        assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile.worker"
+        assert services[name]["command"] == ["flashdmd", "worker"]
     assert services["migrate"]["command"] == ["flashdmd", "db", "upgrade"]
     assert services["api"]["command"] == SERVE
     assert services["worker"]["command"] == ["flashdmd", "worker"]
@@ -129,7 +150,7 @@ def check_compose(cfg: dict) -> None:
     migrate = services["migrate"]
     assert str(migrate.get("restart")) == "no"
     assert _depends(migrate) == {"postgres": "service_healthy"}
-    for name in ("api", "worker"):
+    for name in ("api", *workers):
         assert _depends(services[name]) == {
             "migrate": "service_completed_successfully",
             "redis": "service_healthy",
@@ -137,25 +158,34 @@ def check_compose(cfg: dict) -> None:
 
     assert 8000 in _port_targets(services["api"])
 
-    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert len(devices) == 1
-    assert devices[0]["driver"] == "nvidia"
-    assert int(devices[0]["count"]) == 1
-    assert "gpu" in devices[0]["capabilities"]
-    assert _duration_s(services["worker"]["stop_grace_period"]) >= CHECKPOINT_GRACE_S
+    # Each worker service reserves exactly the GPUs its pool advertises.
+    for name in workers:
+        pool = WORKERS[name]
+        assert _labels(services[name])["io.flashdmd.pool"] == pool, name
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert len(devices) == 1, name
+        assert devices[0]["driver"] == "nvidia"
+        assert int(devices[0]["count"]) == _pool_gpus(pool), name
+        assert "gpu" in devices[0]["capabilities"]
+        assert _duration_s(services[name]["stop_grace_period"]) >= CHECKPOINT_GRACE_S
+    # The pools the API accepts jobs for before their workers register: the default (unprofiled) ones.
+    declared = _env(services["api"])["FLASHDMD_POOLS"]
+    declared = re.sub(r"\$\{FLASHDMD_POOLS:-([^}]*)\}", r"\1", declared)
+    assert set(declared.split(",")) == {WORKERS[n] for n in WORKERS if n not in PROFILED}
 
     # One named volume at /data shared by api and worker, another for postgres data.
     named = set(cfg.get("volumes") or {})
     api_data = {src for src, dst in _mounts(services["api"]) if dst == "/data"}
-    worker_data = {src for src, dst in _mounts(services["worker"]) if dst == "/data"}
-    assert api_data and api_data == worker_data and api_data <= named
+    for name in workers:
+        worker_data = {src for src, dst in _mounts(services[name]) if dst == "/data"}
+        assert api_data and api_data == worker_data and api_data <= named, name
     pg = {src for src, dst in _mounts(services["postgres"]) if dst == "/var/lib/postgresql/data"}
     assert pg and pg <= named and not pg & api_data
-    for name in ("api", "worker"):
+    for name in ("api", *workers):
         targets = {dst for _, dst in _mounts(services[name])}
         assert {"/models", "/datasets"} <= targets, name
 
-    for name in ("migrate", "api", "worker"):
+    for name in ("migrate", "api", *workers):
         env = _env(services[name])
         assert set(env) == APP_ENV, name
         assert env["FLASHDMD_BROKER_URL"] == "redis://redis:6379/0"
@@ -178,6 +208,8 @@ def test_compose_file_structure():
     assert "${POSTGRES_PASSWORD:-" not in COMPOSE_FILE.read_text(encoding="utf-8")
     # The env block is written once (an anchor), not repeated per service.
     assert services["api"]["environment"] is services["worker"]["environment"]
+    assert services["worker-gpu8"]["environment"] is services["worker"]["environment"]
+    assert services["worker-gpu8"]["profiles"] == ["gpu8"]
     assert services["api"]["environment"] is services["migrate"]["environment"]
 
 
@@ -474,11 +506,11 @@ def test_k8s_workloads():
     workers = [
         d for d in docs if d["kind"] in {"StatefulSet", "Deployment"} and "worker" in d["metadata"]["name"]
     ]
-    (worker,) = workers
+    assert workers
     (job,) = _by_kind(docs, "Job")
     (pvc,) = _by_kind(docs, "PersistentVolumeClaim")
 
-    for workload in (api, worker, job):
+    for workload in (api, *workers, job):
         tmpl_labels = workload["spec"]["template"]["metadata"]["labels"]
         selector = workload["spec"].get("selector", {}).get("matchLabels", {})
         assert selector.items() <= tmpl_labels.items(), workload["metadata"]["name"]
@@ -489,13 +521,10 @@ def test_k8s_workloads():
                 assert volume["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
 
     (api_c,) = _pod_spec(api)["containers"]
-    (worker_c,) = _pod_spec(worker)["containers"]
     (job_c,) = _pod_spec(job)["containers"]
     assert _command(api_c) == " ".join(SERVE)
-    assert _command(worker_c) == "flashdmd worker"
     assert _command(job_c) == "flashdmd db upgrade"
     assert api_c["image"] == job_c["image"] and "api" in api_c["image"]
-    assert "worker" in worker_c["image"]
     assert _pod_spec(job)["restartPolicy"] in {"Never", "OnFailure"}
 
     # Probes: readiness on /readyz, liveness on /healthz, both on the API's port.
@@ -511,16 +540,48 @@ def test_k8s_workloads():
     target = service["spec"]["ports"][0]["targetPort"]
     assert target == 8000 or ports.get(target) == 8000
 
-    # Worker: a GPU each, the shared volume, time for a checkpoint on shutdown.
-    assert int(worker_c["resources"]["limits"]["nvidia.com/gpu"]) >= 1
-    assert _pod_spec(worker)["terminationGracePeriodSeconds"] >= CHECKPOINT_GRACE_S
-    if worker["kind"] == "StatefulSet":
-        assert worker["spec"]["serviceName"] in {d["metadata"]["name"] for d in _by_kind(docs, "Service")}
-    for container in (api_c, worker_c):
+    # Workers: the shared volume, time for a checkpoint on shutdown.
+    for worker in workers:
+        (worker_c,) = _pod_spec(worker)["containers"]
+        assert _command(worker_c) == "flashdmd worker"
+        assert "worker" in worker_c["image"]
+        assert _pod_spec(worker)["terminationGracePeriodSeconds"] >= CHECKPOINT_GRACE_S
+        if worker["kind"] == "StatefulSet":
+            assert worker["spec"]["serviceName"] in {d["metadata"]["name"] for d in _by_kind(docs, "Service")}
+    for container in (api_c, *(_pod_spec(w)["containers"][0] for w in workers)):
         mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
         assert "/data" in mounts
         assert mounts["/models"].get("readOnly") and mounts["/datasets"].get("readOnly")
     assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+
+
+def test_k8s_worker_pools_request_their_gpus():
+    """One worker workload per pool; each pod requests exactly the GPUs its pool advertises."""
+    docs = _k8s_docs()
+    workers = [d for d in docs if d["kind"] in {"StatefulSet", "Deployment"} and "worker" in d["metadata"]["name"]]
+    pools = {}
+    for worker in workers:
+        name = worker["metadata"]["name"]
+        pool = worker["metadata"]["labels"]["flashdmd.io/pool"]
+        # The pool label is in the selector: two pools' controllers never adopt each other's pods.
+        assert worker["spec"]["selector"]["matchLabels"]["flashdmd.io/pool"] == pool, name
+        assert worker["spec"]["template"]["metadata"]["labels"]["flashdmd.io/pool"] == pool, name
+        assert name == f"flashdmd-worker-{pool}" and pool not in pools, name
+        (container,) = _pod_spec(worker)["containers"]
+        resources = container["resources"]
+        gpus = _pool_gpus(pool)
+        assert int(resources["limits"]["nvidia.com/gpu"]) == gpus, name
+        assert int(resources["requests"]["nvidia.com/gpu"]) == gpus, name
+        # The worker counts the GPUs it was given; a fixed count in its env could disagree with the request.
+        assert all(e["name"] not in {"FLASHDMD_WORKER_GPUS", "CUDA_VISIBLE_DEVICES"} for e in container.get("env", []))
+        pools[pool] = worker
+    assert {"gpu1", "gpu8"} <= set(pools)
+    # Every deployed pool is declared, so jobs for a pool scaled to zero wait for it instead of a 422.
+    (config,) = [d for d in _by_kind(docs, "ConfigMap") if d["metadata"]["name"] == "flashdmd-config"]
+    assert set(config["data"]["FLASHDMD_POOLS"].split(",")) == set(pools)
+    from api.workers import parse_pool  # the API reads the same names
+
+    assert sorted(parse_pool(p).processes for p in pools) == sorted(_pool_gpus(p) for p in pools)
 
 
 def test_k8s_env_contract():
@@ -658,3 +719,95 @@ def test_accelerate_config(name: str):
 def test_worker_image_ships_accelerate_configs():
     copies = [shlex.split(args) for keyword, args in _instructions(DOCKERFILE_WORKER) if keyword == "COPY"]
     assert any("deploy/accelerate/" in words for words in copies)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Multi-node: the one supported pattern (deploy/README.md), an Indexed Job on deploy/accelerate/multinode.yaml
+# --------------------------------------------------------------------------------------------------------
+
+MULTINODE_JOB = K8S_DIR / "multinode" / "trainer-indexed-job.yaml"
+
+
+def _multinode() -> tuple[dict, dict]:
+    docs = [d for d in yaml.safe_load_all(MULTINODE_JOB.read_text(encoding="utf-8")) if d is not None]
+    (service,) = _by_kind(docs, "Service")
+    (job,) = _by_kind(docs, "Job")
+    return service, job
+
+
+def test_multinode_manifest_basics_and_schema():
+    test_k8s_manifest_basics(MULTINODE_JOB)
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    for doc in _multinode():
+        kv.validate(doc, kv.latest_version(), strict=True)
+
+
+def _launch_args(container: dict, rank: str) -> list[str]:
+    """The container's `accelerate launch` arguments, with the rank k8s substitutes for $(NODE_RANK)."""
+    args = [*container.get("command", []), *container["args"]]
+    assert args[:2] == ["accelerate", "launch"], args
+    return [a.replace("$(NODE_RANK)", rank) for a in args[2:]]
+
+
+def test_multinode_job_matches_its_accelerate_config():
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    service, job = _multinode()
+    spec, pod = job["spec"], _pod_spec(job)
+    (container,) = pod["containers"]
+    cfg = ClusterConfig.from_yaml_file(str(ACCELERATE_DIR / "multinode.yaml"))
+
+    # One pod per node, all at once, each with a stable DNS name and its rank from the completion index.
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == cfg.num_machines
+    assert pod["restartPolicy"] == "Never" and spec["backoffLimit"] == 0
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']")
+    anti = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["topologyKey"] == "kubernetes.io/hostname"
+
+    # Every rank's GPUs add up to the config's process count; the pod asks for them all.
+    gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
+    assert int(container["resources"]["requests"]["nvidia.com/gpu"]) == gpus
+    assert gpus * cfg.num_machines == cfg.num_processes
+
+    # Rendezvous: pod 0 of the Job, through the headless Service named as the pods' subdomain.
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert pod["subdomain"] == service["metadata"]["name"]
+    assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    master = f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    parser = launch_command_parser()
+    for rank in range(cfg.num_machines):
+        argv = _launch_args(container, str(rank))
+        local = [str(ACCELERATE_DIR / "multinode.yaml") if a.endswith("/multinode.yaml") else a for a in argv]
+        args, _, _ = _validate_launch_command(parser.parse_args(local))
+        assert args.machine_rank == rank and args.main_process_ip == master
+        assert args.num_processes == cfg.num_processes and args.num_machines == cfg.num_machines
+        assert args.multi_gpu and args.mixed_precision == "bf16"
+        assert args.main_process_port == cfg.main_process_port == service["spec"]["ports"][0]["port"]
+        assert args.training_script == "trainer" and args.module
+    assert any(p["containerPort"] == cfg.main_process_port for p in container["ports"])
+
+    # Shared storage: the config inside the image, the spec and the run directory on the RWX PVC.
+    argv = _launch_args(container, "0")
+    assert argv[argv.index("--config_file") + 1] == "/app/deploy/accelerate/multinode.yaml"
+    tail = argv[argv.index("trainer") + 1:]
+    spec_path, run_dir = tail[0], tail[tail.index("--run-dir") + 1]
+    assert spec_path.startswith("/data/") and run_dir.startswith("/data/storage/") and "--resume" in tail
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+              if "persistentVolumeClaim" in v}
+    (pvc,) = _by_kind(_k8s_docs(), "PersistentVolumeClaim")
+    assert claims[mounts["/data"]] == pvc["metadata"]["name"] and "ReadWriteMany" in pvc["spec"]["accessModes"]
+    assert "/dev/shm" in mounts  # NCCL
+    assert container["image"].startswith("flashdmd/worker:")  # the image that ships the accelerate configs
+
+
+def test_multinode_pattern_documented():
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    for needle in ("## Multi-node", "k8s/multinode/trainer-indexed-job.yaml", "accelerate/multinode.yaml",
+                   "--machine_rank", "--main_process_ip", "ReadWriteMany", "## Pools and routing",
+                   "`FLASHDMD_POOLS`", "`FLASHDMD_WORKER_PROCESSES`", "`FLASHDMD_WORKER_GPUS`", "nvidia.com/gpu"):
+        assert needle in readme, needle
