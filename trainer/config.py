@@ -241,6 +241,10 @@ class DistillJob(_Strict):
             # already divides the optimiser state by the GPU count, so the 8-GPU preset uses adamw.
             raise ValueError("optim.optimizer: adamw8bit does not run with train.sharding: fsdp "
                              "(bitsandbytes does not shard DTensor states); use adamw with fsdp")
+        for lever in ("ref_bf16", "reward_bf16"):
+            if getattr(self.memory, lever) and self.train.mixed_precision != "bf16":
+                raise ValueError(f"memory.{lever} needs train.mixed_precision: bf16 (the bf16 weights run "
+                                 "under bf16 autocast)")
         if not self.data.has_real_images and self.distill.gan_weight:
             raise ValueError("data.prompts has no real images for the GAN: use images/manifest/builtin "
                              "or set distill.gan_weight: 0")

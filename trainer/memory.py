@@ -52,3 +52,33 @@ def cast_frozen_(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     if any(p.requires_grad for p in module.parameters()):
         raise ValueError("cast_frozen_ is for frozen networks: this one has trainable parameters")
     return module.to(dtype)
+
+
+class AutocastReward:
+    """A reward model whose `score` runs under the trainer's autocast (memory.reward_bf16)."""
+
+    def __init__(self, inner: Any, autocast: Any) -> None:
+        self.inner, self.autocast = inner, autocast
+
+    def score(self, latents: Tensor, t: Tensor, cond: Any) -> Tensor:
+        with self.autocast():
+            return self.inner.score(latents, t, cond).float()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def reward_for_training(reward: Any, cfg: Any, accelerator: Any) -> Any:
+    """memory.reward_bf16: the LRM's UNet and text encoders in bf16, scored under autocast.
+
+    The LRM is a frozen full UNet + text encoders (13.6 GiB in fp32 for SDXL) that only scores; its small
+    projection and logit scale stay fp32, and `score` returns fp32. Pixel rewards keep their weights (they
+    reuse the teacher's) and only gain the autocast.
+    """
+    if not cfg.memory.reward_bf16:
+        return reward
+    for name in ("unet", "text_encoders"):
+        net = getattr(reward, name, None)
+        if net is not None:
+            cast_frozen_(net, torch.bfloat16)
+    return AutocastReward(reward, accelerator.autocast)
