@@ -96,6 +96,9 @@ def test_plan_command_prints_the_table_and_exits_by_verdict():
 def test_train_dry_run_shows_the_plan():
     from trainer.cli import train_command
 
+    import json
+
     out = CliRunner().invoke(train_command, [SDXL_PRESET, "--dry-run"])
     assert out.exit_code == 0, out.output
-    assert "| teacher unet |" in out.output and "peak allocated" in out.output
+    assert json.loads(out.stdout)["memory"]["text_cache"] is True, "stdout stays the resolved JSON"
+    assert "| teacher unet |" in out.stderr and "peak allocated" in out.stderr
