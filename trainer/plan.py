@@ -30,7 +30,7 @@ ARCH_DIR = Path(__file__).parent / "arch"
 # Hub ids whose architecture ships with the package (configs only), used when the hub is unreachable.
 KNOWN_ARCH = {"stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base"}
 CUDA_CONTEXT_GIB = 0.6  # CUDA context + cuBLAS/cuDNN workspaces: not in torch's counters
-ALLOCATOR_SLACK = 0.05  # reserved ~ allocated x 1.05 + 1 GiB on the measured SDXL steps
+ALLOCATOR_SLACK = 0.10  # reserved ~ allocated x 1.1 + 1 GiB: measured 1.07 (dmd2) and 1.22 (flash, foreach AdamW)
 ALLOCATOR_SLACK_GIB = 1.0
 
 
