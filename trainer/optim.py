@@ -85,7 +85,9 @@ def build_optimizer(params: nn.Module | Iterable[torch.Tensor], spec: OptimizerS
         return _bnb_adamw8bit(ps, spec)
     if kind != "adamw":
         raise ValueError(f"optim.optimizer: unknown optimiser {kind!r}")
-    fused = bool(ps) and all(p.is_cuda and p.is_floating_point() for p in ps)
+    # The fused kernel wants plain CUDA tensors; FSDP2's DTensor parameters (they have a device_mesh) keep the
+    # default implementation.
+    fused = bool(ps) and all(p.is_cuda and p.is_floating_point() and not hasattr(p, "device_mesh") for p in ps)
     return torch.optim.AdamW(ps, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay,
                              eps=spec.eps, fused=fused or None)
 

@@ -339,11 +339,12 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
 
 
 def format_plan(plan: Plan) -> str:
+    unit, div = ("GiB", GIB) if plan.total() >= GIB else ("MiB", 2.0**20)  # tiny models read in MiB
     lines = [f"# {plan.title}", "",
-             "| component | params (M) | GiB / GPU | note |", "|---|---:|---:|---|"]
+             f"| component | params (M) | {unit} / GPU | note |", "|---|---:|---:|---|"]
     for r in plan.rows:
         params = f"{r.params / 1e6:,.1f}" if r.params else ""
-        lines.append(f"| {r.component} | {params} | {r.bytes / GIB:.2f} | {r.note} |")
+        lines.append(f"| {r.component} | {params} | {r.bytes / div:.2f} | {r.note} |")
     lines += ["", f"- peak phase: the {plan.peak_phase}, max(activations, gradients + its own graph) = "
               f"{plan.peak_phase_bytes / GIB:.2f} GiB",
               f"- peak allocated (weights, states, frozen nets + peak phase): **{plan.peak_allocated_gib:.1f} GiB**",

@@ -66,3 +66,56 @@ def test_vae_decode_checkpointing_same_gradients_fewer_saved_bytes(make_cfg):
     assert saved < 0.5 * saved_ref, (saved, saved_ref)
     with torch.no_grad():  # no graph: the patched layers run as before
         torch.testing.assert_close(ckpt.decode(z.detach()).sample, vae.decode(z.detach()).sample)
+
+
+def test_distiller_wires_sdpa_and_vae_checkpointing(make_cfg, batch):
+    from accelerate import Accelerator
+
+    from trainer.discriminator import _sdpa_attention_forward
+    from trainer.distill import Distiller
+
+    cfg = make_cfg("sdxl", memory__sam_sdpa=True, memory__vae_decode_checkpointing=True)
+    teacher = load_teacher(cfg.model)
+    d = Distiller(cfg, teacher, Accelerator(cpu=True))
+    assert all(b.attn.forward.__func__ is _sdpa_attention_forward for b in d.disc.encoder.blocks)
+    assert all(hasattr(r, "_flashdmd_forward") for r in teacher.vae.decoder.up_blocks[-1].resnets)
+    logs = d.step(batch(2), 0)  # the generator update decodes with grad through the checkpointed VAE and SDPA SAM
+    assert logs["skipped/generator"] == 0.0 and torch.isfinite(torch.tensor(logs["loss/generator"]))
+
+
+@pytest.fixture
+def bf16_accelerator():
+    """accelerate keeps one process-wide state: reset it around a bf16 Accelerator, so other tests keep theirs."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        yield Accelerator(cpu=True, mixed_precision="bf16")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_joint_rl_bf16_reference_and_reward(make_cfg, bf16_accelerator):
+    from trainer.config import parse_spec
+    from trainer.distill import Distiller
+    from trainer.memory import AutocastReward, reward_for_training
+    from trainer.reward import LatentRewardModel
+    from trainer.rl import JointRL
+
+    raw = make_cfg("sdxl", distill__gan_weight=0.0).model_dump(mode="json")
+    raw.update(kind="rl", rl={"threshold_min": -1.0, "threshold_max": -1.0, "optimizer": {"lr": 1e-3}},
+               memory={"ref_bf16": True, "reward_bf16": True})
+    raw["train"]["mixed_precision"] = "bf16"
+    cfg = parse_spec(raw)
+    teacher = load_teacher(cfg.model)
+    acc = bf16_accelerator
+    lrm = LatentRewardModel.from_pipeline(teacher.pipe, resolution=teacher.resolution).eval().requires_grad_(False)
+    reward = reward_for_training(lrm, cfg, acc)
+    assert isinstance(reward, AutocastReward) and lrm.unet.dtype == torch.bfloat16
+    assert lrm.visual_projection.weight.dtype == torch.float32, "the small projection stays fp32"
+    rl = JointRL(cfg, Distiller(cfg, teacher, acc), reward, acc)
+    assert all(p.dtype == torch.bfloat16 for p in rl.ref.parameters())
+    assert all(p.dtype == torch.float32 for p in rl.generator.parameters()), "the policy trains in fp32"
+    logs = rl.rl_update(["a handwritten digit one"], 0)
+    assert logs["rl/updated"] == 1.0 and logs["loss/rl"] == pytest.approx(0.6931, abs=2e-2)
