@@ -24,8 +24,8 @@ def _bytes(module: torch.nn.Module, grads: bool = False) -> int:
             + sum(b.numel() * b.element_size() for b in module.buffers() if b.is_floating_point()))
 
 
-def test_tiny_sdxl_figures_match_a_cpu_measurement(make_cfg):
-    cfg = make_cfg("sdxl")
+def test_tiny_sdxl_figures_match_a_cpu_measurement(tiny_dir):
+    cfg = load_spec("presets/tiny-sdxl.yaml", [f"model.teacher={tiny_dir('sdxl')}"])
     plan = make_plan(cfg, gpus=1).figures()
     d = Distiller(cfg, load_teacher(cfg.model), Accelerator(cpu=True))
     for opt in d.optimizers().values():  # one optimiser step each: the states now exist, as after a step
