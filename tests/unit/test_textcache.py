@@ -76,7 +76,7 @@ def test_the_cache_grows_by_new_shards_and_survives_reopening(make_cfg, tmp_path
 def test_distiller_trains_from_the_cache(make_cfg, batch, tmp_path):
     from trainer.data import DigitsDataset
 
-    cfg = make_cfg("sdxl")
+    cfg = make_cfg("sdxl", distill__gan_weight=0.0)  # the GAN path does not read text: keep the test fast
     teacher = load_teacher(cfg.model)
     captions = dataset_captions(DigitsDataset(32))
     assert len(captions) == 1797 and "a handwritten digit zero" in captions
@@ -85,3 +85,15 @@ def test_distiller_trains_from_the_cache(make_cfg, batch, tmp_path):
     logs = d.step(batch(2), 0)
     assert teacher.text_cache_misses == 0
     assert all(torch.isfinite(torch.tensor(v)) for k, v in logs.items() if k.startswith("loss/"))
+
+
+def test_train_builds_the_cache_in_the_run_dir(make_cfg, tmp_path):
+    from trainer.loop import train
+    from trainer.sink import JsonlSink
+
+    cfg = make_cfg("sdxl", memory__text_cache=True, train__max_steps=1, train__checkpoint_every=100,
+                   train__sample_every=100, train__num_samples=1, distill__gan_weight=0.0)  # GAN: not under test
+    run = tmp_path / "run"
+    assert train(cfg, JsonlSink(run), run_dir=run) == 1
+    manifest = json.loads((run / "cache" / "manifest.json").read_text())
+    assert len(manifest["text"]["entries"]) == 11, "ten digit captions and the empty prompt"
