@@ -200,6 +200,7 @@ class Plan:
     gpu_mem_gib: float
     rows: list[Row]
     peak_phase_bytes: float = 0.0  # max(activations, gradients + own graph) of the heaviest update
+    # (gradients count as state instead when train.grad_accum > 1 keeps them between micro-batches)
     peak_phase: str = ""
 
     def total(self) -> float:
@@ -320,13 +321,19 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
         p_graph = unet_graph_bytes(den_cfg, latent, pairs, ckpt)
         phases["rl update"] = ({"policy graph (pairs)": p_graph}, trainable[0], p_graph)
 
+    # With train.grad_accum > 1 each net's gradients live across its micro-batches, and the networks'
+    # updates interleave within an iteration, so every trainable net's gradients are held all run.
+    accum = t.grad_accum > 1
+
     def phase_bytes(acts: dict[str, float], net: Net, own: float) -> float:
-        return max(sum(acts.values()), 4 * net.trainable_params / shard + own)
+        return max(sum(acts.values()), (0 if accum else 4 * net.trainable_params / shard) + own)
 
     name, (acts, net, own) = max(phases.items(), key=lambda kv: phase_bytes(*kv[1]))
     peak = phase_bytes(acts, net, own)
-    rows.append(Row(f"{net.name} gradients", net.trainable_params, 4 * net.trainable_params / shard,
-                    f"fp32, in the {name}{sh}", "peak"))
+    for g in (trainable if accum else [net]):
+        rows.append(Row(f"{g.name} gradients", g.trainable_params, 4 * g.trainable_params / shard,
+                        f"fp32, held across train.grad_accum micro-batches{sh}" if accum else
+                        f"fp32, in the {name}{sh}", "state" if accum else "peak"))
     for comp, nbytes in acts.items():
         rows.append(Row(f"activations: {comp}", 0, nbytes, f"estimate, batch {b} at {res}²", "peak"))
     title = (f"{spec.name or spec.kind} ({spec.kind}, {arch.family}) on {n} GPU{'s' if n > 1 else ''} x "

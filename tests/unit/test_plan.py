@@ -73,6 +73,11 @@ def test_plan_counts_on_the_meta_device_and_levers_move_the_budget():
     for row in ("generator weights", "generator optimiser", "fake_score optimiser"):
         assert ff[row] == pytest.approx(fd[row] / 8), row
     assert ff["teacher unet"] == fd["teacher unet"], "frozen nets are not sharded"
+    # gradient accumulation keeps every net's gradients between micro-batches
+    one = make_plan(load_spec(SDXL_PRESET, ["train.grad_accum=1"]), gpus=1, arch=arch)
+    many = make_plan(load_spec(SDXL_PRESET, ["train.grad_accum=8"]), gpus=1, arch=arch)
+    assert "fake_score gradients" in many.figures() and "fake_score gradients" not in one.figures()
+    assert many.peak_allocated_gib > one.peak_allocated_gib + 8
 
 
 @pytest.mark.parametrize("preset,gpus", [(SDXL_PRESET, 1), ("presets/sdxl-4step-8gpu.yaml", 8),
