@@ -192,13 +192,15 @@ def run_config(name: str, args: argparse.Namespace, device: str, folder: Path, t
     cuda = device == "cuda"
     sync: Callable[[], None] = torch.cuda.synchronize if cuda else (lambda: None)
     out: dict[str, Any] = {}
-    teacher = distiller = trainer = acc = reward = None
+    teacher = distiller = trainer = acc = reward = lrm = None
     try:
         cfg = spec_for(name, 64 if args.dry_run else 1024, args.batch, cpu=args.dry_run)
         plan = make_plan(cfg, gpus=1, gpu_mem_gib=args.gpu_mem_gib, arch=load_arch(str(folder)))
         out.update(plan_alloc_gib=plan.peak_allocated_gib, plan_reserved_gib=plan.reserved_gib,
                    plan_rows={r.component: r.bytes / GIB for r in plan.rows})
-        if cuda:
+        if cuda:  # return the previous config's cached blocks first, or they count in this one's reserved peak
+            gc.collect()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             out["start_alloc_gib"] = torch.cuda.memory_allocated() / GIB
         check_runtime(cfg)
@@ -254,7 +256,7 @@ def run_config(name: str, args: argparse.Namespace, device: str, folder: Path, t
             if "plan_alloc_gib" in out:
                 out["plan_error_alloc"] = out["plan_alloc_gib"] / out["peak_alloc_gib"] - 1
                 out["plan_error_reserved"] = out["plan_reserved_gib"] / out["peak_reserved_gib"] - 1
-        teacher = distiller = trainer = acc = reward = None  # noqa: F841 (drop every reference first)
+        teacher = distiller = trainer = acc = reward = lrm = None  # noqa: F841 (drop every reference first)
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
