@@ -258,7 +258,7 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
 
             targets = lora.target_modules or LORA_TARGETS["transformer" if "transformer" in arch.nets else "unet"]
             extra = lora_params(den, lora.rank, targets)
-            net = Net(name, net.sizes + extra, extra)
+            net = Net(name, net.sizes + extra, extra, net.buffers)
         else:
             net.trainable = list(net.sizes)
         trainable.append(net)

@@ -107,3 +107,16 @@ def test_train_dry_run_shows_the_plan():
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)["memory"]["text_cache"] is True, "stdout stays the resolved JSON"
     assert "| teacher unet |" in out.stderr and "peak allocated" in out.stderr
+
+
+def test_lora_figures_match_peft(make_cfg):
+    cfg = make_cfg("sd3")  # flow transformer, generator and fake score as LoRA adapters (rank 2)
+    plan = make_plan(cfg, gpus=1).figures()
+    d = Distiller(cfg, load_teacher(cfg.model), Accelerator(cpu=True))
+    for p in d.generator.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    d.opt_g.step()
+    assert plan["generator weights"] == pytest.approx(_bytes(d.generator), rel=0.01)
+    assert plan["generator optimiser"] == pytest.approx(optimizer_state_bytes(d.opt_g), rel=0.01)
+    assert optimizer_state_bytes(d.opt_g) < 0.5 * _bytes(d.generator), "only the adapters have states"
