@@ -1,8 +1,8 @@
 """Memory levers that change how frozen networks run, not what they compute (issue #10 §2).
 
-Each is switched on by a `memory.*` field of the job spec and is numerically neutral: activation
-checkpointing recomputes the same forward; the bf16 casts apply to frozen networks that already ran under
-bf16 autocast. The trainable networks' levers (8-bit AdamW) live in trainer/optim.py, the text-embedding cache in
+Each is switched on by a `memory.*` field of the job spec. Activation checkpointing recomputes the same
+forward (bit-identical); the bf16 casts apply to frozen networks that already ran under bf16 autocast, whose
+matmuls cast their weights to bf16 anyway (only norm weights and biases gain bf16 rounding). The trainable networks' levers (8-bit AdamW) live in trainer/optim.py, the text-embedding cache in
 trainer/textcache.py, SAM's SDPA attention in trainer/discriminator.py.
 """
 

@@ -175,7 +175,8 @@ class JointRL:
         self.teacher, self.param, self.S = distiller.teacher, distiller.param, distiller.S
         # p_ref: a frozen copy of G as it is now, i.e. the stage-1 generator.
         self.ref: nn.Module = copy.deepcopy(distiller.generator).requires_grad_(False).eval()
-        if cfg.memory.ref_bf16:  # it only runs under bf16 autocast (ref_x0): bf16 weights halve it, same result
+        if cfg.memory.ref_bf16:  # it only runs under bf16 autocast (ref_x0), which already casts its matmul
+            # weights to bf16: bf16 storage halves it and changes only the norms' weights' rounding
             self.ref.to(torch.bfloat16)
         self.rl_steps = list(cfg.rl.timesteps)
         stds = {t: float(self.param.std(torch.tensor([s]))[0]) for t, s in stochastic_transitions(self.S)}
