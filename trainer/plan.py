@@ -330,10 +330,16 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
 
     name, (acts, net, own) = max(phases.items(), key=lambda kv: phase_bytes(*kv[1]))
     peak = phase_bytes(acts, net, own)
+    # Under FSDP2, micro-batches without gradient sync accumulate *unsharded* gradients (the reduce-scatter
+    # waits for the last one), so accumulated gradients are full size on every GPU.
     for g in (trainable if accum else [net]):
-        rows.append(Row(f"{g.name} gradients", g.trainable_params, 4 * g.trainable_params / shard,
-                        f"fp32, held across train.grad_accum micro-batches{sh}" if accum else
-                        f"fp32, in the {name}{sh}", "state" if accum else "peak"))
+        if accum:
+            rows.append(Row(f"{g.name} gradients", g.trainable_params, 4 * g.trainable_params, "fp32, held across "
+                            "train.grad_accum micro-batches" + (", unsharded until the sync" if shard > 1 else ""),
+                            "state"))
+        else:
+            rows.append(Row(f"{g.name} gradients", g.trainable_params, 4 * g.trainable_params / shard,
+                            f"fp32, in the {name}{sh}", "peak"))
     for comp, nbytes in acts.items():
         rows.append(Row(f"activations: {comp}", 0, nbytes, f"estimate, batch {b} at {res}²", "peak"))
     title = (f"{spec.name or spec.kind} ({spec.kind}, {arch.family}) on {n} GPU{'s' if n > 1 else ''} x "

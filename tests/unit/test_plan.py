@@ -72,6 +72,7 @@ def test_plan_counts_on_the_meta_device_and_levers_move_the_budget():
     ff, fd = make_plan(fsdp, arch=arch).figures(), make_plan(ddp8, arch=arch).figures()
     for row in ("generator weights", "generator optimiser", "fake_score optimiser"):
         assert ff[row] == pytest.approx(fd[row] / 8), row
+    assert ff["generator gradients"] == fd["generator gradients"], "accumulated without reduce-scatter: unsharded"
     assert ff["teacher unet"] == fd["teacher unet"], "frozen nets are not sharded"
     # gradient accumulation keeps every net's gradients between micro-batches
     one = make_plan(load_spec(SDXL_PRESET, ["train.grad_accum=1"]), gpus=1, arch=arch)
