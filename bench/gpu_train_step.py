@@ -2,7 +2,7 @@
 all together, stage 1 and stage 2, with peak allocated/reserved memory beside `flashdmd plan`'s prediction.
 
     pip install -e '.[gpu]' && python bench/gpu_train_step.py            # one command, < 8 min on an H100
-    python bench/gpu_train_step.py --configs s1-all,s2-all --iters 10      # a subset
+    python bench/gpu_train_step.py --configs s1-all,s2-all --iters 10      # a subset, longer timing
     python bench/gpu_train_step.py --dry-run                               # CPU, scaled-down, end to end
 
 Random weights throughout, built in memory from the configs in trainer/arch/sdxl-base (the same ones
@@ -265,7 +265,7 @@ def run_config(name: str, args: argparse.Namespace, device: str, folder: Path, t
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--iters", type=int, default=None, help="timed iterations per config (default 6; dry run 1)")
+    ap.add_argument("--iters", type=int, default=None, help="timed iterations per config (default 4; dry run 1)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed iterations first (stage 2: one RL cycle)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
@@ -276,7 +276,7 @@ def main() -> None:
     import torch
 
     if args.iters is None:
-        args.iters = 1 if args.dry_run else 6
+        args.iters = 1 if args.dry_run else 4
     if args.dry_run:
         device = "cpu"
         args.warmup = min(args.warmup, 1)
