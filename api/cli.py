@@ -12,6 +12,7 @@ import click
 
 from inference.cli import export_command, generate_command
 from trainer.cli import eval_command, train_command
+from trainer.plan_cli import plan_command
 from trainer.toy.cli import toy_group
 from trainer.toy.demo import demo_command
 
@@ -33,6 +34,7 @@ cli.add_command(generate_command)
 cli.add_command(export_command)
 cli.add_command(demo_command)
 cli.add_command(toy_group)
+cli.add_command(plan_command)  # trainer/plan_cli.py: the per-GPU memory budget of a spec
 
 
 @cli.command("up")

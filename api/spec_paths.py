@@ -171,6 +171,10 @@ def check_spec_paths(
             bad.append((name, f"{value!r} must be {what}an absolute path under the allowed roots ({allowed}){also}"))
         else:
             parent[field.path[-1]] = resolved
+    if isinstance(spec.get("memory"), dict) and spec["memory"].get("cache_dir") is not None:
+        # A path the trainer *writes*: a shared folder would let one user plant embeddings another user's run
+        # then trusts. Over the API the cache always lives in the job's own run directory.
+        bad.append(("spec.memory.cache_dir", "is set by the service (the job's run directory); leave it null"))
     if bad:
         raise APIError(
             "path_not_allowed", "; ".join(f"{n}: {m}" for n, m in bad), fields=[n for n, _ in bad]

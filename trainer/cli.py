@@ -35,6 +35,14 @@ def train_command(spec: Path, overrides: tuple[str, ...], run_dir: Path | None, 
     resolved = cfg.model_dump(mode="json")
     if dry_run:
         click.echo(json.dumps(resolved, indent=2))
+        if cfg.kind != "eval":  # the memory plan of `flashdmd plan`, on stderr: stdout stays the JSON
+            from trainer.errors import InputError
+            from trainer.plan_cli import plan_text
+
+            try:
+                click.echo(plan_text(cfg), err=True)
+            except InputError as err:
+                click.echo(f"(no memory plan: {err})", err=True)
         return
     run_dir = run_dir or Path("runs") / spec.stem
     # Imported here so that `--dry-run` and spec errors answer without loading torch.

@@ -224,7 +224,29 @@ class OptimSpec(_Strict):
     discriminator: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(lr=2e-5, betas=(0.0, 0.99)))
     grad_clip: float | None = Field(10.0, gt=0, description="max grad norm for every network; null: off")
     warmup_steps: int = Field(0, ge=0, le=INT32_MAX)
-    optimizer: Literal["adamw"] = Field("adamw", description="the optimiser of every trainable network")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="the optimiser of every trainable network; adamw8bit: bitsandbytes' block-wise "
+        "8-bit AdamW (2 B/param of state instead of 8; needs CUDA and `pip install 'flashdmd[gpu]'`)")
+
+
+# ------------------------------------------------------------------ memory levers (issue #10 §2)
+class MemorySpec(_Strict):
+    """Memory levers: each one is measured by bench/gpu_train_step.py and counted by `flashdmd plan`."""
+
+    text_cache: bool = Field(False, description="encode every caption once into a safetensors cache "
+                             "(trainer/textcache.py) and keep the text encoders off the GPU while training")
+    cache_dir: str | None = Field(None, description="the cache folder; default <run_dir>/cache. One folder can "
+                                  "serve many runs of the same teacher: entries are keyed by content hash")
+    vae_decode_checkpointing: bool = Field(False, description="recompute the VAE decoder's resnets in backward "
+                                           "on the Pixel-GAN path instead of storing their 1024² activations")
+    sam_sdpa: bool = Field(False, description="SAM encoder attention through F.scaled_dot_product_attention "
+                           "(same result; no materialised softmax matrix)")
+    ref_bf16: bool = Field(False, description="stage 2: keep the frozen reference policy p_ref in bf16")
+    reward_bf16: bool = Field(False, description="stage 2: the frozen reward model's weights in bf16, run "
+                              "under autocast")
+    rl_optimizer: Literal["separate", "shared"] = Field(
+        "separate", description="stage 2: separate: a second AdamW for L_rl (rl.optimizer); shared: L_rl steps "
+        "the generator's own optimiser at rl.optimizer.lr (one generator, one set of moments, as in Alg. 1)")
 
 
 class TrainSpec(_Strict):
@@ -255,9 +277,19 @@ class DistillJob(_Strict):
     distill: DistillSpec = Field(default_factory=DistillSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    memory: MemorySpec = Field(default_factory=MemorySpec)
 
     @model_validator(mode="after")
     def _cross(self) -> DistillJob:
+        if self.optim.optimizer == "adamw8bit" and self.train.sharding == "fsdp":
+            # bitsandbytes keeps its 8-bit states per plain tensor; FSDP2 parameters are DTensors. FSDP
+            # already divides the optimiser state by the GPU count, so the 8-GPU preset uses adamw.
+            raise ValueError("optim.optimizer: adamw8bit does not run with train.sharding: fsdp "
+                             "(bitsandbytes does not shard DTensor states); use adamw with fsdp")
+        for lever in ("ref_bf16", "reward_bf16"):
+            if getattr(self.memory, lever) and self.train.mixed_precision != "bf16":
+                raise ValueError(f"memory.{lever} needs train.mixed_precision: bf16 (the bf16 weights run "
+                                 "under bf16 autocast)")
         if not self.data.has_real_images and self.distill.gan_weight:
             raise ValueError("data.prompts has no real images for the GAN: use images/manifest/builtin "
                              "or set distill.gan_weight: 0")

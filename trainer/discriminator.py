@@ -64,6 +64,45 @@ def _image_encoder_cls() -> type[nn.Module]:
     return module.ImageEncoderViT
 
 
+def _sdpa_attention_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """segment-anything's `Attention.forward` through F.scaled_dot_product_attention (same maths).
+
+    The original builds the [B*heads, HW, HW] score matrix, adds the decomposed relative-position terms and
+    softmaxes it by hand, so backward keeps ~3 such matrices per block (at 1024² a global block has 4096
+    tokens: 16 heads x 4096² x 4 B = 1 GiB each). Here the relative-position terms go in as an additive
+    attn_mask, and SDPA's fused kernels keep neither the scores nor the probabilities. The terms use the
+    unscaled q, as in `add_decomposed_rel_pos`; SDPA's default scale is head_dim**-0.5 = `self.scale`.
+    """
+    b, h, w, _ = x.shape
+    heads = self.num_heads
+    qkv = self.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, nH, HW, d]
+    q, k, v = qkv.unbind(0)  # [B, nH, HW, d] each
+    bias = None
+    if self.use_rel_pos:
+        get_rel_pos = sys.modules[type(self).__module__].get_rel_pos
+        rh = get_rel_pos(h, h, self.rel_pos_h)  # [h, h, d]
+        rw = get_rel_pos(w, w, self.rel_pos_w)  # [w, w, d]
+        r_q = q.reshape(b, heads, h, w, -1)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh)  # [B, nH, h, w, h]
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)  # [B, nH, h, w, w]
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, h * w, h * w).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, nH, HW, d]
+    return self.proj(out.permute(0, 2, 1, 3).reshape(b, h, w, -1))
+
+
+def use_sdpa_attention(encoder: nn.Module) -> int:
+    """Route every attention layer of a SAM `ImageEncoderViT` through `_sdpa_attention_forward`.
+
+    Bound per instance, so the state dict (and checkpoints, SAM .pth loading) are unchanged. Returns the
+    number of layers switched.
+    """
+    n = 0
+    for block in encoder.blocks:
+        block.attn.forward = types.MethodType(_sdpa_attention_forward, block.attn)
+        n += 1
+    return n
+
+
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     """Read tensors only (weights_only / safetensors); never unpickle arbitrary objects."""
     try:
@@ -237,8 +276,13 @@ class PixelDiscriminator(nn.Module):
         return torch.cat(logits, dim=1)  # [B, N]
 
 
-def build_discriminator(spec: Any) -> PixelDiscriminator:
-    """From a `trainer.config.DiscriminatorSpec` (backbone, checkpoint, blocks, img_size, head_channels)."""
+def build_discriminator(spec: Any, sdpa: bool = False) -> PixelDiscriminator:
+    """From a `trainer.config.DiscriminatorSpec` (backbone, checkpoint, blocks, img_size, head_channels).
+
+    sdpa: the encoder's attention through F.scaled_dot_product_attention (memory.sam_sdpa).
+    """
     encoder = load_sam_image_encoder(spec.backbone, spec.checkpoint, spec.img_size)
+    if sdpa:
+        use_sdpa_attention(encoder)
     blocks = spec.blocks or SAM_GLOBAL_BLOCKS[spec.backbone]  # the spec normally resolves this already
     return PixelDiscriminator(encoder, blocks, head_channels=spec.head_channels)

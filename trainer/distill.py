@@ -71,7 +71,11 @@ class Distiller:
         if self.use_gan and self.flash:
             from trainer.discriminator import build_discriminator
 
-            self.disc = build_discriminator(d.discriminator).to(self.device)
+            self.disc = build_discriminator(d.discriminator, sdpa=cfg.memory.sam_sdpa).to(self.device)
+            if cfg.memory.vae_decode_checkpointing:  # the generator's decode on the GAN path (trainer/memory.py)
+                from trainer.memory import checkpoint_vae_decoder
+
+                checkpoint_vae_decoder(teacher.vae)
             self.disc.gradient_checkpointing = cfg.train.gradient_checkpointing
         elif self.use_gan:
             self.latent_head = self._build_latent_head().to(self.device)

@@ -21,7 +21,9 @@ from trainer.config import DistillJob
 from trainer.data import build_dataset, infinite_batches
 from trainer.errors import StopRequested, TrainingError
 from trainer.models import load_teacher
+from trainer.optim import check_runtime
 from trainer.sink import Sink
+from trainer.textcache import prepare_text_cache
 
 
 def _accelerator(cfg: DistillJob):  # noqa: ANN202
@@ -90,6 +92,7 @@ class _StopFlag:
 
 def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = False) -> int:
     """Run Flash-DMD stage 1 until cfg.train.max_steps; returns the last step."""
+    check_runtime(cfg)  # levers this machine cannot run (optim.optimizer: adamw8bit without CUDA) fail here
     if cfg.kind == "rl":  # stage 2 (joint RL) has its own loop
         from trainer.rl_loop import train_rl
 
@@ -105,6 +108,7 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
     torch.manual_seed(cfg.train.seed)
     teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
     ds = build_dataset(cfg.data, teacher.resolution)
+    prepare_text_cache(cfg, teacher, ds, run_dir, acc)  # memory.text_cache (trainer/textcache.py)
     distiller = Distiller(cfg, teacher, acc)
 
     start = 0

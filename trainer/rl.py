@@ -175,13 +175,24 @@ class JointRL:
         self.teacher, self.param, self.S = distiller.teacher, distiller.param, distiller.S
         # p_ref: a frozen copy of G as it is now, i.e. the stage-1 generator.
         self.ref: nn.Module = copy.deepcopy(distiller.generator).requires_grad_(False).eval()
+        if cfg.memory.ref_bf16:  # it only runs under bf16 autocast (ref_x0), which already casts its matmul
+            # weights to bf16: bf16 storage halves it and changes only the norms' weights' rounding
+            self.ref.to(torch.bfloat16)
         self.rl_steps = list(cfg.rl.timesteps)
         stds = {t: float(self.param.std(torch.tensor([s]))[0]) for t, s in stochastic_transitions(self.S)}
         self.thresholds = {t: pair_threshold(stds[t], list(stds.values()), cfg.rl.threshold_min,
                                              cfg.rl.threshold_max) for t in self.rl_steps}
         spec = cfg.rl.optimizer
         params = [p for p in distiller.generator.parameters() if p.requires_grad]
-        self.opt_rl = accelerator.prepare(build_optimizer(params, spec, cfg.optim.optimizer))
+        # memory.rl_optimizer: shared steps L_rl with the generator's own optimiser (rl_update sets its lr to
+        # rl.optimizer.lr; the distillation step sets it back). Alg. 1 has one generator theta updated by both
+        # objectives, so one set of moments is the paper's reading, and it saves a full-size AdamW (19 GiB in
+        # fp32 for SDXL). The betas and weight decay are then optim.generator's. separate keeps a second one.
+        self.shared_optimizer = cfg.memory.rl_optimizer == "shared"
+        if self.shared_optimizer:
+            self.opt_rl = distiller.opt_g
+        else:
+            self.opt_rl = accelerator.prepare(build_optimizer(params, spec, cfg.optim.optimizer))
 
     # what checkpoint.py and the sample grid need, as for a Distiller
     @property
@@ -192,7 +203,7 @@ class JointRL:
         return self.distiller.trainable_modules()
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {**self.distiller.optimizers(), "rl": self.opt_rl}
+        return {**self.distiller.optimizers(), **({} if self.shared_optimizer else {"rl": self.opt_rl})}
 
     def ref_x0(self, z_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         with torch.no_grad(), self.acc.autocast():

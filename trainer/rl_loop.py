@@ -30,9 +30,11 @@ from trainer.config import RewardSpec, RLJob
 from trainer.data import build_dataset, infinite_batches
 from trainer.errors import InputError, StopRequested, TrainingError
 from trainer.loop import NonfiniteGuard, _accelerator, _sample_prompts, _StopFlag
+from trainer.memory import reward_for_training
 from trainer.models import Teacher, load_teacher, predict_x0
 from trainer.reward import LatentRewardModel, PixelReward, RewardModel, load_lrm, pixel_scorer
 from trainer.sink import Sink
+from trainer.textcache import prepare_text_cache
 
 
 def resolve_init(ref: str) -> Path:
@@ -135,8 +137,9 @@ def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fals
     acc = _accelerator(cfg)
     torch.manual_seed(cfg.train.seed)
     teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
-    reward = build_reward(cfg.rl.reward, teacher, cfg, sink)
+    reward = reward_for_training(build_reward(cfg.rl.reward, teacher, cfg, sink), cfg, acc)  # memory.reward_bf16
     ds = build_dataset(cfg.data, teacher.resolution)
+    prepare_text_cache(cfg, teacher, ds, run_dir, acc)  # memory.text_cache (trainer/textcache.py)
     distiller = Distiller(cfg, teacher, acc)
     init = None
     if cfg.rl.init_from is None:

@@ -1,0 +1,369 @@
+"""`flashdmd plan`: the per-GPU memory budget of a job spec, counted on the meta device (issue #10 §2).
+
+Parameters are counted from the teacher's real configs (only the `config.json` files are read; networks are
+built under `accelerate.init_empty_weights`, so no weights are loaded or allocated). Bytes follow what the
+trainer does with each network:
+
+- trainable nets (generator, fake score, D heads or DMD2's latent head): fp32 weights, fp32 gradients (one
+  net's at a time: `_apply` frees them after each step), and optimiser states (trainer.optim's sizes);
+  `train.sharding: fsdp` divides all three by the GPU count;
+- frozen nets: the teacher UNet (bf16 under bf16 mixed precision, as the Distiller casts it), the VAE (fp32),
+  the text encoders (fp32; none with memory.text_cache), the SAM encoder (fp32), and for stage 2 the reference
+  policy (fp32, or bf16 with memory.ref_bf16) and the reward model (fp32, or bf16 with memory.reward_bf16);
+- activations: an estimate from the shapes (trainer/plan_act.py), for the phase of an iteration that holds
+  the most: the generator update (two generator graphs, the VAE decode and the SAM encoder on the GAN path,
+  plus the generator's gradients) or the fake-score update;
+- a margin: the CUDA context (outside torch's allocator) and allocator slack between allocated and reserved.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import InputError
+
+GIB = 2.0**30
+ARCH_DIR = Path(__file__).parent / "arch"
+# Hub ids whose architecture ships with the package (configs only), used when the hub is unreachable.
+KNOWN_ARCH = {"stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base"}
+CUDA_CONTEXT_GIB = 0.6  # CUDA context + cuBLAS/cuDNN workspaces: not in torch's counters
+ALLOCATOR_SLACK = 0.10  # reserved ~ allocated x 1.1 + 1 GiB: measured 1.07 (dmd2) and 1.22 (flash, foreach AdamW)
+ALLOCATOR_SLACK_GIB = 1.0
+
+
+# -------------------------------------------------------------------- configs and meta networks
+def _teacher_folder(ref: str, revision: str | None = None) -> Path:
+    """A folder with model_index.json and the component configs: local, tiny, hub cache, shipped, or hub."""
+    from trainer.models import is_local_path, resolve_teacher
+
+    if ref.startswith(("tiny:", "toy:")) or is_local_path(ref):
+        return Path(resolve_teacher(ref))
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(ref, "model_index.json", revision=revision)
+        if isinstance(cached, str):
+            return Path(cached).parent
+    except Exception:  # a malformed id: fall through to the other sources  # noqa: S110
+        pass
+    if ref in KNOWN_ARCH:
+        return ARCH_DIR / KNOWN_ARCH[ref]
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, revision=revision, allow_patterns=["*.json"]))
+    except Exception as err:
+        raise InputError(f"model.teacher: cannot read the configs of {ref!r} for the plan: "
+                         f"{type(err).__name__}: {err}") from None
+
+
+def _read(folder: Path, name: str) -> dict[str, Any] | None:
+    for rel in (f"{name}/config.json", f"{name}/scheduler_config.json"):
+        p = folder / rel
+        if p.is_file():
+            return json.loads(p.read_text())
+    return None
+
+
+@dataclass
+class Net:
+    """One network's parameter tensors (element counts) and which of them train."""
+
+    name: str
+    sizes: list[int]
+    trainable: list[int] = field(default_factory=list)
+    buffers: int = 0  # elements of floating-point buffers (spectral-norm u/v, ...)
+
+    @property
+    def params(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(self.trainable)
+
+
+def _count(name: str, module: Any, trainable: bool = False) -> Net:
+    sizes = [p.numel() for p in module.parameters()]
+    buffers = sum(b.numel() for b in module.buffers() if b.is_floating_point())
+    return Net(name, sizes, list(sizes) if trainable else [], buffers)
+
+
+@dataclass
+class Arch:
+    family: str
+    folder: Path
+    configs: dict[str, dict[str, Any]]
+    nets: dict[str, Any]  # meta-device modules
+
+    @property
+    def denoiser(self) -> Any:
+        return self.nets.get("unet") or self.nets["transformer"]
+
+
+def load_arch(ref: str, revision: str | None = None) -> Arch:
+    """The teacher's networks on the meta device, from its config files only."""
+    import diffusers
+    import transformers
+    from accelerate import init_empty_weights
+
+    from trainer.models import PIPELINE_FAMILY
+
+    folder = _teacher_folder(ref, revision)
+    index = json.loads((folder / "model_index.json").read_text())
+    family = PIPELINE_FAMILY.get(index.get("_class_name", ""))
+    if family is None:
+        raise InputError(f"model.teacher: unsupported pipeline {index.get('_class_name')!r} for the plan")
+    configs, nets = {}, {}
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        entry = index.get(name)
+        cfg = _read(folder, name)
+        if not entry or not entry[0] or cfg is None:
+            continue
+        lib, cls_name = entry
+        configs[name] = cfg
+        with init_empty_weights():
+            if lib == "diffusers":
+                nets[name] = getattr(diffusers, cls_name).from_config(cfg)
+            else:
+                cls = getattr(transformers, cls_name)
+                nets[name] = cls(cls.config_class(**{k: v for k, v in cfg.items() if not k.startswith("_")}))
+    return Arch(family, folder, configs, nets)
+
+
+def lora_params(denoiser: Any, rank: int, targets: list[str]) -> list[int]:
+    """LoRA adapter sizes: r x (in + out) per targeted Linear, as peft adds them (A: r x in, B: out x r)."""
+    from torch import nn
+
+    sizes = []
+    for name, m in denoiser.named_modules():
+        if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            sizes += [rank * m.in_features, m.out_features * rank]
+    return sizes
+
+
+def _disc_nets(spec: Any) -> tuple[Net, Net, Any]:
+    """(SAM encoder, heads) counts and the meta encoder, for a flash spec's Pixel-GAN."""
+    from accelerate import init_empty_weights
+    from torch import nn
+
+    from trainer.discriminator import _make_head, load_sam_image_encoder
+
+    d = spec.distill.discriminator
+    with init_empty_weights(include_buffers=True):
+        enc = load_sam_image_encoder("tiny", None, d.img_size) if d.backbone == "tiny" else \
+            _sam_meta(d.backbone, d.img_size)
+    # The heads are small and spectral_norm initialises from real values: build them on the CPU.
+    channels = int(enc.patch_embed.proj.out_channels)
+    heads = nn.ModuleDict({f"block{b}": _make_head(channels, d.head_channels) for b in d.blocks})
+    return _count("sam_encoder", enc), _count("discriminator", heads, trainable=True), enc
+
+
+def _sam_meta(backbone: str, img_size: int) -> Any:
+    from torch import nn
+
+    from trainer.discriminator import _SAM_VARIANTS, _image_encoder_cls
+
+    embed, depth, heads, global_idx = _SAM_VARIANTS[backbone]
+    return _image_encoder_cls()(img_size=img_size, patch_size=16, embed_dim=embed, depth=depth, num_heads=heads,
+                                global_attn_indexes=global_idx, window_size=14, out_chans=256, mlp_ratio=4.0,
+                                qkv_bias=True, use_rel_pos=True, rel_pos_zero_init=True,
+                                norm_layer=lambda dim: nn.LayerNorm(dim, eps=1e-6))
+
+
+def _latent_head_net(arch: Arch, latent_size: int) -> Net:
+    from trainer.gan import LatentHead
+
+    den = arch.denoiser
+    channels = int(den.config.block_out_channels[-1])
+    spatial = latent_size // 2 ** (len(den.config.block_out_channels) - 1)
+    return _count("latent_head", LatentHead(channels, spatial), trainable=True)
+
+
+# -------------------------------------------------------------------- the budget
+@dataclass
+class Row:
+    component: str
+    params: int  # elements counted (0 for estimates)
+    bytes: float  # per GPU
+    note: str = ""
+    kind: str = "state"  # state (held all run) | peak (held during the peak phase) | margin
+
+
+@dataclass
+class Plan:
+    title: str
+    gpus: int
+    gpu_mem_gib: float
+    rows: list[Row]
+    peak_phase_bytes: float = 0.0  # max(activations, gradients + own graph) of the heaviest update
+    # (gradients count as state instead when train.grad_accum > 1 keeps them between micro-batches)
+    peak_phase: str = ""
+
+    def total(self) -> float:
+        """Peak allocated bytes: everything held all run, plus the heaviest update's phase."""
+        return sum(r.bytes for r in self.rows if r.kind == "state") + self.peak_phase_bytes
+
+    @property
+    def peak_allocated_gib(self) -> float:
+        return self.total() / GIB
+
+    @property
+    def reserved_gib(self) -> float:
+        """Predicted peak reserved by torch's allocator."""
+        return self.peak_allocated_gib * (1 + ALLOCATOR_SLACK) + ALLOCATOR_SLACK_GIB
+
+    @property
+    def needed_gib(self) -> float:
+        return self.reserved_gib + CUDA_CONTEXT_GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.needed_gib <= self.gpu_mem_gib
+
+    def figures(self) -> dict[str, float]:
+        """Bytes by row name (the tests compare these with measured tensors)."""
+        return {r.component: r.bytes for r in self.rows}
+
+
+def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, arch: Arch | None = None) -> Plan:
+    """The per-GPU budget of a validated distill or rl spec on `gpus` GPUs (default train.num_processes)."""
+    from trainer.optim import adamw_state_bytes
+    from trainer.plan_act import sam_graph_bytes, unet_graph_bytes, vae_decode_graph_bytes
+
+    if spec.kind not in ("distill", "rl"):
+        raise InputError(f"kind: {spec.kind} jobs train nothing; plan a distill or rl spec")
+    arch = arch or load_arch(spec.model.teacher, spec.model.revision)
+    t, m = spec.train, spec.memory
+    n = gpus or t.num_processes
+    shard = n if t.sharding == "fsdp" else 1
+    bf16 = t.mixed_precision == "bf16"
+    den = arch.denoiser
+    den_cfg = dict(den.config)
+    vae_scale = 2 ** (len(arch.configs["vae"]["block_out_channels"]) - 1)
+    res = spec.model.resolution or int(den_cfg["sample_size"]) * vae_scale
+    latent = res // vae_scale
+    lora = spec.model.lora
+    kind = spec.optim.optimizer
+
+    # trainable nets: weights, gradients, optimiser states (sharded under fsdp)
+    trainable: list[Net] = []
+    for name in ("generator", "fake_score"):
+        net = _count(name, den)
+        if lora is not None:
+            from trainer.models import LORA_TARGETS
+
+            targets = lora.target_modules or LORA_TARGETS["transformer" if "transformer" in arch.nets else "unet"]
+            extra = lora_params(den, lora.rank, targets)
+            net = Net(name, net.sizes + extra, extra, net.buffers)
+        else:
+            net.trainable = list(net.sizes)
+        trainable.append(net)
+    sam = sam_enc = None
+    use_gan = bool(spec.distill.gan_weight) and spec.data.has_real_images
+    if use_gan and spec.distill.mode == "flash":
+        sam, heads, sam_enc = _disc_nets(spec)
+        trainable.append(heads)
+    elif use_gan:
+        trainable.append(_latent_head_net(arch, latent))
+    rows: list[Row] = []
+    sh = f" / {shard} (fsdp)" if shard > 1 else ""
+    for net in trainable:
+        rows.append(Row(f"{net.name} weights", net.params, (4 * net.params + 4 * net.buffers) / shard, f"fp32{sh}"))
+    opt_note = {"adamw": "AdamW fp32 2x4 B", "adamw8bit": "8-bit AdamW 2x1 B + absmax"}[kind]
+    for net in trainable:
+        rows.append(Row(f"{net.name} optimiser", net.trainable_params, adamw_state_bytes(net.trainable, kind) / shard,
+                        opt_note + sh))
+    if spec.kind == "rl" and m.rl_optimizer == "separate":
+        g = trainable[0]
+        rows.append(Row("rl optimiser (generator)", g.trainable_params, adamw_state_bytes(g.trainable, kind) / shard,
+                        opt_note + " (memory.rl_optimizer: separate)" + sh))
+
+    # frozen nets
+    rows.append(Row(f"teacher {'unet' if 'unet' in arch.nets else 'transformer'}", sum(_count('t', den).sizes),
+                    (2 if bf16 else 4) * _count("t", den).params, "bf16" if bf16 else "fp32", "state"))
+    rows.append(Row("vae", _count("v", arch.nets["vae"]).params, 4 * _count("v", arch.nets["vae"]).params, "fp32"))
+    te = [k for k in arch.nets if k.startswith("text_encoder")]
+    te_params = sum(_count(k, arch.nets[k]).params for k in te)
+    rows.append(Row("text encoders", te_params, 0 if m.text_cache else 4 * te_params,
+                    "cached: on the CPU (memory.text_cache)" if m.text_cache else f"fp32 ({len(te)})"))
+    if sam is not None:
+        rows.append(Row("sam encoder", sam.params, 4 * sam.params, "fp32, frozen"))
+    if spec.kind == "rl":
+        g = trainable[0]
+        rows.append(Row("reference policy p_ref", g.params, (2 if m.ref_bf16 else 4) * g.params,
+                        "bf16 (memory.ref_bf16)" if m.ref_bf16 else "fp32 copy of G"))
+        if spec.rl.reward.kind == "lrm":
+            r_params = _count("r", den).params + te_params
+            rows.append(Row("reward model (LRM)", r_params, (2 if m.reward_bf16 else 4) * r_params,
+                            "unet + text encoders, " + ("bf16 (memory.reward_bf16)" if m.reward_bf16 else "fp32")))
+
+    # The peak phase. In an update, the graph's activations are all alive at the end of the forward; backward
+    # frees them as it goes while the gradients fill in, and the last thing backward reaches is the trained
+    # net's own graph. So an update holds max(activations, gradients + that net's graph). (The optimiser
+    # step adds no scratch on CUDA: trainer.optim uses the fused AdamW or bitsandbytes' in-place kernels.)
+    b, ckpt = t.batch_size, t.gradient_checkpointing
+    g_graph = unet_graph_bytes(den_cfg, latent, b, ckpt)
+    gen_acts = {"generator graphs": 2 * g_graph if use_gan else g_graph}
+    if sam_enc is not None:
+        gen_acts["vae decode graph"] = vae_decode_graph_bytes(arch.configs["vae"], latent, b,
+                                                              m.vae_decode_checkpointing)
+        gen_acts["sam encoder graph"] = sam_graph_bytes(sam_enc, list(spec.distill.discriminator.blocks), b,
+                                                        ckpt, m.sam_sdpa)
+    phases: dict[str, tuple[dict[str, float], Net, float]] = {
+        "generator update": (gen_acts, trainable[0], g_graph),
+        "fake-score update": ({"fake-score graph": g_graph}, trainable[1], g_graph)}
+    if spec.kind == "rl":
+        pairs = (spec.rl.batch_size or b) * len(spec.rl.timesteps)
+        p_graph = unet_graph_bytes(den_cfg, latent, pairs, ckpt)
+        phases["rl update"] = ({"policy graph (pairs)": p_graph}, trainable[0], p_graph)
+
+    # With train.grad_accum > 1 each net's gradients live across its micro-batches, and the networks'
+    # updates interleave within an iteration, so every trainable net's gradients are held all run.
+    accum = t.grad_accum > 1
+
+    def phase_bytes(acts: dict[str, float], net: Net, own: float) -> float:
+        return max(sum(acts.values()), (0 if accum else 4 * net.trainable_params / shard) + own)
+
+    name, (acts, net, own) = max(phases.items(), key=lambda kv: phase_bytes(*kv[1]))
+    peak = phase_bytes(acts, net, own)
+    # Under FSDP2, micro-batches without gradient sync accumulate *unsharded* gradients (the reduce-scatter
+    # waits for the last one), so accumulated gradients are full size on every GPU.
+    for g in (trainable if accum else [net]):
+        if accum:
+            rows.append(Row(f"{g.name} gradients", g.trainable_params, 4 * g.trainable_params, "fp32, held across "
+                            "train.grad_accum micro-batches" + (", unsharded until the sync" if shard > 1 else ""),
+                            "state"))
+        else:
+            rows.append(Row(f"{g.name} gradients", g.trainable_params, 4 * g.trainable_params / shard,
+                            f"fp32, in the {name}{sh}", "peak"))
+    for comp, nbytes in acts.items():
+        rows.append(Row(f"activations: {comp}", 0, nbytes, f"estimate, batch {b} at {res}²", "peak"))
+    title = (f"{spec.name or spec.kind} ({spec.kind}, {arch.family}) on {n} GPU{'s' if n > 1 else ''} x "
+             f"{gpu_mem_gib:g} GiB, sharding {t.sharding}, {t.mixed_precision}, optimizer {kind}, "
+             f"batch {b} x grad_accum {t.grad_accum} x {n} = {b * t.grad_accum * n} at {res}²")
+    plan = Plan(title, n, gpu_mem_gib, rows, peak, name)
+    rows.append(Row("allocator slack", 0, plan.reserved_gib * GIB - plan.total(), "reserved - allocated", "margin"))
+    rows.append(Row("CUDA context", 0, CUDA_CONTEXT_GIB * GIB, "outside torch's counters", "margin"))
+    return plan
+
+
+def format_plan(plan: Plan) -> str:
+    unit, div = ("GiB", GIB) if plan.total() >= GIB else ("MiB", 2.0**20)  # tiny models read in MiB
+    lines = [f"# {plan.title}", "",
+             f"| component | params (M) | {unit} / GPU | note |", "|---|---:|---:|---|"]
+    for r in plan.rows:
+        params = f"{r.params / 1e6:,.1f}" if r.params else ""
+        lines.append(f"| {r.component} | {params} | {r.bytes / div:.2f} | {r.note} |")
+    lines += ["", f"- peak phase: the {plan.peak_phase}, max(activations, gradients + its own graph) = "
+              f"{plan.peak_phase_bytes / GIB:.2f} GiB",
+              f"- peak allocated (weights, states, frozen nets + peak phase): **{plan.peak_allocated_gib:.1f} GiB**",
+              f"- peak reserved (allocator): {plan.reserved_gib:.1f} GiB; with the CUDA context: "
+              f"**{plan.needed_gib:.1f} GiB of {plan.gpu_mem_gib:g}**",
+              f"- verdict: {'FITS' if plan.fits else 'DOES NOT FIT'}"
+              + ("" if plan.fits else " (levers: optim.optimizer adamw8bit, memory.*, train.sharding fsdp, "
+                 "model.lora, train.batch_size)")]
+    return "\n".join(lines)

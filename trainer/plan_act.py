@@ -1,0 +1,102 @@
+"""Activation estimates for `flashdmd plan` (trainer/plan.py): bytes a graph keeps for backward, from shapes.
+
+These are estimates, not measurements. Each layer type keeps about K tensors of its width x spatial size for
+backward (a resnet: two norms, two SiLUs, two convs and the residual; a transformer layer: attention q/k/v/out,
+cross-attention, GEGLU feed-forward at 4x width), in bf16 (2 B/element) under autocast. With activation
+checkpointing a unit keeps only its input, and backward recomputes one unit at a time, so the cost is the
+inputs plus the largest unit. bench/gpu_train_step.py measures the peaks and prints the plan's error beside them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+BF16 = 2
+RESNET_K = 10  # tensors of c x s² kept by one resnet block
+TRANSFORMER_K = 32  # ... by one transformer layer (attention + cross-attention + GEGLU 4c feed-forward)
+VAE_RESNET_K = 12  # the VAE runs fp32 weights under autocast: its group norms keep fp32 tensors
+SAM_MLP_K = 16  # a ViT block's norms, qkv (3C), attention output, MLP (4C, GELU, 4C)
+
+
+def _units(cfg: dict[str, Any], latent: int) -> list[tuple[float, float]]:
+    """(bytes per sample without checkpointing, checkpoint-input bytes) of each checkpointed unit of a UNet."""
+    chans = list(cfg["block_out_channels"])
+    lpb = cfg.get("layers_per_block", 2)
+    lpb = lpb if isinstance(lpb, int) else lpb[0]
+    tl = cfg.get("transformer_layers_per_block", 1)
+    tl = [tl] * len(chans) if isinstance(tl, int) else list(tl)
+    units: list[tuple[float, float]] = []
+
+    def add(c: int, s: int, layers: int, attention: bool) -> None:
+        size = c * s * s * BF16
+        units.extend([(RESNET_K * size, size)] * layers)
+        if attention:
+            units.extend([(TRANSFORMER_K * tl_l * size, size)] * layers)
+
+    for level, (c, kind) in enumerate(zip(chans, cfg["down_block_types"], strict=False)):
+        tl_l = tl[level]
+        add(c, latent >> level, lpb, "CrossAttn" in kind)
+    deepest = len(chans) - 1
+    tl_l = tl[-1]
+    add(chans[-1], latent >> deepest, 2, True)  # mid block: resnet, transformer, resnet
+    for i, (c, kind) in enumerate(zip(reversed(chans), cfg["up_block_types"], strict=False)):
+        level = deepest - i
+        tl_l = tl[level]
+        add(c, latent >> level, lpb + 1, "CrossAttn" in kind)
+    return units
+
+
+def unet_graph_bytes(cfg: dict[str, Any], latent: int, batch: int, checkpointing: bool) -> float:
+    """One denoiser forward with grad (SD3 transformers: treated as a UNet of one level)."""
+    if "block_out_channels" not in cfg:  # SD3 MMDiT: n joint layers at (latent/patch)² tokens
+        tokens = (latent // cfg.get("patch_size", 2)) ** 2
+        width = cfg.get("num_attention_heads", 24) * cfg.get("attention_head_dim", 64)
+        layer = TRANSFORMER_K * width * tokens * BF16
+        n = cfg.get("num_layers", 24)
+        return batch * (n * width * tokens * BF16 + layer if checkpointing else n * layer)
+    units = _units(cfg, latent)
+    if checkpointing:
+        return batch * (sum(inp for _, inp in units) + max(full for full, _ in units))
+    return batch * sum(full for full, _ in units)
+
+
+def vae_decode_graph_bytes(cfg: dict[str, Any], latent: int, batch: int, checkpointing: bool) -> float:
+    """The VAE decoder with grad (Pixel-GAN path), at `latent` input size."""
+    chans = list(reversed(cfg["block_out_channels"]))
+    lpb = cfg.get("layers_per_block", 2) + 1
+    layers: list[tuple[float, float]] = []
+    s = latent
+    c0 = chans[0]
+    mid = c0 * s * s * BF16
+    layers += [(VAE_RESNET_K * mid, mid)] * 2 + [(4 * mid, mid)]  # 2 resnets + single-head attention
+    for i, c in enumerate(chans):
+        size = c * s * s * BF16
+        layers += [(VAE_RESNET_K * size, size)] * lpb
+        if i < len(chans) - 1:  # upsampler: nearest x2 then a conv at the new size
+            s *= 2
+            up = c * s * s * BF16
+            layers.append((2 * up, up))
+    if checkpointing:
+        return batch * (sum(inp for _, inp in layers) + max(full for full, _ in layers))
+    return batch * sum(full for full, _ in layers)
+
+
+def sam_graph_bytes(encoder: Any, blocks: list[int], batch: int, checkpointing: bool, sdpa: bool) -> float:
+    """The SAM encoder with grad to its input (the generator's adversarial loss), up to the last used block."""
+    embed = int(encoder.patch_embed.proj.out_channels)
+    grid = int(encoder.img_size) // int(encoder.patch_embed.proj.kernel_size[0])
+    tokens = grid * grid
+    per_block: list[tuple[float, float]] = []
+    for i, blk in enumerate(encoder.blocks[: max(blocks) + 1]):
+        heads = int(blk.attn.num_heads)
+        t_attn = tokens if blk.window_size == 0 else blk.window_size**2
+        n_attn = 1 if blk.window_size == 0 else -(-grid // blk.window_size) ** 2
+        scores = heads * t_attn * t_attn * n_attn
+        # hand-written: scores (bf16) + scores with rel-pos (bf16) + softmax (fp32); SDPA: the rel-pos bias only
+        attn = scores * (2 * BF16 if sdpa else 2 * BF16 + 4)
+        inp = tokens * embed * BF16
+        per_block.append((SAM_MLP_K * inp + attn, inp))
+        del i
+    if checkpointing:
+        return batch * (sum(inp for _, inp in per_block) + max(full for full, _ in per_block))
+    return batch * sum(full for full, _ in per_block)
