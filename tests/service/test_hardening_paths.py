@@ -234,3 +234,15 @@ def test_a_manifest_edited_after_submit_fails_in_the_worker_naming_the_line(root
     assert job["status"] == "failed" and job["error"]["code"] == "invalid_input", job
     assert f"data.manifest: {path}:3: image" in job["error"]["message"], job["error"]
     assert "not under the allowed data roots" in job["error"]["message"]
+
+
+def test_a_cache_folder_the_trainer_would_write_is_refused(api: Api, roots) -> None:
+    """memory.cache_dir is written by the trainer: over the API the cache stays in the job's own run dir."""
+    owner = api.token()
+    for where in (str(roots["outside"]), str(api.settings.data_dir), "/tmp/shared-cache"):
+        spec = {**TINY_SPEC, "memory": {"text_cache": True, "cache_dir": where}}
+        res = api.client.post("/jobs", json={"spec": spec}, headers=owner)
+        assert res.status_code == 422, (where, res.text)
+        assert res.json()["error"]["fields"] == ["spec.memory.cache_dir"], res.text
+    res = api.client.post("/jobs", json={"spec": {**TINY_SPEC, "memory": {"text_cache": True}}}, headers=owner)
+    assert res.status_code == 201, res.text
