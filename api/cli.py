@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
+from flashjob.cli import eval_command, train_command
 from inference.cli import export_command, generate_command
-from trainer.cli import eval_command, train_command
 from trainer.toy.cli import toy_group
 from trainer.toy.demo import demo_command
 

@@ -38,7 +38,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+    """Trainable parameters plus every buffer (e.g. spectral norm's power-iteration vectors _u/_v of the
+    discriminator heads: without them a resumed D would restart its sigma estimate)."""
+    state = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    state.update({n: b.detach() for n, b in module.named_buffers()})
+    return {n: v.cpu().contiguous() for n, v in state.items()}
 
 
 def _export_generator(distiller, out: Path) -> str:  # noqa: ANN001
@@ -96,10 +100,12 @@ def load_trainable(module: nn.Module, path: Path, device: torch.device | str) ->
     missing = [n for n, p in params.items() if p.requires_grad and n not in state]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} tensors, e.g. {missing[0]}")
+    # Buffers are restored when present (checkpoints older than the buffer fix have none).
+    targets = {**dict(module.named_buffers()), **params}
     with torch.no_grad():
         for n, v in state.items():
-            if n in params:
-                params[n].copy_(v)
+            if n in targets:
+                targets[n].copy_(v)
 
 
 def load_checkpoint(ckpt: Path, distiller, acc) -> int:  # noqa: ANN001
