@@ -237,6 +237,21 @@ class Distiller:
         their forward is recomputed during backward and must see the same requires_grad flags."""
         return frozen(self.fake, self.latent_head, self.disc)
 
+    @contextlib.contextmanager
+    def sn_power(self, update: bool):
+        """Spectral norm runs one power iteration per forward in train mode. With grad_accum only the first
+        micro-batch of a phase iterates (the others use the stored _u/_v), so a step with A micro-batches
+        moves D exactly like one step with their union as a batch."""
+        heads = self.disc.heads if self.disc is not None else None
+        if heads is None or update:
+            yield
+            return
+        heads.eval()
+        try:
+            yield
+        finally:
+            heads.train()
+
     def generator_step(self, loss_finite: bool) -> dict[str, float]:
         upd = self.finish([p for p in self.generator.parameters() if p.requires_grad], self.opt_g, loss_finite)
         if upd.applied and self.flash and self.cfg.distill.ema:
@@ -374,7 +389,7 @@ class Distiller:
                     xs.append(self.gen_x0(x_in, self.S[k], mb.cond))
                 fakes.append(None)
                 continue
-            with no_sync(self.acc, self.generator_w, enabled=m + 1 < n), self.frozen_critics():
+            with no_sync(self.acc, self.generator_w, enabled=m + 1 < n), self.frozen_critics(), self.sn_power(m == 0):
                 x = self.gen_x0(x_in, self.S[k], mb.cond, self.generator_w)  # Alg. 1 line 10: x = G(x_tau, tau)
                 loss, row, fake_img = self.generator_loss(x, k, mb.cond, mb.uncond, mb.rng)
                 if (self.acc.process_index, step) in self._poison:
@@ -410,7 +425,7 @@ class Distiller:
         rows, finite = [], True
         for m, mb in enumerate(micro):
             fake_img = fakes[m] if fakes[m] is not None else self.decoded_fake(xs[m], k, mb.cond, mb.rng)
-            with no_sync(self.acc, self.disc_w, enabled=m + 1 < n):
+            with no_sync(self.acc, self.disc_w, enabled=m + 1 < n), self.sn_power(m == 0):
                 loss, row = self.discriminator_loss(mb.real, fake_img)
                 finite &= bool(torch.isfinite(loss))
                 self.backward(loss, 1.0 / n)

@@ -133,7 +133,8 @@ def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fals
     run_dir = Path(run_dir)
     acc = _accelerator(cfg)
     torch.manual_seed(cfg.train.seed)
-    teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
+    with acc.main_process_first():  # rank 0 builds/downloads the teacher once; the others then read it
+        teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
     reward = build_reward(cfg.rl.reward, teacher, cfg, sink)
     ds = build_dataset(cfg.data, teacher.resolution)
     distiller = Distiller(cfg, teacher, acc)
