@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.config import DEFAULT_REAL_GUIDANCE, DistillJob
+from trainer.errors import InputError
 from trainer.gan import LatentHead, mid_features
 from trainer.losses import GAN_LOSSES, diffusion_loss, dm_loss, ema_inject_, matching_parameters
 from trainer.models import Cond, Teacher, copy_trainable_, predict, predict_x0, teacher_x0, trainable_copy
@@ -99,12 +100,17 @@ class Distiller:
             self.disc.gradient_checkpointing = cfg.train.gradient_checkpointing
         elif self.use_gan:
             self.latent_head = self._build_latent_head().to(self.device)
-        # The wrapped networks: called once per micro-batch by their own loss (trainer/parallel.py).
+        # The wrapped networks: called once per micro-batch by their own loss (trainer/parallel.py). FSDP
+        # shards the two denoisers; the small D heads / latent head stay DDP replicas.
+        self.sharded = cfg.train.sharding == "fsdp" and accelerator.num_processes > 1
+        if self.sharded and cfg.model.lora is not None:
+            raise InputError("train.sharding: fsdp shards full-weight training; a LoRA run fits without it "
+                             "(use train.sharding: ddp)")
         sharding = cfg.train.sharding
         self.generator_w = wrap(accelerator, self.generator, sharding)
         self.fake_w = wrap(accelerator, self.fake, sharding)
-        self.disc_w = wrap(accelerator, self.disc, sharding) if self.disc is not None else None
-        self.latent_head_w = wrap(accelerator, self.latent_head, sharding) if self.latent_head else None
+        self.disc_w = wrap(accelerator, self.disc, "ddp") if self.disc is not None else None
+        self.latent_head_w = wrap(accelerator, self.latent_head, "ddp") if self.latent_head else None
         # EMA injection (Eq. 11) pairs trainable parameters of equal name: all weights, or LoRA adapters.
         self.ema_pairs = [(p, q) for p, q in matching_parameters(self.fake, self.generator) if q.requires_grad]
         self.opt_g = self._adamw(self.generator, cfg.optim.generator)
@@ -234,8 +240,11 @@ class Distiller:
 
     def frozen_critics(self) -> contextlib.AbstractContextManager:
         """The other networks stay frozen through G's loss *and its backward*: with gradient checkpointing
-        their forward is recomputed during backward and must see the same requires_grad flags."""
-        return frozen(self.fake, self.latent_head, self.disc)
+        their forward is recomputed during backward and must see the same requires_grad flags.
+        A sharded (FSDP2) fake score is not toggled: FSDP2 keeps the unsharded parameters' flags from when it
+        first gathered them, so a toggle would leave them frozen for the fake score's own update. Its stray
+        gradients from G's backward (dmd2's latent GAN only) are cleared before its update instead."""
+        return frozen(None if self.sharded else self.fake, self.latent_head, self.disc)
 
     @contextlib.contextmanager
     def sn_power(self, update: bool):
@@ -380,6 +389,7 @@ class Distiller:
         fakes: list[Tensor | None] = []
         rows: list[dict[str, float]] = []
         finite = True
+        self.opt_g.zero_grad(set_to_none=True)
         for m, mb in enumerate(micro):
             x_in = backward_simulate(lambda z, t, c=mb.cond: self.gen_x0(z, t, c),
                                      self.randn(self.teacher.latent_shape(len(mb.rng)), mb.rng),
@@ -408,6 +418,8 @@ class Distiller:
         """Alg. 1 lines 20-26, accumulated over the micro-batches: the fake score, then D."""
         n = len(micro)
         rows, finite = [], True
+        # Cleared first: a sharded (FSDP2) fake score used with grad while frozen may hold stray gradients.
+        self.opt_f.zero_grad(set_to_none=True)
         for m, (mb, x) in enumerate(zip(micro, xs, strict=True)):
             real_latents = None
             if mb.real is not None and self.latent_head is not None:
@@ -423,6 +435,7 @@ class Distiller:
         if self.disc is None or any(mb.real is None for mb in micro):
             return logs
         rows, finite = [], True
+        self.opt_d.zero_grad(set_to_none=True)
         for m, mb in enumerate(micro):
             fake_img = fakes[m] if fakes[m] is not None else self.decoded_fake(xs[m], k, mb.cond, mb.rng)
             with no_sync(self.acc, self.disc_w, enabled=m + 1 < n), self.sn_power(m == 0):

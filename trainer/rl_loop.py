@@ -132,6 +132,9 @@ def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fals
 
     run_dir = Path(run_dir)
     acc = _accelerator(cfg)
+    if cfg.train.sharding == "fsdp" and acc.num_processes > 1:
+        raise InputError("train.sharding: fsdp is not supported in stage 2 yet (p_ref is a copy of G); "
+                         "use train.sharding: ddp")
     torch.manual_seed(cfg.train.seed)
     with acc.main_process_first():  # rank 0 builds/downloads the teacher once; the others then read it
         teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)

@@ -49,3 +49,14 @@ def launch(dist_env):
                               text=True, timeout=timeout)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def single_b4(launch, tmp_path_factory):
+    """The reference: one process, batch 4, 3 steps (shared by the DDP, grad_accum and FSDP tests)."""
+    from distkit import STEPS, TINY
+
+    run_dir = tmp_path_factory.mktemp("single-b4")
+    res = launch(1, *TINY, *STEPS, "--set", "train.batch_size=4", "--run-dir", str(run_dir))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run_dir

@@ -5,27 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from distkit import TINY, max_diff, weights
+from distkit import STEPS, TINY, max_diff, weights
 
 from trainer.sink import read_metrics
 
 pytestmark = pytest.mark.slow
-
-# Adam's first steps move a weight by ~lr * g / (|g| + eps): with eps = 1e-8 an element whose gradient is at
-# rounding level (batch 4 vs 2 + 2 sums in another order) still moves by up to lr. eps = 1e-6 keeps the
-# comparison about the gradients, which is what data parallelism must preserve.
-STEPS = ["--set", "train.max_steps=3", "--set", "train.checkpoint_every=3",
-         "--set", "optim.generator.eps=1e-6", "--set", "optim.fake_score.eps=1e-6",
-         "--set", "optim.discriminator.eps=1e-6"]
-
-
-@pytest.fixture(scope="module")
-def single_b4(launch, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("single-b4")
-    res = launch(1, *TINY, *STEPS, "--set", "train.batch_size=4", "--run-dir", str(run_dir))
-    assert res.returncode == 0, res.stderr[-3000:]
-    return run_dir
-
 
 def _assert_same_weights(a, b, tol: float = 1e-5) -> None:
     moved = max_diff(weights(a, 3, "generator"), {k: v * 0 for k, v in weights(a, 3, "generator").items()})
