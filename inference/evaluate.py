@@ -126,8 +126,8 @@ def run_eval(cfg: EvalJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
     """Score every selected checkpoint; returns the number scored. `resume` re-scores from the start."""
     from inference.checkpoint import CheckpointError
     from inference.pipeline import load_pipeline
-    from trainer.sampling import image_grid
     from inference.scorers import build_scorer
+    from trainer.sampling import image_grid
 
     spec, run_dir = cfg.eval, Path(run_dir)
     if spec.checkpoint is None:

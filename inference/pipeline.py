@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from inference.checkpoint import CheckpointError, CheckpointInfo, teacher_ref
 from inference.lora import read_lora
-from trainer.sampling import sample, to_uint8
 from trainer.models import Cond, Teacher, pipeline_class
+from trainer.sampling import sample, to_uint8
 
 DEFAULT_MAX_SIDE = 4096
 

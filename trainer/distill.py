@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -29,46 +28,11 @@ from trainer.optim import build_optimizer
 from trainer.parallel import agree_any, full_norm, no_sync, wrap
 from trainer.rng import Gen, SampleRNG, mix_seed, randint, randn, shared_choice, vae_generators
 from trainer.schedules import backward_simulate, rollout_to_clean, sample_dm_timesteps
+from trainer.updates import Micro, Update, cat_rng, frozen, mean_logs
 
 # Test hook: "RANK:STEP[,RANK:STEP...]" makes the generator loss infinite on that rank at that step, to test
 # that every rank skips the update together (tests/dist). Not for production use.
 NONFINITE_HOOK = "FLASHDMD_TEST_NONFINITE"
-
-
-@contextlib.contextmanager
-def frozen(*modules: nn.Module | None):
-    """Temporarily stop parameter grads (grads still flow to inputs), restoring the flags after."""
-    saved = [(p, p.requires_grad) for m in modules if m is not None for p in m.parameters()]
-    for p, _ in saved:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-
-
-@dataclass
-class Update:
-    """What one optimiser update did: applied (finite) or skipped, and the pre-clip grad norm."""
-
-    applied: bool
-    grad_norm: float
-
-
-@dataclass
-class Micro:
-    """One micro-batch's inputs on this rank."""
-
-    cond: Cond
-    uncond: Cond
-    rng: SampleRNG
-    real: Tensor | None
-
-
-def _mean_logs(rows: list[dict[str, float]]) -> dict[str, float]:
-    keys = {k for r in rows for k in r}
-    return {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}
 
 
 class Distiller:
@@ -323,7 +287,7 @@ class Distiller:
         if self.latent_head is not None and real_latents is not None:
             # One head call on real and fake features together: one DDP forward per backward.
             both = self.latent_logits(torch.cat([real_latents, x]), Cond.cat([real_cond, cond]),
-                                      _cat_rng(gen))
+                                      cat_rng(gen))
             d_loss, d_logs = self.d_loss(*both.chunk(2))
             loss = loss + self.cfg.distill.disc_weight * d_loss
             logs.update(d_logs)
@@ -410,7 +374,7 @@ class Distiller:
             fakes.append(fake_img)
             rows.append(row)
         if generator_turn:
-            logs.update(_mean_logs(rows), **self.generator_step(finite))
+            logs.update(mean_logs(rows), **self.generator_step(finite))
         logs.update(self._critic_updates(micro, xs, fakes, k))
         return logs
 
@@ -431,7 +395,7 @@ class Distiller:
                 self.backward(loss, 1.0 / n)
             rows.append(row)
         upd = self.finish(self.fake_params(), self.opt_f, finite)
-        logs = {**_mean_logs(rows), "grad_norm/fake_score": upd.grad_norm, "skipped/fake_score": float(not upd.applied)}
+        logs = {**mean_logs(rows), "grad_norm/fake_score": upd.grad_norm, "skipped/fake_score": float(not upd.applied)}
         if self.disc is None or any(mb.real is None for mb in micro):
             return logs
         rows, finite = [], True
@@ -444,13 +408,7 @@ class Distiller:
                 self.backward(loss, 1.0 / n)
             rows.append(row)
         upd = self.finish(list(self.disc.trainable_parameters()), self.opt_d, finite)
-        logs.update(_mean_logs(rows), **{"grad_norm/discriminator": upd.grad_norm,
+        logs.update(mean_logs(rows), **{"grad_norm/discriminator": upd.grad_norm,
                                         "skipped/discriminator": float(not upd.applied)})
         return logs
 
-
-def _cat_rng(gen: Gen) -> Gen:
-    """Real and fake rows of one head call: the same samples' generators twice (real first, then fake)."""
-    if isinstance(gen, SampleRNG):
-        return gen.subset(list(range(len(gen))) * 2)
-    return gen

@@ -61,6 +61,12 @@ def make_accelerator(mixed_precision: str):  # noqa: ANN201
     cpu_fp16 = mixed_precision == "fp16" and use_cpu()
     handlers = [InitProcessGroupKwargs(timeout=dist_timeout()), DistributedDataParallelKwargs()]
     acc = Accelerator(cpu=use_cpu(), mixed_precision="no" if cpu_fp16 else mixed_precision, kwargs_handlers=handlers)
+    if acc.distributed_type.name == "FSDP":
+        from trainer.errors import InputError
+
+        raise InputError("this run was launched with accelerate's FSDP plugin; the trainer applies FSDP2 itself: "
+                         "launch with a multi-GPU config (deploy/accelerate/ddp.yaml or --multi_gpu) and set "
+                         "train.sharding: fsdp in the spec")
     if cpu_fp16:
         acc.scaler = torch.amp.GradScaler("cpu")
     # Accelerate would also write every prepared model into state/; checkpoint.py writes the weights itself.
