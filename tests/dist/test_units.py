@@ -122,3 +122,11 @@ def test_generated_images_are_clamped_before_the_discriminator(tiny):
     d.generator_update(x, 0, cond, uncond, d.rng(0))
     raw = d.teacher.decode(x.detach())
     assert raw.abs().max() > 1.5 and seen and all(s.abs().max() <= 1.0 for s in seen)
+
+
+def test_fsdp_is_rejected_at_validation_where_it_is_not_supported():
+    base = {"model": {"teacher": "tiny:sdxl"}, "data": {"builtin": "digits"}, "train": {"sharding": "fsdp"}}
+    assert parse_spec(base).train.sharding == "fsdp"
+    for extra in ({"model": {"teacher": "tiny:sd3", "lora": {"rank": 2}}}, {"kind": "rl"}):
+        with pytest.raises(ValueError, match="train.sharding"):
+            parse_spec({**base, **extra})
