@@ -32,9 +32,15 @@ from trainer.parallel import agree_any, make_accelerator
 from trainer.sampling import image_grid, sample
 from trainer.sink import Sink
 
-# Test hook: "RANK:STEP" makes that rank alone request a stop after that step (as if it alone had seen the
-# STOP file or a SIGTERM), to test that every rank stops together (tests/dist). Not for production use.
+# Test hooks (tests/dist), not for production use. "RANK:STEP": that rank alone requests a stop after that
+# step (as if it alone had seen the STOP file or a SIGTERM); or hangs there (a stuck rank).
 STOP_HOOK = "FLASHDMD_TEST_STOP_AT"
+HANG_HOOK = "FLASHDMD_TEST_HANG_AT"
+
+
+def _hook(name: str) -> tuple[int, ...] | None:
+    value = os.environ.get(name, "")
+    return tuple(int(v) for v in value.split(":")) if value else None
 
 
 def _accelerator(cfg: DistillJob):  # noqa: ANN202
@@ -102,11 +108,13 @@ class StopControl:
 
     def __init__(self, acc, sink: Sink) -> None:  # noqa: ANN001
         self.acc, self.sink, self.flag = acc, sink, _StopFlag()
-        hook = os.environ.get(STOP_HOOK, "")
-        self.hook = tuple(int(v) for v in hook.split(":")) if hook else None
+        self.hook, self.hang = _hook(STOP_HOOK), _hook(HANG_HOOK)
 
     def requested(self, step: int) -> bool:
-        local = self.flag.set or self.sink.should_stop() or self.hook == (self.acc.process_index, step)
+        me = (self.acc.process_index, step)
+        if self.hang == me:
+            time.sleep(3600)
+        local = self.flag.set or self.sink.should_stop() or self.hook == me
         return agree_any(self.acc, local)[0]
 
 

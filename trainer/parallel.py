@@ -126,7 +126,14 @@ def agree_any(acc, *flags: bool) -> list[bool]:  # noqa: ANN001
     if acc.num_processes == 1:
         return [bool(f) for f in flags]
     t = torch.tensor([float(bool(f)) for f in flags], device=acc.device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    try:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    except RuntimeError as err:  # gloo raises on timeout; NCCL's watchdog aborts the process itself
+        from trainer.errors import TrainingError
+
+        raise TrainingError(f"rank {acc.process_index}: the other ranks did not join a collective within "
+                            f"{dist_timeout().total_seconds():.0f} s (FLASHDMD_DIST_TIMEOUT_S); a rank is stuck "
+                            f"or died: {err}") from None
     return [bool(v) for v in t.tolist()]
 
 

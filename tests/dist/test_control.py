@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from distkit import TINY
@@ -49,3 +50,17 @@ def test_fp16_survives_a_forced_overflow(launch, tmp_path):
     assert rows[2]["skipped/generator"] == 1.0 and rows[3]["skipped/generator"] == 0.0
     assert rows[2]["amp/scale"] < rows[1]["amp/scale"], "the overflow lowered the loss scale"
     assert rows[3]["skipped/fake_score"] == 0.0 and _events(run_dir)[-1]["kind"] == "finished"
+
+
+def test_a_stuck_rank_fails_the_run_with_a_clear_error_instead_of_hanging(launch, tmp_path):
+    # Rank 1 hangs after step 2; rank 0 waits in the stop agreement until the process-group timeout
+    # (10 s here), then fails the run with a message that says what happened; the launcher ends rank 1.
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    res = launch(2, *TINY, "--set", "train.max_steps=6", "--set", "train.checkpoint_every=100",
+                 "--set", "train.batch_size=2", "--run-dir", str(run_dir),
+                 env={"FLASHDMD_TEST_HANG_AT": "1:2", "FLASHDMD_DIST_TIMEOUT_S": "10"}, timeout=200)
+    assert res.returncode != 0 and time.monotonic() - started < 150
+    failed = _events(run_dir)[-1]
+    assert failed["kind"] == "failed" and "did not join a collective within 10 s" in failed["message"]
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
