@@ -130,3 +130,20 @@ def test_fsdp_is_rejected_at_validation_where_it_is_not_supported():
     for extra in ({"model": {"teacher": "tiny:sd3", "lora": {"rank": 2}}}, {"kind": "rl"}):
         with pytest.raises(ValueError, match="train.sharding"):
             parse_spec({**base, **extra})
+
+
+def test_the_trainer_imports_nothing_from_inference():
+    # The sampler is part of the method (trainer/sampling.py); the dispatch by kind lives in flashjob/, above
+    # both packages, so importing every stage-1 and stage-2 module must not pull in inference/.
+    import subprocess
+    import sys
+
+    code = ("import sys, trainer.loop, trainer.rl_loop, trainer.distill, trainer.rl, trainer.checkpoint, "
+            "trainer.sampling, trainer.parallel, trainer.sharded; "
+            "print(sorted(m for m in sys.modules if m == 'inference' or m.startswith('inference.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+    code = "import sys, flashjob.cli; print('trainer.loop' in sys.modules, 'inference.evaluate' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False False", "the entry imports the job modules only when it runs one"
