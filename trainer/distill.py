@@ -344,11 +344,22 @@ class Distiller:
         salt: keeps the randomness of stage 2's extra iterations apart from the distillation turns'.
         """
         micro = [self._micro(mb, step, m, salt) for m, mb in enumerate(batch if isinstance(batch, list) else [batch])]
-        n = len(micro)
         self.set_learning_rates(step)
         generator_turn = step % self.cfg.distill.ttur == 0 if train_generator is None else train_generator
         k = self.pick_step(step, generator_turn)
         logs: dict[str, float] = {"generator_turn": float(generator_turn)}
+        g_logs, xs, fakes = self.generator_phase(micro, k, step, generator_turn)
+        logs.update(g_logs)
+        logs.update(self.fake_score_phase(micro, xs))
+        if self.disc is not None and all(mb.real is not None for mb in micro):
+            logs.update(self.discriminator_phase(micro, xs, fakes, k))
+        return logs
+
+    def generator_phase(self, micro: list[Micro], k: int, step: int,
+                        generator_turn: bool) -> tuple[dict, list[Tensor], list[Tensor | None]]:
+        """Alg. 1 lines 5-19 over the micro-batches: x = G(x_tau) for each, and on generator turns the
+        accumulated generator update. Returns logs, the detached x per micro-batch and (flash) D's fakes."""
+        n = len(micro)
         xs: list[Tensor] = []
         fakes: list[Tensor | None] = []
         rows: list[dict[str, float]] = []
@@ -373,13 +384,11 @@ class Distiller:
             xs.append(x.detach())
             fakes.append(fake_img)
             rows.append(row)
-        if generator_turn:
-            logs.update(mean_logs(rows), **self.generator_step(finite))
-        logs.update(self._critic_updates(micro, xs, fakes, k))
-        return logs
+        logs = {**mean_logs(rows), **self.generator_step(finite)} if generator_turn else {}
+        return logs, xs, fakes
 
-    def _critic_updates(self, micro: list[Micro], xs: list[Tensor], fakes: list[Tensor | None], k: int) -> dict:
-        """Alg. 1 lines 20-26, accumulated over the micro-batches: the fake score, then D."""
+    def fake_score_phase(self, micro: list[Micro], xs: list[Tensor]) -> dict[str, float]:
+        """Alg. 1 lines 20-24, accumulated over the micro-batches."""
         n = len(micro)
         rows, finite = [], True
         # Cleared first: a sharded (FSDP2) fake score used with grad while frozen may hold stray gradients.
@@ -395,9 +404,12 @@ class Distiller:
                 self.backward(loss, 1.0 / n)
             rows.append(row)
         upd = self.finish(self.fake_params(), self.opt_f, finite)
-        logs = {**mean_logs(rows), "grad_norm/fake_score": upd.grad_norm, "skipped/fake_score": float(not upd.applied)}
-        if self.disc is None or any(mb.real is None for mb in micro):
-            return logs
+        return {**mean_logs(rows), "grad_norm/fake_score": upd.grad_norm, "skipped/fake_score": float(not upd.applied)}
+
+    def discriminator_phase(self, micro: list[Micro], xs: list[Tensor], fakes: list[Tensor | None],
+                            k: int) -> dict[str, float]:
+        """Alg. 1 lines 25-26, accumulated over the micro-batches."""
+        n = len(micro)
         rows, finite = [], True
         self.opt_d.zero_grad(set_to_none=True)
         for m, mb in enumerate(micro):
@@ -408,7 +420,6 @@ class Distiller:
                 self.backward(loss, 1.0 / n)
             rows.append(row)
         upd = self.finish(list(self.disc.trainable_parameters()), self.opt_d, finite)
-        logs.update(mean_logs(rows), **{"grad_norm/discriminator": upd.grad_norm,
-                                        "skipped/discriminator": float(not upd.applied)})
-        return logs
+        return {**mean_logs(rows), "grad_norm/discriminator": upd.grad_norm,
+                "skipped/discriminator": float(not upd.applied)}
 
