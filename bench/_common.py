@@ -129,14 +129,15 @@ def run_iterations(distiller: Any, batches: Iterator[dict], start: int, n: int, 
     return start + n
 
 
-PHASES = ("generator_update", "dm_term", "fake_score_update", "discriminator_update", "decoded_fake",
+# Distiller.step's phases (each over all grad_accum micro-batches) and pieces inside them.
+PHASES = ("generator_phase", "dm_term", "fake_score_phase", "discriminator_phase", "decoded_fake",
           "latent_logits")
 
 
 def instrument_phases(distiller: Any, sync: Callable[[], None] = lambda: None) -> dict[str, float]:
     """Wrap the Distiller's Alg. 1 phase methods (on this instance only) to accumulate their wall time.
 
-    Nested phases (dm_term inside generator_update, latent_logits inside both updates) are counted in both.
+    Nested phases (dm_term inside generator_phase, latent_logits inside both) are counted in both.
     """
     acc: dict[str, float] = {}
 
@@ -158,11 +159,11 @@ def instrument_phases(distiller: Any, sync: Callable[[], None] = lambda: None) -
 
 def phase_summary(phases: dict[str, float], times: StepTimes) -> dict[str, float]:
     """Seconds per generator update spent in each phase; `other` = the rest of the step (text encoding,
-    backward simulation, the generator's forward)."""
+    learning rates). The generator phase includes backward simulation and G's forward; decoded_fake runs
+    inside the discriminator phase."""
     updates = sum(times.turns)
     out = {k: v / updates for k, v in phases.items()}
-    top = sum(phases.get(k, 0.0) for k in ("generator_update", "fake_score_update", "discriminator_update",
-                                          "decoded_fake"))
+    top = sum(phases.get(k, 0.0) for k in ("generator_phase", "fake_score_phase", "discriminator_phase"))
     out["other"] = (sum(times.seconds) - top) / updates
     return out
 

@@ -50,6 +50,9 @@ RUNS: dict[str, dict[str, Any]] = {
     "post-train": {"rl": {"joint": False}},
     "all-timesteps": {"rl": {"timesteps": "all"}},
     "joint-nogan": {"distill": {"gan_weight": 0.0}},
+    # Alg. 1 runs the fake-score and D updates every iteration (rl.critic_updates: every, the default);
+    # this run updates them on distillation turns only, as the trainer did before issue 10.
+    "joint-critics-distill-only": {"rl": {"critic_updates": "distill_only"}},
     CONTROL: {},  # built by control_spec
 }
 RL_UPDATES = 600
@@ -57,8 +60,9 @@ EVAL_POINTS = 6
 
 
 def run_spec(name: str, init: Path, scale: float, seed: int, thresholds: tuple[float, float],
-             rl_lr: float) -> dict[str, Any]:
-    spec = _merge(_merge(DEMO_SPEC, RL_BASE), RUNS[name])
+             rl_lr: float, critic_updates: str | None = None) -> dict[str, Any]:
+    base = RL_BASE if critic_updates is None else _merge(RL_BASE, {"rl": {"critic_updates": critic_updates}})
+    spec = _merge(_merge(DEMO_SPEC, base), RUNS[name])
     spec["name"] = f"bench-rl-{name}"
     spec["rl"].update(init_from=str(init), threshold_min=thresholds[0], threshold_max=thresholds[1])
     spec["rl"]["optimizer"]["lr"] = rl_lr
@@ -211,6 +215,9 @@ def main() -> None:
                     help="rl.threshold_min/max on the softmax gap of a pair")
     ap.add_argument("--rl-lr", type=float, default=1e-5, help="rl.optimizer.lr")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--critic-updates", choices=("every", "distill_only"), default=None,
+                    help="rl.critic_updates for every RL run (default: the spec default, every; "
+                    "the joint-critics-distill-only run sets distill_only itself)")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-rl")
     ap.add_argument("--out", type=Path, default=RESULTS / "rl_ablation")
     ap.add_argument("--from-json", type=Path, default=None,
@@ -264,7 +271,8 @@ def main() -> None:
             if not copy.parent.is_dir():
                 shutil.copytree(init, copy)  # the trainer resumes from this copy: weights, optimisers, step
         else:
-            spec = run_spec(name, init, args.scale, args.seed, tuple(args.threshold), args.rl_lr)
+            spec = run_spec(name, init, args.scale, args.seed, tuple(args.threshold), args.rl_lr,
+                            args.critic_updates)
         cfg = parse_spec(spec)
         run_dir = train_run(name, spec, args.work, args.threads)
         seconds, metrics = cumulative_seconds(run_dir), run_metrics(run_dir)

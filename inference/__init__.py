@@ -1,6 +1,7 @@
 """Inference: the K-step sampler, checkpoint loading and caching, image encoding and export (DESIGN §2).
 
     inference.sampler     sample(net, cond, timesteps, param, seeds=..., latent_shape=...): the one sampler
+                          (it lives in trainer/sampling.py: part of the method; re-exported here)
     inference.checkpoint  CheckpointInfo (meta.json, steps, sizes, export formats), no torch at import
     inference.pipeline    load_pipeline(checkpoint) -> FewStepPipeline.generate(prompts, seeds, ...)
     inference.cache       PipelineCache: a thread-safe LRU of loaded pipelines within a memory budget

@@ -1,7 +1,7 @@
 """`kind: eval` jobs: score checkpoints with the digits evaluator or the COCO-10k prompts protocol (issue #5).
 
-`run_eval(cfg, sink, run_dir=...)` is what `python -m trainer <eval spec>` runs (trainer.loop.train dispatches on
-kind), so eval jobs go through the same worker, sink, exit codes and cancel path as training jobs. For each
+`run_eval(cfg, sink, run_dir=...)` is what `python -m flashjob <eval spec>` runs (flashjob.cli.run_job dispatches
+on kind), so eval jobs go through the same worker, sink, exit codes and cancel path as training jobs. For each
 checkpoint (ordinal i = 1, 2, ...) it generates images with the few-step sampler (image j: seed
 `seed * 1000003 + j`, independent of the batch size), scores them, and logs the scores as metrics at step i
 (`eval/<metric>`, with `eval/checkpoint_step` naming the checkpoint); a grid of the first images goes to
@@ -126,8 +126,8 @@ def run_eval(cfg: EvalJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
     """Score every selected checkpoint; returns the number scored. `resume` re-scores from the start."""
     from inference.checkpoint import CheckpointError
     from inference.pipeline import load_pipeline
-    from inference.sampler import image_grid
     from inference.scorers import build_scorer
+    from trainer.sampling import image_grid
 
     spec, run_dir = cfg.eval, Path(run_dir)
     if spec.checkpoint is None:

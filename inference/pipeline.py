@@ -4,7 +4,7 @@ The teacher pipeline class (`StableDiffusionXLPipeline`, ...) loads the teacher'
 encoders, tokenizers and VAE through diffusers' own `from_pretrained`; the generator
 replaces the teacher's denoiser (full UNet/transformer) or is the teacher's denoiser
 with the LoRA fused into its weights, so a LoRA generator costs nothing per step.
-Sampling goes through `inference.sampler.sample`, the same function as the trainer's
+Sampling goes through `trainer.sampling.sample` (re-exported as `inference.sampler.sample`), the same function as the trainer's
 sample grids, and nothing in a `FewStepPipeline` changes after loading, so one instance
 serves concurrent requests.
 """
@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from inference.checkpoint import CheckpointError, CheckpointInfo, teacher_ref
 from inference.lora import read_lora
-from inference.sampler import sample, to_uint8
 from trainer.models import Cond, Teacher, pipeline_class
+from trainer.sampling import sample, to_uint8
 
 DEFAULT_MAX_SIDE = 4096
 

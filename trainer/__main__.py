@@ -1,5 +1,6 @@
-"""`python -m trainer SPEC ...` and `accelerate launch -m trainer SPEC ...`."""
+"""`python -m trainer SPEC ...`: an alias of the process entry `python -m flashjob` (kept for existing launch
+commands, e.g. api/proc.py). This script is never imported, so it adds no import edge from trainer/ upwards."""
 
-from trainer.cli import main
+from flashjob.cli import main
 
 main()

@@ -3,8 +3,9 @@
     meta.json                   written last: a folder without it is incomplete and ignored
     unet/ or transformer/       the generator as a diffusers model folder (full fine-tune), or
     lora/                       the generator's LoRA in diffusers' format (`load_lora_weights`)
-    trainable/*.safetensors     the trainable weights of every network, for resume
-    state/                      accelerate state: optimisers and RNG
+    trainable/*.safetensors     the trainable weights (and buffers) of every network, for resume
+    state/                      accelerate state: optimisers, GradScaler and RNG
+    sharded/                    instead of trainable/ and state/ under FSDP: DCP shards (trainer/sharded.py)
 
 A checkpoint is written into a temporary folder and renamed into place, so a
 crash never leaves a half-written `step-*` folder; old ones are rotated away.
@@ -38,7 +39,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+    """Trainable parameters plus every buffer (e.g. spectral norm's power-iteration vectors _u/_v of the
+    discriminator heads: without them a resumed D would restart its sigma estimate)."""
+    state = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    state.update({n: b.detach() for n, b in module.named_buffers()})
+    return {n: v.cpu().contiguous() for n, v in state.items()}
 
 
 def _export_generator(distiller, out: Path) -> str:  # noqa: ANN001
@@ -61,7 +66,8 @@ def _export_generator(distiller, out: Path) -> str:  # noqa: ANN001
 
 
 def save_checkpoint(run_dir: Path, step: int, distiller, acc, cfg, sink: Sink) -> Path | None:  # noqa: ANN001
-    """Every rank joins (accelerate state is per rank); rank 0 writes the model files and renames."""
+    """Every rank joins (optimiser state and, under FSDP, weight shards are collective); rank 0 writes the
+    model files and meta.json, then renames the folder into place."""
     root = Path(run_dir) / CKPT_DIR
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -69,16 +75,29 @@ def save_checkpoint(run_dir: Path, step: int, distiller, acc, cfg, sink: Sink) -
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "trainable").mkdir(parents=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp / "state"))  # optimisers + RNG (accelerate writes them per process)
+    full = None
+    if getattr(distiller, "sharded", False):
+        from trainer.sharded import SHARDED_DIR, full_generator_state, save_sharded
+
+        save_sharded(distiller, tmp / SHARDED_DIR)
+        full = full_generator_state(distiller)
+    else:
+        acc.save_state(str(tmp / "state"))  # optimisers + scaler + RNG (accelerate writes them per process)
     if acc.is_main_process:
-        for name, mod in distiller.trainable_modules().items():
-            save_file(trainable_state(mod), str(tmp / "trainable" / f"{name}.safetensors"))
-        kind = _export_generator(distiller, tmp)
+        if full is None:
+            for name, mod in distiller.trainable_modules().items():
+                save_file(trainable_state(mod), str(tmp / "trainable" / f"{name}.safetensors"))
+            kind = _export_generator(distiller, tmp)
+        else:
+            from trainer.sharded import export_full_generator
+
+            kind = export_full_generator(distiller, full, tmp)
         t = distiller.teacher
         meta = {"step": step, "family": t.family, "teacher": cfg.model.teacher, "resolution": t.resolution,
                 "timesteps": distiller.S, "num_steps": len(distiller.S), "generator": kind,
                 "mode": cfg.distill.mode, "parameterisation": t.param.kind,
-                "shift": getattr(t.param, "shift", None), "lora": cfg.model.lora.model_dump() if cfg.model.lora else None}
+                "shift": getattr(t.param, "shift", None), "lora": cfg.model.lora.model_dump() if cfg.model.lora else None,
+                "sharding": "fsdp" if full is not None else "none", "num_processes": acc.num_processes}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -96,14 +115,25 @@ def load_trainable(module: nn.Module, path: Path, device: torch.device | str) ->
     missing = [n for n, p in params.items() if p.requires_grad and n not in state]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} tensors, e.g. {missing[0]}")
+    # Buffers are restored when present (checkpoints older than the buffer fix have none).
+    targets = {**dict(module.named_buffers()), **params}
     with torch.no_grad():
         for n, v in state.items():
-            if n in params:
-                params[n].copy_(v)
+            if n in targets:
+                targets[n].copy_(v)
 
 
 def load_checkpoint(ckpt: Path, distiller, acc) -> int:  # noqa: ANN001
     """Restore the trainable weights, the optimisers and RNG; returns the checkpoint's step."""
+    from trainer.sharded import SHARDED_DIR, load_sharded
+
+    sharded = (ckpt / SHARDED_DIR).is_dir()
+    if sharded != bool(getattr(distiller, "sharded", False)):
+        raise ValueError(f"checkpoint {ckpt} was written {'with' if sharded else 'without'} FSDP sharding; "
+                         "resume it with the same train.sharding and number of processes")
+    if sharded:
+        load_sharded(distiller, ckpt / SHARDED_DIR)
+        return int(json.loads((ckpt / "meta.json").read_text())["step"])
     for name, mod in distiller.trainable_modules().items():
         path = ckpt / "trainable" / f"{name}.safetensors"
         if not path.exists():

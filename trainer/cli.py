@@ -1,67 +1,8 @@
-"""`flashdmd train`: build one validated config, print it, write it, call `train(cfg, sink)`.
-
-Runs as is (`flashdmd train ...`, `python -m trainer ...`) or under
-`accelerate launch -m trainer ...`. Exit codes: 0 finished, 2 bad spec or
-missing input, 3 stopped on request (checkpoint written), 1 any other failure.
-"""
+"""What the process entry (flashjob/cli.py) needs from the trainer: exit codes and the CPU thread policy."""
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-
-import click
-
-from trainer.config import SpecError, load_spec
-
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
-
-
-@click.command("train")
-@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a spec field, e.g. train.max_steps=20")
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="where config, metrics, samples and checkpoints go (default runs/<spec name>)")
-@click.option("--resume", is_flag=True, help="continue from the run directory's latest checkpoint")
-@click.option("--dry-run", is_flag=True, help="print the resolved config and exit")
-def train_command(spec: Path, overrides: tuple[str, ...], run_dir: Path | None, resume: bool, dry_run: bool) -> None:
-    """Distil a teacher into a few-step generator with Flash-DMD (or the dmd2 baseline)."""
-    try:
-        cfg = load_spec(spec, list(overrides))
-    except SpecError as err:
-        click.echo(f"error: invalid spec {spec}:\n{err}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
-    resolved = cfg.model_dump(mode="json")
-    if dry_run:
-        click.echo(json.dumps(resolved, indent=2))
-        if cfg.kind != "eval":  # the memory plan of `flashdmd plan`, on stderr: stdout stays the JSON
-            from trainer.errors import InputError
-            from trainer.plan_cli import plan_text
-
-            try:
-                click.echo(plan_text(cfg), err=True)
-            except InputError as err:
-                click.echo(f"(no memory plan: {err})", err=True)
-        return
-    run_dir = run_dir or Path("runs") / spec.stem
-    # Imported here so that `--dry-run` and spec errors answer without loading torch.
-    from trainer.errors import InputError, StopRequested, TrainingError
-    from trainer.loop import train
-    from trainer.sink import JsonlSink
-
-    try:
-        code = _run(train, cfg, run_dir, resume, resolved, JsonlSink)
-    except InputError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
-    except TrainingError as err:
-        click.echo(f"error: training failed: {err}", err=True)
-        sys.exit(EXIT_FAILED)
-    except StopRequested as stop:
-        click.echo(f"stopped on request at step {stop.step}; resume with --resume", err=True)
-        sys.exit(EXIT_STOPPED)
-    sys.exit(code)
 
 
 def cpu_threads(available: int | None = None) -> int | None:
@@ -81,48 +22,3 @@ def cpu_threads(available: int | None = None) -> int | None:
     if available is None:
         available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, available - 1)
-
-
-def _run(train, cfg, run_dir: Path, resume: bool, resolved: dict, sink_cls) -> int:  # noqa: ANN001
-    import torch
-    from accelerate import PartialState
-
-    threads = cpu_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    state = PartialState()
-    sink = sink_cls(run_dir, enabled=state.is_main_process)
-    if state.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
-        click.echo(json.dumps(resolved, indent=2), err=True)
-    try:
-        train(cfg, sink, run_dir=run_dir, resume=resume)
-    finally:
-        sink.close()
-    return EXIT_OK
-
-
-def main() -> None:
-    train_command(prog_name="python -m trainer")
-
-
-@click.command("eval")
-@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="override a spec field, e.g. eval.checkpoint=runs/x")
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="where metrics, grids and eval.json go (default runs/<spec name>)")
-@click.pass_context
-def eval_command(ctx: click.Context, spec: Path, overrides: tuple[str, ...], run_dir: Path | None) -> None:
-    """Score checkpoints with a `kind: eval` spec (digits evaluator, or CLIP/PickScore/HPSv2/ImageReward/FID)."""
-    try:
-        kind = load_spec(spec, list(overrides)).kind
-    except SpecError as err:
-        click.echo(f"error: invalid spec {spec}:\n{err}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
-    if kind != "eval":
-        click.echo(f"error: {spec} is a kind: {kind} spec; `flashdmd eval` runs kind: eval specs "
-                   "(use `flashdmd train` for training)", err=True)
-        sys.exit(EXIT_BAD_INPUT)
-    ctx.invoke(train_command, spec=spec, overrides=overrides, run_dir=run_dir, resume=False, dry_run=False)

@@ -293,6 +293,9 @@ class DistillJob(_Strict):
         if not self.data.has_real_images and self.distill.gan_weight:
             raise ValueError("data.prompts has no real images for the GAN: use images/manifest/builtin "
                              "or set distill.gan_weight: 0")
+        if self.train.sharding == "fsdp" and (self.model.lora is not None or self.kind == "rl"):
+            raise ValueError("train.sharding: fsdp shards full-weight stage-1 training; LoRA runs and stage 2 "
+                             "(kind: rl) use train.sharding: ddp")
         return self
 
 

@@ -157,7 +157,7 @@ def build_dataset(spec: DataSpec, resolution: int) -> Dataset:
 
 def infinite_batches(ds: Dataset, batch_size: int, seed: int, num_workers: int = 0,
                      start_epoch: int = 0) -> Iterator[dict]:
-    """Reshuffle every epoch with a seed derived from (seed, epoch), so a resumed run is reproducible."""
+    """Reshuffle every epoch with a seed derived from (seed, epoch) (one process; evaluation helpers)."""
     epoch = start_epoch
     while True:
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -165,3 +165,51 @@ def infinite_batches(ds: Dataset, batch_size: int, seed: int, num_workers: int =
                             generator=g, num_workers=num_workers)
         yield from loader
         epoch += 1
+
+
+class ShardSampler:
+    """Index lists for one rank: disjoint shards of one global order, resumable mid-epoch.
+
+    The global order is the concatenation of per-epoch permutations, each seeded by (seed, epoch), so every
+    rank computes the same order. Update u consumes the global positions [u*G, (u+1)*G) with
+    G = world * accum * batch; micro-batch m of rank r is the slice starting at (m * world + r) * batch, which
+    is also the global sample index that trainer/rng.py keys its noise by. A run resumed at update `start`
+    continues at position start*G: the same order, the consumed batches skipped, mid-epoch included.
+    """
+
+    def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world: int = 1, accum: int = 1,
+                 start: int = 0) -> None:
+        if n < 1:
+            raise ValueError("empty dataset")
+        self.n, self.batch, self.seed, self.rank, self.world, self.accum = n, batch, seed, rank, world, accum
+        self.update = start
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def positions(self, update: int, micro: int) -> range:
+        first = update * self.world * self.accum * self.batch + (micro * self.world + self.rank) * self.batch
+        return range(first, first + self.batch)
+
+    def indices(self, update: int, micro: int) -> list[int]:
+        return [int(self.permutation(p // self.n)[p % self.n]) for p in self.positions(update, micro)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            for m in range(self.accum):
+                yield self.indices(self.update, m)
+            self.update += 1
+
+
+def sharded_batches(ds: Dataset, batch: int, seed: int, *, rank: int = 0, world: int = 1, accum: int = 1,
+                    start: int = 0, num_workers: int = 0) -> Iterator[list[dict]]:
+    """Per update, this rank's `accum` micro-batches (a list of collated dicts), starting at update `start`."""
+    sampler = ShardSampler(len(ds), batch, seed, rank, world, accum, start)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=num_workers)
+    it = iter(loader)
+    while True:
+        yield [next(it) for _ in range(accum)]

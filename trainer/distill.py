@@ -1,48 +1,38 @@
 """One Flash-DMD (or DMD2-baseline) iteration, split into the phases of Algorithm 1.
 
-`Distiller.step(batch, step)` runs, in Alg. 1's order:
+`Distiller.step(micro_batches, step)` is one optimiser update of every network, in Alg. 1's order:
   1. backward simulation to the generator's input x_{tau_i}          (lines 5-8)
   2. every TTUR-th step: the generator update and EMA injection      (lines 12-19)
   3. the fake-score update on x.detach()                             (lines 20-24)
   4. the discriminator update                                        (lines 25-26)
-Each phase is a method so the tests can check the wiring phase by phase.
+A step takes `train.grad_accum` micro-batches: each phase accumulates its gradients over all of them (no
+all-reduce until the last) before its one optimiser step, so a step sees world x grad_accum x batch_size
+samples, exactly like one process with that batch (noise is keyed by the global sample index, trainer/rng.py).
+Each phase is a method so the tests can check the wiring phase by phase; distributed seams: trainer/parallel.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import os
 
 import torch
 from torch import Tensor, nn
 
 from trainer.config import DEFAULT_REAL_GUIDANCE, DistillJob
+from trainer.errors import InputError
 from trainer.gan import LatentHead, mid_features
 from trainer.losses import GAN_LOSSES, diffusion_loss, dm_loss, ema_inject_, matching_parameters
-from trainer.models import Cond, Teacher, predict, predict_x0, trainable_copy
+from trainer.models import Cond, Teacher, copy_trainable_, predict, predict_x0, teacher_x0, trainable_copy
 from trainer.optim import build_optimizer
+from trainer.parallel import agree_any, full_norm, no_sync, wrap
+from trainer.rng import Gen, SampleRNG, mix_seed, randint, randn, shared_choice, vae_generators
 from trainer.schedules import backward_simulate, rollout_to_clean, sample_dm_timesteps
+from trainer.updates import Micro, Update, cat_rng, frozen, mean_logs
 
-
-@contextlib.contextmanager
-def frozen(*modules: nn.Module | None):
-    """Temporarily stop parameter grads (grads still flow to inputs), restoring the flags after."""
-    saved = [(p, p.requires_grad) for m in modules if m is not None for p in m.parameters()]
-    for p, _ in saved:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-
-
-@dataclass
-class Update:
-    """What one optimiser update did: applied (finite) or skipped, and the pre-clip grad norm."""
-
-    applied: bool
-    grad_norm: float
+# Test hook: "RANK:STEP[,RANK:STEP...]" makes the generator loss infinite on that rank at that step, to test
+# that every rank skips the update together (tests/dist). Not for production use.
+NONFINITE_HOOK = "FLASHDMD_TEST_NONFINITE"
 
 
 class Distiller:
@@ -57,13 +47,12 @@ class Distiller:
         kind = teacher.denoiser_name
         self.generator = trainable_copy(teacher.denoiser, cfg.model.lora, kind).to(self.device)
         self.fake = trainable_copy(teacher.denoiser, cfg.model.lora, kind).to(self.device)
+        copy_trainable_(self.fake, self.generator)  # LoRA: matching adapter factors for Eq. (11)
         if cfg.train.gradient_checkpointing:
             for net in (self.generator, self.fake):
                 net.enable_gradient_checkpointing()
         if cfg.train.mixed_precision == "bf16":
             teacher.denoiser.to(torch.bfloat16)  # the frozen real score runs in bf16, as in DMD2
-        # EMA injection (Eq. 11) pairs trainable parameters of equal name: all weights, or LoRA adapters.
-        self.ema_pairs = [(p, q) for p, q in matching_parameters(self.fake, self.generator) if q.requires_grad]
         self.d_loss, self.g_loss = GAN_LOSSES[d.gan_loss]
         self.disc: nn.Module | None = None
         self.latent_head: LatentHead | None = None
@@ -79,6 +68,19 @@ class Distiller:
             self.disc.gradient_checkpointing = cfg.train.gradient_checkpointing
         elif self.use_gan:
             self.latent_head = self._build_latent_head().to(self.device)
+        # The wrapped networks: called once per micro-batch by their own loss (trainer/parallel.py). FSDP
+        # shards the two denoisers; the small D heads / latent head stay DDP replicas.
+        self.sharded = cfg.train.sharding == "fsdp" and accelerator.num_processes > 1
+        if self.sharded and cfg.model.lora is not None:
+            raise InputError("train.sharding: fsdp shards full-weight training; a LoRA run fits without it "
+                             "(use train.sharding: ddp)")
+        sharding = cfg.train.sharding
+        self.generator_w = wrap(accelerator, self.generator, sharding)
+        self.fake_w = wrap(accelerator, self.fake, sharding)
+        self.disc_w = wrap(accelerator, self.disc, "ddp") if self.disc is not None else None
+        self.latent_head_w = wrap(accelerator, self.latent_head, "ddp") if self.latent_head else None
+        # EMA injection (Eq. 11) pairs trainable parameters of equal name: all weights, or LoRA adapters.
+        self.ema_pairs = [(p, q) for p, q in matching_parameters(self.fake, self.generator) if q.requires_grad]
         self.opt_g = self._adamw(self.generator, cfg.optim.generator)
         fake_params = [*self.fake.parameters(), *(self.latent_head.parameters() if self.latent_head else [])]
         self.opt_f = self._adamw(fake_params, cfg.optim.fake_score)
@@ -86,6 +88,8 @@ class Distiller:
         self.opt_g, self.opt_f = accelerator.prepare(self.opt_g, self.opt_f)
         if self.opt_d is not None:
             self.opt_d = accelerator.prepare(self.opt_d)
+        hook = os.environ.get(NONFINITE_HOOK, "")
+        self._poison = {tuple(int(v) for v in item.split(":")) for item in hook.split(",") if item.strip()}
 
     # ---------------------------------------------------------------- setup helpers
     def _adamw(self, params, spec) -> torch.optim.Optimizer:  # noqa: ANN001
@@ -127,16 +131,21 @@ class Distiller:
 
     # ---------------------------------------------------------------- small pieces
     def rng(self, step: int, salt: int = 0) -> torch.Generator:
-        """Per-step randomness, identical on every rank for the step choice (DMD2 broadcasts k)."""
-        return torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + step * 7919 + salt) % 2**63)
+        """Per-step randomness, identical on every rank (the step choice k: DMD2 broadcasts k)."""
+        return torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, step, salt))
 
-    def randn(self, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
-        return torch.randn(shape, generator=gen).to(self.device)
+    def sample_rng(self, step: int, salt: int, micro: int, batch: int) -> SampleRNG:
+        """Per-sample randomness keyed by the global index of each sample in this step's global batch."""
+        first = (micro * self.acc.num_processes + self.acc.process_index) * batch
+        return SampleRNG(self.cfg.train.seed, step, salt, list(range(first, first + batch)))
 
-    def gen_x0(self, x_t: Tensor, t: Tensor | int, cond: Cond) -> Tensor:
+    def randn(self, shape: tuple[int, ...], gen: Gen) -> Tensor:
+        return randn(shape, gen, device=self.device)
+
+    def gen_x0(self, x_t: Tensor, t: Tensor | int, cond: Cond, net: nn.Module | None = None) -> Tensor:
         tt = torch.as_tensor(t, device=self.device, dtype=torch.long).expand(x_t.shape[0])
         with self.acc.autocast():
-            return predict_x0(self.generator, x_t, tt, cond, self.param).float()
+            return predict_x0(net or self.generator, x_t, tt, cond, self.param).float()
 
     def pick_step(self, step: int, generator_turn: bool) -> int:
         """Index k into S. Flash: only high-noise (DM) steps; dmd2: any step (DESIGN §3)."""
@@ -144,27 +153,39 @@ class Distiller:
         g = self.rng(step, salt=1)  # rank-independent, so every rank trains the same k
         return choices[int(torch.randint(len(choices), (1,), generator=g))]
 
-    def _apply(self, loss: Tensor, params: list[Tensor], opt: torch.optim.Optimizer) -> Update:
-        """backward + clip + step, skipping the update when the loss or the grads are not finite."""
-        opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            return Update(False, float("nan"))
-        self.acc.backward(loss)
-        if self.acc.num_processes > 1:  # models are not DDP-wrapped (several forwards per step): sync by hand
-            for p in params:
-                if p.grad is not None:
-                    p.grad = self.acc.reduce(p.grad, reduction="mean")
+    def backward(self, loss: Tensor, scale: float = 1.0) -> None:
+        self.acc.backward(loss * scale if scale != 1.0 else loss)
+
+    def finish(self, params: list[Tensor], opt: torch.optim.Optimizer, loss_finite: bool) -> Update:
+        """After the (accumulated) backward: agree, unscale, clip, step -- or skip on every rank together.
+
+        The skip decision is agreed across ranks (a non-finite loss on any rank; the grad norm is computed
+        from the already-synchronised gradients, so it is the same everywhere). With a GradScaler (fp16) a
+        skipped step still calls `scaler.update()`, so the scale drops and the next unscale is legal.
+        """
+        (any_nonfinite,) = agree_any(self.acc, not loss_finite)
+        scaler = self.acc.scaler
+        if scaler is not None:
+            scaler.unscale_(getattr(opt, "optimizer", opt))
         clip = self.cfg.optim.grad_clip or float("inf")
-        norm = float(self.acc.clip_grad_norm_(params, clip))
-        if not torch.isfinite(torch.tensor(norm)):
+        norm = full_norm(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip))
+        if any_nonfinite or not torch.isfinite(torch.tensor(norm)):
             opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()
             return Update(False, norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return Update(True, norm)
 
+    def _apply(self, loss: Tensor, params: list[Tensor], opt: torch.optim.Optimizer) -> Update:
+        """One micro-batch: backward + finish (used by stage 2 and the unit tests)."""
+        opt.zero_grad(set_to_none=True)
+        self.backward(loss)
+        return self.finish(params, opt, bool(torch.isfinite(loss)))
+
     # ---------------------------------------------------------------- Alg. 1 phases
-    def dm_term(self, x: Tensor, cond: Cond, uncond: Cond, gen: torch.Generator) -> tuple[Tensor, dict]:
+    def dm_term(self, x: Tensor, cond: Cond, uncond: Cond, gen: Gen) -> tuple[Tensor, dict]:
         """Eq. (4) on the generator output x (DMD2's normalisation; teacher with CFG, fake score without)."""
         d = self.cfg.distill
         b = x.shape[0]
@@ -172,24 +193,52 @@ class Distiller:
         x_t = self.param.add_noise(x.detach(), self.randn(x.shape, gen), t)
         with torch.no_grad():
             x0_fake = predict_x0(self.fake, x_t, t, cond, self.param, d.fake_guidance, uncond)
-            real = self.teacher.denoiser
             with self.acc.autocast():
-                x0_real = predict_x0(real, x_t.to(real.dtype), t, cond.map(lambda v: v.to(real.dtype)), self.param,
-                                     self.real_guidance, uncond.map(lambda v: v.to(real.dtype)))
+                x0_real = teacher_x0(self.teacher.denoiser, x_t, t, cond, self.param, self.real_guidance, uncond)
         return dm_loss(x, x0_real.float(), x0_fake.float())
 
-    def generator_update(self, x: Tensor, k: int, cond: Cond, uncond: Cond, gen: torch.Generator) -> tuple[dict, Tensor | None]:
-        """Alg. 1 lines 12-17. Returns logs and (flash) the detached decoded fake for D."""
-        # The other networks stay frozen through the backward too: with gradient checkpointing their
-        # forward is recomputed during backward, and must see the same requires_grad flags.
-        with frozen(self.fake, self.latent_head, self.disc):
-            logs, fake_img, upd = self._generator_loss_and_step(x, k, cond, uncond, gen)
-        if upd.applied and self.flash and self.cfg.distill.ema:
-            ema_inject_(self.ema_pairs, self.cfg.distill.ema)  # Eq. (11), Alg. 1 line 18
+    def generator_update(self, x: Tensor, k: int, cond: Cond, uncond: Cond, gen: Gen) -> tuple[dict, Tensor | None]:
+        """Alg. 1 lines 12-19 for one micro-batch (grad_accum 1). Returns logs and (flash) fakes for D."""
+        self.opt_g.zero_grad(set_to_none=True)
+        with self.frozen_critics():
+            loss, logs, fake_img = self.generator_loss(x, k, cond, uncond, gen)
+            self.backward(loss)
+        logs.update(self.generator_step(bool(torch.isfinite(loss))))
         return logs, fake_img
 
-    def _generator_loss_and_step(self, x: Tensor, k: int, cond: Cond, uncond: Cond,
-                                 gen: torch.Generator) -> tuple[dict, Tensor | None, Update]:
+    def frozen_critics(self) -> contextlib.AbstractContextManager:
+        """The other networks stay frozen through G's loss *and its backward*: with gradient checkpointing
+        their forward is recomputed during backward and must see the same requires_grad flags.
+        A sharded (FSDP2) fake score is not toggled: FSDP2 keeps the unsharded parameters' flags from when it
+        first gathered them, so a toggle would leave them frozen for the fake score's own update. Its stray
+        gradients from G's backward (dmd2's latent GAN only) are cleared before its update instead."""
+        return frozen(None if self.sharded else self.fake, self.latent_head, self.disc)
+
+    @contextlib.contextmanager
+    def sn_power(self, update: bool):
+        """Spectral norm runs one power iteration per forward in train mode. With grad_accum only the first
+        micro-batch of a phase iterates (the others use the stored _u/_v), so a step with A micro-batches
+        moves D exactly like one step with their union as a batch."""
+        heads = self.disc.heads if self.disc is not None else None
+        if heads is None or update:
+            yield
+            return
+        heads.eval()
+        try:
+            yield
+        finally:
+            heads.train()
+
+    def generator_step(self, loss_finite: bool) -> dict[str, float]:
+        upd = self.finish([p for p in self.generator.parameters() if p.requires_grad], self.opt_g, loss_finite)
+        if upd.applied and self.flash and self.cfg.distill.ema:
+            ema_inject_(self.ema_pairs, self.cfg.distill.ema)  # Eq. (11), Alg. 1 line 18
+        return {"grad_norm/generator": upd.grad_norm, "skipped/generator": float(not upd.applied)}
+
+    def generator_loss(self, x: Tensor, k: int, cond: Cond, uncond: Cond,
+                       gen: Gen) -> tuple[Tensor, dict, Tensor | None]:
+        """Alg. 1 lines 12-17: Eq. (4) (+ Eq. 9 or DMD2's latent GAN). Call it, and its backward, inside
+        `self.frozen_critics()`."""
         d = self.cfg.distill
         logs: dict[str, float] = {"dm/step_index": float(k), "dm/timestep": float(self.S[k])}
         loss_dm, dm_logs = self.dm_term(x, cond, uncond, gen)
@@ -201,101 +250,180 @@ class Distiller:
             # Eq. (9): the generator's x0 at t_hat, decoded, judged by the Pixel-GAN.
             x_clean = rollout_to_clean(lambda z, t: self.gen_x0(z, t, cond), x, self.S, k, self.param, gen)
             gan_steps = self.cfg.schedule.gan_steps
-            t_hat = gan_steps[int(torch.randint(len(gan_steps), (1,), generator=gen))]
+            t_hat = gan_steps[shared_choice(len(gan_steps), gen)]
             x_hat = self.param.add_noise(x_clean, self.randn(x.shape, gen), t_hat)
             x0_hat = self.gen_x0(x_hat, t_hat, cond)
             with self.acc.autocast():
-                img = self.teacher.decode(x0_hat)
+                # Clamped like the real images, so D cannot tell them apart by range alone.
+                img = self.teacher.decode(x0_hat).clamp(-1, 1)
                 adv, adv_logs = self.g_loss(self.disc(img, grad_through_encoder=True))
             fake_img = img.detach()
             loss = loss + d.gan_weight * adv
             logs.update(adv_logs, **{"gan/timestep": float(t_hat)})
         elif self.latent_head is not None:
-            # DMD2: latent GAN head on the fake score's mid-block features of noised x, summed at every step.
-            adv, adv_logs = self.g_loss(self.latent_logits(x, cond, gen))
+            # DMD2: latent GAN head on the fake score's mid-block features of noised x.
+            adv, adv_logs = self.g_loss(self.latent_logits(x, cond, gen, self.latent_head))
             loss = loss + d.gan_weight * adv
             logs.update(adv_logs)
-        upd = self._apply(loss, [p for p in self.generator.parameters() if p.requires_grad], self.opt_g)
-        logs.update({"loss/generator": loss.item(), "grad_norm/generator": upd.grad_norm,
-                     "skipped/generator": float(not upd.applied)})
-        return logs, fake_img, upd
+        logs["loss/generator"] = loss.item()
+        return loss, logs, fake_img
 
-    def latent_logits(self, latents: Tensor, cond: Cond, gen: torch.Generator) -> Tensor:
+    def latent_logits(self, latents: Tensor, cond: Cond, gen: Gen, head: nn.Module | None = None) -> Tensor:
         """DMD2's diffusion-GAN: noise at t_D ~ U{0..999}, mid-block features, conv head -> [B, 1]."""
         b = latents.shape[0]
-        t = torch.randint(0, 1000, (b,), generator=gen).to(self.device)
+        t = randint(0, 1000, b, gen, self.device)
         x_t = self.param.add_noise(latents, self.randn(latents.shape, gen), t)
         with self.acc.autocast():
             feats = mid_features(self.fake, x_t, t, cond, self.param)
-        return self.latent_head(feats.float())
+        return (head or self.latent_head_w)(feats.float())
 
-    def fake_score_update(self, x: Tensor, cond: Cond, gen: torch.Generator,
-                          real_latents: Tensor | None = None, real_cond: Cond | None = None) -> dict:
+    def fake_score_loss(self, x: Tensor, cond: Cond, gen: Gen, real_latents: Tensor | None = None,
+                        real_cond: Cond | None = None) -> tuple[Tensor, dict]:
         """Alg. 1 lines 20-24: Eq. (6) on detached generator samples (+ DMD2's D loss in dmd2 mode)."""
         x = x.detach()
         b = x.shape[0]
-        t = torch.randint(0, 1000, (b,), generator=gen).to(self.device)
+        t = randint(0, 1000, b, gen, self.device)
         noise = self.randn(x.shape, gen)
         x_t = self.param.add_noise(x, noise, t)
         with self.acc.autocast():
-            pred = predict(self.fake, x_t, t, cond, self.param)
+            pred = predict(self.fake_w, x_t, t, cond, self.param)
         loss, logs = diffusion_loss(pred, self.param.target(x, noise, t))
         if self.latent_head is not None and real_latents is not None:
-            d_loss, d_logs = self.d_loss(self.latent_logits(real_latents, real_cond, gen),
-                                         self.latent_logits(x, cond, gen))
+            # One head call on real and fake features together: one DDP forward per backward.
+            both = self.latent_logits(torch.cat([real_latents, x]), Cond.cat([real_cond, cond]),
+                                      cat_rng(gen))
+            d_loss, d_logs = self.d_loss(*both.chunk(2))
             loss = loss + self.cfg.distill.disc_weight * d_loss
             logs.update(d_logs)
+        return loss, logs
+
+    def fake_params(self) -> list[Tensor]:
         params = [p for p in self.fake.parameters() if p.requires_grad]
-        if self.latent_head is not None:
-            params += list(self.latent_head.parameters())
-        upd = self._apply(loss, params, self.opt_f)
+        return params + (list(self.latent_head.parameters()) if self.latent_head is not None else [])
+
+    def fake_score_update(self, x: Tensor, cond: Cond, gen: Gen,
+                          real_latents: Tensor | None = None, real_cond: Cond | None = None) -> dict:
+        loss, logs = self.fake_score_loss(x, cond, gen, real_latents, real_cond)
+        upd = self._apply(loss, self.fake_params(), self.opt_f)
         logs.update({"grad_norm/fake_score": upd.grad_norm, "skipped/fake_score": float(not upd.applied)})
         return logs
 
-    def discriminator_update(self, real_images: Tensor, fake_images: Tensor) -> dict:
+    def discriminator_loss(self, real_images: Tensor, fake_images: Tensor) -> tuple[Tensor, dict]:
         """Alg. 1 lines 25-26: hinge (or Eq. 10 logistic) loss; only the heads omega move."""
-        with self.acc.autocast():
-            real_logits = self.disc(real_images.to(self.device), grad_through_encoder=False)
-            fake_logits = self.disc(fake_images.detach(), grad_through_encoder=False)
-        loss, logs = self.d_loss(real_logits.float(), fake_logits.float())
+        b = real_images.shape[0]
+        with self.acc.autocast():  # one call on [real; fake]: one DDP forward per backward
+            logits = self.disc_w(torch.cat([real_images.to(self.device), fake_images.detach().to(self.device)]),
+                                 grad_through_encoder=False)
+        return self.d_loss(logits[:b].float(), logits[b:].float())
+
+    def discriminator_update(self, real_images: Tensor, fake_images: Tensor) -> dict:
+        loss, logs = self.discriminator_loss(real_images, fake_images)
         upd = self._apply(loss, list(self.disc.trainable_parameters()), self.opt_d)
         logs.update({"grad_norm/discriminator": upd.grad_norm, "skipped/discriminator": float(not upd.applied)})
         return logs
 
-    def decoded_fake(self, x: Tensor, k: int, cond: Cond, gen: torch.Generator) -> Tensor:
+    def decoded_fake(self, x: Tensor, k: int, cond: Cond, gen: Gen) -> Tensor:
         """Off generator turns, D still needs fakes: the same Eq. (8)-(9) path, without grad."""
         with torch.no_grad():
             x_clean = rollout_to_clean(lambda z, t: self.gen_x0(z, t, cond), x, self.S, k, self.param, gen)
             t_hat = self.cfg.schedule.gan_steps[-1]
             x0_hat = self.gen_x0(self.param.add_noise(x_clean, self.randn(x.shape, gen), t_hat), t_hat, cond)
             with self.acc.autocast():
-                return self.teacher.decode(x0_hat)
+                return self.teacher.decode(x0_hat).clamp(-1, 1)
 
     # ---------------------------------------------------------------- one iteration
-    def step(self, batch: dict, step: int) -> dict[str, float]:
-        self.set_learning_rates(step)
-        gen = self.rng(step, salt=2 + self.acc.process_index)
+    def _micro(self, batch: dict, step: int, m: int, salt: int) -> Micro:
         prompts = list(batch["caption"])
         b = len(prompts)
-        cond = self.teacher.encode(prompts)
-        uncond = self.teacher.uncond(b)
-        generator_turn = step % self.cfg.distill.ttur == 0
-        k = self.pick_step(step, generator_turn)
-        x_in = backward_simulate(lambda z, t: self.gen_x0(z, t, cond), self.randn(self.teacher.latent_shape(b), gen),
-                                 self.S, k, self.param, gen)
-        with torch.set_grad_enabled(generator_turn):
-            x = self.gen_x0(x_in, self.S[k], cond)  # Alg. 1 line 10: x = G(x_{tau_i}, tau_i)
-        logs: dict[str, float] = {"generator_turn": float(generator_turn)}
-        fake_img = None
-        if generator_turn:
-            g_logs, fake_img = self.generator_update(x, k, cond, uncond, gen)
-            logs.update(g_logs)
+        rng = self.sample_rng(step, 2 + salt, m, b)
         real = batch.get("image")
-        real_latents = self.teacher.encode_images(real.to(self.device)) if (
-            real is not None and self.latent_head is not None) else None
-        logs.update(self.fake_score_update(x, cond, gen, real_latents, cond if real_latents is not None else None))
-        if self.disc is not None and real is not None:
-            if fake_img is None:
-                fake_img = self.decoded_fake(x, k, cond, gen)
-            logs.update(self.discriminator_update(real, fake_img))
+        return Micro(self.teacher.encode(prompts), self.teacher.uncond(b), rng,
+                     None if real is None else real.to(self.device))
+
+    def step(self, batch: dict | list[dict], step: int, *, train_generator: bool | None = None,
+             salt: int = 0) -> dict[str, float]:
+        """One update of every network over `batch` (a list: the grad_accum micro-batches of this rank).
+
+        train_generator: None follows TTUR (step % ttur == 0); stage 2's critic-only iterations pass False.
+        salt: keeps the randomness of stage 2's extra iterations apart from the distillation turns'.
+        """
+        micro = [self._micro(mb, step, m, salt) for m, mb in enumerate(batch if isinstance(batch, list) else [batch])]
+        self.set_learning_rates(step)
+        generator_turn = step % self.cfg.distill.ttur == 0 if train_generator is None else train_generator
+        k = self.pick_step(step, generator_turn)
+        logs: dict[str, float] = {"generator_turn": float(generator_turn)}
+        g_logs, xs, fakes = self.generator_phase(micro, k, step, generator_turn)
+        logs.update(g_logs)
+        logs.update(self.fake_score_phase(micro, xs))
+        if self.disc is not None and all(mb.real is not None for mb in micro):
+            logs.update(self.discriminator_phase(micro, xs, fakes, k))
         return logs
+
+    def generator_phase(self, micro: list[Micro], k: int, step: int,
+                        generator_turn: bool) -> tuple[dict, list[Tensor], list[Tensor | None]]:
+        """Alg. 1 lines 5-19 over the micro-batches: x = G(x_tau) for each, and on generator turns the
+        accumulated generator update. Returns logs, the detached x per micro-batch and (flash) D's fakes."""
+        n = len(micro)
+        xs: list[Tensor] = []
+        fakes: list[Tensor | None] = []
+        rows: list[dict[str, float]] = []
+        finite = True
+        self.opt_g.zero_grad(set_to_none=True)
+        for m, mb in enumerate(micro):
+            x_in = backward_simulate(lambda z, t, c=mb.cond: self.gen_x0(z, t, c),
+                                     self.randn(self.teacher.latent_shape(len(mb.rng)), mb.rng),
+                                     self.S, k, self.param, mb.rng)
+            if not generator_turn:
+                with torch.no_grad():
+                    xs.append(self.gen_x0(x_in, self.S[k], mb.cond))
+                fakes.append(None)
+                continue
+            with no_sync(self.acc, self.generator_w, enabled=m + 1 < n), self.frozen_critics(), self.sn_power(m == 0):
+                x = self.gen_x0(x_in, self.S[k], mb.cond, self.generator_w)  # Alg. 1 line 10: x = G(x_tau, tau)
+                loss, row, fake_img = self.generator_loss(x, k, mb.cond, mb.uncond, mb.rng)
+                if (self.acc.process_index, step) in self._poison:
+                    loss = loss * float("inf")
+                finite &= bool(torch.isfinite(loss))
+                self.backward(loss, 1.0 / n)
+            xs.append(x.detach())
+            fakes.append(fake_img)
+            rows.append(row)
+        logs = {**mean_logs(rows), **self.generator_step(finite)} if generator_turn else {}
+        return logs, xs, fakes
+
+    def fake_score_phase(self, micro: list[Micro], xs: list[Tensor]) -> dict[str, float]:
+        """Alg. 1 lines 20-24, accumulated over the micro-batches."""
+        n = len(micro)
+        rows, finite = [], True
+        # Cleared first: a sharded (FSDP2) fake score used with grad while frozen may hold stray gradients.
+        self.opt_f.zero_grad(set_to_none=True)
+        for m, (mb, x) in enumerate(zip(micro, xs, strict=True)):
+            real_latents = None
+            if mb.real is not None and self.latent_head is not None:
+                real_latents = self.teacher.encode_images(mb.real, vae_generators(mb.rng))
+            with no_sync(self.acc, self.fake_w, self.latent_head_w, enabled=m + 1 < n):
+                loss, row = self.fake_score_loss(x, mb.cond, mb.rng, real_latents,
+                                                 mb.cond if real_latents is not None else None)
+                finite &= bool(torch.isfinite(loss))
+                self.backward(loss, 1.0 / n)
+            rows.append(row)
+        upd = self.finish(self.fake_params(), self.opt_f, finite)
+        return {**mean_logs(rows), "grad_norm/fake_score": upd.grad_norm, "skipped/fake_score": float(not upd.applied)}
+
+    def discriminator_phase(self, micro: list[Micro], xs: list[Tensor], fakes: list[Tensor | None],
+                            k: int) -> dict[str, float]:
+        """Alg. 1 lines 25-26, accumulated over the micro-batches."""
+        n = len(micro)
+        rows, finite = [], True
+        self.opt_d.zero_grad(set_to_none=True)
+        for m, mb in enumerate(micro):
+            fake_img = fakes[m] if fakes[m] is not None else self.decoded_fake(xs[m], k, mb.cond, mb.rng)
+            with no_sync(self.acc, self.disc_w, enabled=m + 1 < n), self.sn_power(m == 0):
+                loss, row = self.discriminator_loss(mb.real, fake_img)
+                finite &= bool(torch.isfinite(loss))
+                self.backward(loss, 1.0 / n)
+            rows.append(row)
+        upd = self.finish(list(self.disc.trainable_parameters()), self.opt_d, finite)
+        return {**mean_logs(rows), "grad_norm/discriminator": upd.grad_norm,
+                "skipped/discriminator": float(not upd.applied)}
+

@@ -2,12 +2,19 @@
 
 Resuming means re-running the same command with `--resume`: the latest complete
 checkpoint under `run_dir/checkpoints/` restores the weights, the optimiser state
-(accelerate) and the step, and per-step randomness is a pure function of the step.
+and the step; per-step randomness is a pure function of (step, global sample index),
+and the data order continues where the checkpoint left it (trainer/data.py ShardSampler).
+
+One step = one optimiser update of each network, over world x grad_accum x batch_size samples.
+Every rank runs this loop; decisions that change control flow (skip, stop, SIGTERM, cancel) are agreed
+with one all-reduce (trainer/parallel.py) before any rank acts, only rank 0 writes metrics, events and
+samples, and every rank joins each checkpoint save.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -18,21 +25,28 @@ from tqdm.auto import tqdm
 
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
 from trainer.config import DistillJob
-from trainer.data import build_dataset, infinite_batches
+from trainer.data import build_dataset, sharded_batches
 from trainer.errors import StopRequested, TrainingError
 from trainer.models import load_teacher
 from trainer.optim import check_runtime
+from trainer.parallel import agree_any, make_accelerator
+from trainer.sampling import image_grid, sample
 from trainer.sink import Sink
 from trainer.textcache import prepare_text_cache
 
+# Test hooks (tests/dist), not for production use. "RANK:STEP": that rank alone requests a stop after that
+# step (as if it alone had seen the STOP file or a SIGTERM); or hangs there (a stuck rank).
+STOP_HOOK = "FLASHDMD_TEST_STOP_AT"
+HANG_HOOK = "FLASHDMD_TEST_HANG_AT"
+
+
+def _hook(name: str) -> tuple[int, ...] | None:
+    value = os.environ.get(name, "")
+    return tuple(int(v) for v in value.split(":")) if value else None
+
 
 def _accelerator(cfg: DistillJob):  # noqa: ANN202
-    from accelerate import Accelerator
-
-    mp = cfg.train.mixed_precision
-    if mp == "fp16" and not torch.cuda.is_available():
-        mp = "no"  # fp16 autocast needs a GPU; bf16 works on CPUs too
-    return Accelerator(mixed_precision=mp)
+    return make_accelerator(cfg.train.mixed_precision)
 
 
 def _sample_prompts(ds, n: int) -> list[str]:  # noqa: ANN001
@@ -40,13 +54,14 @@ def _sample_prompts(ds, n: int) -> list[str]:  # noqa: ANN001
     return [ds[i]["caption"] for i in idx]
 
 
-def save_samples(distiller, prompts: list[str], path: Path) -> Path:  # noqa: ANN001
-    from inference.sampler import image_grid, sample
-
+def save_samples(distiller, prompts: list[str], path: Path | None) -> Path | None:  # noqa: ANN001
+    """Every rank runs the sampler (a sharded generator needs all ranks); rank 0 (path given) writes."""
     t = distiller.teacher
     cond = t.encode(prompts)
     lat = sample(distiller.generator, cond, distiller.S, distiller.param, seeds=list(range(len(prompts))),
                  latent_shape=t.latent_shape(1)[1:])
+    if path is None:
+        return None
     with torch.no_grad():
         images = t.decode(lat)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,23 +105,35 @@ class _StopFlag:
         self.set = True
 
 
+class StopControl:
+    """Whether to stop after this step: SIGTERM, the sink (STOP file / cancel), agreed across ranks."""
+
+    def __init__(self, acc, sink: Sink) -> None:  # noqa: ANN001
+        self.acc, self.sink, self.flag = acc, sink, _StopFlag()
+        self.hook, self.hang = _hook(STOP_HOOK), _hook(HANG_HOOK)
+
+    def requested(self, step: int) -> bool:
+        me = (self.acc.process_index, step)
+        if self.hang == me:
+            time.sleep(3600)
+        local = self.flag.set or self.sink.should_stop() or self.hook == me
+        return agree_any(self.acc, local)[0]
+
+
+def amp_logs(acc) -> dict[str, float]:  # noqa: ANN001
+    return {"amp/scale": float(acc.scaler.get_scale())} if acc.scaler is not None else {}
+
+
 def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = False) -> int:
     """Run Flash-DMD stage 1 until cfg.train.max_steps; returns the last step."""
     check_runtime(cfg)  # levers this machine cannot run (optim.optimizer: adamw8bit without CUDA) fail here
-    if cfg.kind == "rl":  # stage 2 (joint RL) has its own loop
-        from trainer.rl_loop import train_rl
-
-        return train_rl(cfg, sink, run_dir=run_dir, resume=resume)
-    if cfg.kind == "eval":  # scoring a checkpoint runs through the same command, sink and exit codes
-        from inference.evaluate import run_eval
-
-        return run_eval(cfg, sink, run_dir=run_dir, resume=resume)
     from trainer.distill import Distiller
 
     run_dir = Path(run_dir)
     acc = _accelerator(cfg)
     torch.manual_seed(cfg.train.seed)
-    teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
+    with acc.main_process_first():  # rank 0 builds/downloads the teacher once; the others then read it
+        teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
     ds = build_dataset(cfg.data, teacher.resolution)
     prepare_text_cache(cfg, teacher, ds, run_dir, acc)  # memory.text_cache (trainer/textcache.py)
     distiller = Distiller(cfg, teacher, acc)
@@ -118,37 +145,40 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
         if acc.is_main_process:
             truncate_metrics(run_dir, start)
     sink.log_event("started", f"{cfg.distill.mode} distillation from step {start}", step=start,
-                   max_steps=cfg.train.max_steps, resumed=ckpt is not None, family=teacher.family)
+                   max_steps=cfg.train.max_steps, resumed=ckpt is not None, family=teacher.family,
+                   num_processes=acc.num_processes, grad_accum=cfg.train.grad_accum, sharding=cfg.train.sharding)
     if start >= cfg.train.max_steps:
         sink.log_event("finished", "nothing to do: already at max_steps", step=start)
         return start
 
-    epoch = (start * cfg.train.batch_size) // max(len(ds), 1)
-    batches = infinite_batches(ds, cfg.train.batch_size, cfg.train.seed + acc.process_index,
-                               cfg.data.num_workers, start_epoch=epoch)
-    sample_prompts = _sample_prompts(ds, cfg.train.num_samples)
-    stop, guard, last_saved = _StopFlag(), NonfiniteGuard(cfg.train.max_nonfinite), start
-    bar = tqdm(total=cfg.train.max_steps, initial=start, desc=f"{cfg.distill.mode} K={len(distiller.S)}",
+    t = cfg.train
+    batches = sharded_batches(ds, t.batch_size, t.seed, rank=acc.process_index, world=acc.num_processes,
+                              accum=t.grad_accum, start=start, num_workers=cfg.data.num_workers)
+    sample_prompts = _sample_prompts(ds, t.num_samples)
+    stop, guard, last_saved = StopControl(acc, sink), NonfiniteGuard(t.max_nonfinite), start
+    bar = tqdm(total=t.max_steps, initial=start, desc=f"{cfg.distill.mode} K={len(distiller.S)}",
                disable=not acc.is_main_process, dynamic_ncols=True)
     step = start
     try:
-        while step < cfg.train.max_steps:
+        while step < t.max_steps:
             t0 = time.perf_counter()
             logs = distiller.step(next(batches), step)
             step += 1
             guard.observe(logs, step, sink)
+            logs.update(amp_logs(acc))
             logs["time/step_s"] = time.perf_counter() - t0
             logs["lr/generator"] = distiller.opt_g.param_groups[0]["lr"]
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            if step % t.log_every == 0 or step == t.max_steps:
                 sink.log_metrics(step, {k: v for k, v in logs.items() if math.isfinite(v)})
             bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()
                              if k in ("loss/dm", "loss/fake_score", "loss/disc", "loss/gen_adv")})
             bar.update(1)
-            if acc.is_main_process and (step % cfg.train.sample_every == 0 or step == cfg.train.max_steps):
-                path = save_samples(distiller, sample_prompts, run_dir / "samples" / f"step-{step:08d}.png")
-                sink.log_event("sample", f"sample grid at step {step}", step=step, path=str(path))
-            requested = stop.set or sink.should_stop()
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps or requested:
+            if step % t.sample_every == 0 or step == t.max_steps:
+                path = run_dir / "samples" / f"step-{step:08d}.png" if acc.is_main_process else None
+                if save_samples(distiller, sample_prompts, path) is not None:
+                    sink.log_event("sample", f"sample grid at step {step}", step=step, path=str(path))
+            requested = stop.requested(step)
+            if step % t.checkpoint_every == 0 or step == t.max_steps or requested:
                 save_checkpoint(run_dir, step, distiller, acc, cfg, sink)
                 last_saved = step
             if requested:

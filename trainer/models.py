@@ -217,16 +217,32 @@ def predict(net: nn.Module, x_t: Tensor, t: Tensor, cond: Cond, param: Parameter
     return net(x_t, time, encoder_hidden_states=cond.embeds, added_cond_kwargs=added, return_dict=False)[0]
 
 
+def guided_prediction(net: nn.Module, x_t: Tensor, t: Tensor, cond: Cond, param: Parameterisation,
+                      guidance: float = 1.0, uncond: Cond | None = None) -> Tensor:
+    """The raw prediction with optional CFG: pred_u + w (pred_c - pred_u), one batched forward of 2B."""
+    if guidance == 1.0 or uncond is None:
+        return predict(net, x_t, t, cond, param)
+    both = predict(net, torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([uncond, cond]), param)
+    pred_u, pred_c = both.chunk(2)
+    return pred_u + guidance * (pred_c - pred_u)
+
+
 def predict_x0(net: nn.Module, x_t: Tensor, t: Tensor, cond: Cond, param: Parameterisation,
                guidance: float = 1.0, uncond: Cond | None = None) -> Tensor:
-    """x0 estimate with optional CFG: pred_u + w (pred_c - pred_u), one batched forward of 2B."""
-    if guidance == 1.0 or uncond is None:
-        pred = predict(net, x_t, t, cond, param)
-    else:
-        both = predict(net, torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([uncond, cond]), param)
-        pred_u, pred_c = both.chunk(2)
-        pred = pred_u + guidance * (pred_c - pred_u)
+    """x0 estimate with optional CFG (the conversion in x_t's dtype)."""
+    pred = guided_prediction(net, x_t, t, cond, param, guidance, uncond)
     return param.to_x0(x_t, pred.to(x_t.dtype), t)
+
+
+def teacher_x0(net: nn.Module, x_t: Tensor, t: Tensor, cond: Cond, param: Parameterisation,
+               guidance: float = 1.0, uncond: Cond | None = None) -> Tensor:
+    """The real score's x0 in fp32: the forward runs in the net's dtype (bf16 in mixed precision), but
+    pred -> x0 uses the fp32 x_t. At t~980, 1/sqrt(alpha_bar)~13 would amplify a bf16 copy's rounding (DMD2
+    converts in fp32 too)."""
+    dt = next(net.parameters()).dtype
+    pred = guided_prediction(net, x_t.to(dt), t, cond.map(lambda v: v.to(dt)), param, guidance,
+                             None if uncond is None else uncond.map(lambda v: v.to(dt)))
+    return param.to_x0(x_t.float(), pred.float(), t)
 
 
 def trainable_copy(denoiser: nn.Module, lora: object | None, kind: str) -> nn.Module:
@@ -241,4 +257,24 @@ def trainable_copy(denoiser: nn.Module, lora: object | None, kind: str) -> nn.Mo
     net.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                target_modules=targets, init_lora_weights=True))
     return net.train()
+
+
+@torch.no_grad()
+def copy_trainable_(dst: nn.Module, src: nn.Module) -> int:
+    """Copy src's trainable tensors into dst's of the same name (LoRA: the fake score's adapters from G's).
+
+    Eq. (11) injects G into the fake score parameter by parameter. For LoRA that means averaging the factors
+    A and B separately, which is only an approximation of averaging the update B A (a product is not linear
+    in its factors); it is close while both adapters stay near common factors, and meaningless if lora_A
+    started from independent random draws. Starting the fake score's adapters as copies of G's keeps them
+    matched.
+    """
+    src_params = dict(src.named_parameters())
+    n = 0
+    for name, p in dst.named_parameters():
+        q = src_params.get(name)
+        if p.requires_grad and q is not None and q.shape == p.shape:
+            p.copy_(q)
+            n += 1
+    return n
 

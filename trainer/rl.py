@@ -12,6 +12,8 @@ One RL update:
      (the stage-1 generator) and one update of G with its own AdamW.
 `JointRL.step` alternates: rl.ratio RL updates, then one stage-1 distillation iteration (`Distiller.step`),
 unless rl.joint is false (post-train RL only).
+rl.critic_updates (default every, Alg. 1): on the RL iterations between distillation turns the fake score and
+D still update (lines 20-26) on a distillation batch; distill_only: they update on distillation turns only.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from trainer.distill import Distiller
 from trainer.losses import dpo_loss, gaussian_log_density
 from trainer.models import Cond, predict_x0
 from trainer.optim import build_optimizer
+from trainer.parallel import agree_any
 from trainer.reward import RewardModel
+from trainer.rng import Gen, randint, randn
 from trainer.schedules import Parameterisation
 
 Denoise = Callable[[Tensor, Tensor], Tensor]  # (z_t [B, C, H, W], t [B]) -> x0 [B, C, H, W]
@@ -49,14 +53,14 @@ def pair_threshold(std: float, stds: Sequence[float], th_min: float, th_max: flo
 
 
 def sample_candidates(x0: Tensor, s: int, k: int, param: Parameterisation,
-                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                      generator: Gen = None) -> tuple[Tensor, Tensor]:
     """k next latents through the sampler's own transition, z_s^j = step_to(x0(z_t), s, eps_j).
 
     x0: G(z_t, t) for the shared z_t          [B, C, H, W]
     returns (candidates, eps)                 [B, k, C, H, W] each
     """
     b = x0.shape[0]
-    eps = torch.randn((b, k, *x0.shape[1:]), generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+    eps = randn((b, k, *x0.shape[1:]), generator).to(x0.device, x0.dtype)  # per sample: k rows each
     x0k = x0.unsqueeze(1).expand(b, k, *x0.shape[1:]).reshape(b * k, *x0.shape[1:])
     cands = param.step_to(x0k, s, eps.reshape(b * k, *x0.shape[1:]))
     return cands.reshape(b, k, *x0.shape[1:]), eps
@@ -109,7 +113,7 @@ class Pairs:
 def collect_pairs(denoise: Denoise, reward: RewardModel, prompts: Sequence[str], noise: Tensor,
                   S: Sequence[int], rl_steps: Sequence[int], k: int, param: Parameterisation,
                   thresholds: dict[int, float], score_at: str = "next",
-                  generator: torch.Generator | None = None) -> tuple[Pairs, dict[str, float]]:
+                  generator: Gen = None) -> tuple[Pairs, dict[str, float]]:
     """Alg. 1 lines 28-29: sample the trajectory, candidates at each RL step, and keep decisive pairs.
 
     noise: z at S[0] [B, C, H, W]; thresholds: RL timestep -> threshold on the normalised gap.
@@ -123,7 +127,7 @@ def collect_pairs(denoise: Denoise, reward: RewardModel, prompts: Sequence[str],
         tt = torch.full((b,), t, device=dev, dtype=torch.long)
         x0 = denoise(z, tt)
         if t not in rl_steps:
-            z = param.step_to(x0, s, torch.randn(x0.shape, generator=generator).to(dev, x0.dtype))
+            z = param.step_to(x0, s, randn(x0.shape, generator).to(dev, x0.dtype))
             continue
         cands, _ = sample_candidates(x0, s, k, param, generator)  # [B, k, C, H, W]
         at = s if score_at == "next" else t
@@ -139,7 +143,7 @@ def collect_pairs(denoise: Denoise, reward: RewardModel, prompts: Sequence[str],
             parts.append(Pairs(z[sel], torch.full((sel.numel(),), t, dtype=torch.long, device=dev),
                                torch.full((sel.numel(),), s, dtype=torch.long, device=dev),
                                cands[sel, ch.win[sel]], cands[sel, ch.lose[sel]], sel, ch.gap[sel]))
-        pick = torch.randint(k, (b,), generator=generator).to(dev)  # continue from a random candidate
+        pick = randint(0, k, b, generator, dev)  # continue from a random candidate
         z = cands[torch.arange(b, device=dev), pick]
     groups = b * len([t for t, _ in transitions if t in rl_steps])
     scores_all = torch.cat(all_scores)
@@ -215,7 +219,7 @@ class JointRL:
         warm = self.cfg.optim.warmup_steps
         for group in self.opt_rl.param_groups:
             group["lr"] = rl.optimizer.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
-        gen = d.rng(step, salt=101 + self.acc.process_index)
+        gen = d.sample_rng(step, 101, 0, len(prompts))
         cond = self.teacher.encode(prompts)
         noise = d.randn(self.teacher.latent_shape(len(prompts)), gen)
         pairs, logs = collect_pairs(lambda z, t: d.gen_x0(z, t, cond), self.reward, prompts, noise, self.S,
@@ -223,15 +227,18 @@ class JointRL:
                                     rl.reward.score_at, gen)
         logs["rl/lr"] = self.opt_rl.param_groups[0]["lr"]
         params = [p for p in d.generator.parameters() if p.requires_grad]
+        (any_pairs,) = agree_any(self.acc, len(pairs) > 0)
+        if not any_pairs:  # no rank kept a pair: every rank skips the update together
+            logs["rl/updated"] = 0.0
+            return logs
         if not len(pairs):
-            if self.acc.num_processes == 1:
-                logs["rl/updated"] = 0.0
-                return logs
-            # Other ranks may have pairs and wait in the gradient all-reduce: join with zero gradients.
-            loss = sum(p.sum() for p in params) * 0.0
+            # Other ranks have pairs and will all-reduce G's gradients: join with a zero loss through the
+            # wrapped G (its one forward of this backward), so the collectives match.
+            tt = torch.full((1,), self.rl_steps[0], device=noise.device, dtype=torch.long)
+            loss = d.gen_x0(noise[:1], tt, cond[:1], d.generator_w).sum() * 0.0
         else:
             pc = cond[pairs.prompt]
-            x0_theta = d.gen_x0(pairs.z_t, pairs.t, pc)  # one policy forward per pair: w and l share z_t
+            x0_theta = d.gen_x0(pairs.z_t, pairs.t, pc, d.generator_w)  # one forward per pair: w, l share z_t
             x0_ref = self.ref_x0(pairs.z_t, pairs.t, pc)
             loss, dpo_logs = dpo_loss(*pair_log_probs(pairs, x0_theta, x0_ref, self.param), beta=rl.beta,
                                       ratio_clip=rl.ratio_clip)
@@ -245,12 +252,21 @@ class JointRL:
         """After every rl.ratio RL updates comes one distillation iteration (Table 4's N:1)."""
         return self.cfg.rl.joint and (step + 1) % self.cfg.rl.ratio == 0
 
-    def step(self, prompts: list[str], step: int, distill_batch: Callable[[], dict] | None = None) -> dict[str, float]:
+    def critic_turn(self, step: int) -> bool:
+        """rl.critic_updates: every -> the fake score and D also update on RL iterations (Alg. 1 lines 20-26
+        run every iteration); distill_only -> only on distillation turns. Not in post-train RL (joint false)."""
+        return self.cfg.rl.joint and self.cfg.rl.critic_updates == "every" and not self.distill_turn(step)
+
+    def step(self, prompts: list[str], step: int, distill_batch: Callable[[], dict | list[dict]] | None = None,
+             ) -> dict[str, float]:
         logs = self.rl_update(prompts, step)
-        turn = self.distill_turn(step)
+        turn, critic = self.distill_turn(step), self.critic_turn(step)
         logs["distill_turn"] = float(turn)
+        if (turn or critic) and distill_batch is None:
+            raise ValueError("a distillation or critic turn needs a batch")
         if turn:
-            if distill_batch is None:
-                raise ValueError("a distillation turn needs a batch")
             logs.update(self.distiller.step(distill_batch(), step // self.cfg.rl.ratio))
+        elif critic:
+            # Keyed by the RL step with its own salt, so its noise never repeats a distillation turn's.
+            logs.update(self.distiller.step(distill_batch(), step, train_generator=False, salt=1000))
         return logs

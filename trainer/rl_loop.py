@@ -27,12 +27,14 @@ from trainer.checkpoint import (
     truncate_metrics,
 )
 from trainer.config import RewardSpec, RLJob
-from trainer.data import build_dataset, infinite_batches
+from trainer.data import build_dataset, sharded_batches
 from trainer.errors import InputError, StopRequested, TrainingError
-from trainer.loop import NonfiniteGuard, _accelerator, _sample_prompts, _StopFlag
+from trainer.loop import NonfiniteGuard, StopControl, _accelerator, _sample_prompts, amp_logs
 from trainer.memory import reward_for_training
 from trainer.models import Teacher, load_teacher, predict_x0
+from trainer.optim import check_runtime
 from trainer.reward import LatentRewardModel, PixelReward, RewardModel, load_lrm, pixel_scorer
+from trainer.sampling import image_grid, sample
 from trainer.sink import Sink
 from trainer.textcache import prepare_text_cache
 
@@ -115,9 +117,7 @@ def build_reward(spec: RewardSpec, teacher: Teacher, cfg: RLJob, sink: Sink) -> 
 
 @torch.no_grad()
 def sample_and_score(rl, prompts: list[str], path: Path | None) -> float:  # noqa: ANN001
-    """The sample grid (as stage 1 writes it) and the reward of those final images at t = 0."""
-    from inference.sampler import image_grid, sample
-
+    """The sample grid (as stage 1 writes it, rank 0 only: path given) and the reward of the final images."""
     t = rl.teacher
     lat = sample(rl.generator, t.encode(prompts), rl.S, rl.param, seeds=list(range(len(prompts))),
                  latent_shape=t.latent_shape(1)[1:])
@@ -130,13 +130,18 @@ def sample_and_score(rl, prompts: list[str], path: Path | None) -> float:  # noq
 
 def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = False) -> int:
     """Run stage 2 until cfg.train.max_steps RL updates; returns the last step."""
+    check_runtime(cfg)  # levers this machine cannot run (optim.optimizer: adamw8bit without CUDA) fail here
     from trainer.distill import Distiller
     from trainer.rl import JointRL
 
     run_dir = Path(run_dir)
     acc = _accelerator(cfg)
+    if cfg.train.sharding == "fsdp" and acc.num_processes > 1:
+        raise InputError("train.sharding: fsdp is not supported in stage 2 yet (p_ref is a copy of G); "
+                         "use train.sharding: ddp")
     torch.manual_seed(cfg.train.seed)
-    teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
+    with acc.main_process_first():  # rank 0 builds/downloads the teacher once; the others then read it
+        teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
     reward = reward_for_training(build_reward(cfg.rl.reward, teacher, cfg, sink), cfg, acc)  # memory.reward_bf16
     ds = build_dataset(cfg.data, teacher.resolution)
     prepare_text_cache(cfg, teacher, ds, run_dir, acc)  # memory.text_cache (trainer/textcache.py)
@@ -169,41 +174,44 @@ def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fals
         sink.log_event("finished", "nothing to do: already at max_steps", step=start)
         return start
 
-    rl_bs, bs = cfg.rl.batch_size or cfg.train.batch_size, cfg.train.batch_size
-    n = max(len(ds), 1)
-    prompts_it = infinite_batches(ds, rl_bs, cfg.train.seed + 7919 + acc.process_index, cfg.data.num_workers,
-                                  start_epoch=(start * rl_bs) // n)
-    distill_it = infinite_batches(ds, bs, cfg.train.seed + acc.process_index, cfg.data.num_workers,
-                                  start_epoch=((start // cfg.rl.ratio) * bs) // n)
-    sample_prompts = _sample_prompts(ds, cfg.train.num_samples)
-    stop, guard, last_saved = _StopFlag(), NonfiniteGuard(cfg.train.max_nonfinite), start
-    bar = tqdm(total=cfg.train.max_steps, initial=start, desc=f"rl K={len(rl.S)}", disable=not acc.is_main_process,
+    rl_bs, t = cfg.rl.batch_size or cfg.train.batch_size, cfg.train
+    shard = {"rank": acc.process_index, "world": acc.num_processes, "num_workers": cfg.data.num_workers}
+    # Distillation batches consumed before `start`: one per RL step with critic updates every iteration
+    # (joint), else one per distillation turn. RL updates take one prompt batch each (no accumulation).
+    used = start if (cfg.rl.joint and cfg.rl.critic_updates == "every") else start // cfg.rl.ratio
+    prompts_it = sharded_batches(ds, rl_bs, t.seed + 7919, start=start, **shard)
+    distill_it = sharded_batches(ds, t.batch_size, t.seed, accum=t.grad_accum, start=used, **shard)
+    sample_prompts = _sample_prompts(ds, t.num_samples)
+    stop, guard, last_saved = StopControl(acc, sink), NonfiniteGuard(t.max_nonfinite), start
+    bar = tqdm(total=t.max_steps, initial=start, desc=f"rl K={len(rl.S)}", disable=not acc.is_main_process,
                dynamic_ncols=True)
     step = start
     try:
-        while step < cfg.train.max_steps:
+        while step < t.max_steps:
             t0 = time.perf_counter()
-            logs = rl.step(list(next(prompts_it)["caption"]), step, lambda: next(distill_it))
+            logs = rl.step(list(next(prompts_it)[0]["caption"]), step, lambda: next(distill_it))
             step += 1
             guard.observe(logs, step, sink)
+            logs.update(amp_logs(acc))
             logs["time/step_s"] = time.perf_counter() - t0
-            sample_now = acc.is_main_process and (step % cfg.train.sample_every == 0 or step == cfg.train.max_steps)
-            if sample_now:
+            sample_now = step % t.sample_every == 0 or step == t.max_steps
+            if sample_now:  # every rank samples (a sharded G needs them all); rank 0 writes
                 path = run_dir / "samples" / f"step-{step:08d}.png"
-                logs["eval/reward"] = sample_and_score(rl, sample_prompts, path)
+                logs["eval/reward"] = sample_and_score(rl, sample_prompts, path if acc.is_main_process else None)
                 sink.log_event("sample", f"sample grid at step {step}", step=step, path=str(path))
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or sample_now:
+            if step % t.log_every == 0 or step == t.max_steps or sample_now:
                 sink.log_metrics(step, {k: v for k, v in logs.items() if math.isfinite(v)})
             bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()
                              if k in ("loss/rl", "rl/kept_frac", "rl/reward_mean", "loss/dm")})
             bar.update(1)
-            requested = stop.set or sink.should_stop()
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps or requested:
+            requested = stop.requested(step)
+            if step % t.checkpoint_every == 0 or step == t.max_steps or requested:
                 final = save_checkpoint(run_dir, step, rl, acc, cfg, sink)
                 if acc.is_main_process and final is not None:
                     (final / "rl.json").write_text(json.dumps({
                         "kind": "rl", "init_from": str(init) if init else None, "reward": cfg.rl.reward.model_dump(),
-                        "rl_timesteps": rl.rl_steps, "joint": cfg.rl.joint, "ratio": cfg.rl.ratio}, indent=2))
+                        "rl_timesteps": rl.rl_steps, "joint": cfg.rl.joint, "ratio": cfg.rl.ratio,
+                        "critic_updates": cfg.rl.critic_updates}, indent=2))
                 last_saved = step
             if requested:
                 sink.log_event("stopped", f"stopped on request at step {step}", step=step)

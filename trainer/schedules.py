@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from trainer.rng import Gen, randint, randn
+
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -154,18 +156,18 @@ def parameterisation_for(family: str, scheduler_config: dict, shift: float | Non
     return EpsDDPM.from_scheduler_config(scheduler_config)
 
 
-def sample_dm_timesteps(batch: int, lo: float, hi: float, generator: torch.Generator | None = None,
+def sample_dm_timesteps(batch: int, lo: float, hi: float, generator: Gen = None,
                         device: torch.device | str = "cpu", T: int = NUM_TRAIN_TIMESTEPS) -> Tensor:
     """t ~ U{lo*T, ..., hi*T} per sample (DMD2: [20, 980])."""
     lo_i, hi_i = int(lo * T), min(int(hi * T) + 1, T)
-    return torch.randint(lo_i, hi_i, (batch,), generator=generator).to(device)
+    return randint(lo_i, hi_i, batch, generator, device)
 
 
 Denoise = Callable[[Tensor, Tensor], Tensor]  # (x_t [B,C,H,W], t [B]) -> x0 estimate
 
 
 def backward_simulate(denoise: Denoise, noise: Tensor, timesteps: Sequence[int], k: int,
-                      param: Parameterisation, generator: torch.Generator | None = None) -> Tensor:
+                      param: Parameterisation, generator: Gen = None) -> Tensor:
     """DMD2's backward simulation: the generator's own input at step k of S (DESIGN §3).
 
     Start from `noise` at tau_K = timesteps[0]; k times, predict x0 with no grad and
@@ -178,18 +180,18 @@ def backward_simulate(denoise: Denoise, noise: Tensor, timesteps: Sequence[int],
     with torch.no_grad():
         for i in range(k):
             x0 = denoise(x, torch.full((x.shape[0],), timesteps[i], device=x.device, dtype=torch.long))
-            fresh = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+            fresh = randn(x0.shape, generator, x0.dtype, x0.device)
             x = param.step_to(x0, timesteps[i + 1], fresh)
     return x
 
 
 def rollout_to_clean(denoise: Denoise, x0: Tensor, timesteps: Sequence[int], k: int,
-                     param: Parameterisation, generator: torch.Generator | None = None) -> Tensor:
+                     param: Parameterisation, generator: Gen = None) -> Tensor:
     """Eq. (8): continue from the x0 estimate made at step k to the sampler's final x0 (no grad)."""
     with torch.no_grad():
         x0 = x0.detach()
         for i in range(k + 1, len(timesteps)):
-            fresh = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+            fresh = randn(x0.shape, generator, x0.dtype, x0.device)
             x_t = param.step_to(x0, timesteps[i], fresh)
             x0 = denoise(x_t, torch.full((x0.shape[0],), timesteps[i], device=x0.device, dtype=torch.long))
     return x0

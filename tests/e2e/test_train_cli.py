@@ -115,7 +115,8 @@ def test_stop_then_resume_continues_from_the_checkpoint(run_cli, tmp_path):
     res = run_cli(*args, "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     started = [e for e in _events(run_dir) if e["kind"] == "started"]
-    assert started[-1]["data"] == {"step": 1, "max_steps": 8, "resumed": True, "family": "sdxl"}
+    assert started[-1]["data"] == {"step": 1, "max_steps": 8, "resumed": True, "family": "sdxl",
+                                   "num_processes": 1, "grad_accum": 1, "sharding": "ddp"}
     steps = [r["step"] for r in read_metrics(run_dir)]
     assert steps == list(range(1, 9)), "no duplicate and no gap after the resume point"
 

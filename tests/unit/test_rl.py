@@ -237,7 +237,7 @@ def test_at_initialisation_h_is_zero_and_the_loss_is_log2(joint):
 
 
 def test_ratio_alternates_rl_and_distillation(joint, batch):
-    rl = joint(ratio=2)
+    rl = joint(ratio=2, critic_updates="distill_only")
     turns = [rl.distill_turn(s) for s in range(6)]
     assert turns == [False, True, False, True, False, True]
     f0 = _snap(rl.distiller.fake)
@@ -247,6 +247,18 @@ def test_ratio_alternates_rl_and_distillation(joint, batch):
     assert logs["distill_turn"] == 1.0 and "loss/fake_score" in logs and _moved(rl.distiller.fake, f0)
     post = joint(joint=False)
     assert not any(post.distill_turn(s) for s in range(10)), "post-train RL only: no distillation updates"
+
+
+def test_critic_updates_every_moves_the_fake_score_and_d_on_rl_iterations(joint, batch):
+    # Alg. 1 lines 20-26 run every iteration: an RL iteration (no distillation turn) updates the fake
+    # score and D on a distillation batch, but not G's distillation loss.
+    rl = joint(ratio=2)
+    assert rl.cfg.rl.critic_updates == "every"
+    f0, d0 = _snap(rl.distiller.fake), _snap(rl.distiller.disc.heads)
+    logs = rl.step(["a handwritten digit one"], 0, lambda: batch())
+    assert logs["distill_turn"] == 0.0 and "loss/dm" not in logs and "loss/fake_score" in logs
+    assert _moved(rl.distiller.fake, f0) and _moved(rl.distiller.disc.heads, d0)
+    assert logs["generator_turn"] == 0.0
 
 
 def test_no_pairs_means_no_update(joint):

@@ -131,7 +131,7 @@ def eval_teacher_command(teacher: Path, evaluator: Path, guidance: float | None,
         import torch
         from PIL import Image
 
-        from inference.sampler import image_grid
+        from trainer.sampling import image_grid
 
         rows = torch.cat([imgs[:30] for imgs in samples.values()])  # 3 rows of digits 0..9 per sampler
         grid.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ Metrics (all take images [N, 3, 32, 32] in [-1, 1] and the digit each was *promp
 
 Teacher samplers (`generate`): "euler" is the pipeline's own EulerDiscreteScheduler (a fresh instance per call, so
 nothing mutable is shared); "ddim" is deterministic DDIM written out on an explicit timestep list;
-"renoise" is our few-step sampler `inference.sampler.sample` (predict x0, re-noise with fresh noise). Each image's
+"renoise" is our few-step sampler `trainer.sampling.sample` (predict x0, re-noise with fresh noise). Each image's
 noise comes from its own seed, so results do not depend on the batch size.
 """
 
@@ -382,7 +382,7 @@ def generate(teacher: Any, labels: Tensor | Sequence[int], *, method: str = "eul
     method: "euler" (the pipeline's scheduler, `steps`), "ddim" or "renoise" (on `timesteps`, default
     [999, 749, 499, 249]). Image i uses seed `seed * 1_000_003 + i` for all of its noise.
     """
-    from inference.sampler import sample
+    from trainer.sampling import sample
 
     labels = torch.as_tensor(labels)
     ts = list(timesteps or [999, 749, 499, 249])

@@ -77,7 +77,7 @@ def save_grid(images: Tensor, path: Path, cols: int = 10, rows: tuple[str, ...] 
     named in a left margin so the PNG reads on its own."""
     from PIL import Image, ImageDraw
 
-    from inference.sampler import image_grid
+    from trainer.sampling import image_grid
 
     grid = image_grid(images, cols=cols)
     grid = grid.resize((grid.width * 2, grid.height * 2))

@@ -1,0 +1,5 @@
+"""`python -m flashjob SPEC ...` and `accelerate launch -m flashjob SPEC ...`."""
+
+from flashjob.cli import main
+
+main()

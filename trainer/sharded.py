@@ -1,0 +1,66 @@
+"""Checkpoints of FSDP2-sharded runs (`train.sharding: fsdp` on several processes).
+
+    sharded/     torch.distributed.checkpoint (DCP): every trainable network and every optimiser, each rank
+                 writing its own shards in parallel; resume reads them back into the same sharding
+    unet/ ...    the generator's full weights, gathered on rank 0, in the diffusers layout a single-process
+                 run writes, so `flashdmd export` and `POST /generate` read it unchanged
+
+Model and optimiser state go through one container module (a ModuleDict of the trainable networks), so the
+keys are stable fully-qualified names ("generator.conv_in.weight", ...) whatever the world size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SHARDED_DIR = "sharded"
+
+
+def _container(distiller) -> nn.ModuleDict:  # noqa: ANN001
+    return nn.ModuleDict(distiller.trainable_modules())
+
+
+def _optimizers(distiller) -> list[torch.optim.Optimizer]:  # noqa: ANN001
+    return [getattr(o, "optimizer", o) for o in distiller.optimizers().values()]
+
+
+def save_sharded(distiller, path: Path) -> None:  # noqa: ANN001
+    """Collective: every rank writes its shards of the weights (buffers included) and optimiser states."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(_container(distiller), _optimizers(distiller))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+
+
+def load_sharded(distiller, path: Path) -> None:  # noqa: ANN001
+    """Collective: read the shards back into the (identically sharded) networks and optimisers."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    container, opts = _container(distiller), _optimizers(distiller)
+    model_sd, optim_sd = get_state_dict(container, opts)  # the target layout (optimiser states initialised)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(container, opts, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def full_generator_state(distiller) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """Collective: the generator's full weights on the CPU (complete on rank 0, as torch returns them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(distiller.generator,
+                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_full_generator(distiller, state: dict[str, torch.Tensor], out: Path) -> str:  # noqa: ANN001
+    """Rank 0: a plain (unsharded) copy of the teacher's denoiser class with the gathered weights, saved with
+    diffusers' save_pretrained: the same files a single-process run writes."""
+    t = distiller.teacher
+    net = type(t.denoiser).from_config(t.denoiser.config)
+    net.load_state_dict(state, strict=True)
+    net.save_pretrained(out / t.denoiser_name, safe_serialization=True)
+    return t.denoiser_name

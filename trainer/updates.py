@@ -1,0 +1,54 @@
+"""Small pieces of one training step: update records, temporary freezing, micro-batch inputs, log averaging."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from trainer.models import Cond
+from trainer.rng import Gen, SampleRNG
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module | None):
+    """Temporarily stop parameter grads (grads still flow to inputs), restoring the flags after."""
+    saved = [(p, p.requires_grad) for m in modules if m is not None for p in m.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+@dataclass
+class Update:
+    """What one optimiser update did: applied (finite) or skipped, and the pre-clip grad norm."""
+
+    applied: bool
+    grad_norm: float
+
+
+@dataclass
+class Micro:
+    """One micro-batch's inputs on this rank."""
+
+    cond: Cond
+    uncond: Cond
+    rng: SampleRNG
+    real: Tensor | None
+
+
+def mean_logs(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for r in rows for k in r}
+    return {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}
+
+
+def cat_rng(gen: Gen) -> Gen:
+    """Real and fake rows of one head call: the same samples' generators twice (real first, then fake)."""
+    if isinstance(gen, SampleRNG):
+        return gen.subset(list(range(len(gen))) * 2)
+    return gen
