@@ -94,6 +94,7 @@ class RunIngestor:
         self.metrics = _Tail(run_dir / METRICS_FILE)
         self.events = _Tail(run_dir / EVENTS_FILE)
         self.failure: dict[str, Any] | None = None  # data of the trainer's last `failed` event
+        self.stopped = False  # the trainer logged `stopped` (a checkpoint was written) in this attempt
         self._window: deque[tuple[int, float]] = deque(maxlen=RATE_WINDOW)
         self._max_step: int | None = None
         self._synced_at = 0.0
@@ -174,6 +175,8 @@ class RunIngestor:
             })
             if kind == "failed":
                 self.failure = data
+            elif kind == "stopped":
+                self.stopped = True
             artifacts = artifacts or kind in ("checkpoint", "sample")
         for i in range(0, len(rows), CHUNK_ROWS):
             upsert(session, Event.__table__, rows[i : i + CHUNK_ROWS], keys=("job_id", "source_offset"))

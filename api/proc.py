@@ -30,11 +30,13 @@ def trainer_command(
 ) -> list[str]:
     tail = [str(spec_path), "--run-dir", str(run_dir)] + (["--resume"] if resume else [])
     if num_processes <= 1:
-        return [sys.executable, "-m", "trainer", *tail]
+        return [sys.executable, "-m", "flashjob", *tail]
     accelerate = Path(sys.executable).with_name("accelerate")
     launcher = [str(accelerate)] if accelerate.exists() else ["accelerate"]
-    config = ["--config_file", str(accelerate_config)] if accelerate_config else []
-    return [*launcher, "launch", *config, "--num_processes", str(num_processes), "-m", "trainer", *tail]
+    # Without a config file, --multi_gpu makes accelerate start N processes on a CPU-only host too (gloo);
+    # with only --num_processes it would start one. GPU hosts take NCCL under the same flag.
+    config = ["--config_file", str(accelerate_config)] if accelerate_config else ["--multi_gpu"]
+    return [*launcher, "launch", *config, "--num_processes", str(num_processes), "-m", "flashjob", *tail]
 
 
 def die_with_parent() -> Callable[[], None] | None:

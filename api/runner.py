@@ -217,7 +217,12 @@ class Attempt:
             ingest.drain()
         except Exception:
             log.exception("job %s: final ingest failed", self.claim.job_id)
-        return self._outcome(self.proc.returncode, ingest.failure)
+        code = self.proc.returncode
+        if code not in (EXIT_OK, EXIT_STOPPED) and ingest.stopped and not ingest.failure:
+            # Under `accelerate launch` every rank exits 3 after a stop, but torchrun reports any non-zero rank
+            # as a failure (exit 1): the trainer's own `stopped` event is the reliable signal.
+            code = EXIT_STOPPED
+        return self._outcome(code, ingest.failure)
 
     def _poll(self, ingest: RunIngestor) -> None:
         try:

@@ -20,12 +20,15 @@ SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
 def test_trainer_command() -> None:
     spec, run = Path("/runs/j/spec.json"), Path("/runs/j")
     assert trainer_command(spec_path=spec, run_dir=run, resume=True, num_processes=1) == [
-        sys.executable, "-m", "trainer", str(spec), "--run-dir", str(run), "--resume"]
+        sys.executable, "-m", "flashjob", str(spec), "--run-dir", str(run), "--resume"]
     many = trainer_command(spec_path=spec, run_dir=run, resume=False, num_processes=4,
                            accelerate_config=Path("/cfg/ddp.yaml"))
     assert Path(many[0]).name == "accelerate" and many[1:] == [
-        "launch", "--config_file", "/cfg/ddp.yaml", "--num_processes", "4", "-m", "trainer", str(spec),
+        "launch", "--config_file", "/cfg/ddp.yaml", "--num_processes", "4", "-m", "flashjob", str(spec),
         "--run-dir", str(run)]
+    # Without a config file, --multi_gpu: plain --num_processes N starts one process on a CPU-only host.
+    bare = trainer_command(spec_path=spec, run_dir=run, resume=False, num_processes=2)
+    assert bare[1:5] == ["launch", "--multi_gpu", "--num_processes", "2"] and bare[5:7] == ["-m", "flashjob"]
 
 
 def test_spawned_trainer_has_its_own_group_and_is_found_by_job(tmp_path) -> None:

@@ -203,6 +203,33 @@ def test_a_cpu_worker_runs_the_gloo_processes_it_advertises(database_url, roots,
     finally:
         worker.stop(timeout=30)
 
+
+@pytest.mark.slow
+def test_a_drained_2_process_job_goes_back_to_the_queue(database_url, roots, redis_client, auth, tmp_path) -> None:
+    """A warm worker shutdown stops every rank at a checkpoint and each exits 3, but `accelerate launch` reports
+    any non-zero rank as exit 1: the runner must read the trainer's `stopped` event, or a drained multi-process
+    job would be marked failed instead of recovering."""
+    settings = make_settings(database_url, roots, queue=queue_name("cpu2drain"), pools=["cpu2"],
+                             worker_gpus=0, worker_processes=2)
+    worker = WorkerProcess(settings_env(settings), tmp_path / "worker.log").start()
+    try:
+        with TestClient(create_app(settings)) as client:
+            spec = tiny_spec(num_processes=2, max_steps=400, checkpoint_every=200, sample_every=400)
+            job_id = client.post("/jobs", json={"spec": spec}, headers=auth).json()["id"]
+
+            def progressed() -> bool:
+                return (client.get(f"/jobs/{job_id}", headers=auth).json()["progress"]["step"] or 0) >= 2
+
+            wait_for(progressed, 300, interval=0.5, what="the 2-process job to make progress")
+            assert worker.stop(timeout=120) == 0, worker.log()[-2000:]
+            job = client.get(f"/jobs/{job_id}", headers=auth).json()
+            events = client.get(f"/jobs/{job_id}/events", params={"limit": 1000}, headers=auth).json()["data"]
+        trainer_log = (settings.run_dir(job_id) / "trainer.log").read_text(errors="replace")
+        assert job["status"] == "recovering", (job, trainer_log[-3000:])
+        assert any(e["kind"] == "stopped" for e in events), events
+    finally:
+        worker.stop(timeout=30)
+
 def test_embedded_sqlite_registration_and_routing(tmp_path, sqlite_sessions) -> None:
     """SQLite (`flashdmd up`): the router reads while another connection holds the write lock, as the
     reaper does when it sends from inside its transaction."""
