@@ -102,7 +102,7 @@ def test_plan_command_prints_the_table_and_exits_by_verdict():
 def test_train_dry_run_shows_the_plan():
     import json
 
-    from trainer.cli import train_command
+    from flashjob.cli import train_command
 
     out = CliRunner().invoke(train_command, [SDXL_PRESET, "--dry-run"])
     assert out.exit_code == 0, out.output
