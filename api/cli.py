@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 import click
 
 from flashjob.cli import eval_command, train_command
+from flashjob.demo import demo_command
 from inference.cli import export_command, generate_command
 from trainer.plan_cli import plan_command
 from trainer.toy.cli import toy_group
-from trainer.toy.demo import demo_command
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

@@ -1,7 +1,7 @@
 """Quality vs training cost on the digits teacher: Flash-DMD (TTUR 1, TTUR 2) vs dmd2 mode, K = 4 and K = 2.
 
 The paper's headline claim (Tables 1 and 6, Fig. 5-6) at small scale. Every run uses the same teacher
-(the shipped digits teacher), seed, batch and optimiser settings (`trainer.toy.demo.DEMO_SPEC`); runs differ only
+(the shipped digits teacher), seed, batch and optimiser settings (`flashjob.demo.DEMO_SPEC`); runs differ only
 in what the row names: the mode (flash: Pixel-GAN + EMA injection, hinge; dmd2: latent-head GAN, softplus, no
 EMA), the TTUR, K, and lambda_ema (the EMA ablation). Each run is a real `python -m trainer` subprocess; every
 checkpoint is then scored with the digits evaluator on the same labels and per-image seeds:
@@ -35,7 +35,7 @@ from typing import Any
 
 from _common import REPO, command_line, format_table, machine_info, write_json
 
-from trainer.toy.demo import DEMO_SPEC
+from flashjob.demo import DEMO_SPEC
 
 RESULTS = REPO / "bench" / "results"
 
@@ -115,7 +115,7 @@ def cumulative_seconds(run_dir: Path) -> dict[int, float]:
 
 
 def score_run(name: str, run_dir: Path, spec: dict, ttur: int, ctx: dict, keep: bool) -> list[dict[str, Any]]:
-    from trainer.toy.scoring import student_samples
+    from flashjob.digits_scoring import student_samples
 
     ev, labels, reference = ctx["evaluator"], ctx["labels"], ctx["reference"]
     seconds = cumulative_seconds(run_dir)

@@ -33,8 +33,8 @@ from typing import Any
 from _common import REPO, command_line, format_table, machine_info, write_json
 from quality_vs_cost import RESULTS, _merge, cumulative_seconds, train_run
 
+from flashjob.demo import DEMO_SPEC
 from trainer.toy import HERE
-from trainer.toy.demo import DEMO_SPEC
 
 REWARD_DIR = HERE / "digits_reward"
 DEFAULT_INIT = REPO / "runs" / "bench-quality" / "flash-ttur1-k4"
@@ -90,9 +90,9 @@ def score_checkpoint(ck: Path, ctx: dict) -> dict[str, float]:
     """Reward of the final latents (t = 0) and the digits metrics of their images."""
     import torch
 
+    from flashjob.digits_scoring import SEED
     from inference.pipeline import load_pipeline
     from trainer.data import digit_prompt
-    from trainer.toy.scoring import SEED
 
     pipe = load_pipeline(ck)
     labels, rewards, images = ctx["labels"], [], []

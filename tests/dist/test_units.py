@@ -144,6 +144,19 @@ def test_the_trainer_imports_nothing_from_inference():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+    # Statically too: no module under trainer/ (the toy included) imports inference/, even lazily.
+    import ast
+    from pathlib import Path
+
+    import trainer
+
+    offenders = []
+    for path in Path(trainer.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n == "inference" or n.startswith("inference.")]
+    assert not offenders, offenders
     code = "import sys, flashjob.cli; print('trainer.loop' in sys.modules, 'inference.evaluate' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False False", "the entry imports the job modules only when it runs one"

@@ -221,7 +221,7 @@ def test_shipped_reward_prefers_clean_right_class_digits_on_held_out_pairs(teach
 def test_demo_grid_names_each_row_in_a_left_margin(tmp_path):
     from PIL import Image
 
-    from trainer.toy.scoring import GRID_ROWS, save_grid
+    from flashjob.digits_scoring import GRID_ROWS, save_grid
 
     save_grid(torch.zeros(30, 3, 32, 32), tmp_path / "grid.png")  # mid-grey images
     img = np.asarray(Image.open(tmp_path / "grid.png").convert("L"))

@@ -1,7 +1,8 @@
 """Score a digits distillation run: teacher 50-step / teacher 4-step / student 4-step, FD over steps, plots.
 
 Shared by `flashdmd demo` and `bench/quality_vs_cost.py`. All sample sets use the same labels and the same
-per-image seeds (image i: seed i), so rows differ only in the sampler.
+per-image seeds (image i: seed i), so rows differ only in the sampler. It lives in flashjob/, above trainer/ and
+inference/, because it samples a checkpoint through inference's loader and scores with the trainer's toy evaluator.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def metric_series(client: httpx.Client, job_id: str, key: str) -> list[tuple[int
 
 def run_demo(*, out: Path, steps: int | None, quick: bool, port: int, data_dir: Path | None, keep_serving: bool,
              per_class: int) -> dict:
-    from trainer.toy.scoring import plot_curves, save_grid, score_run
+    from flashjob.digits_scoring import plot_curves, save_grid, score_run
 
     if not (TEACHER_DIR / "model_index.json").is_file():
         raise click.ClickException(f"the digits teacher is missing at {TEACHER_DIR}; run `flashdmd toy train-teacher`")
