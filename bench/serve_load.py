@@ -65,11 +65,15 @@ def prepare(tmp: Path, checkpoint: str | None) -> tuple[str, str, str, Path]:
         _, token = create_token(session=session, name="serve-load", prefix="fdmd_")
     engine.dispose()
     if checkpoint is None:
-        from inference.testing import make_checkpoint
-        from trainer.tiny import tiny_pipeline_dir
-
-        teacher = tiny_pipeline_dir("sdxl", cache_root=tmp / "tiny")
-        checkpoint = str(make_checkpoint(tmp / "models" / "tiny-run", "sdxl", teacher))
+        # Built in a child process: torch loaded here would keep its thread pool in this process, which then
+        # competed with the first server for the CPUs (the first mode measured several times slower).
+        code = ("import sys; from pathlib import Path; from inference.testing import make_checkpoint; "
+                "from trainer.tiny import tiny_pipeline_dir; t = Path(sys.argv[1]); "
+                "print(make_checkpoint(t / 'models' / 'tiny-run', 'sdxl', tiny_pipeline_dir('sdxl', cache_root=t / "
+                "'tiny')))")
+        done = subprocess.run([sys.executable, "-c", code, str(tmp)], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        checkpoint = done.stdout.strip().splitlines()[-1]
     real = Path(os.path.realpath(checkpoint))
     return url, token, str(real), real.parent
 
