@@ -9,7 +9,7 @@ call to max_batch rows where the server does by default (the CPU: bytes independ
 "batched-unpadded" turns that off (FLASHDMD_GENERATE_FIXED_BATCH=false), what a GPU server does by default.
 
 CPU (the tiny SDXL model, built on the fly):
-    python bench/serve_load.py --clients 8 --requests 160 --seconds 60
+    python bench/serve_load.py --clients 8 --requests 160 --seconds 40 --threads 1
 
 GPU (SDXL architecture, 1024², bf16; any checkpoint folder in the trainer's layout; not yet run):
     python bench/serve_load.py --checkpoint /models/run/checkpoints/step-00010000 --clients 16 \\
@@ -90,6 +90,10 @@ def server_env(args: argparse.Namespace, tmp: Path, db: str, root: Path, max_bat
         "FLASHDMD_GENERATE_RATE_PER_MINUTE": "0", "FLASHDMD_GENERATE_MAX_QUEUE": str(args.clients * 2),
         "FLASHDMD_GENERATE_MAX_BATCH": str(max_batch), "FLASHDMD_GENERATE_MAX_WAIT_MS": str(args.max_wait_ms),
     })
+    if args.threads:
+        # On a shared CPU, OpenMP threads that spin-wait for a descheduled peer stall for seconds at a time;
+        # one intra-op thread per server makes the comparison about batching, not about the neighbours.
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     if fixed is not None:
         env["FLASHDMD_GENERATE_FIXED_BATCH"] = str(fixed).lower()
     if args.device:
@@ -204,6 +208,7 @@ def main() -> None:
     parser.add_argument("--height", type=int)
     parser.add_argument("--device", help="default: the server's (cuda if available)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--threads", type=int, help="the server's OMP/MKL threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve_load.json")
     args = parser.parse_args()
 
