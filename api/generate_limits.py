@@ -1,4 +1,4 @@
-"""Admission control for POST /generate: global slots, a share per token, and a rate per token.
+"""Admission control for POST /generate: global places (running + queued), a share per token, and a rate per token.
 
 All of it runs in the event loop with no await between a check and its update, so
 no lock is needed. The answers differ on purpose:
@@ -68,7 +68,9 @@ class Limiter:
         self.by_owner: dict[object, int] = {}
 
     @asynccontextmanager
-    async def slot(self, owner: object = None) -> AsyncIterator[None]:
+    async def place(self, owner: object = None) -> AsyncIterator[None]:
+        """A place among the `concurrency + queue` admitted requests, without waiting for a slot: the batcher
+        (api/batcher.py) holds requests in its own queue and runs `concurrency` sampler calls at once."""
         wait = self.rate.take(owner)
         if wait > 0:
             raise RateLimited(f"more than the {self.rate.rate * 60:g} /generate requests a minute this token may "
@@ -83,6 +85,22 @@ class Limiter:
         self.admitted += 1
         self.by_owner[owner] = mine + 1
         try:
+            yield
+        finally:
+            self.admitted -= 1
+            left = self.by_owner[owner] - 1
+            if left:
+                self.by_owner[owner] = left
+            else:
+                del self.by_owner[owner]
+
+    def busy(self, why: str) -> Busy:
+        return Busy(why, self.retry_after)
+
+    @asynccontextmanager
+    async def slot(self, owner: object = None) -> AsyncIterator[None]:
+        """A place, then one of the `concurrency` slots (503 when none frees within the timeout)."""
+        async with self.place(owner):
             try:
                 await asyncio.wait_for(self._sem.acquire(), self.timeout)
             except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
@@ -91,10 +109,3 @@ class Limiter:
                 yield
             finally:
                 self._sem.release()
-        finally:
-            self.admitted -= 1
-            left = self.by_owner[owner] - 1
-            if left:
-                self.by_owner[owner] = left
-            else:
-                del self.by_owner[owner]

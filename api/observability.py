@@ -1,12 +1,13 @@
-"""Prometheus metrics: request latency, jobs by status and queue depth (read from the job table at scrape)."""
+"""Prometheus metrics: request latency, jobs by status and queue depth (read from the job table at scrape),
+and the /generate batcher's queue wait, batch size, model time and pipeline cache hits."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -34,6 +35,38 @@ class JobsCollector(Collector):
         )
 
 
+class CacheCollector(Collector):
+    """Pipeline cache hits and misses, read from the cache's own counters at scrape (the cache is built on the
+    first /generate, in a worker thread; before that both are 0)."""
+
+    def __init__(self) -> None:
+        self.stats: Callable[[], tuple[int, int]] = lambda: (0, 0)  # (hits, loads); the runtime sets it
+
+    def collect(self) -> Iterator[Metric]:
+        hits, loads = self.stats()
+        family = CounterMetricFamily("flashdmd_generate_pipeline_cache", "Loaded-pipeline cache lookups",
+                                     labels=["result"])
+        family.add_metric(["hit"], hits)
+        family.add_metric(["miss"], loads)
+        yield family
+
+
+class GenerateMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        seconds = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+        self.queue_seconds = Histogram(
+            "flashdmd_generate_queue_seconds", "Time a /generate request waited before its sampler call started",
+            registry=registry, buckets=seconds)
+        self.batch_images = Histogram(
+            "flashdmd_generate_batch_images", "Images (requests' rows, not padding) per sampler call",
+            registry=registry, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
+        self.model_seconds = Histogram(
+            "flashdmd_generate_model_seconds", "Time of one sampler call: load or cache hit, sampling, decoding",
+            registry=registry, buckets=seconds)
+        self.cache = CacheCollector()
+        registry.register(self.cache)
+
+
 class Observability:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.registry = CollectorRegistry()
@@ -43,6 +76,7 @@ class Observability:
             buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
         )
         self.registry.register(JobsCollector(sessions))
+        self.generate = GenerateMetrics(self.registry)
 
 
 class LatencyMiddleware:

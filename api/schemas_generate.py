@@ -30,6 +30,15 @@ class GenerateSettings(BaseSettings):
     generate_cache_bytes: int = Field(8 * 2**30, ge=1, description="memory budget of the loaded-pipeline cache")
     generate_device: str | None = Field(None, description="default: cuda if available, else cpu")
     generate_dtype: Literal["fp32", "fp16", "bf16"] | None = Field(None, description="default: bf16 on cuda")
+    # Dynamic batching (api/batcher.py): concurrent requests with the same checkpoint, size, steps and guidance
+    # share one sampler call. max_batch 1 turns it off.
+    generate_max_batch: int = Field(8, ge=1, le=64, description="images per sampler call")
+    generate_max_wait_ms: float = Field(10.0, ge=0, le=10_000,
+                                        description="how long a request waits for others to share its call")
+    generate_fixed_batch: bool | None = Field(
+        None, description="pad every sampler call to max_batch rows, so an image's bytes never depend on the "
+                          "requests it was batched with (default: on for the CPU; on GPUs the rows agree to a "
+                          "tolerance and padding would cost latency at low load)")
 
 
 class GenerateRequest(BaseModel):

@@ -102,6 +102,34 @@ class FewStepPipeline:
         """uint8 images [B, H, W, 3]."""
         return to_uint8(self.decode(self.latents(prompts, seeds, **kw))).numpy()  # type: ignore[arg-type]
 
+    @torch.no_grad()
+    def generate_rows(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int | None, width: int,
+                      height: int, guidance: float = 1.0, negative_prompt: str | None = None,
+                      pad_to: int | None = None) -> np.ndarray:
+        """uint8 images [B, H, W, 3] whose bytes do not depend on which other rows share the call.
+
+        The serving batcher merges requests, so a row must come out the same whoever its neighbours are.
+        On the CPU, kernels pick their algorithm by shape (MKL's GEMV for one row, GEMM for several; oneDNN
+        convolutions by batch size), so a row sampled in a batch of 8 differs from the same row alone in the
+        last float bits, and after rounding to uint8 now and then by one level. At a *fixed* shape the
+        kernels treat every row alike, whatever its position or its neighbours. So: each distinct prompt is
+        encoded alone, the generator always sees `pad_to` rows (the last row repeated; its copies are
+        dropped), and the VAE decodes one image per call.
+        """
+        n = len(prompts)
+        if n != len(seeds) or n == 0 or (pad_to is not None and n > pad_to):
+            raise ValueError(f"{n} prompts, {len(seeds)} seeds, pad_to={pad_to}")
+        ts = self.info.timesteps_for(steps)
+        encoded = {p: self.encode([p], width, height) for p in dict.fromkeys(prompts)}
+        rows = list(prompts) + [prompts[-1]] * ((pad_to or n) - n)
+        row_seeds = list(seeds) + [seeds[-1]] * ((pad_to or n) - n)
+        cond = Cond.cat([encoded[p] for p in rows])
+        uncond = self.uncond(len(rows), negative_prompt, width, height) if guidance != 1.0 else None
+        f = self.geometry.vae_scale
+        latents = sample(self.net, cond, ts, self.param, seeds=row_seeds, guidance=guidance, uncond=uncond,
+                         latent_shape=(self.geometry.latent_channels, height // f, width // f), dtype=self.dtype)
+        return np.concatenate([to_uint8(self.decode(latents[i:i + 1])).numpy() for i in range(n)])
+
 
 def estimate_bytes(info: CheckpointInfo, dtype: torch.dtype = torch.float32) -> int:
     """A pre-load guess of `FewStepPipeline.nbytes` from the weight files on disk (0 when not local)."""

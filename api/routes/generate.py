@@ -8,8 +8,10 @@ session closed before any model work. Then the request takes a slot (api/generat
 at most `generate_max_concurrency` run at once and `generate_max_queue` wait; anyone
 beyond that, or waiting longer than the timeout, gets 503 with Retry-After at once, so
 a burst never piles up work or memory; a token past its share of slots or its rate gets 429.
-Loading, sampling and encoding run in worker threads, never on the event loop;
-loaded pipelines live in an LRU cache bounded by `generate_cache_bytes`.
+Admitted requests go to the batcher (api/batcher.py): requests for the same checkpoint, size, steps and
+guidance that arrive within `generate_max_wait_ms` share one sampler call of up to `generate_max_batch`
+images, and `generate_max_concurrency` calls run at once. Loading, sampling and encoding run in worker
+threads, never on the event loop; loaded pipelines live in an LRU cache bounded by `generate_cache_bytes`.
 
 torch and the inference code are imported on the first request, so the API starts
 (and serves /jobs) without loading them.
@@ -31,9 +33,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from api import crud
+from api.batcher import Batcher, QueueTimeout
 from api.deps import CurrentToken, SettingsDep
 from api.errors import APIError
 from api.generate_limits import Busy, Limiter, RateLimited
+from api.observability import GenerateMetrics
 from api.schemas import ErrorBody
 from api.schemas_generate import GeneratedImage, GenerateRequest, GenerateResponse, GenerateSettings
 from api.settings import Settings
@@ -46,11 +50,16 @@ __all__ = ["Busy", "Limiter", "RateLimited", "router", "runtime"]
 router = APIRouter(tags=["generate"], responses=errors)  # type: ignore[arg-type]
 
 
-class Runtime:
-    """Per-app state: the limiter, and the pipeline cache (built in a worker thread on first use, as it
-    imports torch)."""
+Row = tuple[str, int]  # (prompt, seed): one image of a request
+# (checkpoint folder, width, height, steps as asked, guidance, negative prompt): what one sampler call shares.
+BatchKey = tuple[str, int, int, int | None, float, str | None]
 
-    def __init__(self, gs: GenerateSettings, settings: Settings) -> None:
+
+class Runtime:
+    """Per-app state: the limiter, the batcher, and the pipeline cache (built in a worker thread on first use,
+    as it imports torch)."""
+
+    def __init__(self, gs: GenerateSettings, settings: Settings, metrics: GenerateMetrics | None = None) -> None:
         self.settings = gs
         self.limiter = Limiter(gs.generate_max_concurrency, gs.generate_max_queue,
                                gs.generate_queue_timeout_seconds, gs.generate_retry_after_seconds,
@@ -58,6 +67,27 @@ class Runtime:
                                per_minute=settings.generate_rate_per_minute, burst=settings.generate_rate_burst)
         self._cache: Any = None
         self._lock = threading.Lock()
+        self.batcher: Batcher[Row, Any] = Batcher(self._sample, max_batch=gs.generate_max_batch,
+                                                  max_wait=gs.generate_max_wait_ms / 1000.0,
+                                                  workers=gs.generate_max_concurrency, metrics=metrics)
+        if metrics is not None:
+            metrics.cache.stats = self._cache_stats
+
+    def _cache_stats(self) -> tuple[int, int]:
+        cache = self._cache
+        return (0, 0) if cache is None else (cache.stats.hits, cache.stats.loads)
+
+    def _sample(self, key: Any, rows: list[Row]) -> list[Any]:
+        """One sampler call (in a worker thread): uint8 images [H, W, 3], one per row, in order."""
+        path, width, height, steps, guidance, negative = key
+        pipe = self.cache().get(path)
+        fixed = self.settings.generate_fixed_batch
+        if fixed is None:
+            fixed = pipe.device.type == "cpu"  # see FewStepPipeline.generate_rows
+        images = pipe.generate_rows([p for p, _ in rows], [s for _, s in rows], steps=steps, width=width,
+                                    height=height, guidance=guidance, negative_prompt=negative,
+                                    pad_to=self.settings.generate_max_batch if fixed else None)
+        return list(images)
 
     def cache(self) -> Any:
         with self._lock:
@@ -85,7 +115,8 @@ def runtime(app: FastAPI) -> Runtime:
     rt = getattr(app.state, "generate_runtime", None)
     if rt is None:
         gs = getattr(app.state, "generate_settings", None) or GenerateSettings()
-        rt = app.state.generate_runtime = Runtime(gs, app.state.settings)
+        obs = getattr(app.state, "observability", None)
+        rt = app.state.generate_runtime = Runtime(gs, app.state.settings, obs.generate if obs else None)
     return rt
 
 
@@ -198,21 +229,26 @@ async def generate(body: GenerateRequest, request: Request, token: CurrentToken,
     seed = secrets.randbits(31) if body.seed is None else body.seed
     seeds = [seed + i for i in range(body.num_images)]
 
-    def work() -> list[bytes]:
+    key: BatchKey = (str(info.path), width, height, body.steps, body.guidance_scale,
+                     body.negative_prompt if body.guidance_scale != 1.0 else None)
+
+    def encode(images: list[Any]) -> list[bytes]:
         from inference.images import encode_image
 
-        pipe = rt.cache().get(str(info.path))
-        images = pipe.generate([body.prompt] * len(seeds), seeds, steps=body.steps, width=width, height=height,
-                               guidance=body.guidance_scale, negative_prompt=body.negative_prompt)
         return [encode_image(img, body.format) for img in images]
 
     from inference.checkpoint import CheckpointError
 
+    limiter = rt.limiter
     try:
-        async with rt.limiter.slot(token.id):
-            encoded = await _hold(work)
+        async with limiter.place(token.id):
+            try:
+                images = await rt.batcher.submit(key, [(body.prompt, s) for s in seeds], limiter.timeout)
+            except QueueTimeout:
+                raise limiter.busy(f"no generation slot within {limiter.timeout:g} s") from None
     except CheckpointError as err:  # e.g. the teacher the checkpoint names cannot be loaded
         raise _invalid(f"{err.field}: {err}", err.field) from None
+    encoded = await _hold(lambda: encode(images))
     steps = len(info.timesteps_for(body.steps))
     if len(encoded) == 1:
         return Response(encoded[0], media_type=MEDIA_TYPES[body.format],
