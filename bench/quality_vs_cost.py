@@ -287,13 +287,13 @@ def main() -> None:
         payload["derived_with"] = command_line()
         if "seed_noise" not in payload:
             payload["seed_noise"] = seed_noise(payload["results"], args.work, payload["per_class"])
-        write_json(args.out.with_suffix(".json"), payload)
-        plot(payload["results"], args.out.with_suffix(".png"))
+        write_json(args.out.with_name(args.out.name + ".json"), payload)
+        plot(payload["results"], args.out.with_name(args.out.name + ".png"))
         md = table(payload["results"], payload["compute_to_reach_dmd2_best"], payload["command"],
                    payload["time_to_reach_fd"], payload["seed_noise"])
         head = f"Command: `{payload['command']}`\n"
         md = md.replace(head, head + f"\nTables re-derived from its JSON with `{payload['derived_with']}`\n", 1)
-        args.out.with_suffix(".md").write_text(md)
+        args.out.with_name(args.out.name + ".md").write_text(md)
         print(md)
         return
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
@@ -336,10 +336,10 @@ def main() -> None:
                "results": results, "compute_to_reach_dmd2_best": cmp, "time_to_reach_fd": reach_at,
                "seed_noise": noise, "total_s": round(time.time() - t_start, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out.with_suffix(".json"), payload)
-    plot(results, args.out.with_suffix(".png"))
+    write_json(args.out.with_name(args.out.name + ".json"), payload)
+    plot(results, args.out.with_name(args.out.name + ".png"))
     md = table(results, cmp, command, reach_at, noise)
-    args.out.with_suffix(".md").write_text(md)
+    args.out.with_name(args.out.name + ".md").write_text(md)
     print(md)
 
 

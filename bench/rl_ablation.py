@@ -226,11 +226,11 @@ def main() -> None:
     if args.from_json is not None:
         p = json.loads(args.from_json.read_text())
         real = p.get("real_digits_reward")
-        plot(p["results"], p["start"], args.out.with_suffix(".png"), real)
+        plot(p["results"], p["start"], args.out.with_name(args.out.name + ".png"), real)
         md = table(p["results"], p["start"], p["command"])
         if real is not None:
             md += f"\nReward of real digits (same labels, t = 0): {real:.3f}\n"
-        args.out.with_suffix(".md").write_text(md)
+        args.out.with_name(args.out.name + ".md").write_text(md)
         print(md)
         return
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
@@ -297,10 +297,10 @@ def main() -> None:
     payload = {"command": command, "machine": machine_info(), "init": str(init), "reward": str(REWARD_DIR),
                "per_class": args.per_class, "seed": args.seed, "threads": args.threads, "scale": args.scale,
                "rl_lr": args.rl_lr, "start": start, "real_digits_reward": real_reward, "results": results, "total_s": round(time.time() - t_start, 1)}
-    write_json(args.out.with_suffix(".json"), payload)
-    plot(results, start, args.out.with_suffix(".png"), real_reward)
+    write_json(args.out.with_name(args.out.name + ".json"), payload)
+    plot(results, start, args.out.with_name(args.out.name + ".png"), real_reward)
     md = table(results, start, command) + f"\nReward of real digits (same labels, t = 0): {real_reward:.3f}\n"
-    args.out.with_suffix(".md").write_text(md)
+    args.out.with_name(args.out.name + ".md").write_text(md)
     print(md)
 
 
