@@ -39,6 +39,7 @@ if str(REPO) not in sys.path:  # `python bench/x.py` puts bench/ on the path, no
     sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
+from _common import command_line, write_json  # noqa: E402  (no torch: the bench process stays light)
 
 
 def free_port() -> int:
@@ -225,7 +226,7 @@ def main() -> None:
             print(f"{mode}: {results[mode]['images_per_s']:.2f} images/s", flush=True)
     speedup = results["batched"]["images_per_s"] / max(results["unbatched"]["images_per_s"], 1e-9)
     report = {
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": command_line(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "load_avg_1m_at_end": os.getloadavg()[0]},
@@ -234,8 +235,7 @@ def main() -> None:
         "results": results,
         "batched_over_unbatched_images_per_s": speedup,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(table(results))
     print(f"batched / unbatched images/s: {speedup:.2f}x  -> {args.out}")
 

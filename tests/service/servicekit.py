@@ -8,6 +8,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -145,3 +146,21 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def burst(post: Callable[..., Any], calls: list[tuple[dict[str, str], dict[str, Any]]],
+          path: str = "/generate") -> list[Any]:
+    """POST (headers, body) pairs all released at the same moment (a barrier); responses in call order."""
+    out: list[Any] = [None] * len(calls)
+    barrier = threading.Barrier(len(calls))
+
+    def one(i: int) -> None:
+        barrier.wait()
+        out[i] = post(path, headers=calls[i][0], json=calls[i][1])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out

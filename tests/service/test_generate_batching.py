@@ -7,13 +7,13 @@ window even on busy CPUs; merging is counted by the app's own batch-size metric,
 from __future__ import annotations
 
 import secrets
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from servicekit import burst
 
 from api.auth import create_token
 from api.generate_limits import Limiter
@@ -67,20 +67,7 @@ def _metrics(client: TestClient, headers: dict[str, str]) -> dict[str, float]:
 
 
 def _burst(client: TestClient, headers: dict[str, str], bodies: list[dict[str, Any]]) -> list[Any]:
-    """POST /generate once per body, all released at the same moment; responses in the same order."""
-    out: list[Any] = [None] * len(bodies)
-    barrier = threading.Barrier(len(bodies))
-
-    def one(i: int) -> None:
-        barrier.wait()
-        out[i] = client.post("/generate", json=bodies[i], headers=headers)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    return out
+    return burst(client.post, [(headers, body) for body in bodies])
 
 
 def _alone(client: TestClient, headers: dict[str, str], body: dict[str, Any]) -> bytes:

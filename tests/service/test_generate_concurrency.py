@@ -21,7 +21,7 @@ from collections import Counter
 import pytest
 from fastapi.testclient import TestClient
 from hardenkit import BACKENDS, Api, api_on, sqlite_url
-from servicekit import WorkerProcess, make_settings, queue_name, settings_env, tiny_spec, wait_for
+from servicekit import WorkerProcess, burst, make_settings, queue_name, settings_env, tiny_spec, wait_for
 from sqlalchemy import select
 
 from api.auth import create_token
@@ -51,20 +51,8 @@ def api(request, database_url, roots, tmp_path_factory, redis_client):
 
 def _fire(api: Api, requests: list[dict[str, str]], checkpoint) -> list:
     """POST /generate once per headers, all at the same moment; the responses in the same order."""
-    out: list = [None] * len(requests)
-    barrier = threading.Barrier(len(requests))
-
-    def one(i: int) -> None:
-        barrier.wait()
-        out[i] = api.client.post("/generate", headers=requests[i], json={
-            "checkpoint": str(checkpoint), "prompt": "a digit", "seed": i, "num_images": 4})
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    return out
+    body = {"checkpoint": str(checkpoint), "prompt": "a digit", "num_images": 4}
+    return burst(api.client.post, [(h, {**body, "seed": i}) for i, h in enumerate(requests)])
 
 
 def test_one_token_cannot_take_every_generate_slot(api: Api, checkpoint) -> None:
@@ -171,10 +159,10 @@ def test_concurrent_generate_keeps_sqlite_and_heartbeats_alive(roots, tmp_path) 
             waves = 0
             try:
                 while time.monotonic() < deadline or waves < 2:  # waves of 12: 3 from each of 4 tokens
-                    burst = [threading.Thread(target=generate, args=(i,)) for i in range(12)]
-                    for t in burst:
+                    wave = [threading.Thread(target=generate, args=(i,)) for i in range(12)]
+                    for t in wave:
                         t.start()
-                    for t in burst:
+                    for t in wave:
                         t.join(90)
                     waves += 1
             finally:
