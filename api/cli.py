@@ -56,10 +56,16 @@ def up_command(host: str, port: int, data_dir: Path | None) -> None:
               help="interface to bind; 0.0.0.0 for every interface (behind a proxy or in a container)")
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", default=1, show_default=True, type=int, help="uvicorn worker processes")
-def serve_command(host: str, port: int, workers: int) -> None:
+@click.option("--role", type=click.Choice(["all", "control", "inference"]), default="all", show_default=True,
+              envvar="FLASHDMD_ROLE", help="all: the whole API; control: forward POST /generate to "
+              "FLASHDMD_INFERENCE_URL; inference: only /generate and health, on a GPU node (deploy/README.md)")
+def serve_command(host: str, port: int, workers: int, role: str) -> None:
     """Run the API (production: FLASHDMD_DATABASE_URL and FLASHDMD_BROKER_URL point at Postgres and Redis)."""
+    import os
+
     import uvicorn
 
+    os.environ["FLASHDMD_ROLE"] = role  # the app factory (in each uvicorn worker) reads it from Settings
     _settings()  # fail here with a clear message (e.g. a short FLASHDMD_TOKEN), not in each uvicorn worker
 
     uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=workers, proxy_headers=True)

@@ -1,7 +1,15 @@
-"""The FastAPI application: `uvicorn --factory api.main:create_app` (or `flashdmd serve` / `flashdmd up`)."""
+"""The FastAPI application: `uvicorn --factory api.main:create_app` (or `flashdmd serve` / `flashdmd up`).
+
+`settings.role` picks what one process serves (issue 12, deploy/README.md "Inference tier"): `all` is the whole
+API, with /generate in-process unless `inference_url` is set; `control` is the same with /generate always
+forwarded (api/inference_proxy.py); `inference` serves only /generate, /healthz, /readyz (after warm-up,
+api/warmup.py) and /metrics, against the same database for tokens and job ownership, with no broker.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -14,11 +22,14 @@ from api.db import make_engine, make_read_sessionmaker, make_sessionmaker
 from api.deps import lookup_token
 from api.edge import EdgeMiddleware
 from api.errors import install_error_handlers
+from api.inference_proxy import InferenceProxy
+from api.inference_proxy import router as proxy_router
 from api.models import ApiToken
 from api.observability import LatencyMiddleware, Observability
 from api.reaper import Reaper
 from api.routes import generate, health, jobs
 from api.settings import Settings
+from api.warmup import Warmup
 
 
 def _version() -> str:
@@ -33,21 +44,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = make_engine(settings.sqlalchemy_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms)
     sessions = make_sessionmaker(engine)
     reads = make_read_sessionmaker(engine)
-    dispatcher = Dispatcher(settings)
-    observability = Observability(reads)  # a scrape only reads: no write lock on SQLite
+    inference = settings.role == "inference"
+    dispatcher = None if inference else Dispatcher(settings)  # the inference role needs no broker
+    proxy = InferenceProxy(settings) if settings.inference_url and not inference else None
+    warmup = Warmup(settings) if inference else None
+    # A scrape only reads: no write lock on SQLite.
+    observability = Observability(reads, jobs=not inference)
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        reaper = None
-        if settings.reaper_interval_seconds > 0:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reaper = warming = None
+        if dispatcher is not None and settings.reaper_interval_seconds > 0:
             reaper = Reaper(sessions=sessions, settings=settings, send=dispatcher.send)
             reaper.start()
+        if warmup is not None:
+            warming = asyncio.ensure_future(warmup.run(generate.runtime(app), reads))
         try:
             yield
         finally:
+            if warming is not None:
+                warming.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await warming
             if reaper is not None:
                 reaper.stop()
-            dispatcher.close()
+            if proxy is not None:
+                await proxy.aclose()
+            if dispatcher is not None:
+                dispatcher.close()
             engine.dispose()
 
     app = FastAPI(
@@ -62,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessionmaker = sessions
     app.state.read_sessionmaker = reads
     app.state.dispatcher = dispatcher
+    app.state.inference_proxy = proxy
+    app.state.warmup = warmup
     app.state.observability = observability
     install_error_handlers(app)
 
@@ -73,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        retry_after=settings.db_retry_after_seconds)
     app.add_middleware(LatencyMiddleware, observability=observability)
     app.include_router(health.router)
-    app.include_router(jobs.router)
-    app.include_router(generate.router)
+    if not inference:
+        app.include_router(jobs.router)
+    app.include_router(generate.router if proxy is None else proxy_router)
     return app

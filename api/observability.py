@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -63,19 +63,24 @@ class GenerateMetrics:
         self.model_seconds = Histogram(
             "flashdmd_generate_model_seconds", "Time of one sampler call: load or cache hit, sampling, decoding",
             registry=registry, buckets=seconds)
+        # What the inference tier's HPA scales on (deploy/k8s/inference-hpa.yaml): requests inside POST /generate
+        # on this process right now (validating, queued, sampling or encoding; on a control plane, forwarded).
+        self.inflight = Gauge("flashdmd_generate_inflight", "POST /generate requests in progress on this process",
+                              registry=registry)
         self.cache = CacheCollector()
         registry.register(self.cache)
 
 
 class Observability:
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], *, jobs: bool = True) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram(
             "flashdmd_http_request_duration_seconds", "HTTP request latency",
             ["method", "route", "status"], registry=self.registry,
             buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
         )
-        self.registry.register(JobsCollector(sessions))
+        if jobs:  # not on the inference role: N GPU pods would each report the same table
+            self.registry.register(JobsCollector(sessions))
         self.generate = GenerateMetrics(self.registry)
 
 
@@ -92,6 +97,9 @@ class LatencyMiddleware:
             return
         start = time.perf_counter()
         status = 500
+        inflight = self.observability.generate.inflight if scope["path"] == "/generate" else None
+        if inflight is not None:
+            inflight.inc()
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -102,6 +110,8 @@ class LatencyMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            if inflight is not None:
+                inflight.dec()
             route = scope.get("route")
             self.observability.latency.labels(
                 scope["method"], getattr(route, "path", "unmatched"), str(status)

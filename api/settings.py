@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -26,6 +26,15 @@ def _split_paths(value: Any) -> Any:
     if text.startswith("["):
         return json.loads(text)
     return [p for p in text.replace(os.pathsep, ",").split(",") if p.strip()]
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """A warm-up shape: WIDTHxHEIGHT or WIDTHxHEIGHTxBATCH -> (width, height, batch)."""
+    parts = text.strip().lower().split("x")
+    if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"FLASHDMD_GENERATE_WARM_SHAPES: {text!r} is not WIDTHxHEIGHT or WIDTHxHEIGHTxBATCH")
+    width, height, *batch = (int(p) for p in parts)
+    return width, height, batch[0] if batch else 1
 
 
 PathList = Annotated[list[Path], NoDecode]
@@ -83,6 +92,24 @@ class Settings(BaseSettings):
                                             "(token bucket; 0 turns it off); past it 429 with Retry-After")
     generate_rate_burst: int = Field(10, ge=1, description="requests a token may send at once before the rate applies")
 
+    # -- The inference tier (issue 12; deploy/README.md "Inference tier") --
+    role: Literal["all", "control", "inference"] = Field(
+        "all", description="what `flashdmd serve` runs: all = control plane with /generate in-process (or "
+        "forwarded when inference_url is set); control = forwards /generate; inference = only /generate and health")
+    inference_url: str | None = Field(None, description="the inference service (e.g. http://flashdmd-inference) "
+                                      "that the control plane forwards POST /generate to; unset: in-process")
+    inference_timeout_seconds: float = Field(120.0, gt=0, description="longest wait for the inference service's "
+                                             "answer (it queues up to generate_queue_timeout_seconds itself)")
+    inference_connect_timeout_seconds: float = Field(5.0, gt=0)
+    inference_max_connections: int = Field(100, ge=1, description="pooled connections to the inference service")
+    inference_retry_after_seconds: int = Field(5, ge=1, description="Retry-After when the inference tier is down")
+    generate_warm: StrList = Field(default_factory=list, description="checkpoints (absolute paths or job ids) the "
+                                   "inference role loads and runs once per warm shape before /readyz says ready")
+    generate_warm_shapes: StrList = Field(default_factory=list, description="WIDTHxHEIGHT or WIDTHxHEIGHTxBATCH, "
+                                          "one warm-up sampler call each (default: the checkpoint's own size, 1)")
+    generate_warm_retry_seconds: float = Field(10.0, gt=0, description="retry a failed warm-up after this long "
+                                               "(a checkpoint may still be copying onto the volume)")
+
     @field_validator("token")
     @classmethod
     def _token_length(cls, value: str | None) -> str | None:
@@ -92,7 +119,14 @@ class Settings(BaseSettings):
                              "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
         return value
 
-    @field_validator("allowed_model_roots", "allowed_data_roots", "pools", mode="before")
+    @field_validator("inference_url", mode="before")
+    @classmethod
+    def _unset_if_empty(cls, value: Any) -> Any:
+        # compose passes `${FLASHDMD_INFERENCE_URL:-}` as an empty string: that means "in-process", not a URL.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("allowed_model_roots", "allowed_data_roots", "pools", "generate_warm", "generate_warm_shapes",
+                     mode="before")
     @classmethod
     def _paths(cls, value: Any) -> Any:
         return _split_paths(value)
@@ -109,6 +143,12 @@ class Settings(BaseSettings):
         # Roots are compared after realpath, so resolve symlinks in the roots themselves too.
         for name in ("allowed_model_roots", "allowed_data_roots"):
             updates[name] = [Path(os.path.realpath(p.expanduser())) for p in getattr(self, name)]
+        if self.inference_url is not None and not self.inference_url.startswith(("http://", "https://")):
+            raise ValueError("FLASHDMD_INFERENCE_URL must be an http:// or https:// URL")
+        if self.role == "control" and not self.inference_url:
+            raise ValueError("FLASHDMD_ROLE=control forwards /generate: set FLASHDMD_INFERENCE_URL")
+        for shape in self.generate_warm_shapes:
+            parse_shape(shape)
         if self.stale_after_seconds < 2 * self.heartbeat_seconds:
             raise ValueError("FLASHDMD_STALE_AFTER_SECONDS must be at least twice FLASHDMD_HEARTBEAT_SECONDS")
         self.__dict__.update(updates)

@@ -1,4 +1,5 @@
-"""/healthz (liveness, the container healthcheck), /readyz (database, schema, broker) and /metrics."""
+"""/healthz (liveness, the container healthcheck), /readyz (database, schema, broker; on the inference role:
+warm-up instead of the broker) and /metrics."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from sqlalchemy import text
 
 from api import migrate
 from api.db import UNAVAILABLE
-from api.deps import CurrentToken, DispatcherDep, lookup_token
+from api.deps import CurrentToken, lookup_token
 from api.edge import bearer_token
 from api.schemas import HealthPublic
 
@@ -34,8 +35,9 @@ def _has_valid_token(request: Request) -> bool:
 
 
 @router.get("/readyz", response_model=HealthPublic, responses={503: {"model": HealthPublic}})
-def readyz(request: Request, dispatcher: DispatcherDep) -> Response:
-    """Ready to serve: the database answers and is migrated to head, and the broker answers.
+def readyz(request: Request) -> Response:
+    """Ready to serve: the database answers and is migrated to head, and the broker answers (the inference role
+    has no broker; it is ready once its warm-up has loaded and run the configured checkpoints, api/warmup.py).
 
     Probes carry no token, so anyone may ask; only a caller with a valid token sees which check
     failed and why (the reasons name hosts and drivers, issue 11 finding 10).
@@ -49,7 +51,11 @@ def readyz(request: Request, dispatcher: DispatcherDep) -> Response:
         checks["migrations"] = "ok" if current == head else f"at {current}, head is {head}: run `flashdmd db upgrade`"
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready"; the reason is shown to token holders only
         checks["database"] = f"{type(exc).__name__}: {exc}"[:300]
-    checks["broker"] = dispatcher.ping() or "ok"
+    state = request.app.state
+    if state.dispatcher is not None:
+        checks["broker"] = state.dispatcher.ping() or "ok"
+    if getattr(state, "warmup", None) is not None:
+        checks["warmup"] = state.warmup.status()
     ok = all(v == "ok" for v in checks.values())
     shown = checks if _has_valid_token(request) else {}
     body = HealthPublic(status="ok" if ok else "unavailable", checks=shown)

@@ -1,0 +1,98 @@
+"""The inference role's warm-up: load the configured checkpoints and run each served shape once, before /readyz.
+
+A pod that says ready before its first checkpoint is loaded (and, with torch.compile, before each shape is
+compiled) would take traffic it answers in minutes; so readiness waits for this. Checkpoints come from the
+operator's `FLASHDMD_GENERATE_WARM` (absolute paths or job ids: a job's latest checkpoint), not from a request,
+so no owner is checked here; a request still needs to own what it asks for. A checkpoint that fails (a typo, a
+volume not mounted yet, a run still being copied) is retried every `generate_warm_retry_seconds`, and /readyz
+keeps answering 503 meanwhile, showing why to a token holder.
+
+The warm call goes through the route's own sampler function with the route's batch key, so the pipeline it
+loads is the cache entry requests will hit, and the shapes it runs are the ones they will run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from api import crud
+from api.models import Job
+from api.routes.generate import BatchKey, Runtime
+from api.settings import Settings, parse_shape
+
+log = logging.getLogger(__name__)
+WARM_PROMPT = "warm-up"
+
+
+def _checkpoint(ref: str, sessions: sessionmaker[Session], settings: Settings) -> Path:
+    """The checkpoint folder a warm entry names: a path (realpath, then the latest step inside a run directory)
+    or a job id (its latest ingested checkpoint)."""
+    from inference.checkpoint import CheckpointError, resolve_checkpoint_dir
+
+    if os.path.isabs(ref):
+        return Path(os.path.realpath(resolve_checkpoint_dir(os.path.realpath(ref))))
+    with sessions() as session:
+        job = session.get(Job, ref)
+        if job is None:
+            raise CheckpointError(f"no job {ref!r} (FLASHDMD_GENERATE_WARM takes absolute paths or job ids)")
+        rows = crud.list_checkpoints(session=session, job_id=job.id)
+    run_dir = os.path.realpath(settings.run_dir(ref))
+    done = [Path(os.path.realpath(os.path.join(run_dir, c.path))) for c in rows]
+    done = [p for p in done if str(p).startswith(run_dir + os.sep) and (p / "meta.json").is_file()]
+    if not done:
+        raise CheckpointError(f"job {ref} has no checkpoint yet")
+    return done[-1]
+
+
+class Warmup:
+    """What /readyz reads: `ready` once every configured checkpoint has loaded and run its shapes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pending = list(settings.generate_warm)
+        self.errors: dict[str, str] = {}
+        self.ready = not self.pending
+
+    def status(self) -> str:
+        if self.ready:
+            return "ok"
+        done = len(self.settings.generate_warm) - len(self.pending)
+        why = "; ".join(f"{ref}: {err}" for ref, err in self.errors.items())
+        return f"warming up: {done} of {len(self.settings.generate_warm)} checkpoints ready" + (
+            f" (failed, retrying: {why})" if why else "")
+
+    def warm_one(self, ref: str, rt: Runtime, sessions: sessionmaker[Session]) -> int:
+        """Load one checkpoint and run one sampler call per shape (in a worker thread); the number of calls."""
+        from inference.checkpoint import CheckpointInfo
+
+        info = CheckpointInfo.load(_checkpoint(ref, sessions, self.settings))
+        shapes = [parse_shape(s) for s in self.settings.generate_warm_shapes] or [(None, None, 1)]
+        for width, height, batch in shapes:
+            size = info.check_size(width, height, rt.settings.generate_max_side)
+            key: BatchKey = (str(info.path), size[0], size[1], None, 1.0, None)
+            rt._sample(key, [(WARM_PROMPT, seed) for seed in range(batch)])
+        return len(shapes)
+
+    async def run(self, rt: Runtime, sessions: sessionmaker[Session]) -> None:
+        """Until every checkpoint is warm; each failure is logged, shown by /readyz and retried later."""
+        while self.pending:
+            for ref in list(self.pending):
+                try:
+                    calls = await run_in_threadpool(self.warm_one, ref, rt, sessions)
+                except Exception as err:  # noqa: BLE001 - anything that stops a load is retried, not fatal
+                    log.warning("warm-up of %s failed (retrying in %g s): %s", ref,
+                                self.settings.generate_warm_retry_seconds, err)
+                    self.errors[ref] = f"{type(err).__name__}: {err}"[:300]
+                    continue
+                log.info("warm-up: %s loaded, %d sampler calls", ref, calls)
+                self.pending.remove(ref)
+                self.errors.pop(ref, None)
+            if self.pending:
+                await asyncio.sleep(self.settings.generate_warm_retry_seconds)
+        self.ready = True
