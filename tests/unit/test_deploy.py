@@ -31,7 +31,7 @@ DOCKERFILES = [DOCKERFILE_API, DOCKERFILE_WORKER]
 K8S_DIR = DEPLOY / "k8s"
 ACCELERATE_DIR = DEPLOY / "accelerate"
 
-SERVICES = {"postgres", "redis", "migrate", "api", "worker", "worker-gpu8"}
+SERVICES = {"postgres", "redis", "migrate", "api", "worker", "worker-gpu8", "inference"}  # inference: test_deploy_inference.py
 # One compose service per worker pool (api/workers.py: gpu<N> offers N processes on N GPUs).
 WORKERS = {"worker": "gpu1", "worker-gpu8": "gpu8"}
 PROFILED = {"worker-gpu8"}  # only with `--profile gpu8`: `docker compose config` leaves it out by default
@@ -45,6 +45,8 @@ APP_ENV = {
     "FLASHDMD_ALLOWED_DATA_ROOTS",
     "HF_HOME",
     "FLASHDMD_POOLS",
+    "FLASHDMD_INFERENCE_URL",  # the inference tier: tests/unit/test_deploy_inference.py
+    "FLASHDMD_GENERATE_WARM",
 }
 SERVE = ["flashdmd", "serve", "--host", "0.0.0.0", "--port", "8000"]
 CHECKPOINT_GRACE_S = 300  # at least this long to let a worker write its last checkpoint
