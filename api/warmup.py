@@ -5,10 +5,12 @@ compiled) would take traffic it answers in minutes; so readiness waits for this.
 operator's `FLASHDMD_GENERATE_WARM` (absolute paths or job ids: a job's latest checkpoint), not from a request,
 so no owner is checked here; a request still needs to own what it asks for. A checkpoint that fails (a typo, a
 volume not mounted yet, a run still being copied) is retried every `generate_warm_retry_seconds`, and /readyz
-keeps answering 503 meanwhile, showing why to a token holder.
+keeps answering 503 meanwhile. The log names the checkpoint and the error; /readyz shows a token holder only
+the counts and the error's type, since any owner's token may ask and the warm list is the operator's.
 
-The warm call goes through the route's own sampler function with the route's batch key, so the pipeline it
-loads is the cache entry requests will hit, and the shapes it runs are the ones they will run.
+The warm calls go through the route's own batcher with the route's batch key: the pipeline loaded is the
+cache entry requests will hit, the shapes run are the ones they will run, and a warm call never runs beside
+more sampler calls than `generate_max_concurrency` allows (one GPU's memory).
 """
 
 from __future__ import annotations
@@ -63,32 +65,39 @@ class Warmup:
         if self.ready:
             return "ok"
         done = len(self.settings.generate_warm) - len(self.pending)
-        why = "; ".join(f"{ref}: {err}" for ref, err in self.errors.items())
+        failed = sorted(set(self.errors.values()))
         return f"warming up: {done} of {len(self.settings.generate_warm)} checkpoints ready" + (
-            f" (failed, retrying: {why})" if why else "")
+            f" ({len(self.errors)} failed with {', '.join(failed)}; retrying, see the server log)" if failed else "")
 
-    def warm_one(self, ref: str, rt: Runtime, sessions: sessionmaker[Session]) -> int:
-        """Load one checkpoint and run one sampler call per shape (in a worker thread); the number of calls."""
+    def keys(self, ref: str, rt: Runtime, sessions: sessionmaker[Session]) -> list[tuple[BatchKey, int]]:
+        """(batch key, rows) of each warm call for one checkpoint (in a worker thread: it reads files)."""
         from inference.checkpoint import CheckpointInfo
 
         info = CheckpointInfo.load(_checkpoint(ref, sessions, self.settings))
         shapes = [parse_shape(s) for s in self.settings.generate_warm_shapes] or [(None, None, 1)]
+        out: list[tuple[BatchKey, int]] = []
         for width, height, batch in shapes:
             size = info.check_size(width, height, rt.settings.generate_max_side)
-            key: BatchKey = (str(info.path), size[0], size[1], None, 1.0, None)
-            rt._sample(key, [(WARM_PROMPT, seed) for seed in range(batch)])
-        return len(shapes)
+            out.append(((str(info.path), size[0], size[1], None, 1.0, None), batch))
+        return out
+
+    async def warm_one(self, ref: str, rt: Runtime, sessions: sessionmaker[Session]) -> int:
+        """Load one checkpoint and run one sampler call per shape; the number of calls."""
+        calls = await run_in_threadpool(self.keys, ref, rt, sessions)
+        for key, batch in calls:
+            await rt.batcher.submit(key, [(WARM_PROMPT, seed) for seed in range(batch)])
+        return len(calls)
 
     async def run(self, rt: Runtime, sessions: sessionmaker[Session]) -> None:
-        """Until every checkpoint is warm; each failure is logged, shown by /readyz and retried later."""
+        """Until every checkpoint is warm; each failure is logged, counted by /readyz and retried later."""
         while self.pending:
             for ref in list(self.pending):
                 try:
-                    calls = await run_in_threadpool(self.warm_one, ref, rt, sessions)
+                    calls = await self.warm_one(ref, rt, sessions)
                 except Exception as err:  # noqa: BLE001 - anything that stops a load is retried, not fatal
                     log.warning("warm-up of %s failed (retrying in %g s): %s", ref,
                                 self.settings.generate_warm_retry_seconds, err)
-                    self.errors[ref] = f"{type(err).__name__}: {err}"[:300]
+                    self.errors[ref] = type(err).__name__
                     continue
                 log.info("warm-up: %s loaded, %d sampler calls", ref, calls)
                 self.pending.remove(ref)

@@ -8,6 +8,7 @@ ownership are shared, as in production. The checkpoints are tiny random-weight S
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -25,6 +26,7 @@ from servicekit import TINY_SPEC, wait_for
 from api.cli import cli
 from api.ingest import RunIngestor
 from api.main import create_app
+from api.observability import LatencyMiddleware, Observability
 from api.schemas_generate import GenerateSettings
 from inference.testing import make_checkpoint
 from trainer.sink import JsonlSink
@@ -141,16 +143,18 @@ def test_readyz_is_503_until_the_warm_up_has_run(client, owner, settings, sessio
         assert before.json()["checks"] == {}, "a probe without a token learns nothing about the checkpoints"
         reason = direct.get("/readyz", headers=owner).json()["checks"]
         assert reason["database"] == "ok" and "broker" not in reason
-        assert "0 of 1" in reason["warmup"] and "has no checkpoint yet" in reason["warmup"], reason
+        assert "0 of 1" in reason["warmup"] and "CheckpointError" in reason["warmup"], reason
+        assert job_id not in reason["warmup"], "the warm list is the operator's: named in the log, not here"
         assert direct.get("/healthz").status_code == 200  # alive while warming: liveness must not kill it
 
         _add_checkpoint(job_id, settings, sessions, teacher)
         wait_for(lambda: direct.get("/readyz").status_code == 200, 60, 0.1, "readiness after the warm-up")
         assert direct.get("/readyz", headers=owner).json()["checks"]["warmup"] == "ok"
         warm = _metrics(direct, owner)
-        # Loaded once, then one sampler call per configured shape, all on the same cache entry.
+        # Loaded once, then one sampler call per configured shape (through the batcher), on one cache entry.
         assert warm["flashdmd_generate_pipeline_cache_total{result=miss}"] == 1
         assert warm["flashdmd_generate_pipeline_cache_total{result=hit}"] == 1
+        assert warm["flashdmd_generate_batch_images_count"] == 2 and warm["flashdmd_generate_batch_images_sum"] == 3
         res = direct.post("/generate", json={"job": job_id, "prompt": "a digit", "seed": 3}, headers=owner)
         assert res.status_code == 200, res.text
         after = _metrics(direct, owner)
@@ -235,6 +239,23 @@ def test_an_inference_tier_that_is_down_or_silent_gives_503_with_retry_after(set
                 assert "127.0.0.1" not in error["message"], "the upstream address is not the client's business"
     finally:
         silent.close()
+
+
+def test_the_inflight_gauge_counts_generate_requests_while_they_run(sessions):
+    obs = Observability(sessions, jobs=False)
+    seen: list[float | None] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(obs.registry.get_sample_value("flashdmd_generate_inflight"))
+
+    async def requests() -> None:
+        middleware = LatencyMiddleware(app, obs)
+        for path in ("/generate", "/jobs", "/generate"):
+            await middleware({"type": "http", "method": "POST", "path": path}, None, None)
+
+    asyncio.run(requests())
+    assert seen == [1.0, 0.0, 1.0]
+    assert obs.registry.get_sample_value("flashdmd_generate_inflight") == 0.0
 
 
 def test_serve_refuses_the_control_role_without_an_inference_url(monkeypatch):
