@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -266,3 +271,42 @@ def test_serve_refuses_the_control_role_without_an_inference_url(monkeypatch):
     monkeypatch.setenv("FLASHDMD_ROLE", "sideways")
     res = CliRunner().invoke(cli, ["serve"])
     assert res.exit_code == 2 and "sideways" in res.output
+
+
+@pytest.mark.slow
+def test_flashdmd_up_serves_generate_in_process_whatever_the_environment(tmp_path: Path):
+    closed = _listener()
+    nowhere = _url(closed)
+    closed.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHDMD_")}
+    # Left over from a shell that talks to a cluster: `up` must not become a control plane for a missing tier.
+    env.update(FLASHDMD_ROLE="control", FLASHDMD_INFERENCE_URL=nowhere)
+    port_sock = _listener()
+    port = port_sock.getsockname()[1]
+    port_sock.close()
+    data_dir = tmp_path / "flashdmd"
+    with (tmp_path / "up.log").open("wb") as log:
+        up = subprocess.Popen([sys.executable, "-m", "api", "up", "--data-dir", str(data_dir), "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            def healthy() -> bool:
+                assert up.poll() is None, (tmp_path / "up.log").read_text()
+                try:
+                    return http.get("/healthz").status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_for(healthy, 90, 0.3, "flashdmd up")
+            headers = {"Authorization": f"Bearer {(data_dir / 'token').read_text().strip()}"}
+            res = http.post("/generate", json={"checkpoint": "/nowhere/at/all", "prompt": "x"}, headers=headers)
+            # Judged by the in-process route (a forwarded request would get 503 inference_unavailable).
+            assert res.status_code == 422 and res.json()["error"]["code"] == "path_not_allowed", res.text
+            assert http.get("/jobs", headers=headers).status_code == 200
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            raise
