@@ -199,6 +199,21 @@ def test_ownership_is_enforced_the_same_on_both_paths(control, inference, strang
                         headers=owner).status_code == 200
 
 
+def test_the_inference_services_refusals_come_back_with_their_retry_after(settings, inference_settings, owner, job):
+    strict = inference_settings.model_copy(update={"generate_rate_per_minute": 1.0, "generate_rate_burst": 1})
+    body = {"job": job, "prompt": "a digit", "seed": 2}
+    with inference_server(strict) as url, _control(settings, url) as control, \
+            httpx.Client(base_url=url, timeout=60) as direct:
+        assert control.post("/generate", json=body, headers=owner).status_code == 200  # the token's one request
+        proxied = control.post("/generate", json=body, headers=owner)
+        straight = direct.post("/generate", json=body, headers=owner)
+    for res in (proxied, straight):
+        assert res.status_code == 429, res.text
+        assert res.headers["content-type"] == "application/json"
+        assert 1 <= int(res.headers["retry-after"]) <= 60
+    assert proxied.json()["error"]["code"] == straight.json()["error"]["code"] == "rate_limited"
+
+
 def test_the_inference_role_serves_only_generate_and_health(inference, owner):
     assert inference.get("/jobs", headers=owner).status_code == 404
     assert inference.post("/jobs", json={"spec": TINY_SPEC}, headers=owner).status_code == 404
