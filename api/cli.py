@@ -57,6 +57,7 @@ def up_command(host: str, port: int, data_dir: Path | None) -> None:
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", default=1, show_default=True, type=int, help="uvicorn worker processes")
 @click.option("--role", type=click.Choice(["all", "control", "inference"]), default="all", show_default=True,
+              metavar="ROLE",
               envvar="FLASHDMD_ROLE", help="all: the whole API; control: forward POST /generate to "
               "FLASHDMD_INFERENCE_URL; inference: only /generate and health, on a GPU node (deploy/README.md)")
 def serve_command(host: str, port: int, workers: int, role: str) -> None:
