@@ -17,8 +17,9 @@ from api.errors import install_error_handlers
 from api.models import ApiToken
 from api.observability import LatencyMiddleware, Observability
 from api.reaper import Reaper
-from api.routes import generate, health, jobs
+from api.routes import generate, health, jobs, live
 from api.settings import Settings
+from api.ui import install_ui
 
 
 def _version() -> str:
@@ -74,5 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(LatencyMiddleware, observability=observability)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(live.router)
     app.include_router(generate.router)
+    install_ui(app)
     return app

@@ -1,0 +1,24 @@
+// uPlot (vendored, a global from vendor/uPlot.iife.min.js) wrapped for live series.
+const PALETTE = ["#2f6fdf", "#d9472b", "#218a4a", "#8a4fd1", "#c98a00", "#0f8fa3"];
+
+export function makeChart(container, { title, labels, xLabel = "step" }) {
+  const width = () => Math.max(240, container.clientWidth - 4);
+  const series = [{ label: xLabel }, ...labels.map((label, i) => ({
+    label, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: true, points: { size: 4 },
+  }))];
+  const plot = new uPlot({ title, width: width(), height: 220, series, scales: { x: { time: false } },
+                           axes: [{ label: xLabel }, {}] }, [[], ...labels.map(() => [])], container);
+  // Charts follow their container (phone rotation, window resize) without a reload.
+  const observer = new ResizeObserver(() => plot.setSize({ width: width(), height: 220 }));
+  observer.observe(container);
+  return {
+    plot,
+    setData: (data) => plot.setData(data),
+    destroy: () => { observer.disconnect(); plot.destroy(); },
+  };
+}
+
+// One series per job, joined on a common x (uPlot.join fills the gaps with nulls).
+export function joined(tables) {
+  return tables.length ? uPlot.join(tables) : [[]];
+}
