@@ -93,7 +93,7 @@ export function jobPage(root, id) {
         // Keep the charts in key order (loss/*, grad_norm/*, ...) whatever order they first appear in.
         const after = [...el.charts.children].find((c) => c.dataset.key > key);
         el.charts.insertBefore(box, after || null);
-        entry = { chart: makeChart(box, { title: key, labels: [key] }), x: [], y: [] };
+        entry = { box, chart: makeChart(box, { title: key, labels: [key] }), x: [], y: [] };
         charts.set(key, entry);
         el.noMetrics.hidden = true;
       }
@@ -102,6 +102,7 @@ export function jobPage(root, id) {
         if (p.step > last) { entry.x.push(p.step); entry.y.push(p.value); }
       }
       entry.chart.setData([entry.x, entry.y]);
+      entry.box.dataset.points = entry.x.length; // what is drawn, for tests and for the curious
     }
   }
 
