@@ -6,8 +6,10 @@ export function makeChart(container, { title, labels, xLabel = "step" }) {
   const series = [{ label: xLabel }, ...labels.map((label, i) => ({
     label, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: true, points: { size: 4 },
   }))];
+  // The legend only repeats the title when there is one series.
   const plot = new uPlot({ title, width: width(), height: 220, series, scales: { x: { time: false } },
-                           axes: [{ label: xLabel }, {}] }, [[], ...labels.map(() => [])], container);
+                           legend: { show: labels.length > 1 },
+                           axes: [{ label: xLabel }, { size: 64 }] }, [[], ...labels.map(() => [])], container);
   // Charts follow their container (phone rotation, window resize) without a reload.
   const observer = new ResizeObserver(() => plot.setSize({ width: width(), height: 220 }));
   observer.observe(container);

@@ -5,6 +5,8 @@ import { makeChart } from "./chart.js";
 const LOG_POLL_MS = 2000;
 const LOG_KEEP = 200_000; // characters of log kept on screen
 
+const order = (key) => `${/loss/.test(key) ? 0 : /grad_norm/.test(key) ? 1 : 2}${key}`;
+
 export function jobPage(root, id) {
   const ctrl = new AbortController();
   const timers = new Set();
@@ -90,8 +92,8 @@ export function jobPage(root, id) {
       let entry = charts.get(key);
       if (!entry) {
         const box = h("div", { className: "chart", dataset: { key } });
-        // Keep the charts in key order (loss/*, grad_norm/*, ...) whatever order they first appear in.
-        const after = [...el.charts.children].find((c) => c.dataset.key > key);
+        // Losses first, then gradient norms, then the rest, each in key order, whatever order they arrive in.
+        const after = [...el.charts.children].find((c) => order(c.dataset.key) > order(key));
         el.charts.insertBefore(box, after || null);
         entry = { box, chart: makeChart(box, { title: key, labels: [key] }), x: [], y: [] };
         charts.set(key, entry);
@@ -140,7 +142,8 @@ export function jobPage(root, id) {
         logOffset = Number(response.headers.get("X-Next-Offset"));
         if (text) {
           const atBottom = el.log.scrollTop + el.log.clientHeight >= el.log.scrollHeight - 8;
-          el.log.textContent = (el.log.textContent + text).slice(-LOG_KEEP);
+          // tqdm redraws its bar with carriage returns: keep what a terminal would show, the last redraw.
+          el.log.textContent = (el.log.textContent + text).replace(/[^\n]*\r(?!\n|$)/g, "").slice(-LOG_KEEP);
           if (atBottom) el.log.scrollTop = el.log.scrollHeight;
         }
         if (text.length < 262144) break; // caught up

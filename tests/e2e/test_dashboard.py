@@ -190,9 +190,18 @@ def test_dashboard_end_to_end(service, browser) -> None:
     _css(driver, ".checkpoint .generate button[type=submit]").click()
     generated = "const i = document.querySelector('img.generated'); return i.complete && i.naturalWidth > 0"
     _wait(driver, lambda d: d.execute_script(generated), 120, what="a generated image")
-    driver.execute_script("window.scrollTo(0, 0)")
+    # The whole page in one image: a window as tall as the document.
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1280, min(height + 160, 4000))
     driver.save_screenshot(str(ARTIFACTS / "dashboard-job.png"))
     assert driver.execute_script("return window.__noReload") is True
+
+    # Compare: one metric of both jobs overlaid (the cancelled one has no points, only a legend entry).
+    driver.set_window_size(1280, 800)
+    driver.execute_script(f"location.hash = '#/compare?jobs={job_id},{second}&key=loss/generator'")
+    legend = "#compare-chart .u-legend"
+    _wait(driver, lambda d: job_id in _css(d, legend).text and second in _css(d, legend).text, what="compare")
+    assert _css(driver, "#compare-chart canvas").size["width"] > 100
 
     # Phone width: the page folds to one column instead of scrolling sideways.
     driver.set_window_size(390, 844)
