@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -76,9 +77,14 @@ def _owned(reads: sessionmaker[Session], owner: ApiToken, job_id: str) -> str:
         return crud.get_job(session=session, owner=owner, job_id=job_id).id  # 404 for anyone else's
 
 
-def _poll(reads: sessionmaker[Session], owner: ApiToken, job_id: str, cursor: _Cursor) -> _News:
-    """One short read session: the job row, events after the cursor, and new points of every key."""
+def _poll(reads: sessionmaker[Session], owner: ApiToken, job_id: str, cursor: _Cursor) -> _News | None:
+    """One short read session: the job row, events after the cursor, and new points of every key.
+
+    None once the token is revoked: a stream is one long request, and revoking must not wait for its end.
+    """
     with reads() as session:
+        if session.scalar(select(ApiToken.revoked_at).where(ApiToken.id == owner.id)) is not None:
+            return None
         job = JobPublic.of(crud.get_job(session=session, owner=owner, job_id=job_id))
         rows, more = crud.list_events(session=session, job_id=job_id, after=cursor.after_event,
                                       limit=EVENTS_PER_POLL)
@@ -123,6 +129,8 @@ async def _messages(request: Request, owner: ApiToken, job_id: str, cursor: _Cur
         if await request.is_disconnected():
             return
         news = await run_in_threadpool(_poll, reads, owner, job_id, cursor)
+        if news is None:
+            return  # revoked: no `end`, and the client's reconnect gets 401
         out: list[bytes] = []
         job_json = news.job.model_dump_json()
         if job_json != cursor.job_json:

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from servicekit import TINY_SPEC, make_settings, wait_for
 from sqlalchemy import update
 
-from api.auth import create_token
+from api.auth import create_token, revoke_token
 from api.db import utcnow
 from api.main import create_app
 from api.models import Event, Job, Metric
@@ -105,6 +105,27 @@ def test_stream_follows_a_live_job_to_its_end(client, auth, sessions) -> None:
     steps = [p["step"] for name, data in messages if name == "metrics" for p in data.get("loss/dm", [])]
     assert steps == [1, 2, 3, 4, 5, 6]  # every point once, in order, whichever poll saw it
     assert open_streams(app) == 0
+
+
+def test_revoking_the_token_ends_its_open_stream(client, sessions) -> None:
+    with sessions() as session:
+        row, token = create_token(session=session, name="revoked", prefix="fdmd_")
+    headers = {"Authorization": f"Bearer {token}"}
+    job_id = _job(client, headers)
+    app = client.app
+
+    def revoke() -> None:
+        wait_for(lambda: open_streams(app) > 0, 30, interval=0.02, what="the stream to open")
+        with sessions() as session:
+            revoke_token(session=session, ref=row.public_id)
+
+    thread = threading.Thread(target=revoke)
+    thread.start()
+    response = client.get(f"/jobs/{job_id}/stream", headers=headers)  # the job stays queued
+    thread.join()
+    # Returning at all is the point (the job is queued for ever); it must not claim that the job ended.
+    assert response.status_code == 200 and "end" not in [name for name, _ in _messages(response.text)]
+    assert client.get(f"/jobs/{job_id}/stream", headers=headers).status_code == 401
 
 
 def _free_port() -> int:
