@@ -23,7 +23,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -176,6 +176,10 @@ def test_dashboard_end_to_end(service, browser) -> None:
     _wait(driver, lambda d: _css(d, row).get_attribute("data-status") == "succeeded", 60, what="succeeded")
     _wait(driver, lambda d: _css(d, f"{row} .steps").text == "4/4")
     driver.save_screenshot(str(ARTIFACTS / "dashboard-jobs.png"))
+    # Filter by status: only the cancelled job is left.
+    Select(_css(driver, "select[name=status]")).select_by_value("cancelled")
+    _wait(driver, lambda d: [r.get_attribute("data-job") for r in d.find_elements(By.CSS_SELECTOR, "#jobs-body tr")]
+          == [second], what="the status filter")
 
     # The job page: curves, a sample grid, and a generated image from a checkpoint.
     driver.execute_script(f"location.hash = '#/jobs/{job_id}'")
