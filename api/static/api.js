@@ -26,7 +26,7 @@ export async function request(path, { method = "GET", body, signal } = {}) {
   const init = { method, signal, headers: headers(body === undefined ? {} : { "Content-Type": "application/json" }) };
   if (body !== undefined) init.body = JSON.stringify(body);
   const response = await fetch(path, init);
-  if (response.status === 401) {
+  if (response.status === 401 && location.hash !== "#/login") { // the login page reports it itself
     token.clear();
     location.hash = "#/login";
   }

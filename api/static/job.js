@@ -17,6 +17,7 @@ export function jobPage(root, id) {
   let logOffset = 0;
   let seenStep = -1;
   let streaming = false;
+  let gone = false; // a 404: no such job of ours, so stop asking
 
   const el = {
     title: h("h1", {}, id),
@@ -149,12 +150,13 @@ export function jobPage(root, id) {
         if (text.length < 262144) break; // caught up
       }
     } catch (err) {
+      gone = gone || err.status === 404;
       if (!ctrl.signal.aborted) show(err);
     }
   }
 
   function pollLog() {
-    if (ctrl.signal.aborted) return;
+    if (ctrl.signal.aborted || gone) return;
     tailLog().finally(() => { if (!job || !TERMINAL.has(job.status)) later(pollLog, LOG_POLL_MS); });
   }
 

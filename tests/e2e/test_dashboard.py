@@ -124,6 +124,9 @@ def test_dashboard_end_to_end(service, browser) -> None:
     # Login: the token goes to sessionStorage, never into the URL.
     driver.get(f"{base}/ui")
     _wait(driver, lambda d: d.current_url.endswith("#/login"), what="the login page")
+    _type(driver, "input[name=token]", "fdmd_not_a_token")
+    _css(driver, "#login-form button[type=submit]").click()
+    _wait(driver, lambda d: "not accepted" in _css(d, "#login-form .error").text, what="the bad token refused")
     _type(driver, "input[name=token]", token)
     _css(driver, "#login-form button[type=submit]").click()
     _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#jobs"), what="the jobs page")
