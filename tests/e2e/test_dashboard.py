@@ -211,5 +211,10 @@ def test_dashboard_end_to_end(service, browser) -> None:
     assert _css(driver, "#compare-chart canvas").size["width"] > 100
 
     # Phone width: the page folds to one column instead of scrolling sideways.
+    fits = "return document.documentElement.scrollWidth <= window.innerWidth + 1"
     driver.set_window_size(390, 844)
-    assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
+    for page in (f"#/jobs/{job_id}", "#/jobs", "#/new"):
+        driver.execute_script(f"location.hash = '{page}'")
+        _wait(driver, lambda d: d.execute_script(fits), what=f"{page} to fit a phone's width")
+    _wait(driver, lambda d: _css(d, "textarea[name=spec]").get_attribute("value"), what="presets")
+    driver.save_screenshot(str(ARTIFACTS / "dashboard-new-phone.png"))
