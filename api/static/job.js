@@ -4,6 +4,7 @@ import { makeChart } from "./chart.js";
 
 const LOG_POLL_MS = 2000;
 const LOG_KEEP = 200_000; // characters of log kept on screen
+const HISTORY_POINTS = 2000; // per curve: a long run's past is drawn thinned, the live tail in full
 
 const order = (key) => `${/loss/.test(key) ? 0 : /grad_norm/.test(key) ? 1 : 2}${key}`;
 
@@ -17,6 +18,7 @@ export function jobPage(root, id) {
   let logOffset = 0;
   let seenStep = -1;
   let streaming = false;
+  let historyEnd = -1; // the stream starts after this step once a thinned history was drawn
   let gone = false; // a 404: no such job of ours, so stop asking
 
   const el = {
@@ -109,12 +111,35 @@ export function jobPage(root, id) {
     }
   }
 
+  // A long run's history, thinned to about HISTORY_POINTS per key with the metrics endpoint's stride, so
+  // the stream only has to send what comes after it (a million steps would otherwise all go to the page).
+  async function loadHistory() {
+    const current = await api(`/jobs/${id}`, { signal: ctrl.signal });
+    const stride = Math.floor(current.progress.step / HISTORY_POINTS);
+    if (stride < 2) return; // short enough to stream in full
+    const { keys } = await api(`/jobs/${id}/metrics?limit=1`, { signal: ctrl.signal });
+    historyEnd = current.progress.step;
+    for (const key of keys) {
+      let since = -1;
+      for (;;) {
+        const page = await api(`/jobs/${id}/metrics?key=${encodeURIComponent(key)}&stride=${stride}` +
+                               `&since_step=${since}&limit=20000`, { signal: ctrl.signal });
+        addMetrics({ [key]: page.points });
+        if (!page.has_more || !page.points.length) break;
+        since = page.points.at(-1).step;
+      }
+    }
+  }
+
   async function follow() {
     if (streaming) return;
     streaming = true;
     try {
       while (!ctrl.signal.aborted) {
-        const since = Math.min(-1, ...[...charts.values()].map((c) => (c.x.length ? c.x.at(-1) : -1)));
+        // Reconnecting: from the curve that is furthest behind (duplicates are dropped in addMetrics), but
+        // never from before the thinned history, whose sparse keys would drag the whole past back in.
+        const lasts = [...charts.values()].map((c) => (c.x.length ? c.x.at(-1) : -1));
+        const since = Math.max(historyEnd, lasts.length ? Math.min(...lasts) : -1);
         let ended = false;
         try {
           for await (const msg of events(`/jobs/${id}/stream?after=${lastEvent}&since_step=${since}`, ctrl.signal)) {
@@ -244,7 +269,7 @@ export function jobPage(root, id) {
   el.cancel.addEventListener("click", () => act("cancel"));
   el.resume.addEventListener("click", () => act("resume"));
 
-  follow();
+  loadHistory().catch(show).finally(follow);
   pollLog();
   return () => {
     ctrl.abort();
