@@ -29,6 +29,13 @@ from api.models import ApiToken
 
 # Health checks (probes carry no token) and the API docs (public by design).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# The dashboard's shell and static assets (api/ui.py): they hold no data, and a browser cannot attach a
+# bearer header to a page load; everything the page shows comes from the API with the token.
+UI_PREFIX = "/ui"
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path == UI_PREFIX or path.startswith(UI_PREFIX + "/")
 TOKEN_STATE = "flashdmd_token"  # key in scope["state"]
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
@@ -71,7 +78,7 @@ class EdgeMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope["path"] not in PUBLIC_PATHS:
+        if not is_public(scope["path"]):
             token = bearer_token(scope)
             if token is None:
                 await self._reject(scope, receive, send, APIError("unauthorized", "missing bearer token",

@@ -27,8 +27,9 @@ from api.inference_proxy import router as proxy_router
 from api.models import ApiToken
 from api.observability import LatencyMiddleware, Observability
 from api.reaper import Reaper
-from api.routes import generate, health, jobs
+from api.routes import generate, health, jobs, live
 from api.settings import Settings
+from api.ui import install_ui
 from api.warmup import Warmup
 
 
@@ -99,7 +100,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        retry_after=settings.db_retry_after_seconds)
     app.add_middleware(LatencyMiddleware, observability=observability)
     app.include_router(health.router)
-    if not inference:
+    if not inference:  # the inference role serves /generate and health only (issue 12)
         app.include_router(jobs.router)
+        app.include_router(live.router)
+        install_ui(app)
     app.include_router(generate.router if proxy is None else proxy_router)
     return app

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     # so this only bounds how long a message taken by a worker that died before claiming waits.
     visibility_timeout_seconds: int = Field(3600, ge=60)
     ingest_poll_seconds: float = Field(0.5, gt=0)
+    stream_poll_seconds: float = Field(1.0, gt=0, le=60, description="how often GET /jobs/{id}/stream reads the "
+                                       "database for news (one short read session per poll)")
     accelerate_config: Path | None = None
 
     # Quotas (issue 11): what one token may hold at once. Checked at POST /jobs.

@@ -166,7 +166,7 @@ def run_demo(*, out: Path, steps: int | None, quick: bool, port: int, data_dir: 
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         _print_table(summary)
         click.echo(f"\nwrote {out}/grid.png, {out}/curves.png, {out}/summary.json")
-        click.echo(f"service: {service.url}   token: {token}")
+        click.echo(f"service: {service.url}   token: {token}   dashboard: {service.url}/ui#/jobs/{job['id']}")
         click.echo(f'try: curl -s -X POST {service.url}/generate -H "Authorization: Bearer {token}" '
                    f'-H "Content-Type: application/json" -d \'{{"job": "{job["id"]}", "prompt": '
                    f'"a handwritten digit seven", "seed": 1}}\' -o seven.png')

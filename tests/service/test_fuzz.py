@@ -131,6 +131,10 @@ def test_no_server_errors_over_the_openapi_schema(app: App) -> None:
 
     for result in schema.get_all_operations():
         operation = result.ok()
+        if operation.label == "GET /jobs/{job_id}/stream":
+            # The seeded job stays queued, so its stream ends only when the client leaves, which an in-process
+            # TestClient never does; tests/service/test_ui_stream.py covers its ownership, bounds and ending.
+            continue
         fixed = {"job_id": job_id} if "{job_id}" in operation.path else {}
         modes = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
         strategies = [operation.as_strategy(mode, path_parameters=fixed, headers=headers) for mode in modes]

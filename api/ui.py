@@ -1,0 +1,77 @@
+"""The dashboard (`/ui`): a static single-page app shipped in the package (api/static/), same origin as the API.
+
+The page is a shell of ES modules with a vendored uPlot; it has no data of its own and calls the REST API
+with the token the user typed (kept in sessionStorage, sent as a bearer header). The routes here are public
+(api/edge.py `is_public`). The CSP allows only this origin's scripts, styles and fetches, and images from
+blob: URLs, which is how the page shows samples and generated images it fetched with the bearer header.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import yaml
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.edge import UI_PREFIX
+from api.schemas import TINY_SPEC_EXAMPLE
+
+STATIC_DIR = Path(__file__).with_name("static")
+# The repository's presets/ (a source checkout or the images, which copy it); absent from a bare wheel.
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
+# uPlot positions its cursor and legend with inline style attributes, hence 'unsafe-inline' for styles only.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' blob: data:; "
+       "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+class _SecuredStatic:
+    """StaticFiles with the dashboard's security headers on every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def with_headers(message: dict) -> None:  # type: ignore[type-arg]
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"],
+                                      *[(k.lower().encode(), v.encode()) for k, v in HEADERS.items()]]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+@functools.cache
+def presets(directory: Path = PRESETS_DIR) -> dict[str, dict[str, Any]]:
+    """Name -> spec for the New job page: the API's tiny example first, then presets/*.yaml as JSON.
+
+    The browser edits JSON (a YAML parser would be the one dependency the page lacks); comments are lost.
+    """
+    found: dict[str, dict[str, Any]] = {"tiny (smoke test, seconds on a CPU)": TINY_SPEC_EXAMPLE}
+    for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else []:
+        spec = yaml.safe_load(path.read_text())
+        if isinstance(spec, dict):
+            found[path.stem] = spec
+    return found
+
+
+def install_ui(app: FastAPI) -> None:
+    index = STATIC_DIR / "index.html"
+
+    @app.get(UI_PREFIX, include_in_schema=False)
+    def ui_index() -> FileResponse:
+        # no-cache: a new release's shell must not be paired with the old one's cached modules.
+        return FileResponse(index, media_type="text/html; charset=utf-8",
+                            headers={**HEADERS, "Cache-Control": "no-cache"})
+
+    @app.get(f"{UI_PREFIX}/presets.json", include_in_schema=False)
+    def ui_presets() -> dict[str, dict[str, Any]]:
+        return presets()
+
+    app.mount(f"{UI_PREFIX}/static", _SecuredStatic(StaticFiles(directory=STATIC_DIR)), name="ui-static")
