@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictFloat,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -29,6 +30,11 @@ from trainer.spec_limits import (
     SEED_MAX,
     TINY_FAMILIES,
     TOY_MODELS,
+    VALIDATION_MAX_IMAGES,
+    VALIDATION_MAX_PROMPT_CHARS,
+    VALIDATION_MAX_PROMPTS,
+    VALIDATION_MAX_SEEDS,
+    VALIDATION_MAX_SIZES,
     check_storable_text,
     is_union_tag,
     load_yaml,
@@ -249,6 +255,36 @@ class MemorySpec(_Strict):
         "the generator's own optimiser at rl.optimizer.lr (one generator, one set of moments, as in Alg. 1)")
 
 
+ValidationSide = Annotated[StrictInt, Field(ge=16, le=4096, multiple_of=8)]
+
+
+class ValidationSpec(_Strict):
+    """Fixed prompts and seeds for the sample grids (trainer/validation.py), so that runs compare side by side."""
+
+    prompts: list[Annotated[str, Field(min_length=1, max_length=VALIDATION_MAX_PROMPT_CHARS)]] | None = Field(
+        None, min_length=1, max_length=VALIDATION_MAX_PROMPTS)
+    file: str | None = Field(None, min_length=1, max_length=4096, description="text file, one prompt per line")
+    seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] = Field(
+        default_factory=lambda: [0], min_length=1, max_length=VALIDATION_MAX_SEEDS,
+        description="every prompt is sampled with every seed; image noise depends on its seed alone")
+    every: int | None = Field(None, ge=1, le=INT32_MAX, description="steps between grids; default train.sample_every")
+    guidance: float = Field(1.0, ge=1, le=30, description="CFG at sampling; few-step students use 1")
+    # Not strict: a stored spec is JSON, where each [w, h] pair comes back as a list.
+    sizes: list[Annotated[tuple[ValidationSide, ValidationSide], Field(strict=False)]] | None = Field(
+        None, min_length=1, max_length=VALIDATION_MAX_SIZES,
+        description="[[width, height], ...] in pixels; default the training resolution")
+
+    @model_validator(mode="after")
+    def _check(self) -> ValidationSpec:
+        if (self.prompts is None) == (self.file is None):
+            raise ValueError("give exactly one of train.validation.prompts and train.validation.file")
+        n = len(self.prompts or [1]) * len(self.seeds) * len(self.sizes or [1])
+        if n > VALIDATION_MAX_IMAGES:
+            raise ValueError(f"train.validation asks for {n} images per grid step (prompts x seeds x sizes); "
+                             f"the limit is {VALIDATION_MAX_IMAGES}")
+        return self
+
+
 class TrainSpec(_Strict):
     max_steps: int = Field(1000, ge=1, le=INT32_MAX, description="loop iterations (one fake-score update each)")
     batch_size: int = Field(1, ge=1, le=4096, description="per process")
@@ -259,6 +295,8 @@ class TrainSpec(_Strict):
     checkpoint_every: int = Field(500, ge=1, le=INT32_MAX)
     sample_every: int = Field(500, ge=1, le=INT32_MAX)
     num_samples: int = Field(4, ge=1, le=64)
+    validation: ValidationSpec | None = Field(
+        None, description="prompts/seeds/sizes of the sample grids; null: the first num_samples dataset captions")
     keep_last: int = Field(3, ge=1, le=INT32_MAX)
     log_every: int = Field(1, ge=1, le=INT32_MAX)
     max_nonfinite: int = Field(10, ge=1, le=INT32_MAX, description="consecutive NaN/inf steps before failing")
