@@ -153,7 +153,8 @@ class ScheduleSpec(_Strict):
 
 class DiscriminatorSpec(_Strict):
     backbone: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "vit_l"
-    checkpoint: str | None = Field(None, description="SAM .pth (image_encoder.* keys); required for vit_*")
+    checkpoint: str | None = Field(None, description="SAM .pth (image_encoder.* keys) or a hub id "
+                                      "org/name[/file][@revision]; required for vit_*")
     blocks: list[int] | None = Field(None, description="encoder blocks with heads; default: global attention")
     img_size: int | None = Field(None, ge=16, le=4096, description="encoder input size; 1024 for vit_*, 64 for tiny")
     head_channels: int = Field(256, ge=8, le=4096)
@@ -346,7 +347,7 @@ RL_THRESHOLD_SDXL: tuple[float, float] = (0.45, 0.6)
 class RewardSpec(_Strict):
     kind: Literal["lrm", "pixel"] = "lrm"
     path: str | None = Field(None, description="lrm: a Latent Reward Model folder (unet/, text_encoder*/, "
-                             "state_dict.pt); null: an UNTRAINED LRM built from the teacher (smoke tests only)")
+                             "state_dict.pt) or a hub id org/name[/folder][@revision]; null: an UNTRAINED LRM built from the teacher (smoke tests only)")
     scorer: str | None = Field(None, description="pixel: a registered image scorer (trainer.reward.PIXEL_SCORERS)")
     vfe_scale: float = Field(7.5, ge=1, description="LRM visual feature enhancement: CFG on the mid feature")
     score_at: Literal["next", "current"] = Field(

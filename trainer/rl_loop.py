@@ -29,6 +29,7 @@ from trainer.checkpoint import (
 from trainer.config import RewardSpec, RLJob
 from trainer.data import build_dataset, sharded_batches
 from trainer.errors import InputError, StopRequested, TrainingError
+from trainer.hub import resolve_weights
 from trainer.loop import NonfiniteGuard, StopControl, _accelerator, amp_logs
 from trainer.memory import reward_for_training
 from trainer.models import Teacher, load_teacher, predict_x0
@@ -104,7 +105,7 @@ def build_reward(spec: RewardSpec, teacher: Teacher, cfg: RLJob, sink: Sink) -> 
         except TypeError as err:
             raise InputError(f"rl.reward: {err}") from None
     else:
-        path = Path(spec.path).expanduser()
+        path = resolve_weights(spec.path, "rl.reward.path", want="folder")  # a hub id or a local folder
         try:
             lrm = load_lrm(path, base=teacher.pipe, resolution=teacher.resolution, vfe_scale=spec.vfe_scale)
         except (FileNotFoundError, ValueError, OSError) as err:
