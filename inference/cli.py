@@ -106,16 +106,45 @@ def generate_command(checkpoint: Path | None, job: str | None, prompt: str, nega
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="output folder (default ./<run>-step-N-<format>)")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32")
-def export_command(checkpoint: Path, fmt: str, output: Path | None, dtype: str) -> None:
+@click.option("--push-to-hub", "push_repo", default=None, metavar="ORG/NAME",
+              help="then upload the folder, with a model card and the run's sample grids, to this model repo")
+@click.option("--private", is_flag=True, help="with --push-to-hub: create the repo private")
+@click.option("--token", default=None, help="with --push-to-hub: a hub token (default: HF_TOKEN or the saved login)")
+@click.option("--eval", "eval_json", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="with --push-to-hub: an eval job's eval.json for the card (default: the run's eval.json, if any)")
+def export_command(checkpoint: Path, fmt: str, output: Path | None, dtype: str, push_repo: str | None,
+                   private: bool, token: str | None, eval_json: Path | None) -> None:
     """Export a checkpoint as a diffusers folder, UNet safetensors, or LoRA (diffusers or kohya keys)."""
+    if push_repo is None and (private or token or eval_json):
+        _fail("--private, --token and --eval only apply with --push-to-hub")
     try:
         info = CheckpointInfo.load(checkpoint)
         if fmt not in info.export_formats():
             raise CheckpointError(f"format {fmt!r} needs a LoRA checkpoint; {info.id} has a full {info.generator} "
                                   f"(available: {', '.join(info.export_formats())})")
         from inference.export import export_checkpoint
+        from inference.hub_push import PushError, check_repo_id
 
+        if push_repo is not None:
+            check_repo_id(push_repo)  # before minutes of exporting
         out = export_checkpoint(info, fmt, output, dtype=dtype)
-    except CheckpointError as err:
+    except (CheckpointError, PushError) as err:
         _fail(str(err))
     click.echo(str(out))
+    if push_repo is not None:
+        _push(out, info, fmt, push_repo, private=private, token=token, eval_json=eval_json)
+
+
+def _push(out: Path, info: CheckpointInfo, fmt: str, repo: str, *, private: bool, token: str | None,
+          eval_json: Path | None) -> None:
+    from inference.hub_card import gather, stage_hub_folder
+    from inference.hub_push import PushError, push_folder
+
+    try:
+        stage_hub_folder(out, gather(info, fmt, eval_json), repo)
+        pushed = push_folder(out, repo, private=private, token=token)
+    except ValueError as err:  # an unreadable --eval file
+        _fail(str(err))
+    except PushError as err:
+        _fail(str(err), EXIT_FAILED)
+    click.echo(f"pushed {pushed.files} files to {pushed.repo_url} ({pushed.commit_url})")
