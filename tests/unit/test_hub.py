@@ -134,3 +134,47 @@ def test_api_allows_hub_refs_for_weights_but_keeps_root_checks_for_paths(value, 
     assert resolve_location(value, roots=[tmp_path], hub_ok=False, tiny_ok=False) is None
     inside = tmp_path / "sam.pth"
     assert resolve_location(str(inside), roots=[tmp_path], hub_ok=False, tiny_ok=False, hub_ref_ok=True) == str(inside)
+
+
+def test_check_spec_paths_over_the_api(tmp_path):
+    """POST /jobs' path check: hub refs pass for weights, validation.file and local weights keep their roots."""
+    from api.errors import APIError
+    from api.settings import Settings
+    from api.spec_paths import check_spec_paths
+
+    models, data = tmp_path / "models", tmp_path / "data"
+    models.mkdir()
+    data.mkdir()
+    settings = Settings(data_dir=tmp_path / "d", allowed_model_roots=[models], allowed_data_roots=[data])
+    spec = {"distill": {"discriminator": {"checkpoint": "facebook/sam-vit-l/sam_vit_l.pth@main"}},
+            "rl": {"reward": {"path": "org/lrm-sdxl"}},
+            "train": {"validation": {"file": str(data / "val.txt")}}}
+    assert check_spec_paths(spec, settings=settings)["rl"]["reward"]["path"] == "org/lrm-sdxl"
+    bad = {"distill": {"discriminator": {"checkpoint": str(tmp_path / "sam.pth")}},
+           "train": {"validation": {"file": str(models / "val.txt")}}}
+    with pytest.raises(APIError) as err:
+        check_spec_paths(bad, settings=settings)
+    assert err.value.fields == ["spec.distill.discriminator.checkpoint", "spec.train.validation.file"]
+    assert "a hub id (org/name[/file][@revision]) or an absolute path under the allowed roots" in str(err.value)
+
+
+def test_the_reward_model_loads_from_a_hub_id(hub_cache, tmp_path, make_cfg, tiny_dir):
+    from trainer.config import ModelSpec, RewardSpec
+    from trainer.models import load_teacher
+    from trainer.reward import LatentRewardModel, save_lrm
+    from trainer.rl_loop import build_reward
+    from trainer.sink import JsonlSink
+
+    teacher = load_teacher(ModelSpec(teacher=str(tiny_dir("sdxl"))))
+    save_lrm(LatentRewardModel.from_pipeline(teacher.pipe, resolution=teacher.resolution, seed=3), tmp_path / "lrm")
+    add_snapshot(hub_cache, "org/lrm", {"sdxl-lrm": tmp_path / "lrm"})
+    cfg, sink = make_cfg(), JsonlSink(tmp_path / "run")
+    z, t = torch.randn(2, teacher.latent_channels, 16, 16), torch.tensor([999, 249])
+    scores = []
+    for path in (str(tmp_path / "lrm"), "org/lrm/sdxl-lrm@main"):
+        with torch.no_grad():
+            scores.append(build_reward(RewardSpec(path=path), teacher, cfg, sink).score(z, t, ["a cat", "a dog"]))
+    torch.testing.assert_close(scores[0], scores[1])
+    with pytest.raises(InputError, match=r"^rl\.reward\.path: cannot resolve hub id 'org/lrm@v2'"):
+        build_reward(RewardSpec(path="org/lrm@v2"), teacher, cfg, sink)
+    sink.close()
