@@ -75,7 +75,13 @@ def test_cli_exports_a_trained_run_and_pushes_it_with_card_and_samples(run_cli, 
     assert card.data.library_name == "diffusers" and "flashdmd" in card.data.tags
     assert "A 4-step text-to-image generator" in card.text and "training steps: 1" in card.text
     assert "'a handwritten digit two': seeds [3, 4]" in card.text and "## Training spec" in card.text
-    # Without --push-to-hub, the push-only options are refused.
+    # Without --push-to-hub, the push-only options are refused; a bad --eval or repo id fails before exporting.
     res = subprocess.run([*cmd[:3], "export", str(run), "--format", "unet", "--private"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "only apply with --push-to-hub" in res.stderr
+    (tmp_path / "bad.json").write_text("{}")
+    for extra, words in ((["--push-to-hub", "me/x", "--eval", str(tmp_path / "bad.json")], "not an eval.json"),
+                         (["--push-to-hub", "me/x@main"], "expected a repo id org/name")):
+        res = subprocess.run([*cmd[:3], "export", str(run), "--format", "unet", "-o", str(tmp_path / "unet"), *extra],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and words in res.stderr and not (tmp_path / "unet").exists()
