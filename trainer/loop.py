@@ -115,7 +115,8 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
     with acc.main_process_first():  # rank 0 builds/downloads the teacher once; the others then read it
         teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
     ds = build_dataset(cfg.data, teacher.resolution)
-    prepare_text_cache(cfg, teacher, ds, run_dir, acc)  # memory.text_cache (trainer/textcache.py)
+    plan = plan_validation(cfg.train, ds, teacher)  # train.validation, or num_samples dataset captions
+    prepare_text_cache(cfg, teacher, ds, run_dir, acc, plan.prompts)  # memory.text_cache (trainer/textcache.py)
     distiller = Distiller(cfg, teacher, acc)
 
     start = 0
@@ -134,7 +135,6 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
     t = cfg.train
     batches = sharded_batches(ds, t.batch_size, t.seed, rank=acc.process_index, world=acc.num_processes,
                               accum=t.grad_accum, start=start, num_workers=cfg.data.num_workers)
-    plan = plan_validation(t, ds, teacher)  # train.validation, or num_samples dataset captions
     stop, guard, last_saved = StopControl(acc, sink), NonfiniteGuard(t.max_nonfinite), start
     bar = tqdm(total=t.max_steps, initial=start, desc=f"{cfg.distill.mode} K={len(distiller.S)}",
                disable=not acc.is_main_process, dynamic_ncols=True)

@@ -141,7 +141,8 @@ def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fals
         teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
     reward = reward_for_training(build_reward(cfg.rl.reward, teacher, cfg, sink), cfg, acc)  # memory.reward_bf16
     ds = build_dataset(cfg.data, teacher.resolution)
-    prepare_text_cache(cfg, teacher, ds, run_dir, acc)  # memory.text_cache (trainer/textcache.py)
+    plan = plan_validation(cfg.train, ds, teacher)  # train.validation, or num_samples dataset captions
+    prepare_text_cache(cfg, teacher, ds, run_dir, acc, plan.prompts)  # memory.text_cache (trainer/textcache.py)
     distiller = Distiller(cfg, teacher, acc)
     init = None
     if cfg.rl.init_from is None:
@@ -178,7 +179,6 @@ def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fals
     used = start if (cfg.rl.joint and cfg.rl.critic_updates == "every") else start // cfg.rl.ratio
     prompts_it = sharded_batches(ds, rl_bs, t.seed + 7919, start=start, **shard)
     distill_it = sharded_batches(ds, t.batch_size, t.seed, accum=t.grad_accum, start=used, **shard)
-    plan = plan_validation(t, ds, teacher)  # train.validation, or num_samples dataset captions
     stop, guard, last_saved = StopControl(acc, sink), NonfiniteGuard(t.max_nonfinite), start
     bar = tqdm(total=t.max_steps, initial=start, desc=f"rl K={len(rl.S)}", disable=not acc.is_main_process,
                dynamic_ncols=True)

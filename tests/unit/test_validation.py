@@ -135,3 +135,23 @@ def test_validation_prompts_drive_the_training_grids_and_repeat_across_runs(make
     side = grid.shape[0] // 2
     assert grid.shape[1] == 2 * side  # 2 prompts (rows) x 2 seeds (columns)
     assert np.abs(grid[:side, :side] - grid[:side, side:]).mean() > 1  # seed 7 vs seed 8: different images
+
+
+def test_validation_prompts_join_the_text_cache(make_cfg, tmp_path):
+    """memory.text_cache: the grid's prompts are encoded once with the captions, not on the CPU at every grid."""
+    from accelerate import Accelerator
+
+    from trainer.data import DigitsDataset
+    from trainer.textcache import prepare_text_cache
+
+    prompts = ["a violet zebra", "a handwritten digit four"]
+    cfg = make_cfg(memory__text_cache=True, train__validation={"prompts": prompts})
+    teacher = load_teacher(cfg.model)
+    ds = DigitsDataset(32)
+    plan = plan_validation(cfg.train, ds, teacher)
+    prepare_text_cache(cfg, teacher, ds, tmp_path, Accelerator(cpu=True), plan.prompts)
+    cached = teacher.encode(plan.prompts)
+    assert teacher.text_cache_misses == 0
+    assert cached.embeds.shape[0] == len(plan.prompts)
+    teacher.encode(["not a validation prompt"])
+    assert teacher.text_cache_misses == 1  # the count does see misses
