@@ -27,7 +27,7 @@ from trainer.config import TrainSpec
 from trainer.errors import InputError
 from trainer.models import Cond, Teacher
 from trainer.roots import OUTSIDE, allowed_data_roots
-from trainer.sampling import image_grid, sample
+from trainer.sampling import sample, to_uint8
 from trainer.schedules import Parameterisation
 from trainer.spec_limits import VALIDATION_MAX_IMAGES, VALIDATION_MAX_PROMPT_CHARS, VALIDATION_MAX_PROMPTS
 
@@ -141,6 +141,25 @@ def sample_cells(net: nn.Module, teacher: Teacher, timesteps: Sequence[int], par
     return torch.cat(out)
 
 
+def _write_grid(teacher: Teacher, lat: Tensor, cols: int, path: Path) -> tuple[int, int]:
+    """Decode in chunks of CHUNK and paste into one PNG: 256 decoded 1024² images at once would not fit a GPU."""
+    from PIL import Image
+
+    grid = None
+    w = h = 0
+    for i in range(0, lat.shape[0], CHUNK):
+        images = to_uint8(teacher.decode(lat[i:i + CHUNK])).numpy()  # [n, H, W, 3]
+        if grid is None:
+            h, w = images.shape[1:3]
+            rows = (lat.shape[0] + cols - 1) // cols
+            grid = Image.new("RGB", (cols * w, rows * h))
+        for j, arr in enumerate(images, start=i):
+            grid.paste(Image.fromarray(arr), ((j % cols) * w, (j // cols) * h))
+    assert grid is not None  # at least one cell
+    grid.save(path)
+    return int(w), int(h)
+
+
 def grid_name(step: int, index: int, size: tuple[int, int] | None) -> str:
     return f"step-{step:08d}.png" if index == 0 or size is None else f"step-{step:08d}-{size[0]}x{size[1]}.png"
 
@@ -160,13 +179,11 @@ def render_validation(net: nn.Module, teacher: Teacher, timesteps: Sequence[int]
         first = lat if first is None else first
         if out_dir is None:
             continue
-        images = teacher.decode(lat)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / grid_name(step, index, size)
-        image_grid(images, cols=plan.cols).save(path)
+        w, h = _write_grid(teacher, lat, plan.cols, path)
         paths.append(path)
-        h, w = images.shape[-2:]
-        grids.append({"file": path.name, "size": [int(w), int(h)], "rows": plan.cells[-1].row + 1, "cols": plan.cols})
+        grids.append({"file": path.name, "size": [w, h], "rows": plan.cells[-1].row + 1, "cols": plan.cols})
     if out_dir is not None:
         meta = {"step": step, "guidance": plan.guidance, "grids": grids,
                 "cells": [{"prompt": c.prompt, "seed": c.seed, "row": c.row, "col": c.col} for c in plan.cells]}

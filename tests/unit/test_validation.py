@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from trainer import validation
 from trainer.config import ModelSpec, SpecError
 from trainer.errors import InputError
 from trainer.loop import train
@@ -96,7 +97,7 @@ def test_a_cell_depends_on_its_prompt_and_seed_only(teacher):
     assert wide.shape[-2:] == (2, 4) and torch.isfinite(wide).all()
 
 
-def test_render_writes_a_grid_per_size_and_names_every_cell(teacher, make_cfg, tmp_path):
+def test_render_writes_a_grid_per_size_and_names_every_cell(teacher, make_cfg, tmp_path, monkeypatch):
     cfg = make_cfg(train__validation={"prompts": ["p one", "p two"], "seeds": [1, 2, 3],
                                       "sizes": [[32, 32], [64, 32]]})
     plan = plan_validation(cfg.train, None, teacher)
@@ -112,6 +113,11 @@ def test_render_writes_a_grid_per_size_and_names_every_cell(teacher, make_cfg, t
     # Nothing written on a rank without an output folder, but the same latents.
     none, lat2 = render_validation(teacher.denoiser, teacher, S, teacher.param, plan, 5, None)
     assert none == [] and torch.equal(lat, lat2)
+    # Sampled and decoded in chunks of 4 (a grid too big for one batch): the same grid, cell by cell.
+    monkeypatch.setattr(validation, "CHUNK", 4)
+    chunked, _ = render_validation(teacher.denoiser, teacher, S, teacher.param, plan, 6, tmp_path)
+    a, b = (np.asarray(Image.open(p)).astype(np.int16) for p in (paths[0], chunked[0]))
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1
 
 
 def _grid(run_dir):
