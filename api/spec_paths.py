@@ -16,6 +16,7 @@ from typing import Any
 
 from api.errors import APIError
 from api.settings import Settings
+from trainer.spec_limits import is_hub_ref
 
 # org/name: one slash, no leading dot, slash or tilde, no "..". A bare name is not accepted as a hub id,
 # so "models" cannot be mistaken for a relative folder (the trainer runs in its run directory anyway).
@@ -28,21 +29,26 @@ class _Field:
     roots: str  # Settings attribute
     hub_ok: bool = False
     tiny_ok: bool = False
+    # Weights fetched through trainer/hub.py: org/name[/path/in/repo][@revision]. Such a value is not absolute,
+    # so it can never name a local file here; the trainer runs in the job's own run directory, so a relative
+    # value that happens to exist there is that job's own file, not another owner's.
+    hub_ref_ok: bool = False
     own_runs: bool = False  # also the run directories of the caller's own jobs (a stage-1 checkpoint)
 
 
 FIELDS = (
     _Field(("model", "teacher"), "allowed_model_roots", hub_ok=True, tiny_ok=True),
-    _Field(("distill", "discriminator", "checkpoint"), "allowed_model_roots"),
+    _Field(("distill", "discriminator", "checkpoint"), "allowed_model_roots", hub_ref_ok=True),
     _Field(("data", "images"), "allowed_data_roots"),
     _Field(("data", "manifest"), "allowed_data_roots"),
     _Field(("data", "prompts"), "allowed_data_roots"),
     _Field(("rl", "init_from"), "allowed_model_roots", own_runs=True),
-    _Field(("rl", "reward", "path"), "allowed_model_roots"),
+    _Field(("rl", "reward", "path"), "allowed_model_roots", hub_ref_ok=True),
     _Field(("eval", "checkpoint"), "allowed_model_roots", own_runs=True),
     _Field(("eval", "prompts"), "allowed_data_roots"),
-    _Field(("eval", "scorers", "*", "path"), "allowed_model_roots"),
+    _Field(("eval", "scorers", "*", "path"), "allowed_model_roots", hub_ref_ok=True),
     _Field(("eval", "scorers", "*", "reference"), "allowed_data_roots"),
+    _Field(("train", "validation", "file"), "allowed_data_roots"),
 )
 
 
@@ -68,11 +74,14 @@ def under_roots(path: str, roots: list[Path]) -> bool:
 _under = under_roots
 
 
-def resolve_location(value: str, *, roots: list[Path], hub_ok: bool, tiny_ok: bool) -> str | None:
+def resolve_location(value: str, *, roots: list[Path], hub_ok: bool, tiny_ok: bool,
+                     hub_ref_ok: bool = False) -> str | None:
     """The value to store, or None when it is not allowed."""
     if tiny_ok and value.startswith(("tiny:", "toy:")):  # built-in models (tiny random, shipped digits)
         return value
     if hub_ok and HUB_ID.match(value) and ".." not in value:
+        return value
+    if hub_ref_ok and is_hub_ref(value):
         return value
     expanded = os.path.expanduser(value)
     if "\x00" in expanded or not os.path.isabs(expanded):
@@ -151,7 +160,8 @@ def check_spec_paths(
         if not isinstance(value, str):
             continue
         roots: list[Path] = getattr(settings, field.roots)
-        resolved = resolve_location(value, roots=roots, hub_ok=field.hub_ok, tiny_ok=field.tiny_ok)
+        resolved = resolve_location(value, roots=roots, hub_ok=field.hub_ok, tiny_ok=field.tiny_ok,
+                                    hub_ref_ok=field.hub_ref_ok)
         if resolved is None and field.own_runs and os.path.isabs(value):
             real = os.path.realpath(value)
             resolved = real if _own_run(real, settings=settings, owns_job=owns_job) else None
@@ -166,7 +176,8 @@ def check_spec_paths(
                 continue
         if resolved is None:
             allowed = ", ".join(str(r) for r in roots) or "none configured"
-            what = "a hub id (org/name) or " if field.hub_ok else ""
+            what = "a hub id (org/name) or " if field.hub_ok else (
+                "a hub id (org/name[/file][@revision]) or " if field.hub_ref_ok else "")
             also = " or in one of your own jobs' run directories" if field.own_runs else ""
             bad.append((name, f"{value!r} must be {what}an absolute path under the allowed roots ({allowed}){also}"))
         else:

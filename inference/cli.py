@@ -10,10 +10,15 @@ from __future__ import annotations
 import secrets
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from inference.checkpoint import LORA_FORMATS, CheckpointError, CheckpointInfo, resolve_checkpoint_dir
+from inference.hub_push import PushError, check_repo_id
+
+if TYPE_CHECKING:
+    from inference.hub_card import CardInputs
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
@@ -106,16 +111,45 @@ def generate_command(checkpoint: Path | None, job: str | None, prompt: str, nega
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="output folder (default ./<run>-step-N-<format>)")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32")
-def export_command(checkpoint: Path, fmt: str, output: Path | None, dtype: str) -> None:
+@click.option("--push-to-hub", "push_repo", default=None, metavar="ORG/NAME",
+              help="then upload the folder, with a model card and the run's sample grids, to this model repo")
+@click.option("--private", is_flag=True, help="with --push-to-hub: create the repo private")
+@click.option("--token", default=None, help="with --push-to-hub: a hub token (default: HF_TOKEN or the saved login)")
+@click.option("--eval", "eval_json", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="with --push-to-hub: an eval job's eval.json for the card (default: the run's eval.json, if any)")
+def export_command(checkpoint: Path, fmt: str, output: Path | None, dtype: str, push_repo: str | None,
+                   private: bool, token: str | None, eval_json: Path | None) -> None:
     """Export a checkpoint as a diffusers folder, UNet safetensors, or LoRA (diffusers or kohya keys)."""
+    if push_repo is None and (private or token or eval_json):
+        _fail("--private, --token and --eval only apply with --push-to-hub")
+    card = None
     try:
         info = CheckpointInfo.load(checkpoint)
         if fmt not in info.export_formats():
             raise CheckpointError(f"format {fmt!r} needs a LoRA checkpoint; {info.id} has a full {info.generator} "
                                   f"(available: {', '.join(info.export_formats())})")
+        if push_repo is not None:  # bad push arguments fail before minutes of exporting
+            from inference.hub_card import gather
+
+            check_repo_id(push_repo)
+            card = gather(info, fmt, eval_json)
         from inference.export import export_checkpoint
 
         out = export_checkpoint(info, fmt, output, dtype=dtype)
-    except CheckpointError as err:
+    except (CheckpointError, PushError, ValueError) as err:  # ValueError: an unreadable --eval file
         _fail(str(err))
     click.echo(str(out))
+    if push_repo is not None and card is not None:
+        _push(out, card, push_repo, private=private, token=token)
+
+
+def _push(out: Path, card: CardInputs, repo: str, *, private: bool, token: str | None) -> None:
+    from inference.hub_card import stage_hub_folder
+    from inference.hub_push import push_folder
+
+    stage_hub_folder(out, card, repo)
+    try:
+        pushed = push_folder(out, repo, private=private, token=token)
+    except PushError as err:  # the export and its card stay: `hf upload` can push them later
+        _fail(f"{err} (the export is in {out}; retry with `hf upload {repo} {out}`)", EXIT_FAILED)
+    click.echo(f"pushed {pushed.files} files to {pushed.repo_url} ({pushed.commit_url})")

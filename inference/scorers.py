@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from trainer.errors import InputError
 from trainer.eval_spec import ScorerSpec
+from trainer.hub import resolve_weights
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -89,7 +90,7 @@ class Preprocess:
 
 
 def _folder(spec: ScorerSpec) -> Path:
-    path = Path(spec.path).expanduser()
+    path = resolve_weights(spec.path, f"eval.scorers ({spec.kind}).path", want="folder")  # hub id or folder
     if not path.is_dir():
         raise InputError(f"eval.scorers ({spec.kind}).path: no such folder {path}")
     return path
@@ -222,7 +223,7 @@ def to_uint8(images: Tensor) -> Tensor:
 
 class FIDScorer:
     def __init__(self, spec: ScorerSpec, device: torch.device | str = "cpu") -> None:
-        path = Path(spec.path).expanduser()
+        path = resolve_weights(spec.path, "eval.scorers (fid).path", want="file", suffixes=(".pt", ".pth"))
         if not path.is_file():
             raise InputError(f"eval.scorers (fid).path: no such file {path} (a TorchScript detector)")
         try:

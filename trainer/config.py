@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictFloat,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -29,6 +30,11 @@ from trainer.spec_limits import (
     SEED_MAX,
     TINY_FAMILIES,
     TOY_MODELS,
+    VALIDATION_MAX_IMAGES,
+    VALIDATION_MAX_PROMPT_CHARS,
+    VALIDATION_MAX_PROMPTS,
+    VALIDATION_MAX_SEEDS,
+    VALIDATION_MAX_SIZES,
     check_storable_text,
     is_union_tag,
     load_yaml,
@@ -147,7 +153,8 @@ class ScheduleSpec(_Strict):
 
 class DiscriminatorSpec(_Strict):
     backbone: Literal["vit_b", "vit_l", "vit_h", "tiny"] = "vit_l"
-    checkpoint: str | None = Field(None, description="SAM .pth (image_encoder.* keys); required for vit_*")
+    checkpoint: str | None = Field(None, description="SAM .pth (image_encoder.* keys) or a hub id "
+                                      "org/name[/file][@revision]; required for vit_*")
     blocks: list[int] | None = Field(None, description="encoder blocks with heads; default: global attention")
     img_size: int | None = Field(None, ge=16, le=4096, description="encoder input size; 1024 for vit_*, 64 for tiny")
     head_channels: int = Field(256, ge=8, le=4096)
@@ -249,6 +256,36 @@ class MemorySpec(_Strict):
         "the generator's own optimiser at rl.optimizer.lr (one generator, one set of moments, as in Alg. 1)")
 
 
+ValidationSide = Annotated[StrictInt, Field(ge=16, le=4096, multiple_of=8)]
+
+
+class ValidationSpec(_Strict):
+    """Fixed prompts and seeds for the sample grids (trainer/validation.py), so that runs compare side by side."""
+
+    prompts: list[Annotated[str, Field(min_length=1, max_length=VALIDATION_MAX_PROMPT_CHARS)]] | None = Field(
+        None, min_length=1, max_length=VALIDATION_MAX_PROMPTS)
+    file: str | None = Field(None, min_length=1, max_length=4096, description="text file, one prompt per line")
+    seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] = Field(
+        default_factory=lambda: [0], min_length=1, max_length=VALIDATION_MAX_SEEDS,
+        description="every prompt is sampled with every seed; image noise depends on its seed alone")
+    every: int | None = Field(None, ge=1, le=INT32_MAX, description="steps between grids; default train.sample_every")
+    guidance: float = Field(1.0, ge=1, le=30, description="CFG at sampling; few-step students use 1")
+    # Not strict: a stored spec is JSON, where each [w, h] pair comes back as a list.
+    sizes: list[Annotated[tuple[ValidationSide, ValidationSide], Field(strict=False)]] | None = Field(
+        None, min_length=1, max_length=VALIDATION_MAX_SIZES,
+        description="[[width, height], ...] in pixels; default the training resolution")
+
+    @model_validator(mode="after")
+    def _check(self) -> ValidationSpec:
+        if (self.prompts is None) == (self.file is None):
+            raise ValueError("give exactly one of train.validation.prompts and train.validation.file")
+        n = len(self.prompts or [1]) * len(self.seeds) * len(self.sizes or [1])
+        if n > VALIDATION_MAX_IMAGES:
+            raise ValueError(f"train.validation asks for {n} images per grid step (prompts x seeds x sizes); "
+                             f"the limit is {VALIDATION_MAX_IMAGES}")
+        return self
+
+
 class TrainSpec(_Strict):
     max_steps: int = Field(1000, ge=1, le=INT32_MAX, description="loop iterations (one fake-score update each)")
     batch_size: int = Field(1, ge=1, le=4096, description="per process")
@@ -259,6 +296,8 @@ class TrainSpec(_Strict):
     checkpoint_every: int = Field(500, ge=1, le=INT32_MAX)
     sample_every: int = Field(500, ge=1, le=INT32_MAX)
     num_samples: int = Field(4, ge=1, le=64)
+    validation: ValidationSpec | None = Field(
+        None, description="prompts/seeds/sizes of the sample grids; null: the first num_samples dataset captions")
     keep_last: int = Field(3, ge=1, le=INT32_MAX)
     log_every: int = Field(1, ge=1, le=INT32_MAX)
     max_nonfinite: int = Field(10, ge=1, le=INT32_MAX, description="consecutive NaN/inf steps before failing")
@@ -308,7 +347,7 @@ RL_THRESHOLD_SDXL: tuple[float, float] = (0.45, 0.6)
 class RewardSpec(_Strict):
     kind: Literal["lrm", "pixel"] = "lrm"
     path: str | None = Field(None, description="lrm: a Latent Reward Model folder (unet/, text_encoder*/, "
-                             "state_dict.pt); null: an UNTRAINED LRM built from the teacher (smoke tests only)")
+                             "state_dict.pt) or a hub id org/name[/folder][@revision]; null: an UNTRAINED LRM built from the teacher (smoke tests only)")
     scorer: str | None = Field(None, description="pixel: a registered image scorer (trainer.reward.PIXEL_SCORERS)")
     vfe_scale: float = Field(7.5, ge=1, description="LRM visual feature enhancement: CFG on the mid feature")
     score_at: Literal["next", "current"] = Field(

@@ -103,6 +103,9 @@ def use_sdpa_attention(encoder: nn.Module) -> int:
     return n
 
 
+SAM_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     """Read tensors only (weights_only / safetensors); never unpickle arbitrary objects."""
     try:
@@ -122,7 +125,9 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 
 
 def _load_encoder_weights(encoder: nn.Module, checkpoint: str) -> None:
-    path = Path(checkpoint).expanduser()
+    from trainer.hub import resolve_weights  # a hub id (org/name[/file][@rev]) or a local file
+
+    path = resolve_weights(checkpoint, "distill.discriminator.checkpoint", want="file", suffixes=SAM_SUFFIXES)
     if not path.is_file():
         raise FileNotFoundError(f"SAM checkpoint not found: {path} (distill.discriminator.checkpoint)")
     state = _read_state_dict(path)

@@ -17,12 +17,13 @@ ScorerKind = Literal["clip", "pickscore", "hpsv2", "imagereward", "fid"]
 
 
 class ScorerSpec(_Strict):
-    """One pluggable scorer, loaded from local weights the user supplies (inference/scorers.py)."""
+    """One pluggable scorer, loaded from weights the user supplies, local or on the hub (inference/scorers.py)."""
 
     kind: ScorerKind
     path: str = Field(min_length=1, description="clip/pickscore/hpsv2: a transformers CLIPModel folder; "
                       "imagereward: a transformers BLIP retrieval folder with imagereward_head.safetensors; "
-                      "fid: a TorchScript feature detector (NVlabs inception-2015-12-05.pt)")
+                      "fid: a TorchScript feature detector (NVlabs inception-2015-12-05.pt); any of them may be a hub id "
+                      "org/name[/path][@revision] (trainer/hub.py)")
     reference: str | None = Field(None, description="fid: reference statistics (.npz with mu and sigma) "
                                   "or a folder of reference images")
     name: str | None = Field(None, pattern=r"^[a-z0-9_]{1,40}$", description="metric name; default the kind")

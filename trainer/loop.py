@@ -30,9 +30,9 @@ from trainer.errors import StopRequested, TrainingError
 from trainer.models import load_teacher
 from trainer.optim import check_runtime
 from trainer.parallel import agree_any, make_accelerator
-from trainer.sampling import image_grid, sample
 from trainer.sink import Sink
 from trainer.textcache import prepare_text_cache
+from trainer.validation import plan_validation, render_validation
 
 # Test hooks (tests/dist), not for production use. "RANK:STEP": that rank alone requests a stop after that
 # step (as if it alone had seen the STOP file or a SIGTERM); or hangs there (a stuck rank).
@@ -47,26 +47,6 @@ def _hook(name: str) -> tuple[int, ...] | None:
 
 def _accelerator(cfg: DistillJob):  # noqa: ANN202
     return make_accelerator(cfg.train.mixed_precision)
-
-
-def _sample_prompts(ds, n: int) -> list[str]:  # noqa: ANN001
-    idx = [round(i * (len(ds) - 1) / max(n - 1, 1)) for i in range(n)]
-    return [ds[i]["caption"] for i in idx]
-
-
-def save_samples(distiller, prompts: list[str], path: Path | None) -> Path | None:  # noqa: ANN001
-    """Every rank runs the sampler (a sharded generator needs all ranks); rank 0 (path given) writes."""
-    t = distiller.teacher
-    cond = t.encode(prompts)
-    lat = sample(distiller.generator, cond, distiller.S, distiller.param, seeds=list(range(len(prompts))),
-                 latent_shape=t.latent_shape(1)[1:])
-    if path is None:
-        return None
-    with torch.no_grad():
-        images = t.decode(lat)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, cols=min(len(prompts), 8)).save(path)
-    return path
 
 
 class NonfiniteGuard:
@@ -135,7 +115,8 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
     with acc.main_process_first():  # rank 0 builds/downloads the teacher once; the others then read it
         teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
     ds = build_dataset(cfg.data, teacher.resolution)
-    prepare_text_cache(cfg, teacher, ds, run_dir, acc)  # memory.text_cache (trainer/textcache.py)
+    plan = plan_validation(cfg.train, ds, teacher)  # train.validation, or num_samples dataset captions
+    prepare_text_cache(cfg, teacher, ds, run_dir, acc, plan.prompts)  # memory.text_cache (trainer/textcache.py)
     distiller = Distiller(cfg, teacher, acc)
 
     start = 0
@@ -154,7 +135,6 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
     t = cfg.train
     batches = sharded_batches(ds, t.batch_size, t.seed, rank=acc.process_index, world=acc.num_processes,
                               accum=t.grad_accum, start=start, num_workers=cfg.data.num_workers)
-    sample_prompts = _sample_prompts(ds, t.num_samples)
     stop, guard, last_saved = StopControl(acc, sink), NonfiniteGuard(t.max_nonfinite), start
     bar = tqdm(total=t.max_steps, initial=start, desc=f"{cfg.distill.mode} K={len(distiller.S)}",
                disable=not acc.is_main_process, dynamic_ncols=True)
@@ -173,9 +153,10 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
             bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()
                              if k in ("loss/dm", "loss/fake_score", "loss/disc", "loss/gen_adv")})
             bar.update(1)
-            if step % t.sample_every == 0 or step == t.max_steps:
-                path = run_dir / "samples" / f"step-{step:08d}.png" if acc.is_main_process else None
-                if save_samples(distiller, sample_prompts, path) is not None:
+            if plan.due(step, t.max_steps):  # every rank samples (a sharded G needs them all); rank 0 writes
+                paths, _ = render_validation(distiller.generator, teacher, distiller.S, distiller.param, plan, step,
+                                             run_dir / "samples" if acc.is_main_process else None)
+                for path in paths:
                     sink.log_event("sample", f"sample grid at step {step}", step=step, path=str(path))
             requested = stop.requested(step)
             if step % t.checkpoint_every == 0 or step == t.max_steps or requested:

@@ -29,14 +29,15 @@ from trainer.checkpoint import (
 from trainer.config import RewardSpec, RLJob
 from trainer.data import build_dataset, sharded_batches
 from trainer.errors import InputError, StopRequested, TrainingError
-from trainer.loop import NonfiniteGuard, StopControl, _accelerator, _sample_prompts, amp_logs
+from trainer.hub import resolve_weights
+from trainer.loop import NonfiniteGuard, StopControl, _accelerator, amp_logs
 from trainer.memory import reward_for_training
 from trainer.models import Teacher, load_teacher, predict_x0
 from trainer.optim import check_runtime
 from trainer.reward import LatentRewardModel, PixelReward, RewardModel, load_lrm, pixel_scorer
-from trainer.sampling import image_grid, sample
 from trainer.sink import Sink
 from trainer.textcache import prepare_text_cache
+from trainer.validation import ValidationPlan, plan_validation, render_validation
 
 
 def resolve_init(ref: str) -> Path:
@@ -104,7 +105,7 @@ def build_reward(spec: RewardSpec, teacher: Teacher, cfg: RLJob, sink: Sink) -> 
         except TypeError as err:
             raise InputError(f"rl.reward: {err}") from None
     else:
-        path = Path(spec.path).expanduser()
+        path = resolve_weights(spec.path, "rl.reward.path", want="folder")  # a hub id or a local folder
         try:
             lrm = load_lrm(path, base=teacher.pipe, resolution=teacher.resolution, vfe_scale=spec.vfe_scale)
         except (FileNotFoundError, ValueError, OSError) as err:
@@ -116,16 +117,12 @@ def build_reward(spec: RewardSpec, teacher: Teacher, cfg: RLJob, sink: Sink) -> 
 
 
 @torch.no_grad()
-def sample_and_score(rl, prompts: list[str], path: Path | None) -> float:  # noqa: ANN001
-    """The sample grid (as stage 1 writes it, rank 0 only: path given) and the reward of the final images."""
-    t = rl.teacher
-    lat = sample(rl.generator, t.encode(prompts), rl.S, rl.param, seeds=list(range(len(prompts))),
-                 latent_shape=t.latent_shape(1)[1:])
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(t.decode(lat), cols=min(len(prompts), 8)).save(path)
-    zeros = torch.zeros(len(prompts), dtype=torch.long, device=lat.device)
-    return float(rl.reward.score(lat, zeros, prompts).float().mean())
+def sample_and_score(rl, plan: ValidationPlan, step: int, out_dir: Path | None) -> tuple[list[Path], float]:  # noqa: ANN001
+    """The validation grids (as stage 1 writes them, rank 0 only: out_dir given) and the mean reward of the
+    first size's final images."""
+    paths, lat = render_validation(rl.generator, rl.teacher, rl.S, rl.param, plan, step, out_dir)
+    zeros = torch.zeros(lat.shape[0], dtype=torch.long, device=lat.device)
+    return paths, float(rl.reward.score(lat, zeros, plan.prompts).float().mean())
 
 
 def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = False) -> int:
@@ -144,7 +141,8 @@ def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fals
         teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
     reward = reward_for_training(build_reward(cfg.rl.reward, teacher, cfg, sink), cfg, acc)  # memory.reward_bf16
     ds = build_dataset(cfg.data, teacher.resolution)
-    prepare_text_cache(cfg, teacher, ds, run_dir, acc)  # memory.text_cache (trainer/textcache.py)
+    plan = plan_validation(cfg.train, ds, teacher)  # train.validation, or num_samples dataset captions
+    prepare_text_cache(cfg, teacher, ds, run_dir, acc, plan.prompts)  # memory.text_cache (trainer/textcache.py)
     distiller = Distiller(cfg, teacher, acc)
     init = None
     if cfg.rl.init_from is None:
@@ -181,7 +179,6 @@ def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fals
     used = start if (cfg.rl.joint and cfg.rl.critic_updates == "every") else start // cfg.rl.ratio
     prompts_it = sharded_batches(ds, rl_bs, t.seed + 7919, start=start, **shard)
     distill_it = sharded_batches(ds, t.batch_size, t.seed, accum=t.grad_accum, start=used, **shard)
-    sample_prompts = _sample_prompts(ds, t.num_samples)
     stop, guard, last_saved = StopControl(acc, sink), NonfiniteGuard(t.max_nonfinite), start
     bar = tqdm(total=t.max_steps, initial=start, desc=f"rl K={len(rl.S)}", disable=not acc.is_main_process,
                dynamic_ncols=True)
@@ -194,11 +191,12 @@ def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fals
             guard.observe(logs, step, sink)
             logs.update(amp_logs(acc))
             logs["time/step_s"] = time.perf_counter() - t0
-            sample_now = step % t.sample_every == 0 or step == t.max_steps
+            sample_now = plan.due(step, t.max_steps)
             if sample_now:  # every rank samples (a sharded G needs them all); rank 0 writes
-                path = run_dir / "samples" / f"step-{step:08d}.png"
-                logs["eval/reward"] = sample_and_score(rl, sample_prompts, path if acc.is_main_process else None)
-                sink.log_event("sample", f"sample grid at step {step}", step=step, path=str(path))
+                paths, logs["eval/reward"] = sample_and_score(rl, plan, step,
+                                                              run_dir / "samples" if acc.is_main_process else None)
+                for path in paths:
+                    sink.log_event("sample", f"sample grid at step {step}", step=step, path=str(path))
             if step % t.log_every == 0 or step == t.max_steps or sample_now:
                 sink.log_metrics(step, {k: v for k, v in logs.items() if math.isfinite(v)})
             bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()

@@ -21,6 +21,25 @@ TOY_MODELS = ("digits",)  # trainer/models.py resolve_teacher
 PIXEL_SCORER_NAMES = ("brightness", "contrast")  # trainer/reward.py PIXEL_SCORERS
 # Encoder depth per SAM backbone (trainer/discriminator.py): a head on block >= depth fails only in the worker.
 SAM_DEPTH: dict[str, int] = {"vit_b": 12, "vit_l": 24, "vit_h": 32, "tiny": 4}
+# train.validation (trainer/validation.py): every rank samples every image at each validation step, so the
+# grid's size is bounded like a batch; a prompt is bounded like a caption the text encoders truncate anyway.
+VALIDATION_MAX_PROMPTS = 64
+VALIDATION_MAX_SEEDS = 16
+VALIDATION_MAX_SIZES = 8
+VALIDATION_MAX_IMAGES = 256  # prompts x seeds x sizes
+VALIDATION_MAX_PROMPT_CHARS = 2000
+# A hub reference for weights (SAM, reward model, scorers; trainer/hub.py): `org/name`, then optionally a path
+# inside the repo (`/sub/file.pth`) and `@revision`. No segment starts with a dot, so no `..` and no hidden
+# files; a value that looks local (/, ./, ../, ~) is a path, never a hub id.
+HUB_REF = re.compile(
+    r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})"
+    r"(?P<path>(?:/[A-Za-z0-9_-][A-Za-z0-9_.-]*){0,16})"
+    r"(?:@(?P<revision>[A-Za-z0-9_-][A-Za-z0-9_./-]{0,255}))?$"
+)
+
+
+def is_hub_ref(value: str) -> bool:
+    return bool(HUB_REF.match(value)) and ".." not in value
 
 
 def check_storable_text(value: Any) -> Any:

@@ -218,12 +218,16 @@ def use_text_cache(teacher: Teacher, cache: TextCache) -> None:
         torch.cuda.empty_cache()
 
 
-def prepare_text_cache(cfg: Any, teacher: Teacher, ds: Any, run_dir: str | Path, accelerator: Any) -> TextCache | None:
-    """The trainer's entry: with memory.text_cache on, build (rank 0 first) and attach the cache."""
+def prepare_text_cache(cfg: Any, teacher: Teacher, ds: Any, run_dir: str | Path, accelerator: Any,
+                       extra: Sequence[str] = ()) -> TextCache | None:
+    """The trainer's entry: with memory.text_cache on, build (rank 0 first) and attach the cache.
+
+    `extra`: captions that are not in the dataset but are encoded all run long (the validation prompts).
+    """
     if not cfg.memory.text_cache:
         return None
     root = Path(cfg.memory.cache_dir or Path(run_dir) / "cache")
     with accelerator.main_process_first():  # rank 0 encodes; the others then find every entry present
-        cache = build_text_cache(teacher, dataset_captions(ds), root)
+        cache = build_text_cache(teacher, [*dataset_captions(ds), *extra], root)
     use_text_cache(teacher, cache)
     return cache
