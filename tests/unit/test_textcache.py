@@ -17,7 +17,10 @@ PROMPTS = ["a handwritten digit seven", "a handwritten digit one", "a photo of a
 
 
 def _equal(a, b) -> bool:
-    return all((x is None and y is None) or torch.equal(x, y)
+    # The cache encodes its captions in other batches than the test does (with the empty CFG prompt), and a
+    # CPU matmul's blocking depends on the batch size: the pooled projection differs in the last bits (3.6e-7
+    # seen on transformers 5.24). A caption mapped to the wrong row would differ by O(1).
+    return all((x is None and y is None) or torch.allclose(x, y, rtol=1e-5, atol=1e-6)
                for x, y in zip((a.embeds, a.pooled, a.time_ids), (b.embeds, b.pooled, b.time_ids), strict=True))
 
 
