@@ -1,0 +1,92 @@
+"""train.report_to (issue 13): a real TensorBoard event file read back, and the missing-extra error."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from trainer.config import SpecError, parse_spec
+from trainer.errors import InputError
+from trainer.sink import JsonlSink, read_metrics
+from trainer.trackers import TRACKER_DIR, flat_config
+
+
+def _accumulator(logdir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # size_guidance 0: keep every scalar and image, not TensorBoard's reservoir sample
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_gets_the_sink_scalars_and_the_sample_grid(make_cfg, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="the [tensorboard] extra (part of [test])")
+    from trainer.loop import train
+
+    cfg = make_cfg(train__max_steps=2, train__sample_every=2, train__checkpoint_every=2, train__num_samples=2,
+                   train__report_to=["tensorboard"])
+    run = tmp_path / "run"
+    sink = JsonlSink(run)
+    try:
+        assert train(cfg, sink, run_dir=run) == 2
+    finally:
+        sink.close()
+
+    logdir = run / TRACKER_DIR / "flashdmd"  # accelerate: <logging_dir>/<project name>
+    assert list(logdir.glob("events.out.tfevents.*")), f"no event file under {logdir}"
+    events = _accumulator(logdir)
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    # Every key the metrics sink wrote is a TensorBoard scalar with the same steps and values.
+    scalars = set(events.Tags()["scalars"])
+    assert set(rows[0]["metrics"]) <= scalars
+    for key in ("loss/dm", "loss/fake_score", "lr/generator"):
+        logged = {e.step: e.value for e in events.Scalars(key)}
+        expected = {r["step"]: r["metrics"][key] for r in rows if key in r["metrics"]}
+        assert logged.keys() == expected.keys()
+        for step, value in expected.items():
+            assert logged[step] == pytest.approx(value, rel=1e-6)  # TensorBoard stores float32
+    # The sample grid the trainer wrote at step 2, as an image of the same size.
+    images = events.Images("samples")
+    assert [i.step for i in images] == [2]
+    grid = Image.open(run / "samples" / "step-00000002.png")
+    assert (images[0].width, images[0].height) == grid.size
+
+
+def test_missing_tracker_extra_fails_at_startup_naming_the_extra(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    from trainer.loop import train
+
+    real_find_spec = importlib.util.find_spec
+
+    def without_wandb(name: str, *args, **kwargs):  # as if `pip install 'flashdmd[wandb]'` had not been run
+        return None if name == "wandb" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_wandb)
+    cfg = make_cfg(train__max_steps=2, train__report_to=["wandb"])
+    run = tmp_path / "run"
+    sink = JsonlSink(run)
+    try:
+        with pytest.raises(InputError, match=r"pip install 'flashdmd\[wandb\]'") as err:
+            train(cfg, sink, run_dir=run)
+    finally:
+        sink.close()
+    assert "train.report_to" in str(err.value)
+    assert not (run / "checkpoints").exists()  # it failed before training, not after
+
+
+def test_report_to_accepts_known_trackers_only() -> None:
+    base = {"model": {"teacher": "tiny:sdxl"}, "data": {"builtin": "digits"}}
+    assert parse_spec(base).train.report_to == []
+    spec = parse_spec({**base, "train": {"report_to": ["tensorboard", "mlflow"]}})
+    assert spec.train.report_to == ["tensorboard", "mlflow"]
+    with pytest.raises(SpecError, match=r"train\.report_to"):
+        parse_spec({**base, "train": {"report_to": ["comet_ml"]}})
+
+
+def test_flat_config_gives_scalars_for_hparams() -> None:
+    flat = flat_config({"train": {"max_steps": 4, "report_to": ["tensorboard"]}, "name": None, "k": True})
+    assert flat == {"train.max_steps": 4, "train.report_to": '["tensorboard"]', "name": "null", "k": True}
