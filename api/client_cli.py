@@ -247,7 +247,7 @@ def follow_command(ctx: click.Context, client: JobsClient, job_id: str, interval
 @pass_client
 def logs_command(client: JobsClient, job_id: str, keep_following: bool, offset: int, interval: float) -> None:
     """Print the job's trainer log (trainer.log), from --offset; with --follow, as it grows."""
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer  # the log's own bytes (a range may end inside a UTF-8 sequence)
     ended = False
     while True:
         chunk, offset = client.logs(job_id, offset=offset)
