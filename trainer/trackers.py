@@ -66,11 +66,14 @@ def flat_config(spec: Mapping[str, Any], prefix: str = "") -> dict[str, bool | i
 
 
 def _init_kwargs(run_dir: Path, env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    logs = run_dir / TRACKER_DIR
+    logs = (run_dir / TRACKER_DIR).absolute()
     wandb: dict[str, Any] = {"dir": str(logs), "name": run_dir.name}
     if "WANDB_MODE" not in env:  # offline unless the user chose a mode (then wandb reads it itself)
         wandb["mode"] = "offline"
-    return {"wandb": wandb, "mlflow": {"run_name": run_dir.name}}
+    mlflow: dict[str, Any] = {"run_name": run_dir.name}
+    if "MLFLOW_TRACKING_URI" not in env:  # a new experiment's artifacts (sample grids) next to its local store
+        mlflow["logging_dir"] = (logs / "mlartifacts").as_uri()
+    return {"wandb": wandb, "mlflow": mlflow}
 
 
 class TrackerSink:
@@ -124,13 +127,16 @@ def tracked_sink(sink: Sink, acc: Any, cfg: Any, run_dir: Path) -> Sink:
         return sink
     if acc.is_main_process:
         (run_dir / TRACKER_DIR).mkdir(parents=True, exist_ok=True)
+    # Read before set_tracking_uri below, which writes MLFLOW_TRACKING_URI into the environment itself.
+    init_kwargs = _init_kwargs(run_dir, os.environ)
     if "mlflow" in cfg.train.report_to and acc.is_main_process and "MLFLOW_TRACKING_URI" not in os.environ:
         import mlflow
 
-        # A local store in the run directory unless the user points MLflow at a server.
-        mlflow.set_tracking_uri((run_dir / TRACKER_DIR / "mlruns").absolute().as_uri())
+        # A local store in the run directory unless the user points MLflow at a server. SQLite, as MLflow 3
+        # refuses its old file store by default.
+        mlflow.set_tracking_uri(f"sqlite:///{(run_dir / TRACKER_DIR / 'mlflow.db').absolute()}")
     acc.init_trackers(cfg.name or "flashdmd", config=flat_config(cfg.model_dump(mode="json")),
-                      init_kwargs=_init_kwargs(run_dir, os.environ))
+                      init_kwargs=init_kwargs)
     return TrackerSink(sink, acc)
 
 

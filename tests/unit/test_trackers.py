@@ -90,3 +90,39 @@ def test_report_to_accepts_known_trackers_only() -> None:
 def test_flat_config_gives_scalars_for_hparams() -> None:
     flat = flat_config({"train": {"max_steps": 4, "report_to": ["tensorboard"]}, "name": None, "k": True})
     assert flat == {"train.max_steps": 4, "train.report_to": '["tensorboard"]', "name": "null", "k": True}
+
+
+@pytest.mark.slow  # W&B starts its service process and MLflow migrates its database: ~1 min on 2 cores
+def test_wandb_and_mlflow_stay_offline_in_the_run_dir(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """Runs where the [wandb] and [mlflow] extras are installed (the shared test env has neither)."""
+    pytest.importorskip("wandb", reason="the [wandb] extra")
+    pytest.importorskip("mlflow", reason="the [mlflow] extra")
+    from trainer.loop import train
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # anything a tracker wrote to the working directory would show up here
+    cfg = make_cfg(train__max_steps=2, train__sample_every=2, train__checkpoint_every=2, train__num_samples=2,
+                   train__report_to=["wandb", "mlflow"])
+    run = tmp_path / "run"
+    sink = JsonlSink(run)
+    try:
+        train(cfg, sink, run_dir=run)
+    finally:
+        sink.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+    # W&B: an offline run (nothing sent) with the sample grid among its media.
+    offline = list((run / TRACKER_DIR / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))
+    assert list((offline[0] / "files" / "media" / "images").glob("samples_2_*.png"))
+
+    # MLflow: a local SQLite store in the run dir with the sink's metrics, and the grid as an artifact.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / TRACKER_DIR / 'mlflow.db'}")
+    (found,) = client.search_runs([client.get_experiment_by_name("flashdmd").experiment_id])
+    expected = {r["step"]: r["metrics"]["loss/dm"] for r in read_metrics(run)}
+    logged = {m.step: m.value for m in client.get_metric_history(found.info.run_id, "loss/dm")}
+    assert logged == pytest.approx(expected)
+    assert [a.path for a in client.list_artifacts(found.info.run_id, "samples")] == ["samples/step-00000002.png"]
