@@ -57,6 +57,29 @@ def test_tensorboard_gets_the_sink_scalars_and_the_sample_grid(make_cfg, tmp_pat
     assert (images[0].width, images[0].height) == grid.size
 
 
+@pytest.mark.slow  # a stage-2 run: ~2x a stage-1 step on the tiny teacher
+def test_stage2_rl_reports_to_tensorboard_too(make_cfg, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="the [tensorboard] extra (part of [test])")
+    from trainer.rl_loop import train_rl
+
+    raw = make_cfg(train__max_steps=2, train__sample_every=2, train__checkpoint_every=2, train__num_samples=2,
+                   train__report_to=["tensorboard"]).model_dump(mode="json")
+    raw.update(kind="rl", rl={"threshold_min": -1.0, "threshold_max": -1.0, "ratio": 1, "optimizer": {"lr": 1e-3}})
+    run = tmp_path / "rl"
+    sink = JsonlSink(run)
+    try:
+        assert train_rl(parse_spec(raw), sink, run_dir=run) == 2
+    finally:
+        sink.close()
+    events = _accumulator(run / TRACKER_DIR / "flashdmd")
+    rows = read_metrics(run)
+    assert {"loss/rl", "eval/reward"} <= set(rows[-1]["metrics"])
+    for key in ("loss/rl", "eval/reward"):
+        logged = {e.step: e.value for e in events.Scalars(key)}
+        assert logged == pytest.approx({r["step"]: r["metrics"][key] for r in rows if key in r["metrics"]})
+    assert [i.step for i in events.Images("samples")] == [2]
+
+
 def test_missing_tracker_extra_fails_at_startup_naming_the_extra(make_cfg, tmp_path: Path, monkeypatch) -> None:
     from trainer.loop import train
 
