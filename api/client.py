@@ -128,8 +128,9 @@ class JobsClient:
     def resume(self, job_id: str) -> dict[str, Any]:
         return self.request("POST", f"/jobs/{job_id}/resume").json()
 
-    def metrics(self, job_id: str, *, key: str | None = None, since_step: int | None = None) -> dict[str, Any]:
-        params: dict[str, Any] = {"limit": 1000}
+    def metrics(self, job_id: str, *, key: str | None = None, since_step: int | None = None,
+                limit: int = 1000) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit}
         if key is not None:
             params["key"] = key
         if since_step is not None:

@@ -173,7 +173,7 @@ class LatestLosses:
 
     def poll(self, step: int) -> dict[str, float]:
         if not self.keys:  # the keys appear with the first metrics the trainer logs
-            keys = self.client.metrics(self.job_id)["keys"]
+            keys = self.client.metrics(self.job_id, limit=1)["keys"]  # only the key list is wanted here
             self.keys = [k for k in keys if k.startswith("loss/")][:SHOWN_LOSSES]
         for key in self.keys:
             since = max(self.last_step.get(key, -1), step - METRICS_WINDOW)
