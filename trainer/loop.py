@@ -158,7 +158,7 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
     batches = sharded_batches(ds, t.batch_size, t.seed, rank=acc.process_index, world=acc.num_processes,
                               accum=t.grad_accum, start=start, num_workers=cfg.data.num_workers)
     sample_prompts = _sample_prompts(ds, t.num_samples)
-    sink = tracked_sink(sink, acc, cfg, run_dir)  # train.report_to: metrics and sample grids to the trackers too
+    sink = tracked_sink(sink, acc, cfg, run_dir, start=start)  # train.report_to: metrics and grids too
     stop, guard, last_saved = StopControl(acc, sink), NonfiniteGuard(t.max_nonfinite), start
     bar = tqdm(total=t.max_steps, initial=start, desc=f"{cfg.distill.mode} K={len(distiller.S)}",
                disable=not acc.is_main_process, dynamic_ncols=True)

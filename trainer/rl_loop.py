@@ -183,7 +183,7 @@ def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fals
     prompts_it = sharded_batches(ds, rl_bs, t.seed + 7919, start=start, **shard)
     distill_it = sharded_batches(ds, t.batch_size, t.seed, accum=t.grad_accum, start=used, **shard)
     sample_prompts = _sample_prompts(ds, t.num_samples)
-    sink = tracked_sink(sink, acc, cfg, run_dir)  # train.report_to: metrics and sample grids to the trackers too
+    sink = tracked_sink(sink, acc, cfg, run_dir, start=start)  # train.report_to: metrics and grids too
     stop, guard, last_saved = StopControl(acc, sink), NonfiniteGuard(t.max_nonfinite), start
     bar = tqdm(total=t.max_steps, initial=start, desc=f"rl K={len(rl.S)}", disable=not acc.is_main_process,
                dynamic_ncols=True)

@@ -65,15 +65,18 @@ def flat_config(spec: Mapping[str, Any], prefix: str = "") -> dict[str, bool | i
     return out
 
 
-def _init_kwargs(run_dir: Path, env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+def _init_kwargs(run_dir: Path, env: Mapping[str, str], start: int) -> dict[str, dict[str, Any]]:
     logs = (run_dir / TRACKER_DIR).absolute()
+    # A resumed run logs again from start + 1; TensorBoard then drops what the previous attempt logged from that
+    # step on, as truncate_metrics does for metrics.jsonl, so no step shows twice. (W&B and MLflow start a new run.)
+    tensorboard: dict[str, Any] = {"purge_step": start + 1} if start > 0 else {}
     wandb: dict[str, Any] = {"dir": str(logs), "name": run_dir.name}
     if "WANDB_MODE" not in env:  # offline unless the user chose a mode (then wandb reads it itself)
         wandb["mode"] = "offline"
     mlflow: dict[str, Any] = {"run_name": run_dir.name}
     if "MLFLOW_TRACKING_URI" not in env:  # a new experiment's artifacts (sample grids) next to its local store
         mlflow["logging_dir"] = (logs / "mlartifacts").as_uri()
-    return {"wandb": wandb, "mlflow": mlflow}
+    return {"tensorboard": tensorboard, "wandb": wandb, "mlflow": mlflow}
 
 
 class TrackerSink:
@@ -121,14 +124,17 @@ class TrackerSink:
         self.inner.close()
 
 
-def tracked_sink(sink: Sink, acc: Any, cfg: Any, run_dir: Path) -> Sink:
-    """Start the trackers of `cfg.train.report_to` (already on `acc`) and wrap the sink; no trackers: as is."""
+def tracked_sink(sink: Sink, acc: Any, cfg: Any, run_dir: Path, *, start: int = 0) -> Sink:
+    """Start the trackers of `cfg.train.report_to` (already on `acc`) and wrap the sink; no trackers: as is.
+
+    `start`: the step the run resumes from (0 for a fresh run).
+    """
     if not cfg.train.report_to:
         return sink
     if acc.is_main_process:
         (run_dir / TRACKER_DIR).mkdir(parents=True, exist_ok=True)
     # Read before set_tracking_uri below, which writes MLFLOW_TRACKING_URI into the environment itself.
-    init_kwargs = _init_kwargs(run_dir, os.environ)
+    init_kwargs = _init_kwargs(run_dir, os.environ, start)
     if "mlflow" in cfg.train.report_to and acc.is_main_process and "MLFLOW_TRACKING_URI" not in os.environ:
         import mlflow
 

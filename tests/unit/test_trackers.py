@@ -57,6 +57,33 @@ def test_tensorboard_gets_the_sink_scalars_and_the_sample_grid(make_cfg, tmp_pat
     assert (images[0].width, images[0].height) == grid.size
 
 
+@pytest.mark.slow  # two short runs
+def test_a_resumed_run_does_not_show_a_step_twice_in_tensorboard(make_cfg, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="the [tensorboard] extra (part of [test])")
+    import shutil
+
+    from trainer.checkpoint import latest_checkpoint
+    from trainer.loop import train
+
+    run = tmp_path / "run"
+
+    def run_to(max_steps: int, resume: bool) -> None:
+        cfg = make_cfg(train__max_steps=max_steps, train__checkpoint_every=2, train__sample_every=100,
+                       train__report_to=["tensorboard"])
+        sink = JsonlSink(run)
+        try:
+            train(cfg, sink, run_dir=run, resume=resume)
+        finally:
+            sink.close()
+
+    run_to(3, resume=False)  # checkpoints at 2 and 3, metrics for 1..3
+    shutil.rmtree(latest_checkpoint(run))  # as if it had died before the step-3 checkpoint was complete
+    run_to(4, resume=True)  # resumes from 2: logs 3 and 4 again
+    events = _accumulator(run / TRACKER_DIR / "flashdmd")
+    assert [e.step for e in events.Scalars("loss/dm")] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+
+
 @pytest.mark.slow  # a stage-2 run: ~2x a stage-1 step on the tiny teacher
 def test_stage2_rl_reports_to_tensorboard_too(make_cfg, tmp_path: Path) -> None:
     pytest.importorskip("tensorboard", reason="the [tensorboard] extra (part of [test])")
