@@ -131,8 +131,6 @@ def tracked_sink(sink: Sink, acc: Any, cfg: Any, run_dir: Path, *, start: int = 
     """
     if not cfg.train.report_to:
         return sink
-    if acc.is_main_process:
-        (run_dir / TRACKER_DIR).mkdir(parents=True, exist_ok=True)
     # Read before set_tracking_uri below, which writes MLFLOW_TRACKING_URI into the environment itself.
     init_kwargs = _init_kwargs(run_dir, os.environ, start)
     if "mlflow" in cfg.train.report_to and acc.is_main_process and "MLFLOW_TRACKING_URI" not in os.environ:
@@ -141,8 +139,15 @@ def tracked_sink(sink: Sink, acc: Any, cfg: Any, run_dir: Path, *, start: int = 
         # A local store in the run directory unless the user points MLflow at a server. SQLite, as MLflow 3
         # refuses its old file store by default.
         mlflow.set_tracking_uri(f"sqlite:///{(run_dir / TRACKER_DIR / 'mlflow.db').absolute()}")
-    acc.init_trackers(cfg.name or "flashdmd", config=flat_config(cfg.model_dump(mode="json")),
-                      init_kwargs=init_kwargs)
+    try:
+        if acc.is_main_process:
+            (run_dir / TRACKER_DIR).mkdir(parents=True, exist_ok=True)
+        acc.init_trackers(cfg.name or "flashdmd", config=flat_config(cfg.model_dump(mode="json")),
+                          init_kwargs=init_kwargs)
+    except Exception as err:  # e.g. WANDB_MODE=online without a key, an MLflow server that does not answer, or
+        # a run directory where trackers/ cannot be made
+        raise InputError(f"train.report_to: a tracker could not start ({type(err).__name__}: {err}); check its "
+                         "settings (WANDB_MODE, WANDB_API_KEY, MLFLOW_TRACKING_URI) or remove it") from err
     return TrackerSink(sink, acc)
 
 

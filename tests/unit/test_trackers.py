@@ -128,6 +128,23 @@ def test_missing_tracker_extra_fails_at_startup_naming_the_extra(make_cfg, tmp_p
     assert not (run / "checkpoints").exists()  # it failed before training, not after
 
 
+def test_a_tracker_that_cannot_start_is_an_input_error(make_cfg, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="the [tensorboard] extra (part of [test])")
+    from trainer.loop import _accelerator
+    from trainer.trackers import tracked_sink
+
+    cfg = make_cfg(train__report_to=["tensorboard"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / TRACKER_DIR).write_text("a file where the trackers' folder should be")
+    sink = JsonlSink(run)
+    try:
+        with pytest.raises(InputError, match=r"train\.report_to: a tracker could not start \(FileExistsError"):
+            tracked_sink(sink, _accelerator(cfg, run), cfg, run)
+    finally:
+        sink.close()
+
+
 def test_report_to_accepts_known_trackers_only() -> None:
     base = {"model": {"teacher": "tiny:sdxl"}, "data": {"builtin": "digits"}}
     assert parse_spec(base).train.report_to == []
@@ -150,7 +167,8 @@ def test_wandb_and_mlflow_stay_offline_in_the_run_dir(make_cfg, tmp_path: Path, 
     from trainer.loop import train
 
     for name in ("WANDB_MODE", "WANDB_API_KEY", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # so that teardown restores it: mlflow.set_tracking_uri writes the variable
+        monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)  # anything a tracker wrote to the working directory would show up here
     cfg = make_cfg(train__max_steps=2, train__sample_every=2, train__checkpoint_every=2, train__num_samples=2,
                    train__report_to=["wandb", "mlflow"])
