@@ -5,7 +5,7 @@ on this machine (http://127.0.0.1:8000 and the token it saved in FLASHDMD_DATA_D
 
 Exit codes: 0 done (for `follow`: the job succeeded), 1 the job failed, 2 the server refused the request
 or could not be reached (its message and the fields it names are printed, no traceback), 3 the job was
-cancelled.
+cancelled, 130 interrupted (Ctrl-C; the job goes on).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import click
 from api.client import TERMINAL, ClientError, JobsClient, resolve_target
 
 EXIT_OK, EXIT_FAILED, EXIT_REQUEST, EXIT_CANCELLED = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 OUTCOME = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
 STATUSES = ("queued", "starting", "running", "cancelling", "cancelled", "succeeded", "failed", "recovering")
 SHOWN_LOSSES = 4  # loss keys in the progress bar; more would not fit a terminal line
@@ -39,6 +40,9 @@ class JobsGroup(click.Group):
         except ClientError as err:
             click.echo(err.render(), err=True)
             ctx.exit(EXIT_REQUEST)
+        except KeyboardInterrupt:  # Ctrl-C while following: not the job's outcome, so not 1 (click's default)
+            click.echo("\ninterrupted; the job itself goes on (`flashdmd jobs cancel ID` stops it)", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
 
 
 @click.group("jobs", cls=JobsGroup)
