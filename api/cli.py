@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from api.client_cli import jobs_group
 from flashjob.cli import eval_command, train_command
 from flashjob.demo import demo_command
 from inference.cli import export_command, generate_command
@@ -35,6 +36,7 @@ cli.add_command(export_command)
 cli.add_command(demo_command)
 cli.add_command(toy_group)
 cli.add_command(plan_command)  # trainer/plan_cli.py: the per-GPU memory budget of a spec
+cli.add_command(jobs_group)  # api/client_cli.py: `flashdmd jobs ...`, an HTTP client of a running service
 
 
 @cli.command("up")

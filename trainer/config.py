@@ -300,6 +300,10 @@ class TrainSpec(_Strict):
         None, description="prompts/seeds/sizes of the sample grids; null: the first num_samples dataset captions")
     keep_last: int = Field(3, ge=1, le=INT32_MAX)
     log_every: int = Field(1, ge=1, le=INT32_MAX)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, max_length=3, description="experiment trackers (accelerate's): scalars every "
+        "log step and sample grids as images, under <run_dir>/trackers/; each needs its extra, e.g. "
+        "pip install 'flashdmd[tensorboard]'")
     max_nonfinite: int = Field(10, ge=1, le=INT32_MAX, description="consecutive NaN/inf steps before failing")
     num_processes: int = Field(1, ge=1, le=1024, description="GPUs for accelerate launch")
     sharding: Literal["ddp", "fsdp"] = Field(

@@ -32,6 +32,7 @@ from trainer.optim import check_runtime
 from trainer.parallel import agree_any, make_accelerator
 from trainer.sink import Sink
 from trainer.textcache import prepare_text_cache
+from trainer.trackers import accelerator_kwargs, finish_trackers, tracked_sink
 from trainer.validation import plan_validation, render_validation
 
 # Test hooks (tests/dist), not for production use. "RANK:STEP": that rank alone requests a stop after that
@@ -45,8 +46,10 @@ def _hook(name: str) -> tuple[int, ...] | None:
     return tuple(int(v) for v in value.split(":")) if value else None
 
 
-def _accelerator(cfg: DistillJob):  # noqa: ANN202
-    return make_accelerator(cfg.train.mixed_precision)
+def _accelerator(cfg: DistillJob, run_dir: Path | None = None):  # noqa: ANN202
+    """The run's Accelerator, with the trackers of train.report_to when a run directory is given."""
+    tracking = accelerator_kwargs(cfg.train.report_to, run_dir) if run_dir is not None else {}
+    return make_accelerator(cfg.train.mixed_precision, **tracking)
 
 
 class NonfiniteGuard:
@@ -110,7 +113,7 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
     from trainer.distill import Distiller
 
     run_dir = Path(run_dir)
-    acc = _accelerator(cfg)
+    acc = _accelerator(cfg, run_dir)  # a tracker whose extra is missing fails here, before any model loads
     torch.manual_seed(cfg.train.seed)
     with acc.main_process_first():  # rank 0 builds/downloads the teacher once; the others then read it
         teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
@@ -135,6 +138,7 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
     t = cfg.train
     batches = sharded_batches(ds, t.batch_size, t.seed, rank=acc.process_index, world=acc.num_processes,
                               accum=t.grad_accum, start=start, num_workers=cfg.data.num_workers)
+    sink = tracked_sink(sink, acc, cfg, run_dir, start=start)  # train.report_to: metrics and grids too
     stop, guard, last_saved = StopControl(acc, sink), NonfiniteGuard(t.max_nonfinite), start
     bar = tqdm(total=t.max_steps, initial=start, desc=f"{cfg.distill.mode} K={len(distiller.S)}",
                disable=not acc.is_main_process, dynamic_ncols=True)
@@ -171,5 +175,6 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
         raise
     finally:
         bar.close()
+        finish_trackers(acc)
     sink.log_event("finished", f"finished at step {step}", step=step)
     return step

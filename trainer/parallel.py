@@ -48,7 +48,7 @@ def init_state():  # noqa: ANN201
     return PartialState(cpu=use_cpu(), timeout=dist_timeout())
 
 
-def make_accelerator(mixed_precision: str):  # noqa: ANN201
+def make_accelerator(mixed_precision: str, **tracking: object):  # noqa: ANN201
     """The run's Accelerator. fp16 on a CPU: fp32 compute (no fp16 autocast there) with a real GradScaler.
 
     Keeping the scaler on the CPU means a CPU run of an fp16 spec exercises the same unscale / skip / update
@@ -60,7 +60,9 @@ def make_accelerator(mixed_precision: str):  # noqa: ANN201
     init_state()
     cpu_fp16 = mixed_precision == "fp16" and use_cpu()
     handlers = [InitProcessGroupKwargs(timeout=dist_timeout()), DistributedDataParallelKwargs()]
-    acc = Accelerator(cpu=use_cpu(), mixed_precision="no" if cpu_fp16 else mixed_precision, kwargs_handlers=handlers)
+    # tracking: log_with and project_config for train.report_to (trainer/trackers.py accelerator_kwargs)
+    acc = Accelerator(cpu=use_cpu(), mixed_precision="no" if cpu_fp16 else mixed_precision, kwargs_handlers=handlers,
+                      **tracking)
     if acc.distributed_type.name == "FSDP":
         from trainer.errors import InputError
 

@@ -37,6 +37,7 @@ from trainer.optim import check_runtime
 from trainer.reward import LatentRewardModel, PixelReward, RewardModel, load_lrm, pixel_scorer
 from trainer.sink import Sink
 from trainer.textcache import prepare_text_cache
+from trainer.trackers import finish_trackers, tracked_sink
 from trainer.validation import ValidationPlan, plan_validation, render_validation
 
 
@@ -132,7 +133,7 @@ def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fals
     from trainer.rl import JointRL
 
     run_dir = Path(run_dir)
-    acc = _accelerator(cfg)
+    acc = _accelerator(cfg, run_dir)  # a tracker whose extra is missing fails here, before any model loads
     if cfg.train.sharding == "fsdp" and acc.num_processes > 1:
         raise InputError("train.sharding: fsdp is not supported in stage 2 yet (p_ref is a copy of G); "
                          "use train.sharding: ddp")
@@ -179,6 +180,7 @@ def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fals
     used = start if (cfg.rl.joint and cfg.rl.critic_updates == "every") else start // cfg.rl.ratio
     prompts_it = sharded_batches(ds, rl_bs, t.seed + 7919, start=start, **shard)
     distill_it = sharded_batches(ds, t.batch_size, t.seed, accum=t.grad_accum, start=used, **shard)
+    sink = tracked_sink(sink, acc, cfg, run_dir, start=start)  # train.report_to: metrics and grids too
     stop, guard, last_saved = StopControl(acc, sink), NonfiniteGuard(t.max_nonfinite), start
     bar = tqdm(total=t.max_steps, initial=start, desc=f"rl K={len(rl.S)}", disable=not acc.is_main_process,
                dynamic_ncols=True)
@@ -220,5 +222,6 @@ def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fals
         raise
     finally:
         bar.close()
+        finish_trackers(acc)
     sink.log_event("finished", f"finished at step {step}", step=step)
     return step
