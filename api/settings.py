@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -82,6 +82,29 @@ class Settings(BaseSettings):
     generate_rate_per_minute: float = Field(60.0, ge=0, description="/generate requests per token per minute "
                                             "(token bucket; 0 turns it off); past it 429 with Retry-After")
     generate_rate_burst: int = Field(10, ge=1, description="requests a token may send at once before the rate applies")
+
+    # -- Serving options of /generate (issue 12; inference/serving.py ServingOptions). Unset: the checkpoint's
+    # serving.json (what `flashdmd export` wrote), then the device's default. --
+    generate_vae_dtype: Literal["fp32", "fp16", "bf16"] | None = Field(
+        None, description="VAE dtype (default: bf16 on cuda, fp32 on cpu; SDXL's VAE overflows in fp16)")
+    generate_compile: bool | None = Field(None, description="torch.compile the denoiser for the warm shapes "
+                                          "at warm-up (default off)")
+    generate_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = (
+        Field(None, description="torch.compile mode (default: default)"))
+    generate_compile_cache_dir: Path | None = Field(
+        None, description="inductor's on-disk compile cache, reused across restarts (default <data_dir>/compile-cache)")
+    generate_fuse_qkv: bool | None = Field(None, description="fused attention QKV projections (default: on cuda)")
+    generate_channels_last: bool | None = Field(None, description="channels-last UNet and VAE (default: on cuda)")
+    generate_vae: Literal["full", "tiny"] | None = Field(
+        None, description="full: the checkpoint's VAE; tiny: diffusers AutoencoderTiny from generate_tiny_vae_path")
+    generate_tiny_vae_path: Path | None = Field(None, description="a local AutoencoderTiny folder (vae=tiny)")
+    generate_warm_sizes: str | None = Field(None, description="WIDTHxHEIGHT,... warmed (and compiled) at "
+                                            "warm-up (default: the checkpoint's resolution)")
+    generate_warm_batches: str | None = Field(None, description="rows per sampler call warmed, e.g. 1,4,8 "
+                                              "(default: max_batch with a fixed batch, else 1 and max_batch)")
+    generate_gpu_memory_fraction: float = Field(0.5, gt=0, le=1, description="on cuda, the pipeline cache's "
+                                                "budget as a share of the GPU's memory (generate_cache_bytes "
+                                                "is the budget on the CPU)")
 
     @field_validator("token")
     @classmethod

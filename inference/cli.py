@@ -100,14 +100,36 @@ def generate_command(checkpoint: Path | None, job: str | None, prompt: str, nega
         click.echo(f"{path}\tseed={s}")
 
 
+def _pairs(items: tuple[str, ...]) -> dict[str, str | bool]:
+    out: dict[str, str | bool] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"--serving {item!r}: expected KEY=VALUE")
+        low = value.strip().lower()
+        out[key.strip()] = {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}.get(
+            low, value) if key.strip() in ("compile", "fuse_qkv", "channels_last") else value
+    return out
+
+
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(LORA_FORMATS), required=True)
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="output folder (default ./<run>-step-N-<format>)")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32")
-def export_command(checkpoint: Path, fmt: str, output: Path | None, dtype: str) -> None:
+@click.option("--serving", "serving", multiple=True, metavar="KEY=VALUE",
+              help="a serving option the checkpoint was validated with, written to serving.json (e.g. "
+                   "fuse_qkv=true, compile=true, warm_sizes=1024x1024, warm_batches=1,4); repeatable")
+def export_command(checkpoint: Path, fmt: str, output: Path | None, dtype: str, serving: tuple[str, ...]) -> None:
     """Export a checkpoint as a diffusers folder, UNet safetensors, or LoRA (diffusers or kohya keys)."""
+    from inference.serving import ServingError, ServingOptions
+
+    try:
+        options = ServingOptions.from_strings(**_pairs(serving))
+        options.check(cuda=True)
+    except (ServingError, TypeError) as err:
+        _fail(f"--serving: {err}")
     try:
         info = CheckpointInfo.load(checkpoint)
         if fmt not in info.export_formats():
@@ -115,7 +137,7 @@ def export_command(checkpoint: Path, fmt: str, output: Path | None, dtype: str) 
                                   f"(available: {', '.join(info.export_formats())})")
         from inference.export import export_checkpoint
 
-        out = export_checkpoint(info, fmt, output, dtype=dtype)
+        out = export_checkpoint(info, fmt, output, dtype=dtype, serving=options)
     except CheckpointError as err:
         _fail(str(err))
     click.echo(str(out))

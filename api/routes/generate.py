@@ -61,6 +61,7 @@ class Runtime:
 
     def __init__(self, gs: GenerateSettings, settings: Settings, metrics: GenerateMetrics | None = None) -> None:
         self.settings = gs
+        self.app_settings = settings
         self.limiter = Limiter(gs.generate_max_concurrency, gs.generate_max_queue,
                                gs.generate_queue_timeout_seconds, gs.generate_retry_after_seconds,
                                owner_share=settings.generate_owner_share,
@@ -89,6 +90,21 @@ class Runtime:
                                     pad_to=self.settings.generate_max_batch if fixed else None)
         return list(images)
 
+    def serving_options(self, device: str) -> Any:
+        """The operator's serving options (inference.serving.ServingOptions); unset fields fall back to the
+        checkpoint's serving.json and then the device's defaults when a pipeline loads. Raises ServingError
+        (naming the FLASHDMD_GENERATE_* setting) for an impossible combination."""
+        from dataclasses import replace
+
+        from inference.serving import ServingOptions
+
+        s = self.app_settings
+        options = ServingOptions.from_settings(s, self.settings)
+        if options.compile_cache_dir is None:
+            options = replace(options, compile_cache_dir=s.data_dir / "compile-cache")
+        options.check(device.startswith("cuda"))
+        return options
+
     def cache(self) -> Any:
         with self._lock:
             if self._cache is None:
@@ -96,15 +112,21 @@ class Runtime:
 
                 from inference.cache import PipelineCache
                 from inference.checkpoint import CheckpointInfo
-                from inference.export import DTYPES
                 from inference.pipeline import estimate_bytes, load_pipeline
+                from inference.serving import ServingOptions, cache_budget_bytes, torch_dtype
 
                 gs = self.settings
                 device = gs.generate_device or ("cuda" if torch.cuda.is_available() else "cpu")
-                dtype = DTYPES[gs.generate_dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+                options = self.serving_options(device)
+                fixed = gs.generate_fixed_batch if gs.generate_fixed_batch is not None else device == "cpu"
+                # Every call has max_batch rows with a fixed batch; else lone requests and full batches matter.
+                warm = (gs.generate_max_batch,) if fixed else (1, gs.generate_max_batch)
+                defaults = ServingOptions(warm_batches=warm)
+                dtype = torch_dtype(options.dtype or ("bf16" if device.startswith("cuda") else "fp32"))
                 self._cache = PipelineCache(
-                    gs.generate_cache_bytes,
-                    lambda path: load_pipeline(Path(str(path)), device=device, dtype=dtype),
+                    cache_budget_bytes(device, gs.generate_cache_bytes, self.app_settings.generate_gpu_memory_fraction),
+                    lambda path: load_pipeline(Path(str(path)), device=device, options=options,
+                                               service_defaults=defaults),
                     lambda pipe: pipe.nbytes,
                     estimate=lambda path: estimate_bytes(CheckpointInfo.load(Path(str(path))), dtype))
             return self._cache

@@ -1,0 +1,161 @@
+"""Serving options (inference/serving.py): each option's output against the plain pipeline, the tiny VAE,
+serving.json through export and load, the LRU budget on cuda, and settings parsing with clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from inference.checkpoint import CheckpointInfo
+from inference.export import export_checkpoint
+from inference.pipeline import load_pipeline
+from inference.serving import SERVING_FILE, ServingError, ServingOptions, cache_budget_bytes, warm_up
+from inference.testing import make_checkpoint
+
+PROMPTS = ["a handwritten digit seven", "a red cat"]
+SEEDS = [3, 4]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_dir, tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("serve-run"), "sdxl", tiny_dir("sdxl"))
+
+
+@pytest.fixture(scope="module")
+def plain(ckpt):
+    pipe = load_pipeline(ckpt)
+    return pipe, pipe.decode(pipe.latents(PROMPTS, SEEDS))
+
+
+def _tiny_vae(folder, blocks: int = 2):  # noqa: ANN001, ANN202
+    """A random AutoencoderTiny saved as a local folder; `blocks` decoder blocks upsample 2**(blocks-1) times."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    vae = AutoencoderTiny(encoder_block_out_channels=(8,) * blocks, decoder_block_out_channels=(8,) * blocks,
+                          num_encoder_blocks=(1,) * blocks, num_decoder_blocks=(1,) * blocks, latent_channels=4)
+    vae.save_pretrained(folder)
+    return folder
+
+
+def test_fused_qkv_matches_the_plain_pipeline(ckpt, plain):
+    _, ref = plain
+    pipe = load_pipeline(ckpt, options=ServingOptions(fuse_qkv=True, channels_last=False))
+    fused = [m for m in pipe.net.modules() if hasattr(m, "to_qkv") or hasattr(m, "to_kv")]
+    assert fused, "no attention block of the UNet was fused"
+    out = pipe.decode(pipe.latents(PROMPTS, SEEDS))
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_channels_last_matches_the_plain_pipeline(ckpt, plain):
+    _, ref = plain
+    pipe = load_pipeline(ckpt, options=ServingOptions(fuse_qkv=False, channels_last=True))
+    conv = pipe.net.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    out = pipe.decode(pipe.latents(PROMPTS, SEEDS))
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_defaults_per_device_and_unset_fields_come_from_below():
+    cpu = ServingOptions().resolved("cpu")
+    assert (cpu.dtype, cpu.vae_dtype, cpu.fuse_qkv, cpu.channels_last, cpu.compile, cpu.vae) == (
+        "fp32", "fp32", False, False, False, "full")
+    gpu = ServingOptions(fuse_qkv=False).resolved("cuda:0")
+    assert (gpu.dtype, gpu.fuse_qkv, gpu.channels_last) == ("bf16", False, True), "set fields win over defaults"
+
+
+def test_tiny_vae_decodes_to_the_requested_size(ckpt, plain, tmp_path):
+    from diffusers import AutoencoderTiny
+
+    folder = _tiny_vae(tmp_path / "taesd")
+    pipe = load_pipeline(ckpt, options=ServingOptions(vae="tiny", tiny_vae_path=folder))
+    assert isinstance(pipe.teacher.vae, AutoencoderTiny)
+    res = pipe.info.resolution
+    images = pipe.generate_rows(PROMPTS, SEEDS, steps=None, width=res, height=res)
+    assert images.shape == (2, res, res, 3) and images.dtype == np.uint8
+    full = plain[0].generate_rows(PROMPTS, SEEDS, steps=None, width=res, height=res)
+    assert not np.array_equal(images, full), "the tiny decoder was not the one used"
+
+
+def test_tiny_vae_errors_name_the_setting(ckpt, tmp_path):
+    with pytest.raises(ServingError) as err:
+        ServingOptions(vae="tiny").resolved("cpu")
+    assert err.value.setting == "FLASHDMD_GENERATE_TINY_VAE_PATH"
+    with pytest.raises(ServingError, match="FLASHDMD_GENERATE_TINY_VAE_PATH.*no config.json"):
+        ServingOptions(vae="tiny", tiny_vae_path=tmp_path / "missing").resolved("cpu")
+    # An 8x decoder for a model whose VAE factor is 2: refused before any request decodes garbage.
+    wrong = _tiny_vae(tmp_path / "taesd8", blocks=4)
+    with pytest.raises(ServingError, match="VAE factor of 2") as err:
+        load_pipeline(ckpt, options=ServingOptions(vae="tiny", tiny_vae_path=wrong))
+    assert err.value.setting == "FLASHDMD_GENERATE_TINY_VAE_PATH"
+
+
+def test_impossible_combinations_and_bad_values_name_the_setting():
+    cases = [(ServingOptions(compile=True, compile_mode="reduce-overhead"), "FLASHDMD_GENERATE_COMPILE_MODE"),
+             (ServingOptions(dtype="fp8"), "FLASHDMD_GENERATE_DTYPE"),
+             (ServingOptions(vae="medium"), "FLASHDMD_GENERATE_VAE"),
+             (ServingOptions(warm_batches=(0,)), "FLASHDMD_GENERATE_WARM_BATCHES")]
+    for options, setting in cases:
+        with pytest.raises(ServingError) as err:
+            options.resolved("cpu")
+        assert err.value.setting == setting and setting in str(err.value)
+    with pytest.raises(ServingError, match="WIDTHxHEIGHT"):
+        ServingOptions.from_strings(warm_sizes="1024")
+
+
+def test_settings_strings_parse_into_options():
+    class Env:  # what api.settings.Settings holds after reading FLASHDMD_GENERATE_*
+        generate_warm_sizes = "1024x1024, 768x1344"
+        generate_warm_batches = "1,4,8"
+        generate_compile = True
+        generate_dtype = None
+
+    class Route:
+        generate_dtype = "bf16"
+
+    opts = ServingOptions.from_settings(Env(), Route())
+    assert opts.warm_sizes == ((1024, 1024), (768, 1344)) and opts.warm_batches == (1, 4, 8)
+    assert opts.compile is True and opts.dtype == "bf16" and opts.fuse_qkv is None
+    assert opts.warm_shapes(512) == [(1, 1024, 1024), (4, 1024, 1024), (8, 1024, 1024), (1, 768, 1344),
+                                     (4, 768, 1344), (8, 768, 1344)]
+
+
+def test_serving_json_round_trips_through_export_and_load(ckpt, plain, tmp_path):
+    validated = ServingOptions(fuse_qkv=True, channels_last=True, warm_batches=(1, 2), warm_sizes=((32, 32),),
+                               compile_cache_dir=tmp_path / "machine-specific")
+    out = export_checkpoint(ckpt, "diffusers", tmp_path / "exported", serving=validated)
+    written = json.loads((out / SERVING_FILE).read_text())
+    assert written == {"fuse_qkv": True, "channels_last": True, "warm_batches": [1, 2], "warm_sizes": [[32, 32]]}
+    assert ServingOptions.read(out) == ServingOptions(fuse_qkv=True, channels_last=True, warm_batches=(1, 2),
+                                                      warm_sizes=((32, 32),))
+
+    info = CheckpointInfo.load(out)  # the exported folder is a loadable checkpoint of its own
+    assert (info.timesteps, info.family, info.generator) == (tuple(plain[0].info.timesteps), "sdxl", "unet")
+    pipe = load_pipeline(out, options=ServingOptions())
+    assert pipe.options.fuse_qkv and pipe.options.channels_last and pipe.options.warm_batches == (1, 2)
+    torch.testing.assert_close(pipe.decode(pipe.latents(PROMPTS, SEEDS)), plain[1], atol=2e-4, rtol=1e-4)
+    # What the operator sets wins over the folder's serving.json.
+    mine = load_pipeline(out, options=ServingOptions(fuse_qkv=False))
+    assert mine.options.fuse_qkv is False and mine.options.channels_last is True
+
+
+def test_cache_budget_is_a_share_of_the_gpu_on_cuda_and_bytes_on_cpu():
+    gib = 2**30
+    assert cache_budget_bytes("cuda:0", 8 * gib, 0.5, total_bytes=80 * gib) == 40 * gib
+    assert cache_budget_bytes("cuda", 8 * gib, 0.6, total_bytes=141 * gib) == int(141 * gib * 0.6)
+    assert cache_budget_bytes("cpu", 8 * gib, 0.5, total_bytes=80 * gib) == 8 * gib
+    with pytest.raises(ServingError, match="FLASHDMD_GENERATE_GPU_MEMORY_FRACTION"):
+        cache_budget_bytes("cuda", 8 * gib, 0.0, total_bytes=80 * gib)
+
+
+def test_warm_up_samples_every_warm_shape_and_prompts_are_cached(ckpt):
+    pipe = load_pipeline(ckpt, options=ServingOptions(warm_batches=(1, 3)))
+    report = warm_up(pipe)
+    assert [(s["batch"], s["width"], s["height"]) for s in report["shapes"]] == [(1, 32, 32), (3, 32, 32)]
+    assert report["compile"] is False and all(s["seconds"] > 0 for s in report["shapes"])
+    first = pipe.encode_one("a red cat", 32, 32)
+    assert pipe.encode_one("a red cat", 32, 32) is first, "a repeated prompt must not be encoded again"
+    torch.testing.assert_close(first.embeds, pipe.encode(["a red cat"], 32, 32).embeds)
