@@ -233,7 +233,6 @@ def load_pipeline(checkpoint: str | Path | CheckpointInfo, *, device: str | torc
     if options is not None:
         opts = options.merged(ServingOptions.read(info.path)).merged(service_defaults or ServingOptions())
         opts = opts.resolved(device)
-        dtype, vae_dtype = torch_dtype(opts.dtype), torch_dtype(opts.vae_dtype)  # type: ignore[arg-type]
     ref = teacher_ref(info.teacher)
     kwargs: dict[str, object] = {"revision": info.revision} if info.revision else {}
     if info.family == "sd15":
@@ -248,16 +247,36 @@ def load_pipeline(checkpoint: str | Path | CheckpointInfo, *, device: str | torc
     if info.generator == "lora":
         _fuse_lora(pipe, info)
     teacher = Teacher(pipe, info.family, info.teacher, info.resolution, info.shift)
-    if opts is not None and opts.vae == "tiny":
+    if opts is None:
+        for m in (teacher.denoiser, *teacher.text_encoders()):
+            if m.dtype != dtype:  # diffusers warns on every cast, even a no-op one
+                m.to(dtype)
+        if teacher.vae.dtype != vae_dtype:
+            teacher.vae.to(vae_dtype)
+        teacher.to(device)
+        return FewStepPipeline(info, teacher, dtype)
+    return serve(info, teacher, opts, device)
+
+
+def serve(info: CheckpointInfo, teacher: Teacher, opts: ServingOptions, device: str | torch.device) -> FewStepPipeline:
+    """Apply resolved serving options to a loaded teacher (weights anywhere) and wrap it for serving.
+
+    The order matters: the full VAE is swapped for the tiny one before anything moves, weights take their
+    serving dtype before they move to the device (one copy there), and QKV fusion, channels-last and
+    compile act on the modules in place, on the device. bench/gpu_serve.py calls this on a pipeline built
+    in memory; `load_pipeline(..., options=)` on one read from disk.
+    """
+    dtype, vae_dtype = torch_dtype(opts.dtype), torch_dtype(opts.vae_dtype)  # type: ignore[arg-type]
+    if opts.vae == "tiny":
         assert opts.tiny_vae_path is not None  # resolved() checked it
         tiny = load_tiny_vae(opts.tiny_vae_path, latent_channels=teacher.latent_channels,
                              vae_scale=teacher.vae_scale, dtype=vae_dtype)
-        teacher.vae = pipe.vae = tiny  # the full VAE is dropped before anything moves to the device
-    if dtype != torch.float32:
-        for m in (teacher.denoiser, *teacher.text_encoders()):
+        teacher.vae = teacher.pipe.vae = tiny  # the full VAE is dropped before anything moves to the device
+    for m in (teacher.denoiser, *teacher.text_encoders()):
+        if m.dtype != dtype:  # diffusers warns on every cast, even a no-op one
             m.to(dtype)
-    if vae_dtype != torch.float32:
+    if teacher.vae.dtype != vae_dtype:
         teacher.vae.to(vae_dtype)
     teacher.to(device)
-    compiled = apply_options(teacher.denoiser, teacher.vae, opts) if opts is not None else None
+    compiled = apply_options(teacher.denoiser, teacher.vae, opts)
     return FewStepPipeline(info, teacher, dtype, opts, compiled)

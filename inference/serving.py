@@ -333,7 +333,20 @@ def warm_up(pipeline: FewStepPipeline, options: ServingOptions | None = None) ->
     if opts.compile and opts.compile_cache_dir is not None and loaded is None:
         save_compile_cache(Path(opts.compile_cache_dir))
     return {"shapes": shapes, "total_s": total, "compile": bool(opts.compile),
-            "cache_loaded": None if loaded is None else str(loaded)}
+            "cache_loaded": None if loaded is None else str(loaded), "cache_counters": _cache_counters()}
+
+
+def _cache_counters() -> dict[str, int]:
+    """Inductor's FX-graph and AOTAutograd cache hits and misses so far in this process (0s without compile):
+    a warm restart should show hits and no misses."""
+    import sys
+
+    if "torch._dynamo" not in sys.modules:
+        return {}
+    from torch._dynamo.utils import counters
+
+    return {k: int(v) for k, v in {**counters["inductor"], **counters["aot_autograd"]}.items()
+            if "cache_hit" in k or "cache_miss" in k}
 
 
 def _sync(pipeline: FewStepPipeline) -> None:

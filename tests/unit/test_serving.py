@@ -159,3 +159,45 @@ def test_warm_up_samples_every_warm_shape_and_prompts_are_cached(ckpt):
     first = pipe.encode_one("a red cat", 32, 32)
     assert pipe.encode_one("a red cat", 32, 32) is first, "a repeated prompt must not be encoded again"
     torch.testing.assert_close(first.embeds, pipe.encode(["a red cat"], 32, 32).embeds)
+
+
+CHILD = """
+import json, sys
+from pathlib import Path
+import numpy as np, torch
+from inference.pipeline import load_pipeline
+from inference.serving import ServingOptions, warm_up
+ckpt, cache = sys.argv[1], Path(sys.argv[2])
+pipe = load_pipeline(ckpt, options=ServingOptions(compile=True, compile_cache_dir=cache, warm_batches=(2,)))
+report = warm_up(pipe)
+graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+got = pipe.generate_rows(["a red cat", "a digit"], [3, 4], steps=None, width=32, height=32)
+ref = load_pipeline(ckpt).generate_rows(["a red cat", "a digit"], [3, 4], steps=None, width=32, height=32, pad_to=2)
+print(json.dumps({**report, "graphs": graphs, "max_diff": int(np.abs(got.astype(int) - ref.astype(int)).max())}))
+"""
+
+
+@pytest.mark.slow
+def test_compile_at_warm_up_is_reused_from_the_disk_cache_after_a_restart(ckpt, tmp_path):
+    """Two fresh processes on one cache folder: the first compiles and saves the artifacts, the second (a
+    restart) loads them; both serve the compiled graph, and its images match the eager pipeline's."""
+    import os
+    import subprocess
+    import sys
+
+    # One intra-op thread: OpenMP spin-waits on a shared CPU turn minutes of compile into many more.
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(tmp_path / "cache")], capture_output=True,
+                              text=True, timeout=900, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert cold["compile"] and cold["cache_loaded"] is None and cold["graphs"] >= 1
+    assert (tmp_path / "cache" / "torch-compile-artifacts.bin").is_file()
+    assert warm["cache_loaded"] is not None and warm["graphs"] >= 1
+    assert warm["cache_counters"].get("fxgraph_cache_hit", 0) >= 1 and not warm["cache_counters"].get(
+        "fxgraph_cache_miss"), warm["cache_counters"]
+    assert cold["max_diff"] <= 2 and warm["max_diff"] <= 2
+    assert [s["batch"] for s in warm["shapes"]] == [2]
