@@ -102,6 +102,10 @@ class Settings(BaseSettings):
                                             "warm-up (default: the checkpoint's resolution)")
     generate_warm_batches: str | None = Field(None, description="rows per sampler call warmed, e.g. 1,4,8 "
                                               "(default: max_batch with a fixed batch, else 1 and max_batch)")
+    generate_fixed_rows: int | None = Field(
+        None, ge=1, le=64, description="rows per sampler call when the batch is fixed (the CPU): a lone request "
+        "pays for this many rows and a batch goes in calls of this many (default: generate_max_batch; 1 is "
+        "the lowest latency per request, max_batch the most images/s)")
     generate_gpu_memory_fraction: float = Field(0.5, gt=0, le=1, description="on cuda, the pipeline cache's "
                                                 "budget as a share of the GPU's memory (generate_cache_bytes "
                                                 "is the budget on the CPU)")

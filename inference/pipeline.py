@@ -162,12 +162,17 @@ class FewStepPipeline:
         last float bits, and after rounding to uint8 now and then by one level. At a *fixed* shape the
         kernels treat every row alike, whatever its position or its neighbours. So: each distinct prompt is
         encoded alone, the generator always sees `pad_to` rows (the last row repeated; its copies are
-        dropped), and the VAE decodes one image per call. With compile on and no `pad_to`, rows are padded
+        dropped; more rows go in several calls of `pad_to`), and the VAE decodes one image per call. With compile on and no `pad_to`, rows are padded
         up to the nearest warmed batch, so the compiled graphs cover every call at a warmed size.
         """
         n = len(prompts)
-        if n != len(seeds) or n == 0 or (pad_to is not None and n > pad_to):
+        if n != len(seeds) or n == 0 or (pad_to is not None and pad_to < 1):
             raise ValueError(f"{n} prompts, {len(seeds)} seeds, pad_to={pad_to}")
+        if pad_to is not None and n > pad_to:  # calls of pad_to rows each: every row still sees one shape
+            return np.concatenate([self.generate_rows(prompts[i:i + pad_to], seeds[i:i + pad_to], steps=steps,
+                                                      width=width, height=height, guidance=guidance,
+                                                      negative_prompt=negative_prompt, pad_to=pad_to)
+                                   for i in range(0, n, pad_to)])
         ts = self.info.timesteps_for(steps)
         total = pad_to or self.bucket(n, width, height) or n
         rows = list(prompts) + [prompts[-1]] * (total - n)

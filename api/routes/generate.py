@@ -87,8 +87,12 @@ class Runtime:
             fixed = pipe.device.type == "cpu"  # see FewStepPipeline.generate_rows
         images = pipe.generate_rows([p for p, _ in rows], [s for _, s in rows], steps=steps, width=width,
                                     height=height, guidance=guidance, negative_prompt=negative,
-                                    pad_to=self.settings.generate_max_batch if fixed else None)
+                                    pad_to=self.fixed_rows() if fixed else None)
         return list(images)
+
+    def fixed_rows(self) -> int:
+        rows = self.app_settings.generate_fixed_rows
+        return self.settings.generate_max_batch if rows is None else min(rows, self.settings.generate_max_batch)
 
     def serving_options(self, device: str) -> Any:
         """The operator's serving options (inference.serving.ServingOptions); unset fields fall back to the
@@ -120,7 +124,7 @@ class Runtime:
                 options = self.serving_options(device)
                 fixed = gs.generate_fixed_batch if gs.generate_fixed_batch is not None else device == "cpu"
                 # Every call has max_batch rows with a fixed batch; else lone requests and full batches matter.
-                warm = (gs.generate_max_batch,) if fixed else (1, gs.generate_max_batch)
+                warm = (self.fixed_rows(),) if fixed else (1, gs.generate_max_batch)
                 defaults = ServingOptions(warm_batches=warm)
                 dtype = torch_dtype(options.dtype or ("bf16" if device.startswith("cuda") else "fp32"))
                 self._cache = PipelineCache(

@@ -201,3 +201,13 @@ def test_compile_at_warm_up_is_reused_from_the_disk_cache_after_a_restart(ckpt, 
         "fxgraph_cache_miss"), warm["cache_counters"]
     assert cold["max_diff"] <= 2 and warm["max_diff"] <= 2
     assert [s["batch"] for s in warm["shapes"]] == [2]
+
+
+def test_rows_beyond_the_fixed_batch_go_in_calls_of_that_many_with_unchanged_bytes(plain):
+    pipe, _ = plain
+    prompts, seeds = ["a", "b", "c"], [5, 6, 7]
+    together = pipe.generate_rows(prompts, seeds, steps=None, width=32, height=32, pad_to=2)
+    alone = [pipe.generate_rows([p], [s], steps=None, width=32, height=32, pad_to=2)[0]
+             for p, s in zip(prompts, seeds, strict=True)]
+    assert together.shape == (3, 32, 32, 3)
+    assert all(np.array_equal(together[i], alone[i]) for i in range(3))
