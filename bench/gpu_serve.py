@@ -1,9 +1,9 @@
 """GPU serving benchmark (issue 12): each serving option's effect, compile warm-up cold vs from the disk cache,
 and images/s at 16 concurrent clients batched vs unbatched. SDXL architecture, 1024², bf16, K = 4.
 
-    python bench/gpu_serve.py                                  # all sections (~8 min on an H100)
-    python bench/gpu_serve.py --sections options,compile       # the in-process sections only
-    python bench/gpu_serve.py --sections load                  # the HTTP load section only
+    python bench/gpu_serve.py --sections compile,options       # in-process sections (~6 min on an H100)
+    python bench/gpu_serve.py --sections load                  # the HTTP load section (~5 min); adds to the JSON
+    python bench/gpu_serve.py                                  # all three (over one 10-minute slot)
     python bench/gpu_serve.py --dry-run                        # the same code on the CPU, narrow model, 64²
 
 The model is built in memory from the architecture configs in trainer/arch/sdxl-base with random weights (no
@@ -296,6 +296,10 @@ def main() -> None:
         if "load" in sections:
             results["load"] = load_section(args, root)
     gpu = card(args.device)
+    # Sections run as separate commands (each fits a 10-minute slot) add to one file on the same card.
+    earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if earlier.get("gpu") == gpu and earlier.get("dry_run") == args.dry_run:
+        results = {**earlier.get("results", {}), **results}
     table = report(results, gpu)
     write_json(args.out, {"command": command_line(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                           "machine": machine_info(), "gpu": gpu, "dry_run": args.dry_run,
