@@ -11,7 +11,9 @@ a burst never piles up work or memory; a token past its share of slots or its ra
 Admitted requests go to the batcher (api/batcher.py): requests for the same checkpoint, size, steps and
 guidance that arrive within `generate_max_wait_ms` share one sampler call of up to `generate_max_batch`
 images, and `generate_max_concurrency` calls run at once. Loading, sampling and encoding run in worker
-threads, never on the event loop; loaded pipelines live in an LRU cache bounded by `generate_cache_bytes`.
+threads, never on the event loop; loaded pipelines live in an LRU cache bounded by `generate_cache_bytes` on
+the CPU and by `generate_gpu_memory_fraction` of the GPU on cuda, built with the serving options
+(inference/serving.py: dtype, fused QKV, channels-last, compile, VAE choice; FLASHDMD_GENERATE_*).
 
 torch and the inference code are imported on the first request, so the API starts
 (and serves /jobs) without loading them.
