@@ -162,8 +162,9 @@ class FewStepPipeline:
         last float bits, and after rounding to uint8 now and then by one level. At a *fixed* shape the
         kernels treat every row alike, whatever its position or its neighbours. So: each distinct prompt is
         encoded alone, the generator always sees `pad_to` rows (the last row repeated; its copies are
-        dropped; more rows go in several calls of `pad_to`), and the VAE decodes one image per call. With compile on and no `pad_to`, rows are padded
-        up to the nearest warmed batch, so the compiled graphs cover every call at a warmed size.
+        dropped; more rows go in several calls of `pad_to`), and the VAE decodes one image per call. With
+        compile on and no `pad_to`, rows are padded up to the nearest warmed batch, so the compiled graphs
+        cover every call at a warmed size.
         """
         n = len(prompts)
         if n != len(seeds) or n == 0 or (pad_to is not None and pad_to < 1):
@@ -174,13 +175,15 @@ class FewStepPipeline:
                                                       negative_prompt=negative_prompt, pad_to=pad_to)
                                    for i in range(0, n, pad_to)])
         ts = self.info.timesteps_for(steps)
-        total = pad_to or self.bucket(n, width, height) or n
+        total = pad_to or (self.bucket(n, width, height) if guidance == 1.0 else None) or n
         rows = list(prompts) + [prompts[-1]] * (total - n)
         row_seeds = list(seeds) + [seeds[-1]] * (total - n)
         cond = Cond.cat([self.encode_one(p, width, height) for p in rows])
         uncond = self.uncond(len(rows), negative_prompt, width, height) if guidance != 1.0 else None
         f = self.geometry.vae_scale
-        latents = sample(self.denoiser(total, width, height), cond, ts, self.param, seeds=row_seeds,
+        # CFG doubles the rows the denoiser sees: a shape no warm-up compiled, so it runs eager.
+        net = self.denoiser(total, width, height) if uncond is None else self.net
+        latents = sample(net, cond, ts, self.param, seeds=row_seeds,
                          guidance=guidance, uncond=uncond,
                          latent_shape=(self.geometry.latent_channels, height // f, width // f), dtype=self.dtype)
         return np.concatenate([to_uint8(self.decode(latents[i:i + 1])).numpy() for i in range(n)])
