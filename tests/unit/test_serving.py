@@ -173,7 +173,10 @@ report = warm_up(pipe)
 graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 got = pipe.generate_rows(["a red cat", "a digit"], [3, 4], steps=None, width=32, height=32)
 ref = load_pipeline(ckpt).generate_rows(["a red cat", "a digit"], [3, 4], steps=None, width=32, height=32, pad_to=2)
-print(json.dumps({**report, "graphs": graphs, "max_diff": int(np.abs(got.astype(int) - ref.astype(int)).max())}))
+one = pipe.generate_rows(["a red cat"], [3], steps=None, width=32, height=32)  # padded up to the warm batch
+print(json.dumps({**report, "graphs": graphs, "max_diff": int(np.abs(got.astype(int) - ref.astype(int)).max()),
+                  "graphs_after_one_row": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+                  "one_row_same": bool(np.array_equal(one[0], got[0]))}))
 """
 
 
@@ -201,6 +204,8 @@ def test_compile_at_warm_up_is_reused_from_the_disk_cache_after_a_restart(ckpt, 
         "fxgraph_cache_miss"), warm["cache_counters"]
     assert cold["max_diff"] <= 2 and warm["max_diff"] <= 2
     assert [s["batch"] for s in warm["shapes"]] == [2]
+    # A lone row is padded up to the warmed batch: no new graph, and the row's bytes as in the pair.
+    assert warm["graphs_after_one_row"] == warm["graphs"] and warm["one_row_same"]
 
 
 def test_rows_beyond_the_fixed_batch_go_in_calls_of_that_many_with_unchanged_bytes(plain):
