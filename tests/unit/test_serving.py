@@ -216,3 +216,18 @@ def test_rows_beyond_the_fixed_batch_go_in_calls_of_that_many_with_unchanged_byt
              for p, s in zip(prompts, seeds, strict=True)]
     assert together.shape == (3, 32, 32, 3)
     assert all(np.array_equal(together[i], alone[i]) for i in range(3))
+
+
+def test_export_cli_writes_the_serving_options_it_is_given(ckpt, tmp_path):
+    from click.testing import CliRunner
+
+    from inference.cli import export_command
+
+    runner = CliRunner()
+    bad = runner.invoke(export_command, [str(ckpt), "--format", "unet", "-o", str(tmp_path / "x"),
+                                         "--serving", "warm_sizes=big"])
+    assert bad.exit_code == 2 and "FLASHDMD_GENERATE_WARM_SIZES" in bad.output
+    ok = runner.invoke(export_command, [str(ckpt), "--format", "unet", "-o", str(tmp_path / "u"),
+                                        "--serving", "compile=true", "--serving", "warm_batches=1,4"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "u" / SERVING_FILE).read_text()) == {"compile": True, "warm_batches": [1, 4]}
