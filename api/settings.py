@@ -111,6 +111,32 @@ class Settings(BaseSettings):
                                           "one warm-up sampler call each (default: the checkpoint's own size, 1)")
     generate_warm_retry_seconds: float = Field(10.0, gt=0, description="retry a failed warm-up after this long "
                                                "(a checkpoint may still be copying onto the volume)")
+    # -- Serving options of /generate (issue 12; inference/serving.py ServingOptions). Unset: the checkpoint's
+    # serving.json (what `flashdmd export` wrote), then the device's default. --
+    generate_vae_dtype: Literal["fp32", "fp16", "bf16"] | None = Field(
+        None, description="VAE dtype (default: bf16 on cuda, fp32 on cpu; SDXL's VAE overflows in fp16)")
+    generate_compile: bool | None = Field(None, description="torch.compile the denoiser for the warm shapes "
+                                          "at warm-up (default off)")
+    generate_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = (
+        Field(None, description="torch.compile mode (default: default)"))
+    generate_compile_cache_dir: Path | None = Field(
+        None, description="inductor's on-disk compile cache, reused across restarts (default <data_dir>/compile-cache)")
+    generate_fuse_qkv: bool | None = Field(None, description="fused attention QKV projections (default: on cuda)")
+    generate_channels_last: bool | None = Field(None, description="channels-last UNet and VAE (default: on cuda)")
+    generate_vae: Literal["full", "tiny"] | None = Field(
+        None, description="full: the checkpoint's VAE; tiny: diffusers AutoencoderTiny from generate_tiny_vae_path")
+    generate_tiny_vae_path: Path | None = Field(None, description="a local AutoencoderTiny folder (vae=tiny)")
+    generate_warm_sizes: str | None = Field(None, description="WIDTHxHEIGHT,... warmed (and compiled) at "
+                                            "warm-up (default: the checkpoint's resolution)")
+    generate_warm_batches: str | None = Field(None, description="rows per sampler call warmed, e.g. 1,4,8 "
+                                              "(default: max_batch with a fixed batch, else 1 and max_batch)")
+    generate_fixed_rows: int | None = Field(
+        None, ge=1, le=64, description="rows per sampler call when the batch is fixed (the CPU): a lone request "
+        "pays for this many rows and a batch goes in calls of this many (default: generate_max_batch; 1 is "
+        "the lowest latency per request, max_batch the most images/s)")
+    generate_gpu_memory_fraction: float = Field(0.5, gt=0, le=1, description="on cuda, the pipeline cache's "
+                                                "budget as a share of the GPU's memory (generate_cache_bytes "
+                                                "is the budget on the CPU)")
 
     @field_validator("token")
     @classmethod

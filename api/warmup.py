@@ -81,12 +81,26 @@ class Warmup:
             out.append(((str(info.path), size[0], size[1], None, 1.0, None), batch))
         return out
 
+    def compile_and_warm(self, ref: str, rt: Runtime, sessions: sessionmaker[Session]) -> dict:
+        """The pipeline's own warm-up (inference.serving.warm_up, in a worker thread): every shape of its serving
+        options (FLASHDMD_GENERATE_WARM_SIZES x WARM_BATCHES, or the checkpoint's serving.json) is sampled
+        once; with FLASHDMD_GENERATE_COMPILE this compiles them and saves the compile cache to disk, so the
+        next pod start loads the kernels instead of compiling (issue 12)."""
+        from inference.serving import warm_up
+
+        pipe = rt.cache().get(str(_checkpoint(ref, sessions, self.settings)))
+        return warm_up(pipe)
+
     async def warm_one(self, ref: str, rt: Runtime, sessions: sessionmaker[Session]) -> int:
-        """Load one checkpoint and run one sampler call per shape; the number of calls."""
+        """Load one checkpoint, warm its pipeline's shapes, then run one route-level sampler call per
+        FLASHDMD_GENERATE_WARM_SHAPES entry (through the batcher, as requests run); the number of calls."""
+        report = await run_in_threadpool(self.compile_and_warm, ref, rt, sessions)
+        log.info("warm-up of %s: %d shapes in %.1f s (compile %s, cache %s)", ref, len(report["shapes"]),
+                 report["total_s"], report["compile"], report["cache_loaded"] or "not loaded")
         calls = await run_in_threadpool(self.keys, ref, rt, sessions)
         for key, batch in calls:
             await rt.batcher.submit(key, [(WARM_PROMPT, seed) for seed in range(batch)])
-        return len(calls)
+        return len(report["shapes"]) + len(calls)
 
     async def run(self, rt: Runtime, sessions: sessionmaker[Session]) -> None:
         """Until every checkpoint is warm; each failure is logged, counted by /readyz and retried later."""

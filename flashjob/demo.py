@@ -161,6 +161,10 @@ def run_demo(*, out: Path, steps: int | None, quick: bool, port: int, data_dir: 
                             student_latency=latency, out=out)
         summary.update(job=job["id"], service={"url": service.url, "token_file": str(service.data_dir / "token")},
                        spec=spec)
+        from flashjob.latency import like_for_like  # teacher and student timed alike; HTTP overhead apart
+
+        latest = max(checkpoints, key=lambda c: c["step"])["path"]
+        summary["latency"] = like_for_like(summary, service.url, token, job["id"], latest)
         plot_curves(curves, summary["fd_over_steps"], out)
         save_grid(summary.pop("_grid"), out / "grid.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

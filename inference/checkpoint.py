@@ -42,7 +42,7 @@ def export_formats(meta: dict[str, Any]) -> list[str]:
 def resolve_checkpoint_dir(path: str | Path) -> Path:
     """Accept a checkpoint folder, a run directory (its latest checkpoint) or a `checkpoints/` folder."""
     p = Path(path).expanduser()
-    if (p / "meta.json").is_file():
+    if (p / "meta.json").is_file() or exported_card(p) is not None:
         return p
     for root in (p / "checkpoints", p):
         if root.is_dir():
@@ -92,6 +92,9 @@ class CheckpointInfo:
     @classmethod
     def load(cls, path: str | Path) -> CheckpointInfo:
         ckpt = resolve_checkpoint_dir(path).resolve()
+        card = exported_card(ckpt)
+        if card is not None and not (ckpt / "meta.json").is_file():
+            return cls.from_meta(ckpt, card)
         try:
             meta = json.loads((ckpt / "meta.json").read_text())
         except (OSError, ValueError) as err:
@@ -163,6 +166,24 @@ class CheckpointInfo:
             if not geo.multiple <= v <= limit:
                 raise CheckpointError(f"{name} {v} is outside [{geo.multiple}, {limit}]", name)
         return w, h
+
+
+def exported_card(folder: Path) -> dict[str, Any] | None:
+    """An exported diffusers folder (`flashdmd export --format diffusers`) as checkpoint meta, else None.
+
+    The folder is its own teacher (text encoders, VAE, scheduler) and holds the generator as its denoiser,
+    so it loads, and serves with its serving.json, like the checkpoint it came from.
+    """
+    try:
+        card = json.loads((folder / "flashdmd.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(card, dict) or card.get("format") != "diffusers" or not (folder / "model_index.json").is_file():
+        return None
+    return {"step": card.get("step", 0), "family": card.get("family"), "teacher": str(folder.absolute()),
+            "resolution": card.get("resolution"), "timesteps": card.get("timesteps", []),
+            "generator": "transformer" if card.get("family") == "sd3" else "unet",
+            "shift": card.get("shift"), "lora": None, "step_sets": card.get("step_sets") or {}}
 
 
 def _run_revision(ckpt: Path) -> str | None:

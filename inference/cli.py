@@ -105,6 +105,18 @@ def generate_command(checkpoint: Path | None, job: str | None, prompt: str, nega
         click.echo(f"{path}\tseed={s}")
 
 
+def _pairs(items: tuple[str, ...]) -> dict[str, str | bool]:
+    out: dict[str, str | bool] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"--serving {item!r}: expected KEY=VALUE")
+        low = value.strip().lower()
+        out[key.strip()] = {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}.get(
+            low, value) if key.strip() in ("compile", "fuse_qkv", "channels_last") else value
+    return out
+
+
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(LORA_FORMATS), required=True)
@@ -117,11 +129,21 @@ def generate_command(checkpoint: Path | None, job: str | None, prompt: str, nega
 @click.option("--token", default=None, help="with --push-to-hub: a hub token (default: HF_TOKEN or the saved login)")
 @click.option("--eval", "eval_json", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="with --push-to-hub: an eval job's eval.json for the card (default: the run's eval.json, if any)")
+@click.option("--serving", "serving", multiple=True, metavar="KEY=VALUE",
+              help="a serving option the checkpoint was validated with, written to serving.json (e.g. "
+                   "fuse_qkv=true, compile=true, warm_sizes=1024x1024, warm_batches=1,4); repeatable")
 def export_command(checkpoint: Path, fmt: str, output: Path | None, dtype: str, push_repo: str | None,
-                   private: bool, token: str | None, eval_json: Path | None) -> None:
+                   private: bool, token: str | None, eval_json: Path | None, serving: tuple[str, ...]) -> None:
     """Export a checkpoint as a diffusers folder, UNet safetensors, or LoRA (diffusers or kohya keys)."""
+    from inference.serving import ServingError, ServingOptions
+
     if push_repo is None and (private or token or eval_json):
         _fail("--private, --token and --eval only apply with --push-to-hub")
+    try:
+        options = ServingOptions.from_strings(**_pairs(serving))
+        options.check(cuda=True)
+    except (ServingError, TypeError) as err:
+        _fail(f"--serving: {err}")
     card = None
     try:
         info = CheckpointInfo.load(checkpoint)
@@ -135,7 +157,7 @@ def export_command(checkpoint: Path, fmt: str, output: Path | None, dtype: str, 
             card = gather(info, fmt, eval_json)
         from inference.export import export_checkpoint
 
-        out = export_checkpoint(info, fmt, output, dtype=dtype)
+        out = export_checkpoint(info, fmt, output, dtype=dtype, serving=options)
     except (CheckpointError, PushError, ValueError) as err:  # ValueError: an unreadable --eval file
         _fail(str(err))
     click.echo(str(out))

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from inference.checkpoint import LORA_FORMATS, CheckpointError, CheckpointInfo
 from inference.lora import METADATA_KEY, read_lora, to_kohya
+from inference.serving import ServingOptions
 
 FORMATS = LORA_FORMATS  # every format; a full-weight checkpoint has no LoRA to export
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -53,8 +54,12 @@ def lcm_timesteps(steps: int) -> list[int]:
 
 
 def export_checkpoint(checkpoint: str | Path | CheckpointInfo, fmt: str, out: str | Path | None = None, *,
-                      dtype: str = "fp32") -> Path:
-    """Write `fmt` for a checkpoint into folder `out` (created; default ./<run>-step-N-<fmt>); returns it."""
+                      dtype: str = "fp32", serving: ServingOptions | None = None) -> Path:
+    """Write `fmt` for a checkpoint into folder `out` (created; default ./<run>-step-N-<fmt>); returns it.
+
+    Next to the weights goes serving.json: the serving options the checkpoint was validated with (`serving`,
+    over those the checkpoint itself carries), which the service takes as defaults when it loads the folder.
+    """
     info = checkpoint if isinstance(checkpoint, CheckpointInfo) else CheckpointInfo.load(checkpoint)
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}", "format")
@@ -72,6 +77,7 @@ def export_checkpoint(checkpoint: str | Path | CheckpointInfo, fmt: str, out: st
     try:
         {"diffusers": _diffusers, "unet": _unet, "lora": _lora, "lora-kohya": _kohya}[fmt](info, tmp, DTYPES[dtype])
         (tmp / "flashdmd.json").write_text(json.dumps(_card(info, fmt, dtype), indent=2))
+        (serving or ServingOptions()).merged(ServingOptions.read(info.path)).write(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -83,7 +89,8 @@ def export_checkpoint(checkpoint: str | Path | CheckpointInfo, fmt: str, out: st
 def _card(info: CheckpointInfo, fmt: str, dtype: str) -> dict[str, Any]:
     return {"checkpoint": info.id, "step": info.step, "family": info.family, "teacher": info.teacher,
             "format": fmt, "dtype": dtype, "timesteps": list(info.timesteps), "resolution": info.resolution,
-            "pipeline_call": sampler_call(info), "lora": info.lora}
+            "pipeline_call": sampler_call(info), "lora": info.lora, "shift": info.shift,
+            "step_sets": {str(k): list(v) for k, v in info.step_sets.items()}}
 
 
 def few_step_scheduler(info: CheckpointInfo, teacher_config: dict[str, Any]):  # noqa: ANN201

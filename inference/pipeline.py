@@ -11,6 +11,8 @@ serves concurrent requests.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,10 +22,14 @@ from torch import Tensor, nn
 
 from inference.checkpoint import CheckpointError, CheckpointInfo, teacher_ref
 from inference.lora import read_lora
+from inference.serving import ServingOptions, apply_options, dtype_name, load_tiny_vae, torch_dtype
 from trainer.models import Cond, Teacher, pipeline_class
 from trainer.sampling import sample, to_uint8
 
 DEFAULT_MAX_SIDE = 4096
+# Encoded prompts kept per pipeline. Serving sees the same prompts again and again (the demo's ten digits,
+# a UI's examples); one SDXL entry is ~0.3 MB in bf16, so 64 bound the cache to ~20 MB.
+PROMPT_CACHE = 64
 
 
 def module_bytes(*modules: nn.Module | None) -> int:
@@ -41,13 +47,23 @@ def module_bytes(*modules: nn.Module | None) -> int:
 
 
 class FewStepPipeline:
-    """Immutable after construction; `generate` may be called from several threads at once."""
+    """Immutable after construction (but for its prompt cache, which has a lock); `generate` may be called
+    from several threads at once."""
 
-    def __init__(self, info: CheckpointInfo, teacher: Teacher, dtype: torch.dtype) -> None:
+    def __init__(self, info: CheckpointInfo, teacher: Teacher, dtype: torch.dtype,
+                 options: ServingOptions | None = None, compiled: nn.Module | None = None) -> None:
         self.info, self.teacher, self.dtype = info, teacher, dtype
         self.net: nn.Module = teacher.denoiser
         self.param = teacher.param
         self.geometry = info.geometry()
+        # Without options (the CLI, the trainer's eval), nothing but the dtypes was applied: say so.
+        self.options = options or ServingOptions(
+            dtype=dtype_name(dtype), vae_dtype=dtype_name(teacher.vae.dtype), fuse_qkv=False,
+            channels_last=False).resolved(teacher.device)
+        self.compiled = compiled  # the denoiser compiled for the warm shapes (None: compile off)
+        self._warm = set(self.options.warm_shapes(info.resolution))
+        self._prompts: OrderedDict[tuple[str, int, int], Cond] = OrderedDict()
+        self._prompts_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -70,12 +86,44 @@ class FewStepPipeline:
             cond = Cond(cond.embeds, cond.pooled, ids.expand(len(prompts), 6))
         return cond
 
+    def encode_one(self, prompt: str, width: int, height: int) -> Cond:
+        """`encode([prompt], ...)` through a small LRU: a repeated prompt costs no text-encoder call."""
+        key = (prompt, width, height)
+        with self._prompts_lock:
+            hit = self._prompts.get(key)
+            if hit is not None:
+                self._prompts.move_to_end(key)
+                return hit
+        cond = self.encode([prompt], width, height)  # outside the lock: other threads' hits go on
+        with self._prompts_lock:
+            self._prompts[key] = cond
+            while len(self._prompts) > PROMPT_CACHE:
+                self._prompts.popitem(last=False)
+        return cond
+
+    def denoiser(self, rows: int, width: int, height: int) -> nn.Module:
+        """The compiled denoiser for a warmed (rows, width, height), else the eager one."""
+        if self.compiled is not None and (rows, width, height) in self._warm:
+            return self.compiled
+        return self.net
+
+    def add_warm(self, shapes: Sequence[tuple[int, int, int]]) -> None:
+        """Declare more (rows, width, height) shapes warm (serving.warm_up, before the first request)."""
+        self._warm = self._warm | set(shapes)
+
+    def bucket(self, rows: int, width: int, height: int) -> int | None:
+        """With compile on, the smallest warmed batch at this size that holds `rows` (pad up to it)."""
+        if self.compiled is None:
+            return None
+        fits = [b for b, w, h in self._warm if w == width and h == height and b >= rows]
+        return min(fits) if fits else None
+
     def uncond(self, n: int, negative_prompt: str | None, width: int, height: int) -> Cond:
         if negative_prompt:
-            return self.encode([negative_prompt] * n, width, height)
+            return self.encode_one(negative_prompt, width, height).map(lambda v: v.expand(n, *v.shape[1:]))
         base = self.teacher.uncond(n)  # SDXL: zeros (force_zeros_for_empty_prompt); others: ""
         if base.time_ids is not None:
-            base = Cond(base.embeds, base.pooled, self.encode([""], width, height).time_ids.expand(n, 6))
+            base = Cond(base.embeds, base.pooled, self.encode_one("", width, height).time_ids.expand(n, 6))
         return base
 
     def latents(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int | None = None,
@@ -114,19 +162,29 @@ class FewStepPipeline:
         last float bits, and after rounding to uint8 now and then by one level. At a *fixed* shape the
         kernels treat every row alike, whatever its position or its neighbours. So: each distinct prompt is
         encoded alone, the generator always sees `pad_to` rows (the last row repeated; its copies are
-        dropped), and the VAE decodes one image per call.
+        dropped; more rows go in several calls of `pad_to`), and the VAE decodes one image per call. With
+        compile on and no `pad_to`, rows are padded up to the nearest warmed batch, so the compiled graphs
+        cover every call at a warmed size.
         """
         n = len(prompts)
-        if n != len(seeds) or n == 0 or (pad_to is not None and n > pad_to):
+        if n != len(seeds) or n == 0 or (pad_to is not None and pad_to < 1):
             raise ValueError(f"{n} prompts, {len(seeds)} seeds, pad_to={pad_to}")
+        if pad_to is not None and n > pad_to:  # calls of pad_to rows each: every row still sees one shape
+            return np.concatenate([self.generate_rows(prompts[i:i + pad_to], seeds[i:i + pad_to], steps=steps,
+                                                      width=width, height=height, guidance=guidance,
+                                                      negative_prompt=negative_prompt, pad_to=pad_to)
+                                   for i in range(0, n, pad_to)])
         ts = self.info.timesteps_for(steps)
-        encoded = {p: self.encode([p], width, height) for p in dict.fromkeys(prompts)}
-        rows = list(prompts) + [prompts[-1]] * ((pad_to or n) - n)
-        row_seeds = list(seeds) + [seeds[-1]] * ((pad_to or n) - n)
-        cond = Cond.cat([encoded[p] for p in rows])
+        total = pad_to or (self.bucket(n, width, height) if guidance == 1.0 else None) or n
+        rows = list(prompts) + [prompts[-1]] * (total - n)
+        row_seeds = list(seeds) + [seeds[-1]] * (total - n)
+        cond = Cond.cat([self.encode_one(p, width, height) for p in rows])
         uncond = self.uncond(len(rows), negative_prompt, width, height) if guidance != 1.0 else None
         f = self.geometry.vae_scale
-        latents = sample(self.net, cond, ts, self.param, seeds=row_seeds, guidance=guidance, uncond=uncond,
+        # CFG doubles the rows the denoiser sees: a shape no warm-up compiled, so it runs eager.
+        net = self.denoiser(total, width, height) if uncond is None else self.net
+        latents = sample(net, cond, ts, self.param, seeds=row_seeds,
+                         guidance=guidance, uncond=uncond,
                          latent_shape=(self.geometry.latent_channels, height // f, width // f), dtype=self.dtype)
         return np.concatenate([to_uint8(self.decode(latents[i:i + 1])).numpy() for i in range(n)])
 
@@ -166,13 +224,23 @@ def _fuse_lora(pipe, info: CheckpointInfo) -> None:  # noqa: ANN001
 
 
 def load_pipeline(checkpoint: str | Path | CheckpointInfo, *, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32) -> FewStepPipeline:
+                  dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32,
+                  options: ServingOptions | None = None,
+                  service_defaults: ServingOptions | None = None) -> FewStepPipeline:
     """Build the few-step pipeline of a checkpoint (folder or run directory).
 
     dtype applies to the generator and text encoders. The VAE has its own: SDXL's VAE overflows in fp16,
     bf16 is fine and faster on GPUs, float32 is the safe default.
+    With `options` (the service), they replace dtype/vae_dtype: unset fields come from the checkpoint's
+    serving.json, then from `service_defaults`, then from the defaults for `device` (inference/serving.py);
+    the weights go to the device
+    once, already in their serving dtype, and the VAE choice, fused QKV, channels-last and compile are applied.
     """
     info = checkpoint if isinstance(checkpoint, CheckpointInfo) else CheckpointInfo.load(checkpoint)
+    opts = None
+    if options is not None:
+        opts = options.merged(ServingOptions.read(info.path)).merged(service_defaults or ServingOptions())
+        opts = opts.resolved(device)
     ref = teacher_ref(info.teacher)
     kwargs: dict[str, object] = {"revision": info.revision} if info.revision else {}
     if info.family == "sd15":
@@ -187,10 +255,36 @@ def load_pipeline(checkpoint: str | Path | CheckpointInfo, *, device: str | torc
     if info.generator == "lora":
         _fuse_lora(pipe, info)
     teacher = Teacher(pipe, info.family, info.teacher, info.resolution, info.shift)
-    if dtype != torch.float32:
+    if opts is None:
         for m in (teacher.denoiser, *teacher.text_encoders()):
+            if m.dtype != dtype:  # diffusers warns on every cast, even a no-op one
+                m.to(dtype)
+        if teacher.vae.dtype != vae_dtype:
+            teacher.vae.to(vae_dtype)
+        teacher.to(device)
+        return FewStepPipeline(info, teacher, dtype)
+    return serve(info, teacher, opts, device)
+
+
+def serve(info: CheckpointInfo, teacher: Teacher, opts: ServingOptions, device: str | torch.device) -> FewStepPipeline:
+    """Apply resolved serving options to a loaded teacher (weights anywhere) and wrap it for serving.
+
+    The order matters: the full VAE is swapped for the tiny one before anything moves, weights take their
+    serving dtype before they move to the device (one copy there), and QKV fusion, channels-last and
+    compile act on the modules in place, on the device. bench/gpu_serve.py calls this on a pipeline built
+    in memory; `load_pipeline(..., options=)` on one read from disk.
+    """
+    dtype, vae_dtype = torch_dtype(opts.dtype), torch_dtype(opts.vae_dtype)  # type: ignore[arg-type]
+    if opts.vae == "tiny":
+        assert opts.tiny_vae_path is not None  # resolved() checked it
+        tiny = load_tiny_vae(opts.tiny_vae_path, latent_channels=teacher.latent_channels,
+                             vae_scale=teacher.vae_scale, dtype=vae_dtype)
+        teacher.vae = teacher.pipe.vae = tiny  # the full VAE is dropped before anything moves to the device
+    for m in (teacher.denoiser, *teacher.text_encoders()):
+        if m.dtype != dtype:  # diffusers warns on every cast, even a no-op one
             m.to(dtype)
-    if vae_dtype != torch.float32:
+    if teacher.vae.dtype != vae_dtype:
         teacher.vae.to(vae_dtype)
     teacher.to(device)
-    return FewStepPipeline(info, teacher, dtype)
+    compiled = apply_options(teacher.denoiser, teacher.vae, opts)
+    return FewStepPipeline(info, teacher, dtype, opts, compiled)

@@ -11,7 +11,9 @@ a burst never piles up work or memory; a token past its share of slots or its ra
 Admitted requests go to the batcher (api/batcher.py): requests for the same checkpoint, size, steps and
 guidance that arrive within `generate_max_wait_ms` share one sampler call of up to `generate_max_batch`
 images, and `generate_max_concurrency` calls run at once. Loading, sampling and encoding run in worker
-threads, never on the event loop; loaded pipelines live in an LRU cache bounded by `generate_cache_bytes`.
+threads, never on the event loop; loaded pipelines live in an LRU cache bounded by `generate_cache_bytes` on
+the CPU and by `generate_gpu_memory_fraction` of the GPU on cuda, built with the serving options
+(inference/serving.py: dtype, fused QKV, channels-last, compile, VAE choice; FLASHDMD_GENERATE_*).
 
 torch and the inference code are imported on the first request, so the API starts
 (and serves /jobs) without loading them.
@@ -61,6 +63,7 @@ class Runtime:
 
     def __init__(self, gs: GenerateSettings, settings: Settings, metrics: GenerateMetrics | None = None) -> None:
         self.settings = gs
+        self.app_settings = settings
         self.limiter = Limiter(gs.generate_max_concurrency, gs.generate_max_queue,
                                gs.generate_queue_timeout_seconds, gs.generate_retry_after_seconds,
                                owner_share=settings.generate_owner_share,
@@ -86,8 +89,27 @@ class Runtime:
             fixed = pipe.device.type == "cpu"  # see FewStepPipeline.generate_rows
         images = pipe.generate_rows([p for p, _ in rows], [s for _, s in rows], steps=steps, width=width,
                                     height=height, guidance=guidance, negative_prompt=negative,
-                                    pad_to=self.settings.generate_max_batch if fixed else None)
+                                    pad_to=self.fixed_rows() if fixed else None)
         return list(images)
+
+    def fixed_rows(self) -> int:
+        rows = self.app_settings.generate_fixed_rows
+        return self.settings.generate_max_batch if rows is None else min(rows, self.settings.generate_max_batch)
+
+    def serving_options(self, device: str) -> Any:
+        """The operator's serving options (inference.serving.ServingOptions); unset fields fall back to the
+        checkpoint's serving.json and then the device's defaults when a pipeline loads. Raises ServingError
+        (naming the FLASHDMD_GENERATE_* setting) for an impossible combination."""
+        from dataclasses import replace
+
+        from inference.serving import ServingOptions
+
+        s = self.app_settings
+        options = ServingOptions.from_settings(s, self.settings)
+        if options.compile_cache_dir is None:
+            options = replace(options, compile_cache_dir=s.data_dir / "compile-cache")
+        options.check(device.startswith("cuda"))
+        return options
 
     def cache(self) -> Any:
         with self._lock:
@@ -96,15 +118,21 @@ class Runtime:
 
                 from inference.cache import PipelineCache
                 from inference.checkpoint import CheckpointInfo
-                from inference.export import DTYPES
                 from inference.pipeline import estimate_bytes, load_pipeline
+                from inference.serving import ServingOptions, cache_budget_bytes, torch_dtype
 
                 gs = self.settings
                 device = gs.generate_device or ("cuda" if torch.cuda.is_available() else "cpu")
-                dtype = DTYPES[gs.generate_dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+                options = self.serving_options(device)
+                fixed = gs.generate_fixed_batch if gs.generate_fixed_batch is not None else device == "cpu"
+                # Every call has max_batch rows with a fixed batch; else lone requests and full batches matter.
+                warm = (self.fixed_rows(),) if fixed else (1, gs.generate_max_batch)
+                defaults = ServingOptions(warm_batches=warm)
+                dtype = torch_dtype(options.dtype or ("bf16" if device.startswith("cuda") else "fp32"))
                 self._cache = PipelineCache(
-                    gs.generate_cache_bytes,
-                    lambda path: load_pipeline(Path(str(path)), device=device, dtype=dtype),
+                    cache_budget_bytes(device, gs.generate_cache_bytes, self.app_settings.generate_gpu_memory_fraction),
+                    lambda path: load_pipeline(Path(str(path)), device=device, options=options,
+                                               service_defaults=defaults),
                     lambda pipe: pipe.nbytes,
                     estimate=lambda path: estimate_bytes(CheckpointInfo.load(Path(str(path))), dtype))
             return self._cache
@@ -238,6 +266,7 @@ async def generate(body: GenerateRequest, request: Request, token: CurrentToken,
         return [encode_image(img, body.format) for img in images]
 
     from inference.checkpoint import CheckpointError
+    from inference.serving import ServingError
 
     limiter = rt.limiter
     try:
@@ -248,6 +277,13 @@ async def generate(body: GenerateRequest, request: Request, token: CurrentToken,
                 raise limiter.busy(f"no generation slot within {limiter.timeout:g} s") from None
     except CheckpointError as err:  # e.g. the teacher the checkpoint names cannot be loaded
         raise _invalid(f"{err.field}: {err}", err.field) from None
+    except ServingError as err:
+        # The checkpoint's own serving.json is the request's input (422); an operator's FLASHDMD_GENERATE_*
+        # combination that cannot work is the server's state (503), never a 500 with a traceback.
+        if err.setting == "serving.json":
+            raise _invalid(f"checkpoint: {err}", "checkpoint") from None
+        raise APIError("not_ready", f"generation is misconfigured on this server ({err})",
+                       headers={"Retry-After": str(gs.generate_retry_after_seconds)}) from None
     encoded = await _hold(lambda: encode(images))
     steps = len(info.timesteps_for(body.steps))
     if len(encoded) == 1:
