@@ -124,7 +124,10 @@ class ServingOptions:
         if "warm_batches" in kw:
             kw["warm_batches"] = tuple(int(b) for b in kw["warm_batches"])
         out = cls(**kw)
-        out.check(cuda=True)  # device-independent checks only; the device is known when it is resolved
+        try:
+            out.check(cuda=True)  # device-independent checks only; the device is known when it is resolved
+        except ServingError as err:  # the checkpoint's file is at fault, not the operator's setting
+            raise ServingError(f"{source}: {err}", "serving.json") from None
         return out
 
     @classmethod

@@ -75,3 +75,27 @@ def test_an_impossible_serving_setting_is_named(app_client, settings):
         assert err.value.setting == "FLASHDMD_GENERATE_TINY_VAE_PATH"
     finally:
         rt.app_settings = app_client.app.state.settings
+
+
+def test_a_misconfigured_server_answers_503_naming_the_setting(settings, headers, checkpoint):
+    # The pipeline cache is built at the first request: an impossible FLASHDMD_GENERATE_* combination then
+    # surfaces as a 503 naming the setting (the server's state), never a 500 with a traceback.
+    app = create_app(settings.model_copy(update={"generate_vae": "tiny", "generate_rate_burst": 1000}))
+    app.state.generate_settings = GenerateSettings(generate_device="cpu", generate_max_wait_ms=0)
+    with TestClient(app) as client:
+        res = client.post("/generate", json={"checkpoint": checkpoint, "prompt": "a", "seed": 1}, headers=headers)
+    assert res.status_code == 503, res.text
+    assert "FLASHDMD_GENERATE_TINY_VAE_PATH" in res.json()["error"]["message"] and "Retry-After" in res.headers
+
+
+def test_a_bad_serving_json_in_the_checkpoint_is_a_422(app_client, headers, checkpoint, roots):
+    import json
+    import shutil
+    from pathlib import Path
+
+    bad = roots["models"] / f"bad-serving-{secrets.token_hex(3)}"
+    shutil.copytree(checkpoint, bad)
+    (Path(bad) / "serving.json").write_text(json.dumps({"vae": "huge"}))
+    res = app_client.post("/generate", json={"checkpoint": str(bad), "prompt": "a", "seed": 1}, headers=headers)
+    assert res.status_code == 422, res.text
+    assert "serving.json" in res.json()["error"]["message"] and res.json()["error"]["fields"] == ["checkpoint"]
