@@ -441,14 +441,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def parse_spec(raw: dict[str, Any]) -> Any:
     """A DistillJob, RLJob or EvalJob (trainer/eval_spec.py), by `kind` (default distill)."""
     from trainer.eval_spec import EvalJob
+    from trainer.prepare_spec import PrepareJob
 
     if not isinstance(raw, dict):
         raise SpecError("<spec>: the spec must be a mapping")
     raw = dict(raw)
     raw.setdefault("kind", "distill")
-    models: dict[Any, type[BaseModel]] = {"distill": DistillJob, "rl": RLJob, "eval": EvalJob}
+    models: dict[Any, type[BaseModel]] = {"distill": DistillJob, "rl": RLJob, "eval": EvalJob,
+                                          "prepare": PrepareJob}
     if raw["kind"] not in models:
-        raise SpecError(f"kind: unknown job kind {raw['kind']!r} (expected 'distill', 'rl' or 'eval')")
+        raise SpecError(f"kind: unknown job kind {raw['kind']!r} (expected 'distill', 'rl', 'eval' or 'prepare')")
     try:
         return models[raw["kind"]].model_validate(raw)
     except ValidationError as err:
@@ -457,11 +459,11 @@ def parse_spec(raw: dict[str, Any]) -> Any:
 
 def total_steps(spec: Any) -> int:
     """The progress total of a validated job: training steps, or scored checkpoints for an eval job."""
-    return spec.total_steps if spec.kind == "eval" else spec.train.max_steps
+    return spec.total_steps if spec.kind in ("eval", "prepare") else spec.train.max_steps
 
 
 def num_processes(spec: Any) -> int:
-    return 1 if spec.kind == "eval" else spec.train.num_processes
+    return 1 if spec.kind in ("eval", "prepare") else spec.train.num_processes
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> Any:

@@ -49,6 +49,16 @@ def _accelerator(cfg: DistillJob):  # noqa: ANN202
     return make_accelerator(cfg.train.mixed_precision)
 
 
+def data_preprocess(cfg: DistillJob, resolution: int) -> dict:
+    """The preprocessing this spec asks of its data, as a prepare cache records it (trainer/datacache.py)."""
+    from trainer.data import resolve_buckets
+    from trainer.datacache import preprocess_of
+
+    b = cfg.data.buckets
+    sizes = resolve_buckets(b, resolution) if b.enabled else None
+    return preprocess_of(resolution, sizes, b.crop if b.enabled else "center", cfg.train.seed)
+
+
 def _sample_prompts(ds, n: int) -> list[str]:  # noqa: ANN001
     idx = [round(i * (len(ds) - 1) / max(n - 1, 1)) for i in range(n)]
     return [ds[i]["caption"] for i in idx]
@@ -134,8 +144,17 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
     torch.manual_seed(cfg.train.seed)
     with acc.main_process_first():  # rank 0 builds/downloads the teacher once; the others then read it
         teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
-    ds = build_dataset(cfg.data, teacher.resolution)
-    prepare_text_cache(cfg, teacher, ds, run_dir, acc)  # memory.text_cache (trainer/textcache.py)
+    ds = build_dataset(cfg.data, teacher.resolution, cfg.train.seed)
+    if cfg.data.cache:  # a `flashdmd data prepare` cache: refused unless made for this teacher and preprocessing
+        from trainer.datacache import attach_cache
+
+        attach_cache(ds, teacher, data_preprocess(cfg, teacher.resolution))
+    else:
+        prepare_text_cache(cfg, teacher, ds, run_dir, acc)  # memory.text_cache (trainer/textcache.py)
+    skipped = getattr(ds, "skipped", None)
+    if skipped:
+        sink.log_event("data_skipped", f"{len(skipped)} unreadable image(s) skipped, e.g. {skipped[0]}",
+                       count=len(skipped), examples=skipped[:20])
     distiller = Distiller(cfg, teacher, acc)
 
     start = 0

@@ -85,27 +85,28 @@ def _write_atomic(path: Path, write: Any) -> None:
 class TextCache:
     """A cache folder opened for one model key; read with `get`, grown with `add`."""
 
-    def __init__(self, root: str | Path, model_key: str, teacher_ref: str = "", family: str = "") -> None:
+    def __init__(self, root: str | Path, model_key: str, teacher_ref: str = "", family: str = "",
+                 field: str = "memory.cache_dir") -> None:
         self.root = Path(root).expanduser()
         self.model_key = model_key
         self.manifest_path = self.root / "manifest.json"
         if self.manifest_path.is_file():
             self.manifest = json.loads(self.manifest_path.read_text())
             if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
-                raise InputError(f"memory.cache_dir: {self.root} is not a {FORMAT} v{VERSION} cache")
+                raise InputError(f"{field}: {self.root} is not a {FORMAT} v{VERSION} cache")
             other = self.manifest["model"]
             if other["key"] != model_key:
                 raise InputError(
-                    f"memory.cache_dir: {self.root} was made for another model ({other.get('teacher')!r}, "
+                    f"{field}: {self.root} was made for another model ({other.get('teacher')!r}, "
                     f"{other.get('family')}, key {other['key'][:12]}…), not this teacher ({teacher_ref!r}, key "
-                    f"{model_key[:12]}…); point memory.cache_dir at a fresh folder")
+                    f"{model_key[:12]}…); point {field} at a fresh folder")
         else:
             self.manifest = {"format": FORMAT, "version": VERSION,
                              "model": {"key": model_key, "teacher": teacher_ref, "family": family}}
         self.manifest.setdefault("text", {"recipe": TEXT_RECIPE, "fields": [], "shards": {}, "entries": {}})
         if self.manifest["text"]["recipe"] != TEXT_RECIPE:
-            raise InputError(f"memory.cache_dir: {self.root} holds text made by {self.manifest['text']['recipe']}, "
-                             f"this trainer makes {TEXT_RECIPE}; point memory.cache_dir at a fresh folder")
+            raise InputError(f"{field}: {self.root} holds text made by {self.manifest['text']['recipe']}, "
+                             f"this trainer makes {TEXT_RECIPE}; point {field} at a fresh folder")
         self._open: dict[str, Any] = {}
 
     @property
