@@ -139,6 +139,9 @@ class CacheDataset(Dataset):
         self.time_ids: list[torch.Tensor] = []
         buckets: list[int] = []
         for name in lat["shards"]:
+            # A manifest is data too: its shard names must stay inside the cache folder.
+            if not (self.root / name).resolve().is_relative_to(self.root.resolve()):
+                raise InputError(f"data.cache: {self.root}: shard {name!r} lies outside the cache folder")
             with safe_open(str(self.root / name), framework="pt") as f:
                 meta = f.metadata()
                 n = len(json.loads(meta["keys"]))

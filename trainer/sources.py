@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from trainer.errors import InputError
+from trainer.roots import check_data_file
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_COLUMNS = ("caption", "text", "txt", "prompt")
@@ -114,6 +115,7 @@ class FolderSource(Source):
 
     def read(self, shard: list[Path]) -> Iterator[Raw]:
         for p in shard:
+            check_data_file(p, f"prepare.source: {p.relative_to(self.root)}")  # a symlink may lead out of the roots
             cap = p.with_suffix(".txt")
             yield p.relative_to(self.root).as_posix(), p, cap.read_text().strip() if cap.exists() else ""
 
@@ -136,8 +138,9 @@ class JsonlSource(Source):
 
     def read(self, shard: list[tuple[str, str]]) -> Iterator[Raw]:
         for image, caption in shard:
-            p = Path(image)
-            yield image, p if p.is_absolute() else self.base / p, caption
+            p = Path(image) if Path(image).is_absolute() else self.base / image
+            check_data_file(p, f"prepare.source: {self.ref}")  # as data.manifest: lines may point anywhere
+            yield image, p, caption
 
 
 class TarSource(Source):
@@ -146,6 +149,7 @@ class TarSource(Source):
     kind = "webdataset"
 
     def read(self, shard: str) -> Iterator[Raw]:
+        check_data_file(Path(shard), f"prepare.source: {self.ref}")  # a linked shard may lead out of the roots
         with tarfile.open(shard, "r|*") as tar:  # streaming mode: shards on shared storage are read once
             key, parts = None, {}
             for member in tar:
@@ -183,6 +187,7 @@ class ArrowSource(Source):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        check_data_file(Path(shard), f"prepare.source: {self.ref}")
         if shard.endswith(".parquet"):
             batches = pq.ParquetFile(shard).iter_batches(batch_size=256)
         else:
@@ -197,12 +202,21 @@ class ArrowSource(Source):
             for rec in rb.to_pylist():
                 value = rec[img_col]
                 data = value.get("bytes") or value.get("path") if isinstance(value, dict) else value
+                if isinstance(data, str):  # an image stored by path, not bytes: it must stay inside the roots
+                    check_data_file(Path(data), f"prepare.source: {shard}")
                 yield f"{Path(shard).name}/{row}", data, str(rec[cap_col]) if cap_col else ""
                 row += 1
 
 
 def _expand(pattern: str) -> list[str]:
-    from braceexpand import braceexpand
+    try:
+        from braceexpand import braceexpand  # installed with webdataset (the [data] extra)
+    except ImportError:
+        if "{" in pattern:
+            raise InputError(f"data prepare SOURCE: {pattern}: brace patterns need `pip install -e '.[data]'`") from None
+
+        def braceexpand(p: str) -> list[str]:
+            return [p]
 
     out: list[str] = []
     for p in braceexpand(pattern):
@@ -230,6 +244,8 @@ def open_source(ref: str) -> Source:
     missing = [f for f in files if not Path(f).is_file()]
     if not files or missing:
         raise InputError(f"data prepare SOURCE: no such file: {missing[0] if missing else ref}")
+    for f in files:
+        check_data_file(Path(f), f"prepare.source: {ref}")
     if all(f.endswith(".tar") for f in files):
         return TarSource(ref, files)
     if all(f.endswith((".parquet", ".arrow")) for f in files):
