@@ -228,6 +228,12 @@ def open_source(ref: str) -> Source:
     """SOURCE -> a Source, by what it names (see the module docstring)."""
     path = Path(ref).expanduser()
     if path.is_dir():
+        if (path / "dataset_dict.json").is_file():  # a DatasetDict: its train split (or its only one)
+            splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+            split = "train" if "train" in splits else (splits[0] if len(splits) == 1 else None)
+            if split is None:
+                raise InputError(f"data prepare SOURCE: {ref} has splits {splits}; name one, e.g. {ref}/{splits[0]}")
+            path = path / split
         arrows = sorted(str(p) for p in path.glob("*.arrow"))
         if arrows and ((path / "state.json").is_file() or (path / "dataset_info.json").is_file()):
             return ArrowSource(ref, arrows)

@@ -37,6 +37,7 @@ def shards(tmp_path_factory):
     ds = datasets.Dataset.from_dict({"image": [{"bytes": _png(i), "path": None} for i in range(N)],
                                      "caption": [f"caption {i}" for i in range(N)]}, features=feats)
     ds.save_to_disk(str(root / "hf"), num_shards=3)
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(root / "hfdict"), num_shards={"train": 2})
     (root / "pq").mkdir()
     ds.select(range(6)).to_parquet(str(root / "pq" / "a.parquet"))
     ds.select(range(6, N)).to_parquet(str(root / "pq" / "b.parquet"))
@@ -47,7 +48,7 @@ def _captions(samples) -> list[str]:
     return [s.caption for s in samples]
 
 
-@pytest.mark.parametrize("ref", ["wds", "wds/part-{000..003}.tar", "hf", "pq", "pq/*.parquet"])
+@pytest.mark.parametrize("ref", ["wds", "wds/part-{000..003}.tar", "hf", "hfdict", "pq", "pq/*.parquet"])
 def test_two_ranks_stream_disjoint_shards_that_cover_the_source(shards, ref):
     src = open_source(str(shards / ref))
     ranks = [_captions(src.stream(rank=r, world=2, seed=1)) for r in range(2)]
