@@ -9,8 +9,7 @@ own. One cache folder belongs to one model identity and holds content-addressed 
                                       "text": {"recipe", "fields", "shards": {file: count},
                                                "entries": {entry_key: file}}}
       text/shard-00000.safetensors   tensors "<entry_key>.embeds" [L, D], "<entry_key>.pooled" [P]
-      (issue #14 adds "latents": the same shards + entries layout, keyed by image content and preprocessing,
-       with size/crop conditioning stored beside each latent)
+      (`flashdmd data prepare` adds a "latents" section and latents/ shards: trainer/datacache.py)
 
 - `model.key` hashes what the embeddings depend on: the family, the encoding recipe, each text encoder's
   config and a sample of its weights, and the tokenizers. A cache made for another teacher (or a fine-tune
@@ -18,8 +17,8 @@ own. One cache folder belongs to one model identity and holds content-addressed 
 - `entry_key` = sha256(model key, recipe, caption): content-addressed, so a dataset that grows only encodes
   its new captions, into a new shard. Shards are written to a temporary name and renamed, then the manifest
   is replaced the same way, so a crash leaves a readable cache (at worst an unlisted shard).
-- time_ids (SDXL micro-conditioning) are not cached: they come from the resolution, or, with issue #14's
-  buckets, from each image's latent entry.
+- time_ids (SDXL micro-conditioning) are not cached here: they come from the resolution, or, with
+  aspect-ratio buckets, from each image (trainer/buckets.py; stored in the latents shards).
 """
 
 from __future__ import annotations
