@@ -145,3 +145,17 @@ def test_prepare_runs_as_a_job_kind(teacher_dir, folder, tmp_path):
     assert run_job(cfg, JsonlSink(tmp_path / "run"), run_dir=tmp_path / "run") == 1
     lat = json.loads((tmp_path / "run" / "cache" / "manifest.json").read_text())["latents"]
     assert lat["preprocess"]["buckets"] is None and sum(s["count"] for s in lat["shards"].values()) == len(SIZES)
+
+
+def test_train_runs_from_the_cache_and_logs_skipped_raw_images(teacher_dir, folder, cache, tmp_path):
+    from trainer.loop import train
+    from trainer.sink import JsonlSink
+
+    for name, data in (("cached", {"cache": str(cache)}), ("raw", {"images": str(folder)})):
+        cfg = _cfg(teacher_dir, {**data, "buckets": BUCKETS}, "flash").model_copy(deep=True)
+        cfg.train.sample_every = cfg.train.checkpoint_every = 100
+        run = tmp_path / name
+        assert train(cfg, JsonlSink(run), run_dir=run) == 1
+        events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+        skipped = [e for e in events if e["kind"] == "data_skipped"]
+        assert (len(skipped), name) == ((1, "raw") if name == "raw" else (0, "cached"))
