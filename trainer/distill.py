@@ -347,6 +347,8 @@ class Distiller:
             if cond.time_ids is not None:
                 ids = ids.to(self.device, cond.time_ids.dtype)
                 cond, uncond = Cond(cond.embeds, cond.pooled, ids), Cond(uncond.embeds, uncond.pooled, ids)
+        if self.latent_head is None:
+            moments = None  # only DMD2's latent GAN reads real latents; the Pixel-GAN reads the pixels
         return Micro(cond, uncond, rng, None if real is None else real.to(self.device), size,
                      None if moments is None else moments.to(self.device))
 
