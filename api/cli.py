@@ -15,6 +15,7 @@ from flashjob.cli import eval_command, train_command
 from flashjob.demo import demo_command
 from inference.cli import export_command, generate_command
 from trainer.plan_cli import plan_command
+from trainer.prepare_cli import data_group
 from trainer.toy.cli import toy_group
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ cli.add_command(generate_command)
 cli.add_command(export_command)
 cli.add_command(demo_command)
 cli.add_command(toy_group)
+cli.add_command(data_group)  # trainer/prepare_cli.py: `flashdmd data prepare`
 cli.add_command(plan_command)  # trainer/plan_cli.py: the per-GPU memory budget of a spec
 cli.add_command(jobs_group)  # api/client_cli.py: `flashdmd jobs ...`, an HTTP client of a running service
 

@@ -11,6 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 from api.models import ACTIVE, Job
 from trainer.config import DistillJob, RLJob
 from trainer.eval_spec import EvalJob
+from trainer.prepare_spec import PrepareJob
 
 T = TypeVar("T")
 
@@ -40,7 +41,7 @@ class Page(BaseModel, Generic[T]):
 
 # What the OpenAPI schema shows for `spec`: the trainer's job models, by `kind` (issue 11), so that clients
 # can be generated and fuzzers produce specs that get past the first check.
-JobSpecSchema = Annotated[DistillJob | RLJob | EvalJob, Field(discriminator="kind")]
+JobSpecSchema = Annotated[DistillJob | RLJob | EvalJob | PrepareJob, Field(discriminator="kind")]
 
 
 def _spec_mapping(value: Any) -> dict[str, Any]:

@@ -42,6 +42,8 @@ FIELDS = (
     _Field(("data", "images"), "allowed_data_roots"),
     _Field(("data", "manifest"), "allowed_data_roots"),
     _Field(("data", "prompts"), "allowed_data_roots"),
+    _Field(("data", "cache"), "allowed_data_roots", own_runs=True),  # or a `kind: prepare` job's RUN_DIR/cache
+    _Field(("prepare", "source"), "allowed_data_roots"),
     _Field(("rl", "init_from"), "allowed_model_roots", own_runs=True),
     _Field(("rl", "reward", "path"), "allowed_model_roots", hub_ref_ok=True),
     _Field(("eval", "checkpoint"), "allowed_model_roots", own_runs=True),
@@ -186,6 +188,9 @@ def check_spec_paths(
         # A path the trainer *writes*: a shared folder would let one user plant embeddings another user's run
         # then trusts. Over the API the cache always lives in the job's own run directory.
         bad.append(("spec.memory.cache_dir", "is set by the service (the job's run directory); leave it null"))
+    if isinstance(spec.get("prepare"), dict) and spec["prepare"].get("output") is not None:
+        # Written, then trusted by training runs: as memory.cache_dir, it lives in the job's run directory.
+        bad.append(("spec.prepare.output", "is set by the service (the job's RUN_DIR/cache); leave it null"))
     if bad:
         raise APIError(
             "path_not_allowed", "; ".join(f"{n}: {m}" for n, m in bad), fields=[n for n, _ in bad]

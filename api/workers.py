@@ -62,7 +62,7 @@ def pool_queue(settings: Settings, pool: str) -> str:
 
 def requested_processes(spec: dict[str, Any]) -> int:
     """What a resolved (stored) spec launches: train.num_processes; an eval job runs one process."""
-    if spec.get("kind") == "eval":
+    if spec.get("kind") in ("eval", "prepare"):
         return 1
     return int((spec.get("train") or {}).get("num_processes") or 1)
 
@@ -176,7 +176,7 @@ def check_capacity(*, session: Session, settings: Settings, spec: dict[str, Any]
     if pool is not None:
         return pool_queue(settings, pool.name)
     offered = ", ".join(f"{p.name}{'' if p.live else ' (declared)'}" for p in pools) or "none"
-    field = "spec" if spec.get("kind") == "eval" else FIELD
+    field = "spec" if spec.get("kind") in ("eval", "prepare") else FIELD
     raise APIError(
         "invalid_request",
         f"{field}: {wanted} process(es) asked, but no live worker offers that many (pools: {offered}); "

@@ -28,6 +28,10 @@ def run_job(cfg, sink, *, run_dir: Path, resume: bool = False) -> int:  # noqa: 
         from trainer.rl_loop import train_rl
 
         return train_rl(cfg, sink, run_dir=run_dir, resume=resume)
+    if cfg.kind == "prepare":
+        from trainer.prepare import run_prepare
+
+        return run_prepare(cfg, sink, run_dir=run_dir, resume=resume)
     if cfg.kind == "eval":
         from inference.evaluate import run_eval
 
@@ -54,7 +58,7 @@ def train_command(spec: Path, overrides: tuple[str, ...], run_dir: Path | None, 
     resolved = cfg.model_dump(mode="json")
     if dry_run:
         click.echo(json.dumps(resolved, indent=2))
-        if cfg.kind != "eval":  # the memory plan of `flashdmd plan`, on stderr: stdout stays the JSON
+        if cfg.kind not in ("eval", "prepare"):  # the memory plan of `flashdmd plan`, on stderr: stdout stays the JSON
             from trainer.errors import InputError
             from trainer.plan_cli import plan_text
 

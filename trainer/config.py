@@ -99,6 +99,18 @@ class ModelSpec(_Strict):
         return value
 
 
+class BucketSpec(_Strict):
+    """Aspect-ratio buckets (trainer/buckets.py): each batch has one size; SDXL gets per-sample size/crop ids."""
+
+    enabled: bool = False
+    sizes: Literal["sdxl"] | list[tuple[int, int]] | None = Field(
+        None, description="'sdxl' (SDXL's 41 sizes) or [[height, width], ...]; default: derived from target_pixels")
+    target_pixels: int | None = Field(None, ge=64, le=16 * 2**20, description="pixels per bucket; default "
+                                      "model.resolution squared")
+    step: int = Field(64, ge=1, le=1024, description="derived buckets: sides are multiples of this")
+    crop: Literal["center", "random"] = Field("center", description="random: seeded per sample (train.seed)")
+
+
 class DataSpec(_Strict):
     images: str | None = Field(None, description="folder of images with same-named .txt captions")
     manifest: str | None = Field(None, description="JSONL with {image, caption} per line")
@@ -107,12 +119,19 @@ class DataSpec(_Strict):
     num_workers: int = Field(0, ge=0, le=64)
     center_crop: bool = True
     random_flip: bool = False
+    buckets: BucketSpec = Field(default_factory=BucketSpec)
+    cache: str | None = Field(None, description="a `flashdmd data prepare` cache: latents + text embeddings")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
-        sources = [s for s in ("images", "manifest", "prompts", "builtin") if getattr(self, s)]
+        sources = [s for s in ("images", "manifest", "prompts", "builtin", "cache") if getattr(self, s)]
         if not sources:
-            raise ValueError("give one of data.images, data.manifest, data.prompts or data.builtin")
+            raise ValueError("give one of data.images, data.manifest, data.prompts, data.builtin or data.cache")
+        if self.buckets.enabled and (self.prompts or self.builtin):
+            raise ValueError("data.buckets needs real images of their own sizes (data.images or data.manifest)")
+        if self.random_flip and (self.buckets.enabled or self.cache):
+            raise ValueError("data.random_flip is not supported with data.buckets or data.cache (the crop "
+                             "conditioning would no longer describe the image)")
         if len(sources) > 1:
             raise ValueError(f"give only one data source, got {', '.join('data.' + s for s in sources)}")
         return self
@@ -465,14 +484,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def parse_spec(raw: dict[str, Any]) -> Any:
     """A DistillJob, RLJob or EvalJob (trainer/eval_spec.py), by `kind` (default distill)."""
     from trainer.eval_spec import EvalJob
+    from trainer.prepare_spec import PrepareJob
 
     if not isinstance(raw, dict):
         raise SpecError("<spec>: the spec must be a mapping")
     raw = dict(raw)
     raw.setdefault("kind", "distill")
-    models: dict[Any, type[BaseModel]] = {"distill": DistillJob, "rl": RLJob, "eval": EvalJob}
+    models: dict[Any, type[BaseModel]] = {"distill": DistillJob, "rl": RLJob, "eval": EvalJob,
+                                          "prepare": PrepareJob}
     if raw["kind"] not in models:
-        raise SpecError(f"kind: unknown job kind {raw['kind']!r} (expected 'distill', 'rl' or 'eval')")
+        raise SpecError(f"kind: unknown job kind {raw['kind']!r} (expected 'distill', 'rl', 'eval' or 'prepare')")
     try:
         return models[raw["kind"]].model_validate(raw)
     except ValidationError as err:
@@ -481,11 +502,11 @@ def parse_spec(raw: dict[str, Any]) -> Any:
 
 def total_steps(spec: Any) -> int:
     """The progress total of a validated job: training steps, or scored checkpoints for an eval job."""
-    return spec.total_steps if spec.kind == "eval" else spec.train.max_steps
+    return spec.total_steps if spec.kind in ("eval", "prepare") else spec.train.max_steps
 
 
 def num_processes(spec: Any) -> int:
-    return 1 if spec.kind == "eval" else spec.train.num_processes
+    return 1 if spec.kind in ("eval", "prepare") else spec.train.num_processes
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> Any:

@@ -16,7 +16,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from trainer.config import DataSpec
+from trainer.buckets import (
+    SDXL_BUCKETS,
+    BucketBatchSampler,
+    Size,
+    assign,
+    derive_buckets,
+    fit,
+    to_float,
+    to_uint8,
+)
+from trainer.config import BucketSpec, DataSpec
 from trainer.errors import InputError
 from trainer.roots import check_data_file
 
@@ -58,6 +68,67 @@ class PairDataset(Dataset):
         if self.flip and random.random() < 0.5:
             x = x.flip(-1)
         return {"image": x, "caption": caption}
+
+
+def resolve_buckets(spec: BucketSpec, resolution: int) -> list[Size]:
+    """The bucket sizes of a spec: SDXL's list, the given list, or derived from the pixel budget."""
+    if spec.sizes == "sdxl":
+        return list(SDXL_BUCKETS)
+    if spec.sizes:
+        return [(int(h), int(w)) for h, w in spec.sizes]
+    return derive_buckets(spec.target_pixels or resolution * resolution, spec.step)
+
+
+def image_size(path: Path) -> Size | None:
+    """(height, width) from the header, or None for a file PIL cannot read (skipped and counted)."""
+    try:
+        with Image.open(path) as img:
+            img.verify()  # parses the whole structure PIL knows how to check, without decoding pixels
+            return img.size[1], img.size[0]
+    except Exception:  # PIL raises many types for damaged files; any of them means "skip it"
+        return None
+
+
+class BucketDataset(Dataset):
+    """Images resized-to-cover and cropped to their aspect-ratio bucket, with SDXL's size/crop time_ids.
+
+    `buckets_of[i]` is item i's bucket: trainer.data.sharded_batches then draws each batch from one bucket.
+    Unreadable images are dropped when the dataset is built and counted in `skipped`.
+    """
+
+    def __init__(self, items: list[tuple[Path, str]], sizes: list[Size], crop: str, seed: int,
+                 root: Path | None = None) -> None:
+        self.sizes, self.crop, self.seed = sizes, crop, seed
+        self.items: list[tuple[Path, str]] = []
+        self.keys: list[str] = []
+        self.buckets_of: list[int] = []
+        self.skipped: list[str] = []
+        for path, caption in items:
+            hw = image_size(path)
+            if hw is None:
+                self.skipped.append(str(path))
+                continue
+            self.items.append((path, caption))
+            self.keys.append(sample_key(path, root))
+            self.buckets_of.append(assign(hw, sizes))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        path, caption = self.items[i]
+        with Image.open(path) as img:
+            f = fit(img, self.sizes[self.buckets_of[i]], self.crop, self.seed, self.keys[i])
+        return {"image": to_float(to_uint8(f.image)), "caption": caption,
+                "time_ids": torch.tensor(f.time_ids), "bucket": self.buckets_of[i]}
+
+
+def sample_key(path: Path, root: Path | None) -> str:
+    """A sample's key: its path relative to the source (what seeds a random crop, in training and prepare)."""
+    try:
+        return path.relative_to(root).as_posix() if root is not None else path.name
+    except ValueError:
+        return path.as_posix()
 
 
 class PromptDataset(Dataset):
@@ -128,7 +199,11 @@ def _manifest(path: Path) -> list[tuple[Path, str]]:
     return items
 
 
-def build_dataset(spec: DataSpec, resolution: int) -> Dataset:
+def build_dataset(spec: DataSpec, resolution: int, seed: int = 0) -> Dataset:
+    if spec.cache:
+        from trainer.datacache import CacheDataset
+
+        return CacheDataset(spec.cache)
     if spec.builtin == "digits":
         return DigitsDataset(resolution)
     if spec.prompts:
@@ -149,9 +224,14 @@ def build_dataset(spec: DataSpec, resolution: int) -> Dataset:
         path = Path(spec.manifest).expanduser()
         if not path.is_file():
             raise InputError(f"data.manifest: no such file: {path}")
-        items, where = _manifest(path), "data.manifest"
+        items, where, root = _manifest(path), "data.manifest", path.parent
     if not items:
         raise InputError(f"{where}: no images found ({', '.join(sorted(IMAGE_EXTS))})")
+    if spec.buckets.enabled:
+        ds = BucketDataset(items, resolve_buckets(spec.buckets, resolution), spec.buckets.crop, seed, root)
+        if not len(ds):
+            raise InputError(f"{where}: none of the {len(items)} images could be read")
+        return ds
     return PairDataset(items, resolution, spec.center_crop, spec.random_flip)
 
 
@@ -208,7 +288,9 @@ class ShardSampler:
 def sharded_batches(ds: Dataset, batch: int, seed: int, *, rank: int = 0, world: int = 1, accum: int = 1,
                     start: int = 0, num_workers: int = 0) -> Iterator[list[dict]]:
     """Per update, this rank's `accum` micro-batches (a list of collated dicts), starting at update `start`."""
-    sampler = ShardSampler(len(ds), batch, seed, rank, world, accum, start)
+    buckets_of = getattr(ds, "buckets_of", None)  # bucketed data: every batch from one bucket
+    sampler = (ShardSampler(len(ds), batch, seed, rank, world, accum, start) if buckets_of is None
+               else BucketBatchSampler(buckets_of, batch, seed, rank, world, accum, start))
     loader = DataLoader(ds, batch_sampler=sampler, num_workers=num_workers)
     it = iter(loader)
     while True:

@@ -337,8 +337,37 @@ class Distiller:
         b = len(prompts)
         rng = self.sample_rng(step, 2 + salt, m, b)
         real = batch.get("image")
-        return Micro(self.teacher.encode(prompts), self.teacher.uncond(b), rng,
-                     None if real is None else real.to(self.device))
+        cond, uncond = self.teacher.encode(prompts), self.teacher.uncond(b)
+        size, moments = None, batch.get("moments")
+        ids = batch.get("time_ids")
+        if ids is not None:
+            # Bucketed data: the batch's own size, and SDXL's per-sample (orig, crop, target) micro-conditioning
+            # for both branches of CFG (as diffusers' SDXL pipeline passes add_time_ids to both).
+            size = (int(ids[0, 4]), int(ids[0, 5]))
+            if cond.time_ids is not None:
+                ids = ids.to(self.device, cond.time_ids.dtype)
+                cond, uncond = Cond(cond.embeds, cond.pooled, ids), Cond(uncond.embeds, uncond.pooled, ids)
+        if self.latent_head is None:
+            moments = None  # only DMD2's latent GAN reads real latents; the Pixel-GAN reads the pixels
+        return Micro(cond, uncond, rng, None if real is None else real.to(self.device), size,
+                     None if moments is None else moments.to(self.device))
+
+    def latent_shape(self, mb: Micro) -> tuple[int, int, int, int]:
+        """The generator's latent shape for one micro-batch: its bucket's size, else the training resolution."""
+        if mb.size is None:
+            return self.teacher.latent_shape(len(mb.rng))
+        f = self.teacher.vae_scale
+        return (len(mb.rng), self.teacher.latent_channels, mb.size[0] // f, mb.size[1] // f)
+
+    def real_latents(self, mb: Micro) -> Tensor:
+        """DMD2's real latents: sampled from the cached posterior when there is one, else encoded now; the
+        same per-sample generators either way, so both give the same latents."""
+        gens = vae_generators(mb.rng)
+        if mb.moments is None:
+            return self.teacher.encode_images(mb.real, gens)
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        return self.teacher.scale_latents(DiagonalGaussianDistribution(mb.moments).sample(gens))
 
     def step(self, batch: dict | list[dict], step: int, *, train_generator: bool | None = None,
              salt: int = 0) -> dict[str, float]:
@@ -371,7 +400,7 @@ class Distiller:
         self.opt_g.zero_grad(set_to_none=True)
         for m, mb in enumerate(micro):
             x_in = backward_simulate(lambda z, t, c=mb.cond: self.gen_x0(z, t, c),
-                                     self.randn(self.teacher.latent_shape(len(mb.rng)), mb.rng),
+                                     self.randn(self.latent_shape(mb), mb.rng),
                                      self.S, k, self.param, mb.rng)
             if not generator_turn:
                 with torch.no_grad():
@@ -400,7 +429,7 @@ class Distiller:
         for m, (mb, x) in enumerate(zip(micro, xs, strict=True)):
             real_latents = None
             if mb.real is not None and self.latent_head is not None:
-                real_latents = self.teacher.encode_images(mb.real, vae_generators(mb.rng))
+                real_latents = self.real_latents(mb)
             with no_sync(self.acc, self.fake_w, self.latent_head_w, enabled=m + 1 < n):
                 loss, row = self.fake_score_loss(x, mb.cond, mb.rng, real_latents,
                                                  mb.cond if real_latents is not None else None)

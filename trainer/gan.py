@@ -55,6 +55,7 @@ class LatentHead(nn.Module):
 
     def __init__(self, channels: int, spatial: int) -> None:
         super().__init__()
+        self.spatial = spatial
         groups = 32 if channels % 32 == 0 else 1
         layers: list[nn.Module] = []
         size = spatial
@@ -66,4 +67,7 @@ class LatentHead(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, feats: Tensor) -> Tensor:  # [B, C, s, s] -> [B, 1]
+        if feats.shape[-2] != feats.shape[-1] or feats.shape[-1] != self.spatial:
+            # Bucketed batches have other sizes: pool to the square the conv stack was built for.
+            feats = nn.functional.adaptive_avg_pool2d(feats, self.spatial)
         return self.net(feats).flatten(1)

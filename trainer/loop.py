@@ -52,6 +52,16 @@ def _accelerator(cfg: DistillJob, run_dir: Path | None = None):  # noqa: ANN202
     return make_accelerator(cfg.train.mixed_precision, **tracking)
 
 
+def data_preprocess(cfg: DistillJob, resolution: int) -> dict:
+    """The preprocessing this spec asks of its data, as a prepare cache records it (trainer/datacache.py)."""
+    from trainer.data import resolve_buckets
+    from trainer.datacache import preprocess_of
+
+    b = cfg.data.buckets
+    sizes = resolve_buckets(b, resolution) if b.enabled else None
+    return preprocess_of(resolution, sizes, b.crop if b.enabled else "center", cfg.train.seed)
+
+
 class NonfiniteGuard:
     """Skip-and-count for non-finite steps; fail with a clear error after `limit` in a row."""
 
@@ -117,9 +127,18 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
     torch.manual_seed(cfg.train.seed)
     with acc.main_process_first():  # rank 0 builds/downloads the teacher once; the others then read it
         teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
-    ds = build_dataset(cfg.data, teacher.resolution)
+    ds = build_dataset(cfg.data, teacher.resolution, cfg.train.seed)
     plan = plan_validation(cfg.train, ds, teacher)  # train.validation, or num_samples dataset captions
-    prepare_text_cache(cfg, teacher, ds, run_dir, acc, plan.prompts)  # memory.text_cache (trainer/textcache.py)
+    if cfg.data.cache:  # a `flashdmd data prepare` cache: refused unless made for this teacher and preprocessing
+        from trainer.datacache import attach_cache
+
+        attach_cache(ds, teacher, data_preprocess(cfg, teacher.resolution))
+    else:
+        prepare_text_cache(cfg, teacher, ds, run_dir, acc, plan.prompts)  # memory.text_cache (trainer/textcache.py)
+    skipped = getattr(ds, "skipped", None)
+    if skipped:
+        sink.log_event("data_skipped", f"{len(skipped)} unreadable image(s) skipped, e.g. {skipped[0]}",
+                       count=len(skipped), examples=skipped[:20])
     distiller = Distiller(cfg, teacher, acc)
 
     start = 0

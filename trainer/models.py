@@ -178,9 +178,15 @@ class Teacher:
         with torch.no_grad():
             dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
             lat = dist.sample(generator)
-        return self._scale(lat)
+        return self.scale_latents(lat)
 
-    def _scale(self, lat: Tensor) -> Tensor:
+    def encode_moments(self, images: Tensor) -> Tensor:
+        """[B, 3, H, W] in [-1, 1] -> the VAE posterior's parameters [B, 2C, h, w] (mean, logvar): what the
+        prepare cache stores, so training still draws a fresh posterior sample per step, as encode_images."""
+        with torch.no_grad():
+            return self.vae.encode(images.to(self.vae.dtype)).latent_dist.parameters
+
+    def scale_latents(self, lat: Tensor) -> Tensor:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (lat - shift) * self.vae.config.scaling_factor
 

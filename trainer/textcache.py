@@ -9,8 +9,7 @@ own. One cache folder belongs to one model identity and holds content-addressed 
                                       "text": {"recipe", "fields", "shards": {file: count},
                                                "entries": {entry_key: file}}}
       text/shard-00000.safetensors   tensors "<entry_key>.embeds" [L, D], "<entry_key>.pooled" [P]
-      (issue #14 adds "latents": the same shards + entries layout, keyed by image content and preprocessing,
-       with size/crop conditioning stored beside each latent)
+      (`flashdmd data prepare` adds a "latents" section and latents/ shards: trainer/datacache.py)
 
 - `model.key` hashes what the embeddings depend on: the family, the encoding recipe, each text encoder's
   config and a sample of its weights, and the tokenizers. A cache made for another teacher (or a fine-tune
@@ -18,8 +17,8 @@ own. One cache folder belongs to one model identity and holds content-addressed 
 - `entry_key` = sha256(model key, recipe, caption): content-addressed, so a dataset that grows only encodes
   its new captions, into a new shard. Shards are written to a temporary name and renamed, then the manifest
   is replaced the same way, so a crash leaves a readable cache (at worst an unlisted shard).
-- time_ids (SDXL micro-conditioning) are not cached: they come from the resolution, or, with issue #14's
-  buckets, from each image's latent entry.
+- time_ids (SDXL micro-conditioning) are not cached here: they come from the resolution, or, with
+  aspect-ratio buckets, from each image (trainer/buckets.py; stored in the latents shards).
 """
 
 from __future__ import annotations
@@ -85,27 +84,28 @@ def _write_atomic(path: Path, write: Any) -> None:
 class TextCache:
     """A cache folder opened for one model key; read with `get`, grown with `add`."""
 
-    def __init__(self, root: str | Path, model_key: str, teacher_ref: str = "", family: str = "") -> None:
+    def __init__(self, root: str | Path, model_key: str, teacher_ref: str = "", family: str = "",
+                 field: str = "memory.cache_dir") -> None:
         self.root = Path(root).expanduser()
         self.model_key = model_key
         self.manifest_path = self.root / "manifest.json"
         if self.manifest_path.is_file():
             self.manifest = json.loads(self.manifest_path.read_text())
             if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
-                raise InputError(f"memory.cache_dir: {self.root} is not a {FORMAT} v{VERSION} cache")
+                raise InputError(f"{field}: {self.root} is not a {FORMAT} v{VERSION} cache")
             other = self.manifest["model"]
             if other["key"] != model_key:
                 raise InputError(
-                    f"memory.cache_dir: {self.root} was made for another model ({other.get('teacher')!r}, "
+                    f"{field}: {self.root} was made for another model ({other.get('teacher')!r}, "
                     f"{other.get('family')}, key {other['key'][:12]}…), not this teacher ({teacher_ref!r}, key "
-                    f"{model_key[:12]}…); point memory.cache_dir at a fresh folder")
+                    f"{model_key[:12]}…); point {field} at a fresh folder")
         else:
             self.manifest = {"format": FORMAT, "version": VERSION,
                              "model": {"key": model_key, "teacher": teacher_ref, "family": family}}
         self.manifest.setdefault("text", {"recipe": TEXT_RECIPE, "fields": [], "shards": {}, "entries": {}})
         if self.manifest["text"]["recipe"] != TEXT_RECIPE:
-            raise InputError(f"memory.cache_dir: {self.root} holds text made by {self.manifest['text']['recipe']}, "
-                             f"this trainer makes {TEXT_RECIPE}; point memory.cache_dir at a fresh folder")
+            raise InputError(f"{field}: {self.root} holds text made by {self.manifest['text']['recipe']}, "
+                             f"this trainer makes {TEXT_RECIPE}; point {field} at a fresh folder")
         self._open: dict[str, Any] = {}
 
     @property

@@ -40,6 +40,8 @@ class Micro:
     uncond: Cond
     rng: SampleRNG
     real: Tensor | None
+    size: tuple[int, int] | None = None  # (height, width) in pixels of a bucketed batch; None: the resolution
+    moments: Tensor | None = None  # cached VAE posterior parameters of `real` (trainer/datacache.py)
 
 
 def mean_logs(rows: list[dict[str, float]]) -> dict[str, float]:

@@ -54,7 +54,7 @@ def _validated_spec(raw: dict[str, Any], settings: Settings, owns_job: Callable[
             fields.append(field)
             lines.append(f"{field}: {message}")
         raise APIError("invalid_request", "; ".join(lines), fields=fields) from None
-    if parsed.kind != "eval" and parsed.train.max_steps > settings.max_train_steps:
+    if parsed.kind not in ("eval", "prepare") and parsed.train.max_steps > settings.max_train_steps:
         # The spec allows up to 2^31 - 1; the server's cap keeps one job from holding a worker for ever.
         raise APIError(
             "invalid_request", f"spec.train.max_steps: {parsed.train.max_steps} is above this server's limit of "
