@@ -157,6 +157,7 @@ def run_demo(*, out: Path, steps: int | None, quick: bool, port: int, data_dir: 
             student, latency = student_images(client, job["id"], seeds)
             curves = {k: metric_series(client, job["id"], k)
                       for k in ("loss/dm", "loss/fake_score", "loss/disc", "loss/gen_adv")}
+        _scoring_threads()
         summary = score_run(checkpoints=checkpoints, student_grid=student, seeds=seeds, per_class=per_class,
                             student_latency=latency, out=out)
         summary.update(job=job["id"], service={"url": service.url, "token_file": str(service.data_dir / "token")},
@@ -177,6 +178,18 @@ def run_demo(*, out: Path, steps: int | None, quick: bool, port: int, data_dir: 
         return summary
     finally:
         service.stop()
+
+
+def _scoring_threads() -> None:
+    """Score with the trainer's CPU thread policy (one core left free): the service still runs beside us, and
+    with a thread per core OpenMP's barriers spin-wait whenever another process holds a core."""
+    import torch
+
+    from trainer.cli import cpu_threads
+
+    threads = cpu_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def _print_table(summary: dict) -> None:
