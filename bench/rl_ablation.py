@@ -44,6 +44,8 @@ REWARD_DIR = HERE / "digits_reward"
 DEFAULT_INIT = REPO / "runs" / "bench-quality" / "flash-ttur1-k4-s0"
 RL_BASE: dict[str, Any] = {
     "kind": "rl",
+    # The stage-1 recipe of the joint runs' distillation turns, as before the demo dropped EMA injection (issue 15).
+    "distill": {"ema": 0.98},
     "rl": {"reward": {"kind": "lrm", "path": str(REWARD_DIR)}, "num_candidates": 4, "beta": 500.0,
            "ratio": 5, "joint": True, "batch_size": 8, "optimizer": {"lr": 1e-5}},  # lr: --rl-lr
 }
@@ -83,7 +85,7 @@ def control_spec(init: Path, scale: float, seed: int) -> tuple[dict[str, Any], i
     start = int(json.loads((init / "meta.json").read_text())["step"])
     rl_every = max(max(int(round(RL_UPDATES * scale)), EVAL_POINTS) // EVAL_POINTS, 1)
     every = max(rl_every // ratio, 1)  # distillation updates joint-5to1 makes per RL checkpoint interval
-    spec = json.loads(json.dumps(DEMO_SPEC))
+    spec = _merge(DEMO_SPEC, {"distill": RL_BASE["distill"]})  # the joint runs' distillation turns, without RL
     spec["name"] = f"bench-rl-{CONTROL}-s{seed}"
     spec["train"].update(max_steps=start + every * EVAL_POINTS, checkpoint_every=every,
                          sample_every=every * EVAL_POINTS, keep_last=1000, seed=seed, log_every=1)
