@@ -1,6 +1,6 @@
 """A mini Table 4 on the digits teacher: joint RL vs post-train RL, RL timesteps, and the GAN (Sec. 3.4).
 
-Every run starts from the same stage-1 checkpoint (bench/quality_vs_cost.py's flash-ttur1-k4, the demo recipe)
+Every run starts from the same stage-1 checkpoint (bench/quality_vs_cost.py's flash-ttur1-k4-s0: λ_ema 0.98, 600 steps)
 with the shipped toy Latent Reward Model (`trainer/toy/digits_reward`), the same seed, batch and RL settings;
 runs differ only in what the row names:
 - joint-5to1: 5 RL updates per distillation update (Table 4's choice), Pixel-GAN on;
