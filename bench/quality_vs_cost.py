@@ -1,23 +1,27 @@
-"""Quality vs training cost on the digits teacher: Flash-DMD (TTUR 1, TTUR 2) vs dmd2 mode, K = 4 and K = 2.
+"""Quality vs training cost on the digits teacher: Flash-DMD (TTUR 1, TTUR 2, an EMA sweep) vs dmd2 mode, K = 4, 2.
 
 The paper's headline claim (Tables 1 and 6, Fig. 5-6) at small scale. Every run uses the same teacher
-(the shipped digits teacher), seed, batch and optimiser settings (`flashjob.demo.DEMO_SPEC`); runs differ only
+(the shipped digits teacher), batch and optimiser settings (`flashjob.demo.DEMO_SPEC`); runs differ only
 in what the row names: the mode (flash: Pixel-GAN + EMA injection, hinge; dmd2: latent-head GAN, softplus, no
-EMA), the TTUR, K, and lambda_ema (the EMA ablation). Each run is a real `python -m trainer` subprocess; every
-checkpoint is then scored with the digits evaluator on the same labels and per-image seeds:
-digits-FD vs real digits, vs the teacher's 50-step CFG samples, prompt accuracy and intra-class diversity.
+EMA), the TTUR, K, and lambda_ema (the EMA sweep: 0, 0.9, 0.98, 0.995). Each configuration is trained once per
+training seed (--seeds); each run is a real `python -m trainer` subprocess; every checkpoint is then scored with
+the digits evaluator on the same labels and per-image seeds: digits-FD vs all 1797 real digits, vs the teacher's
+50-step CFG samples (N = 10 x --per-class of each), prompt accuracy and intra-class diversity. Every figure is a
+mean over seeds with a 95% t-interval (tables) or band (plots).
 
 Cost axes: cumulative generator updates, and cumulative training wall time (the sum of the trainer's own
-`time/step_s`, so checkpointing and scoring are excluded). "Compute to reach dmd2's best FD" is read off the
-wall-time axis: the first checkpoint of a Flash-DMD run whose FD vs real is at or below the best FD any dmd2
-checkpoint reached (same K), as a percentage of the wall time dmd2 spent to reach its best, and of dmd2's whole run.
+`time/step_s`, so checkpointing and scoring are excluded). The dmd2 baseline runs --dmd2-steps generator updates
+(long enough for its FD vs real to plateau: check the plot). "Compute to match converged dmd2": the dmd2 FD is
+the mean over seeds of its final checkpoint's FD; for each seed of a Flash-DMD run, the first checkpoint at or
+below it, as a percentage of dmd2's mean wall time and generator updates for its whole run.
 
-    python bench/quality_vs_cost.py                       # the committed run (about 1 h on one CPU core)
-    python bench/quality_vs_cost.py --scale 0.1 --per-class 10 --runs flash-ttur1-k4   # a smoke run
+    python bench/quality_vs_cost.py --seeds 0,1,2                    # the full study (several CPU-hours)
+    python bench/quality_vs_cost.py --seeds 0 --scale 0.05 --per-class 5 --runs flash-ttur1-k4   # a smoke run
 
-Writes bench/results/quality_vs_cost.{json,png,md}. Runs are kept under --work (default runs/bench-quality);
-a finished run is not trained again (delete its folder to redo it). Only each run's last checkpoint is kept
-after scoring (--keep-checkpoints keeps all); bench/rl_ablation.py starts from flash-ttur1-k4's.
+Writes bench/results/quality_vs_cost.{json,png,md}. Each (configuration, seed) result is cached as JSON under
+bench/results/runs/quality_vs_cost/ and not run again (delete it to redo one); the training folders live
+under --work. Only each run's last checkpoint is kept after scoring (--keep-checkpoints keeps all);
+bench/rl_ablation.py starts from flash-ttur1-k4-s0's.
 """
 
 from __future__ import annotations
@@ -34,21 +38,29 @@ from pathlib import Path
 from typing import Any
 
 from _common import REPO, command_line, format_table, machine_info, write_json
+from _seeds import band, cached_run, first_reach, fmt_reach, parse_seeds, plot_band, reach_interval, run_cache
+from _stats import Interval, mean_interval
 
 from flashjob.demo import DEMO_SPEC
 
 RESULTS = REPO / "bench" / "results"
 
-# name -> (spec overrides, generator updates). dmd2 gets more generator updates and ~2x flash's wall time, so its
-# best FD is not cut short by a smaller budget.
+# name -> (spec overrides, generator updates); the dmd2 runs' updates come from --dmd2-steps. lambda_ema is
+# explicit in every flash run, so a change to the demo's recipe cannot move the EMA sweep.
 RUNS: dict[str, tuple[dict[str, Any], int]] = {
-    "flash-ttur1-k4": ({"distill": {"mode": "flash", "ttur": 1}}, 600),
-    "flash-ttur2-k4": ({"distill": {"mode": "flash", "ttur": 2}}, 500),
+    "flash-ttur1-k4": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.98}}, 600),
+    "flash-ttur2-k4": ({"distill": {"mode": "flash", "ttur": 2, "ema": 0.98}}, 500),
     "flash-ttur1-k4-noema": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.0}}, 600),
-    "dmd2-k4": ({"distill": {"mode": "dmd2"}}, 400),
-    "flash-ttur1-k2": ({"distill": {"mode": "flash", "ttur": 1}, "schedule": {"num_steps": 2, "dm_steps": None}}, 500),
-    "dmd2-k2": ({"distill": {"mode": "dmd2"}, "schedule": {"num_steps": 2, "dm_steps": None}}, 300),
+    "flash-ttur1-k4-ema0.9": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.9}}, 600),
+    "flash-ttur1-k4-ema0.995": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.995}}, 600),
+    "dmd2-k4": ({"distill": {"mode": "dmd2"}}, 1600),
+    "flash-ttur1-k2": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.98},
+                        "schedule": {"num_steps": 2, "dm_steps": None}}, 500),
+    "dmd2-k2": ({"distill": {"mode": "dmd2"}, "schedule": {"num_steps": 2, "dm_steps": None}}, 1200),
 }
+# The EMA sweep (Eq. 11's lambda_ema), flash TTUR 1, K = 4; 0.98 is the demo's value.
+EMA_SWEEP = {"flash-ttur1-k4-noema": 0.0, "flash-ttur1-k4-ema0.9": 0.9, "flash-ttur1-k4": 0.98,
+             "flash-ttur1-k4-ema0.995": 0.995}
 EVAL_POINTS = 8  # checkpoints scored per run (plus generator update 0: the teacher as a K-step sampler)
 
 
@@ -64,11 +76,13 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def run_spec(name: str, scale: float, seed: int) -> tuple[dict[str, Any], int, int]:
-    """(spec, ttur, generator updates) of one run."""
+def run_spec(name: str, scale: float, seed: int, dmd2_steps: dict[int, int] | None = None) -> tuple[dict[str, Any], int, int]:
+    """(spec, ttur, generator updates) of one run; dmd2_steps: K -> the dmd2 runs' generator updates."""
     over, gen_updates = RUNS[name]
     spec = _merge(DEMO_SPEC, over)
-    spec["name"] = f"bench-{name}"
+    spec["name"] = f"bench-{name}-s{seed}"
+    if spec["distill"]["mode"] == "dmd2" and dmd2_steps:
+        gen_updates = dmd2_steps.get(spec["schedule"].get("num_steps", 4), gen_updates)
     if spec["schedule"].get("num_steps") == 2:
         spec["schedule"].pop("dm_steps", None)  # K = 2: the default, DM on 999 (the only non-final step)
     ttur = spec["distill"].get("ttur") or (1 if spec["distill"]["mode"] == "flash" else 5)
@@ -80,6 +94,7 @@ def run_spec(name: str, scale: float, seed: int) -> tuple[dict[str, Any], int, i
 
 
 def train_run(name: str, spec: dict, work: Path, threads: int) -> Path:
+    """Train `spec` in work/name (resuming a partial run); a finished run is not trained again."""
     run_dir = work / name
     final = run_dir / "checkpoints" / f"step-{spec['train']['max_steps']:08d}" / "meta.json"
     if final.is_file():
@@ -134,147 +149,147 @@ def score_run(name: str, run_dir: Path, spec: dict, ttur: int, ctx: dict, keep: 
     return points
 
 
-def reach(points: list[dict], target: float) -> dict | None:
-    return next((p for p in points if p["fd_real"] <= target), None)
+def aggregate(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]]:
+    """name -> {seed: run} -> per configuration: bands over seeds (vs updates and vs wall time), final and best FD."""
+    out = {}
+    for name, by_seed in runs.items():
+        any_run = next(iter(by_seed.values()))
+        curves = [r["points"] for r in by_seed.values()]
+        agg = {k: any_run[k] for k in ("K", "ttur", "ema", "mode", "gen_updates")}
+        agg["seeds"] = sorted(by_seed)
+        for key in ("fd_real", "fd_teacher", "accuracy", "diversity"):
+            agg[f"band_{key}"] = band(curves, "gen_updates", key)
+        agg["band_wall_s"] = band(curves, "gen_updates", "wall_s")
+        agg["final"] = {key: mean_interval([c[-1][key] for c in curves]).as_dict()
+                        for key in ("fd_real", "fd_teacher", "accuracy", "diversity", "wall_s")}
+        agg["best_fd_real"] = mean_interval([min(p["fd_real"] for p in c[1:]) for c in curves]).as_dict()
+        out[name] = agg
+    return out
 
 
-def compare(results: dict[str, dict]) -> list[dict[str, Any]]:
-    """Per K: each flash run's cost to first reach the best FD of dmd2 mode, against dmd2's cost."""
+def compare(runs: dict[str, dict[int, dict]], agg: dict[str, dict]) -> list[dict[str, Any]]:
+    """Per K: each flash configuration's cost, per seed, to first reach the converged dmd2 FD (the mean over
+    dmd2's seeds of its final FD), as a % of dmd2's mean whole-run cost; intervals over the flash seeds."""
     rows = []
-    for name, r in results.items():
+    for name, by_seed in runs.items():
         if not name.startswith("flash"):
             continue
-        base = results.get(f"dmd2-k{r['K']}")
+        k = agg[name]["K"]
+        base = agg.get(f"dmd2-k{k}")
         if base is None:
             continue
-        best = min(base["points"][1:], key=lambda p: p["fd_real"])
-        hit = reach(r["points"][1:], best["fd_real"])
-        row = {"run": name, "K": r["K"], "dmd2_best_fd": best["fd_real"], "dmd2_best_at_gen_updates": best["gen_updates"],
-               "dmd2_best_at_wall_s": best["wall_s"], "dmd2_total_wall_s": base["points"][-1]["wall_s"],
-               "flash_best_fd": min(p["fd_real"] for p in r["points"][1:]), "reached": hit is not None}
-        if hit is not None:
-            # Reached at the first scored checkpoint: the true crossing may be earlier, so the % is an upper bound.
-            row.update(flash_gen_updates=hit["gen_updates"], flash_wall_s=hit["wall_s"],
-                       upper_bound=hit is r["points"][1],
-                       pct_of_dmd2_to_best=100 * hit["wall_s"] / best["wall_s"],
-                       pct_of_dmd2_total=100 * hit["wall_s"] / row["dmd2_total_wall_s"],
-                       pct_gen_updates_to_best=100 * hit["gen_updates"] / best["gen_updates"])
-        rows.append(row)
+        target = base["final"]["fd_real"]["mean"]
+        total_s = base["final"]["wall_s"]["mean"]
+        total_upd = base["gen_updates"]
+        hits = [first_reach(r["points"], "fd_real", target) for r in by_seed.values()]
+        pct = [None if h is None else {"wall": 100 * h["wall_s"] / total_s, "upd": 100 * h["gen_updates"] / total_upd}
+               for h in hits]
+        rows.append({"run": name, "K": k, "dmd2_converged_fd": base["final"]["fd_real"], "dmd2_wall_s": total_s,
+                     "dmd2_gen_updates": total_upd, "flash_best_fd": agg[name]["best_fd_real"],
+                     "wall_s": reach_interval(hits, "wall_s"), "gen_updates": reach_interval(hits, "gen_updates"),
+                     "pct_wall": reach_interval(pct, "wall"), "pct_gen_updates": reach_interval(pct, "upd")})
     return rows
 
 
 FD_THRESHOLDS = (12.0, 10.0, 8.0)
 
 
-def time_to_reach(results: dict[str, dict]) -> dict[str, dict[str, Any]]:
-    """Per run and FD threshold: the first checkpoint at or below it (wall s, generator updates), or None."""
+def time_to_reach(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]]:
+    """Per configuration and FD threshold: wall s and generator updates to the first checkpoint at or below it,
+    over seeds (how many reached, and the interval among those)."""
     out: dict[str, dict[str, Any]] = {}
-    for name, r in results.items():
+    for name, by_seed in runs.items():
         out[name] = {}
         for th in FD_THRESHOLDS:
-            hit = reach(r["points"][1:], th)
-            out[name][f"{th:g}"] = None if hit is None else {"wall_s": hit["wall_s"], "gen_updates": hit["gen_updates"]}
+            hits = [first_reach(r["points"], "fd_real", th) for r in by_seed.values()]
+            out[name][f"{th:g}"] = {"wall_s": reach_interval(hits, "wall_s"),
+                                    "gen_updates": reach_interval(hits, "gen_updates")}
     return out
 
 
-def seed_noise(results: dict[str, dict], work: Path, per_class: int, reps: int = 3) -> dict[str, dict[str, float]]:
-    """FD vs real of each run's last checkpoint over `reps` disjoint seed sets: how much of a gap is sampling noise."""
-    import numpy as np
-
-    from inference.pipeline import load_pipeline
-    from trainer.data import digit_prompt
-    from trainer.toy.evaluate import default_evaluator, eval_labels
-
-    ev, labels = default_evaluator(), eval_labels(per_class)
-    prompts = [digit_prompt(int(c)) for c in labels]
-    out = {}
-    for name, r in results.items():
-        ck = work / name / "checkpoints" / f"step-{r['spec']['train']['max_steps']:08d}"
-        if not (ck / "meta.json").is_file():
-            continue
-        pipe = load_pipeline(ck)
-        fds = []
-        for rep in range(reps):
-            seeds = [(rep + 1) * 7_000_003 + j for j in range(len(prompts))]
-            fds.append(ev.fd_real(pipe.decode(pipe.latents(prompts, seeds)).clamp(-1, 1)))
-        out[name] = {"fd_real": [round(f, 3) for f in fds], "mean": float(np.mean(fds)), "std": float(np.std(fds))}
-    return out
-
-
-def plot(results: dict[str, dict], path: Path) -> None:
+def plot(agg: dict[str, dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for name, r in results.items():
-        pts = r["points"]
+    for name, a in agg.items():
         style = "-" if name.startswith("flash") else "--"
-        for col, x in enumerate(("gen_updates", "wall_s")):
-            axes[0][col].plot([p[x] for p in pts], [p["fd_real"] for p in pts], style, marker="o", ms=3, label=name)
-            axes[1][col].plot([p[x] for p in pts], [p["fd_teacher"] for p in pts], style, marker="o", ms=3, label=name)
+        wall = [p["mean"] for p in a["band_wall_s"]]
+        for row, key in enumerate(("fd_real", "fd_teacher")):
+            pts = a[f"band_{key}"]
+            plot_band(axes[row][0], pts, "gen_updates", name, style)
+            plot_band(axes[row][1], [{**p, "wall_s": w} for p, w in zip(pts, wall, strict=False)], "wall_s", name, style)
     for row, what in enumerate(("digits-FD vs real", "digits-FD vs teacher 50-step")):
-        for col, x in enumerate(("generator updates", "training wall time (s)")):
+        for col, x in enumerate(("generator updates", "training wall time (s), mean over seeds")):
             ax = axes[row][col]
             ax.set_yscale("log")
             ax.set_xlabel(x)
             ax.set_ylabel(what)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Flash-DMD vs dmd2 mode on the digits teacher (same seed, batch, teacher)")
+    fig.suptitle("Flash-DMD vs dmd2 mode on the digits teacher: mean and 95% interval over training seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def table(results: dict[str, dict], cmp: list[dict], command: str, reach_at: dict | None = None,
-          noise: dict | None = None) -> str:
-    rows = []
-    for name, r in results.items():
-        best = min(r["points"][1:], key=lambda p: p["fd_real"])
-        last = r["points"][-1]
-        rows.append([name, r["K"], r["ttur"], r["ema"], last["gen_updates"], f"{last['wall_s']:.0f}",
-                     f"{best['fd_real']:.2f} @ {best['gen_updates']}", f"{last['fd_real']:.2f}",
-                     f"{last['fd_teacher']:.2f}", f"{last['accuracy']:.3f}", f"{last['diversity']:.3f}"])
+def _iv(d: dict, digits: int = 2) -> str:
+    """An interval dict (or a band point, which also carries its x) as 'mean [lo, hi] (n=...)'."""
+    return Interval(**{k: d[k] for k in ("mean", "lo", "hi", "sd", "n")}).fmt(digits)
+
+
+def table(agg: dict[str, dict], cmp: list[dict], reach_at: dict, command: str, per_class: int) -> str:
+    rows = [[name, a["K"], a["ttur"], a["ema"], a["gen_updates"], _iv(a["final"]["wall_s"], 0), _iv(a["best_fd_real"]),
+             _iv(a["final"]["fd_real"]), _iv(a["final"]["fd_teacher"]), _iv(a["final"]["accuracy"], 3),
+             _iv(a["final"]["diversity"], 2)] for name, a in agg.items()]
     out = ["# Quality vs cost on the digits teacher", "", f"Command: `{command}`", "",
-           format_table(["run", "K", "TTUR", "ema", "gen updates", "train s", "best FD real @ upd", "final FD real",
+           f"N = {10 * per_class} samples per checkpoint; FD vs all 1797 real digits. Every cell: mean "
+           "[95% t-interval] (n = training seeds).", "",
+           format_table(["run", "K", "TTUR", "ema", "gen updates", "train s", "best FD real", "final FD real",
                          "final FD teacher", "accuracy", "diversity"], rows), "",
-           "## Compute for Flash-DMD to reach dmd2 mode's best FD (vs real), same K", ""]
-    crow = []
-    for c in cmp:
-        if c["reached"]:
-            le = "<= " if c["upper_bound"] else ""
-            crow.append([c["run"], c["K"], f"{c['dmd2_best_fd']:.2f}",
-                         f"{le}{c['flash_wall_s']:.0f} s / {c['flash_gen_updates']} upd",
-                         f"{c['dmd2_best_at_wall_s']:.0f} s / {c['dmd2_best_at_gen_updates']} upd",
-                         f"{le}{c['pct_of_dmd2_to_best']:.1f}%", f"{le}{c['pct_of_dmd2_total']:.1f}%"])
-        else:
-            crow.append([c["run"], c["K"], f"{c['dmd2_best_fd']:.2f}", f"not reached (best {c['flash_best_fd']:.2f})",
-                         f"{c['dmd2_best_at_wall_s']:.0f} s", "-", "-"])
-    out.append(format_table(["flash run", "K", "dmd2 best FD", "flash cost to reach it", "dmd2 cost to its best",
-                             "% of dmd2 (to best)", "% of dmd2 (whole run)"], crow))
-    if reach_at:
-        out += ["", "## Training wall time (generator updates) to first reach an FD vs real", ""]
-        rows = [[name, *[("-" if v is None else f"{v['wall_s']:.0f} s ({v['gen_updates']})") for v in by.values()]]
-                for name, by in reach_at.items()]
-        out.append(format_table(["run", *[f"FD <= {k}" for k in next(iter(reach_at.values()))]], rows))
-    if noise:
-        out += ["", "## Sampling noise: FD vs real of each last checkpoint on 3 other seed sets", ""]
-        out.append(format_table(["run", "FD on 3 seed sets", "mean", "std"],
-                                [[n, ", ".join(f"{f:.2f}" for f in v["fd_real"]), f"{v['mean']:.2f}", f"{v['std']:.2f}"]
-                                 for n, v in noise.items()]))
+           "## Compute for Flash-DMD to reach converged dmd2's FD (vs real), same K", "",
+           format_table(["flash run", "K", "dmd2 converged FD", "dmd2 whole run", "flash wall s to reach",
+                         "flash gen updates to reach", "% of dmd2 wall", "% of dmd2 gen updates"],
+                        [[c["run"], c["K"], _iv(c["dmd2_converged_fd"]),
+                          f"{c['dmd2_wall_s']:.0f} s / {c['dmd2_gen_updates']} upd", fmt_reach(c["wall_s"]),
+                          fmt_reach(c["gen_updates"]), fmt_reach(c["pct_wall"], 1), fmt_reach(c["pct_gen_updates"], 1)]
+                         for c in cmp]), "",
+           "## Training wall time to first reach an FD vs real (among the seeds that reach it)", "",
+           format_table(["run", *[f"FD <= {k}" for k in next(iter(reach_at.values()))]],
+                        [[name, *[fmt_reach(v["wall_s"]) for v in by.values()]] for name, by in reach_at.items()])]
+    ema = [[name, EMA_SWEEP[name], _iv(agg[name]["band_fd_real"][len(agg[name]["band_fd_real"]) // 2]),
+            _iv(agg[name]["final"]["fd_real"]), _iv(agg[name]["final"]["fd_teacher"])]
+           for name in EMA_SWEEP if name in agg]
+    if ema:
+        out += ["", "## EMA injection sweep (flash, TTUR 1, K = 4): FD vs real early (mid-run) and late", "",
+                format_table(["run", "lambda_ema", "FD real, mid-run", "FD real, final", "FD teacher, final"], ema)]
     return "\n".join(out) + "\n"
+
+
+def write_outputs(payload: dict[str, Any], out: Path) -> str:
+    write_json(out.with_name(out.name + ".json"), payload)
+    plot(payload["aggregate"], out.with_name(out.name + ".png"))
+    md = table(payload["aggregate"], payload["compute_to_match_dmd2"], payload["time_to_reach_fd"], payload["command"],
+               payload["per_class"])
+    out.with_name(out.name + ".md").write_text(md)
+    return md
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
+    ap.add_argument("--seeds", default="0,1,2", help="training seeds: 0,1,2 or 0-2")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every run's generator updates")
-    ap.add_argument("--per-class", type=int, default=50, help="evaluation samples per digit (N = 10x)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dmd2-steps", type=int, default=None,
+                    help="generator updates of dmd2-k4 (dmd2-k2 gets 3/4 of it); default RUNS' 1600 and 1200, "
+                    "4x the 400 that stopped before dmd2's FD had plateaued")
+    ap.add_argument("--per-class", type=int, default=150, help="evaluation samples per digit (N = 10x)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per trainer (2 cores: leave one free)")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-quality")
+    ap.add_argument("--runs-dir", type=Path, default=RESULTS / "runs" / "quality_vs_cost",
+                    help="per-(configuration, seed) result cache")
     ap.add_argument("--out", type=Path, default=RESULTS / "quality_vs_cost")
     ap.add_argument("--keep-checkpoints", action="store_true")
     ap.add_argument("--from-json", type=Path, default=None,
@@ -282,24 +297,21 @@ def main() -> None:
     args = ap.parse_args()
     if args.from_json is not None:
         payload = json.loads(args.from_json.read_text())
-        payload["compute_to_reach_dmd2_best"] = compare(payload["results"])
-        payload["time_to_reach_fd"] = time_to_reach(payload["results"])
+        runs = {name: {int(s): r for s, r in by.items()} for name, by in payload["runs"].items()}
+        payload["aggregate"] = aggregate(runs)
+        payload["compute_to_match_dmd2"] = compare(runs, payload["aggregate"])
+        payload["time_to_reach_fd"] = time_to_reach(runs)
         payload["derived_with"] = command_line()
-        if "seed_noise" not in payload:
-            payload["seed_noise"] = seed_noise(payload["results"], args.work, payload["per_class"])
-        write_json(args.out.with_name(args.out.name + ".json"), payload)
-        plot(payload["results"], args.out.with_name(args.out.name + ".png"))
-        md = table(payload["results"], payload["compute_to_reach_dmd2_best"], payload["command"],
-                   payload["time_to_reach_fd"], payload["seed_noise"])
-        head = f"Command: `{payload['command']}`\n"
-        md = md.replace(head, head + f"\nTables re-derived from its JSON with `{payload['derived_with']}`\n", 1)
-        args.out.with_name(args.out.name + ".md").write_text(md)
-        print(md)
+        print(write_outputs(payload, args.out))
         return
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
+    if unknown := [n for n in names if n not in RUNS]:
         ap.error(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as err:
+        ap.error(str(err))
+    dmd2_steps = None if args.dmd2_steps is None else {4: args.dmd2_steps, 2: args.dmd2_steps * 3 // 4}
 
     import torch
 
@@ -315,32 +327,32 @@ def main() -> None:
     teacher = load_teacher(ModelSpec(teacher="toy:digits"))
     ev = default_evaluator()
     labels = eval_labels(args.per_class)
-    ctx: dict[str, Any] = {"evaluator": ev, "labels": labels, "reference": teacher_reference(teacher, ev), "init": {}}
-    results: dict[str, dict] = {}
+    ctx: dict[str, Any] = {"evaluator": ev, "labels": labels, "init": {},
+                           "reference": teacher_reference(teacher, ev, per_class=args.per_class)}
+    runs: dict[str, dict[int, dict]] = {}
     for name in names:
-        spec, ttur, gen_updates = run_spec(name, args.scale, args.seed)
-        cfg = parse_spec(spec)
-        k = cfg.schedule.num_steps
-        if k not in ctx["init"]:  # generator update 0: G = the teacher, sampled with the student's sampler, CFG 1
-            imgs = generate(teacher, labels, method="renoise", timesteps=cfg.schedule.timesteps, guidance=1.0)
-            ctx["init"][k] = ev.report(imgs, labels, ctx["reference"])
-        run_dir = train_run(name, spec, args.work, args.threads)
-        points = score_run(name, run_dir, spec, ttur, ctx, args.keep_checkpoints)
-        results[name] = {"K": k, "ttur": cfg.distill.ttur, "ema": cfg.distill.ema, "mode": cfg.distill.mode,
-                         "gen_updates": gen_updates, "spec": spec, "points": points}
-    cmp, reach_at = compare(results), time_to_reach(results)
-    noise = seed_noise(results, args.work, args.per_class)
-    command = command_line()
-    payload = {"command": command, "machine": machine_info(), "per_class": args.per_class, "seed": args.seed,
+        for seed in seeds:
+            spec, ttur, gen_updates = run_spec(name, args.scale, seed, dmd2_steps)
+            cfg = parse_spec(spec)
+            k = cfg.schedule.num_steps
+
+            def make(name=name, seed=seed, spec=spec, ttur=ttur, gen_updates=gen_updates, cfg=cfg, k=k) -> dict:
+                if k not in ctx["init"]:  # generator update 0: G = the teacher, the student's sampler, CFG 1
+                    imgs = generate(teacher, labels, method="renoise", timesteps=cfg.schedule.timesteps, guidance=1.0)
+                    ctx["init"][k] = ev.report(imgs, labels, ctx["reference"])
+                run_dir = train_run(f"{name}-s{seed}", spec, args.work, args.threads)
+                points = score_run(f"{name}-s{seed}", run_dir, spec, ttur, ctx, args.keep_checkpoints)
+                return {"name": name, "seed": seed, "K": k, "ttur": cfg.distill.ttur, "ema": cfg.distill.ema,
+                        "mode": cfg.distill.mode, "gen_updates": gen_updates, "per_class": args.per_class,
+                        "spec": spec, "points": points}
+
+            runs.setdefault(name, {})[seed] = cached_run(run_cache(args.runs_dir, name, seed, args.per_class), make)
+    agg = aggregate(runs)
+    payload = {"command": command_line(), "machine": machine_info(), "per_class": args.per_class, "seeds": seeds,
                "threads": args.threads, "scale": args.scale, "real_baselines": ev.real_baselines(),
-               "results": results, "compute_to_reach_dmd2_best": cmp, "time_to_reach_fd": reach_at,
-               "seed_noise": noise, "total_s": round(time.time() - t_start, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out.with_name(args.out.name + ".json"), payload)
-    plot(results, args.out.with_name(args.out.name + ".png"))
-    md = table(results, cmp, command, reach_at, noise)
-    args.out.with_name(args.out.name + ".md").write_text(md)
-    print(md)
+               "runs": runs, "aggregate": agg, "compute_to_match_dmd2": compare(runs, agg),
+               "time_to_reach_fd": time_to_reach(runs), "total_s": round(time.time() - t_start, 1)}
+    print(write_outputs(payload, args.out))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A mini Table 4 on the digits teacher: joint RL vs post-train RL, RL timesteps, and the GAN (Sec. 3.4).
 
-Every run starts from the same stage-1 checkpoint (bench/quality_vs_cost.py's flash-ttur1-k4, the demo recipe)
+Every run starts from the same stage-1 checkpoint (bench/quality_vs_cost.py's flash-ttur1-k4-s0: λ_ema 0.98, 600 steps)
 with the shipped toy Latent Reward Model (`trainer/toy/digits_reward`), the same seed, batch and RL settings;
 runs differ only in what the row names:
 - joint-5to1: 5 RL updates per distillation update (Table 4's choice), Pixel-GAN on;
@@ -10,14 +10,16 @@ runs differ only in what the row names:
 - joint-nogan: joint 5:1 with distill.gan_weight 0;
 - distill-only (the control): no RL, stage 1 resumed for the 120 distillation updates joint-5to1 makes (plotted
   against the RL updates joint-5to1 has made by then).
-Each is a real `python -m trainer` subprocess (kind: rl). Every checkpoint (and the stage-1 start) is scored on
-the same labels and per-image seeds: the LRM reward of the final images (t = 0), digits-FD vs real and vs the
-teacher's 50-step samples, prompt accuracy and intra-class diversity.
+Each is a real `python -m trainer` subprocess (kind: rl), once per training seed (--seeds). Every checkpoint (and
+the stage-1 start) is scored on the same labels and per-image seeds: the LRM reward of the final images (t = 0),
+digits-FD vs all real digits and vs the teacher's 50-step samples, prompt accuracy and intra-class diversity.
+Figures are means over seeds with a 95% t-interval (tables) or band (plots).
 
-    python bench/rl_ablation.py            # the committed run (about 25 min on one CPU core)
-    python bench/rl_ablation.py --scale 0.05 --per-class 5 --runs joint-5to1   # a smoke run
+    python bench/rl_ablation.py --seeds 0,1,2      # the full study (about 25 min per seed and run on one core)
+    python bench/rl_ablation.py --seeds 0 --scale 0.05 --per-class 5 --runs joint-5to1   # a smoke run
 
-Writes bench/results/rl_ablation.{json,png,md}. The paper's claim under test: joint RL raises the reward while FD
+Writes bench/results/rl_ablation.{json,png,md}; each (run, seed) result is cached as JSON under
+bench/results/runs/rl_ablation/ and not run again. The paper's claim under test: joint RL raises the reward while FD
 stays put, and post-train RL reward-hacks (reward up, FD worse).
 """
 
@@ -31,15 +33,19 @@ from pathlib import Path
 from typing import Any
 
 from _common import REPO, command_line, format_table, machine_info, write_json
+from _seeds import band, cached_run, parse_seeds, plot_band, run_cache
+from _stats import Interval, mean_interval
 from quality_vs_cost import RESULTS, _merge, cumulative_seconds, train_run
 
 from flashjob.demo import DEMO_SPEC
 from trainer.toy import HERE
 
 REWARD_DIR = HERE / "digits_reward"
-DEFAULT_INIT = REPO / "runs" / "bench-quality" / "flash-ttur1-k4"
+DEFAULT_INIT = REPO / "runs" / "bench-quality" / "flash-ttur1-k4-s0"
 RL_BASE: dict[str, Any] = {
     "kind": "rl",
+    # The stage-1 recipe of the joint runs' distillation turns, as before the demo dropped EMA injection (issue 15).
+    "distill": {"ema": 0.98},
     "rl": {"reward": {"kind": "lrm", "path": str(REWARD_DIR)}, "num_candidates": 4, "beta": 500.0,
            "ratio": 5, "joint": True, "batch_size": 8, "optimizer": {"lr": 1e-5}},  # lr: --rl-lr
 }
@@ -63,7 +69,7 @@ def run_spec(name: str, init: Path, scale: float, seed: int, thresholds: tuple[f
              rl_lr: float, critic_updates: str | None = None) -> dict[str, Any]:
     base = RL_BASE if critic_updates is None else _merge(RL_BASE, {"rl": {"critic_updates": critic_updates}})
     spec = _merge(_merge(DEMO_SPEC, base), RUNS[name])
-    spec["name"] = f"bench-rl-{name}"
+    spec["name"] = f"bench-rl-{name}-s{seed}"
     spec["rl"].update(init_from=str(init), threshold_min=thresholds[0], threshold_max=thresholds[1])
     spec["rl"]["optimizer"]["lr"] = rl_lr
     updates = max(int(round(RL_UPDATES * scale)), EVAL_POINTS)
@@ -79,8 +85,8 @@ def control_spec(init: Path, scale: float, seed: int) -> tuple[dict[str, Any], i
     start = int(json.loads((init / "meta.json").read_text())["step"])
     rl_every = max(max(int(round(RL_UPDATES * scale)), EVAL_POINTS) // EVAL_POINTS, 1)
     every = max(rl_every // ratio, 1)  # distillation updates joint-5to1 makes per RL checkpoint interval
-    spec = json.loads(json.dumps(DEMO_SPEC))
-    spec["name"] = f"bench-rl-{CONTROL}"
+    spec = _merge(DEMO_SPEC, {"distill": RL_BASE["distill"]})  # the joint runs' distillation turns, without RL
+    spec["name"] = f"bench-rl-{CONTROL}-s{seed}"
     spec["train"].update(max_steps=start + every * EVAL_POINTS, checkpoint_every=every,
                          sample_every=every * EVAL_POINTS, keep_last=1000, seed=seed, log_every=1)
     return spec, start, ratio
@@ -149,59 +155,92 @@ def summarise_training(metrics: dict[int, dict[str, float]], upto: int, window: 
     return out
 
 
-def plot(results: dict[str, dict], start: dict, path: Path, real_reward: float | None = None) -> None:
+METRICS = ("reward", "fd_real", "fd_teacher", "accuracy", "diversity")
+TAIL = 3  # checkpoints averaged in the table's steadier columns
+
+
+def aggregate(runs: dict[str, dict[int, dict]], start: dict) -> dict[str, dict[str, Any]]:
+    """Per run over seeds: bands of every metric vs RL updates (the start prepended), the final values, and the
+    change of the mean of the last TAIL checkpoints from the start (one interval over seeds)."""
+    out = {}
+    for name, by_seed in runs.items():
+        curves = [[{"step": 0, **start}, *r["points"]] for r in by_seed.values()]
+        one = next(iter(by_seed.values()))
+        agg = {k: one[k] for k in ("ratio", "joint", "rl_timesteps", "gan_weight") if k in one}
+        agg["label"] = one.get("label")
+        agg["seeds"] = sorted(by_seed)
+        for key in METRICS:
+            agg[f"band_{key}"] = band(curves, "step", key)
+            agg[f"final_{key}"] = mean_interval([c[-1][key] for c in curves]).as_dict()
+            agg[f"tail_delta_{key}"] = mean_interval(
+                [sum(p[key] for p in c[-TAIL:]) / len(c[-TAIL:]) - start[key] for c in curves]).as_dict()
+        agg["final_step"] = curves[0][-1]["step"]
+        kept = [c[-1]["rl/kept_frac"] for c in curves if "rl/kept_frac" in c[-1]]
+        agg["kept_frac"] = mean_interval(kept).as_dict() if kept else None
+        agg["wall_s"] = mean_interval([c[-1]["wall_s"] for c in curves]).as_dict()
+        out[name] = agg
+    return out
+
+
+def plot(agg: dict[str, dict], path: Path, real_reward: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("reward", "LRM reward (t = 0)"), ("fd_real", "digits-FD vs real"), ("fd_teacher", "digits-FD vs teacher"),
-            ("accuracy", "accuracy"), ("diversity", "intra-class diversity")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6))
-    for name, r in results.items():
-        pts = [{"step": 0, **start}, *r["points"]]
-        for ax, (k, title) in zip(axes, keys, strict=True):
-            ax.plot([p["step"] for p in pts], [p[k] for p in pts], marker="o", ms=3, label=name)
-            ax.set_title(title)
+    titles = {"reward": "LRM reward (t = 0)", "fd_real": "digits-FD vs real", "fd_teacher": "digits-FD vs teacher",
+              "accuracy": "accuracy", "diversity": "intra-class diversity"}
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6))
+    for name, a in agg.items():
+        for ax, key in zip(axes, METRICS, strict=True):
+            plot_band(ax, a[f"band_{key}"], "step", name)
+            ax.set_title(titles[key])
             ax.set_xlabel("RL updates")
             ax.grid(alpha=0.3)
     if real_reward is not None:
         axes[0].axhline(real_reward, color="k", ls=":", lw=1, label="real digits")
     axes[0].legend(fontsize=7)
-    fig.suptitle("Stage-2 RL ablation on the digits teacher (same stage-1 checkpoint and reward)")
+    fig.suptitle("Stage-2 RL ablation on the digits teacher: mean and 95% interval over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-TAIL = 3  # checkpoints averaged in the table's steadier columns
+def _iv(d: dict | None, digits: int = 2, sign: bool = False) -> str:
+    if d is None:
+        return "-"
+    text = Interval(**d).fmt(digits)
+    return ("+" + text) if sign and d["mean"] >= 0 else text
 
 
-def tail_mean(run: dict, key: str) -> float:
-    """`key` averaged over the run's last TAIL checkpoints."""
-    return sum(p[key] for p in run["points"][-TAIL:]) / len(run["points"][-TAIL:])
-
-
-def table(results: dict[str, dict], start: dict, command: str) -> str:
+def table(agg: dict[str, dict], start: dict, command: str, per_class: int) -> str:
     rows = [["stage-1 start", "-", "-", "-", f"{start['reward']:.3f}", f"{start['fd_real']:.2f}",
-             f"{start['fd_teacher']:.2f}", f"{start['accuracy']:.3f}", f"{start['diversity']:.3f}", "-", "-", "-",
-             "-"]]
-    for name, r in results.items():
-        last = r["points"][-1]
-        mix = r.get("label") or (r["ratio"] if r["joint"] else "RL only")
-        rows.append([name, mix, ",".join(map(str, r["rl_timesteps"])) or "-",
-                     last["step"], f"{last['reward']:.3f} ({last['reward'] - start['reward']:+.3f})",
-                     f"{last['fd_real']:.2f} ({last['fd_real'] - start['fd_real']:+.2f})",
-                     f"{last['fd_teacher']:.2f}", f"{last['accuracy']:.3f}", f"{last['diversity']:.3f}",
-                     f"{last['rl/kept_frac']:.2f}" if "rl/kept_frac" in last else "-", f"{last['wall_s']:.0f}",
+             f"{start['fd_teacher']:.2f}", f"{start['accuracy']:.3f}", "-", "-", "-", "-"]]
+    for name, a in agg.items():
+        mix = a.get("label") or (a["ratio"] if a["joint"] else "RL only")
+        rows.append([name, mix, ",".join(map(str, a.get("rl_timesteps") or [])) or "-", a["final_step"],
+                     _iv(a["final_reward"], 3), _iv(a["final_fd_real"]), _iv(a["final_fd_teacher"]),
+                     _iv(a["final_accuracy"], 3), _iv(a["kept_frac"]), _iv(a["wall_s"], 0),
                      # One checkpoint's scores move by ~0.3 reward and ~2 FD between neighbours (the no-RL
                      # control too): the mean of the last three is the steadier comparison.
-                     f"{tail_mean(r, 'reward') - start['reward']:+.3f}",
-                     f"{tail_mean(r, 'fd_real') - start['fd_real']:+.2f}"])
-    return "\n".join(["# Stage-2 RL ablation on the digits teacher", "", f"Command: `{command}`", "",
-                      format_table(["run", "RL:distill", "RL timesteps", "RL updates", "reward (delta)",
-                                    "FD real (delta)", "FD teacher", "accuracy", "diversity", "kept frac",
-                                    "train s", f"reward delta, last {TAIL}", f"FD delta, last {TAIL}"], rows)]) + "\n"
+                     _iv(a["tail_delta_reward"], 3, sign=True), _iv(a["tail_delta_fd_real"], 2, sign=True)])
+    return "\n".join([
+        "# Stage-2 RL ablation on the digits teacher", "", f"Command: `{command}`", "",
+        f"N = {10 * per_class} samples per checkpoint. Cells: mean [95% t-interval] (n = training seeds).", "",
+        format_table(["run", "RL:distill", "RL timesteps", "RL updates", "reward", "FD real", "FD teacher",
+                      "accuracy", "kept frac", "train s", f"reward delta, last {TAIL}", f"FD delta, last {TAIL}"],
+                     rows)]) + "\n"
+
+
+def write_outputs(payload: dict[str, Any], out: Path) -> str:
+    real = payload.get("real_digits_reward")
+    write_json(out.with_name(out.name + ".json"), payload)
+    plot(payload["aggregate"], out.with_name(out.name + ".png"), real)
+    md = table(payload["aggregate"], payload["start"], payload["command"], payload["per_class"])
+    if real is not None:
+        md += f"\nReward of real digits (same labels, t = 0): {real:.3f}\n"
+    out.with_name(out.name + ".md").write_text(md)
+    return md
 
 
 def main() -> None:
@@ -209,8 +248,8 @@ def main() -> None:
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
     ap.add_argument("--init", type=Path, default=DEFAULT_INIT, help="stage-1 checkpoint or run directory")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every run's RL updates")
-    ap.add_argument("--per-class", type=int, default=50, help="evaluation samples per digit (N = 10x)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--per-class", type=int, default=150, help="evaluation samples per digit (N = 10x)")
+    ap.add_argument("--seeds", default="0,1,2", help="training seeds: 0,1,2 or 0-2")
     ap.add_argument("--threshold", type=float, nargs=2, default=(0.2, 0.3), metavar=("MIN", "MAX"),
                     help="rl.threshold_min/max on the softmax gap of a pair")
     ap.add_argument("--rl-lr", type=float, default=1e-5, help="rl.optimizer.lr")
@@ -219,23 +258,25 @@ def main() -> None:
                     help="rl.critic_updates for every RL run (default: the spec default, every; "
                     "the joint-critics-distill-only run sets distill_only itself)")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-rl")
+    ap.add_argument("--runs-dir", type=Path, default=RESULTS / "runs" / "rl_ablation",
+                    help="per-(run, seed) result cache")
     ap.add_argument("--out", type=Path, default=RESULTS / "rl_ablation")
     ap.add_argument("--from-json", type=Path, default=None,
                     help="redo the plot and table from a results JSON this script wrote (no training)")
     args = ap.parse_args()
     if args.from_json is not None:
-        p = json.loads(args.from_json.read_text())
-        real = p.get("real_digits_reward")
-        plot(p["results"], p["start"], args.out.with_name(args.out.name + ".png"), real)
-        md = table(p["results"], p["start"], p["command"])
-        if real is not None:
-            md += f"\nReward of real digits (same labels, t = 0): {real:.3f}\n"
-        args.out.with_name(args.out.name + ".md").write_text(md)
-        print(md)
+        payload = json.loads(args.from_json.read_text())
+        runs = {name: {int(s): r for s, r in by.items()} for name, by in payload["runs"].items()}
+        payload["aggregate"] = aggregate(runs, payload["start"])
+        print(write_outputs(payload, args.out))
         return
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
     if unknown := [n for n in names if n not in RUNS]:
         ap.error(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as err:
+        ap.error(str(err))
 
     import torch
     from diffusers.utils import logging as diffusers_logging
@@ -252,29 +293,29 @@ def main() -> None:
     try:
         init = resolve_init(str(args.init))
     except Exception as err:  # noqa: BLE001 - say how to make the stage-1 checkpoint
-        raise SystemExit(f"--init: {err}\nmake it with: python bench/quality_vs_cost.py --runs flash-ttur1-k4") from None
+        raise SystemExit(f"--init: {err}\nmake it with: python bench/quality_vs_cost.py --runs flash-ttur1-k4 "
+                         "--seeds 0") from None
     teacher = load_teacher(ModelSpec(teacher="toy:digits"))
     ev = default_evaluator()
     lrm = load_lrm(REWARD_DIR, base=teacher.pipe).eval()
-    ctx = {"evaluator": ev, "labels": eval_labels(args.per_class), "reference": teacher_reference(teacher, ev),
-           "lrm": lrm}
+    ctx = {"evaluator": ev, "labels": eval_labels(args.per_class), "lrm": lrm,
+           "reference": teacher_reference(teacher, ev, per_class=args.per_class)}
     start = score_checkpoint(init, ctx)
     real_reward = real_digits_reward(teacher, lrm, ctx["labels"])
     print(f"stage-1 start {init}: reward {start['reward']:.3f}, FD real {start['fd_real']:.2f}; "
           f"real digits' reward {real_reward:.3f}", flush=True)
-    results: dict[str, dict] = {}
-    for name in names:
-        s0, ratio = 0, 1
+
+    def make(name: str, seed: int) -> dict[str, Any]:
+        s0, ratio, run = 0, 1, f"{name}-s{seed}"
         if name == CONTROL:
-            spec, s0, ratio = control_spec(init, args.scale, args.seed)
-            copy = args.work / name / "checkpoints" / f"step-{s0:08d}"
+            spec, s0, ratio = control_spec(init, args.scale, seed)
+            copy = args.work / run / "checkpoints" / f"step-{s0:08d}"
             if not copy.parent.is_dir():
                 shutil.copytree(init, copy)  # the trainer resumes from this copy: weights, optimisers, step
         else:
-            spec = run_spec(name, init, args.scale, args.seed, tuple(args.threshold), args.rl_lr,
-                            args.critic_updates)
+            spec = run_spec(name, init, args.scale, seed, tuple(args.threshold), args.rl_lr, args.critic_updates)
         cfg = parse_spec(spec)
-        run_dir = train_run(name, spec, args.work, args.threads)
+        run_dir = train_run(run, spec, args.work, args.threads)
         seconds, metrics = cumulative_seconds(run_dir), run_metrics(run_dir)
         every = spec["train"]["checkpoint_every"]
         points = []
@@ -285,23 +326,24 @@ def main() -> None:
             p = {"step": (step - s0) * ratio, "wall_s": round(seconds[step], 2), **score_checkpoint(ck, ctx),
                  **summarise_training(metrics, step, every)}
             points.append(p)
-            print(f"[{name}] RL update {step}: reward {p['reward']:.3f}, FD real {p['fd_real']:.2f}, "
+            print(f"[{run}] RL update {step}: reward {p['reward']:.3f}, FD real {p['fd_real']:.2f}, "
                   f"acc {p['accuracy']:.3f}, kept {p.get('rl/kept_frac', float('nan')):.2f}", flush=True)
+        base = {"name": name, "seed": seed, "per_class": args.per_class, "init": str(init), "spec": spec,
+                "points": points, "gan_weight": cfg.distill.gan_weight}
         if name == CONTROL:  # x axis: the RL updates joint-5to1 has made by the same number of distillation updates
-            results[name] = {"label": "no RL", "ratio": ratio, "joint": True, "rl_timesteps": [],
-                             "gan_weight": cfg.distill.gan_weight, "spec": spec, "points": points}
-        else:
-            results[name] = {"ratio": cfg.rl.ratio, "joint": cfg.rl.joint, "rl_timesteps": cfg.rl.timesteps,
-                             "gan_weight": cfg.distill.gan_weight, "spec": spec, "points": points}
-    command = command_line()
-    payload = {"command": command, "machine": machine_info(), "init": str(init), "reward": str(REWARD_DIR),
-               "per_class": args.per_class, "seed": args.seed, "threads": args.threads, "scale": args.scale,
-               "rl_lr": args.rl_lr, "start": start, "real_digits_reward": real_reward, "results": results, "total_s": round(time.time() - t_start, 1)}
-    write_json(args.out.with_name(args.out.name + ".json"), payload)
-    plot(results, start, args.out.with_name(args.out.name + ".png"), real_reward)
-    md = table(results, start, command) + f"\nReward of real digits (same labels, t = 0): {real_reward:.3f}\n"
-    args.out.with_name(args.out.name + ".md").write_text(md)
-    print(md)
+            return {**base, "label": "no RL", "ratio": ratio, "joint": True, "rl_timesteps": []}
+        return {**base, "ratio": cfg.rl.ratio, "joint": cfg.rl.joint, "rl_timesteps": cfg.rl.timesteps}
+
+    runs: dict[str, dict[int, dict]] = {}
+    for name in names:
+        for seed in seeds:
+            runs.setdefault(name, {})[seed] = cached_run(run_cache(args.runs_dir, name, seed, args.per_class),
+                                                         lambda name=name, seed=seed: make(name, seed))
+    payload = {"command": command_line(), "machine": machine_info(), "init": str(init), "reward": str(REWARD_DIR),
+               "per_class": args.per_class, "seeds": seeds, "threads": args.threads, "scale": args.scale,
+               "rl_lr": args.rl_lr, "start": start, "real_digits_reward": real_reward, "runs": runs,
+               "aggregate": aggregate(runs, start), "total_s": round(time.time() - t_start, 1)}
+    print(write_outputs(payload, args.out))
 
 
 if __name__ == "__main__":

@@ -28,18 +28,23 @@ from tqdm.auto import tqdm
 from trainer.toy import TEACHER_DIR
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
-# The student recipe on the digits teacher (bench/quality_vs_cost.py measured the alternatives).
+# The student recipe on the digits teacher (bench/quality_vs_cost.py measured the alternatives). Issue #15:
+# 400 steps without EMA injection (distill.ema 0) reached FD vs real 8.22 and 8.23 (training seeds 0 and 1, N = 500)
+# where the earlier 600 steps with lambda_ema 0.98 reached 8.70 and 8.34, in two thirds of the training time;
+# with EMA the FD was still ~12 at step 400 (bench/results/demo_recipe.md). Two seeds: enough to keep the demo
+# at least as good vs real, not to decide claim (b) about EMA injection (bench/README.md). FD vs the teacher's
+# 50-step samples got worse on seed 0 (8.03 vs 5.02): the student sits nearer the real digits than the teacher.
 DEMO_SPEC: dict[str, Any] = {
     "kind": "distill",
     "name": "digits-flash-4step",
     "model": {"teacher": "toy:digits"},
     "data": {"builtin": "digits"},
     "schedule": {"num_steps": 4, "dm_steps": [749, 499]},
-    "distill": {"mode": "flash", "real_guidance": 1.0,
+    "distill": {"mode": "flash", "real_guidance": 1.0, "ema": 0.0,
                 "discriminator": {"backbone": "tiny", "head_channels": 32}},
     "optim": {"generator": {"lr": 1e-5}, "fake_score": {"lr": 1e-4},
               "discriminator": {"lr": 1e-4, "betas": [0.0, 0.99]}},
-    "train": {"max_steps": 600, "batch_size": 16, "mixed_precision": "no", "checkpoint_every": 100,
+    "train": {"max_steps": 400, "batch_size": 16, "mixed_precision": "no", "checkpoint_every": 100,
               "sample_every": 100, "num_samples": 10, "keep_last": 10},
 }
 
@@ -157,6 +162,7 @@ def run_demo(*, out: Path, steps: int | None, quick: bool, port: int, data_dir: 
             student, latency = student_images(client, job["id"], seeds)
             curves = {k: metric_series(client, job["id"], k)
                       for k in ("loss/dm", "loss/fake_score", "loss/disc", "loss/gen_adv")}
+        _scoring_threads()
         summary = score_run(checkpoints=checkpoints, student_grid=student, seeds=seeds, per_class=per_class,
                             student_latency=latency, out=out)
         summary.update(job=job["id"], service={"url": service.url, "token_file": str(service.data_dir / "token")},
@@ -183,6 +189,18 @@ def run_demo(*, out: Path, steps: int | None, quick: bool, port: int, data_dir: 
         service.stop()
 
 
+def _scoring_threads() -> None:
+    """Score with the trainer's CPU thread policy (one core left free): the service still runs beside us, and
+    with a thread per core OpenMP's barriers spin-wait whenever another process holds a core."""
+    import torch
+
+    from trainer.cli import cpu_threads
+
+    threads = cpu_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 def _print_table(summary: dict) -> None:
     rows = summary["table"]
     click.echo(f"\n{'sampler':<22}{'FD vs real':>12}{'FD vs T50':>12}{'accuracy':>10}{'diversity':>11}{'s/image':>10}")
@@ -193,7 +211,7 @@ def _print_table(summary: dict) -> None:
 
 @click.command("demo")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True)
-@click.option("--steps", type=int, default=None, help="distillation steps (default 600)")
+@click.option("--steps", type=int, default=None, help="distillation steps (default 400)")
 @click.option("--quick", is_flag=True, help="a short run (60 steps, smaller evaluation) to try the plumbing")
 @click.option("--port", type=int, default=8765, show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -178,7 +178,7 @@ def test_lrm_training_learns_a_preference(teachers, tmp_path):
 
 
 def test_toy_reward_pairs_and_a_short_training_run(tiny_dir, tmp_path):
-    from trainer.toy.reward import LOSER_KINDS, degrade, make_pairs, split, train_toy_reward
+    from trainer.toy.reward import LOSER_KINDS, degrade, make_pairs, parse_timesteps, split, train_toy_reward
 
     tr, te = split(100, seed=0)
     assert len(tr) == 80 and len(te) == 20 and not set(tr.tolist()) & set(te.tolist())
@@ -199,9 +199,22 @@ def test_toy_reward_pairs_and_a_short_training_run(tiny_dir, tmp_path):
             assert round(float(lo[0, 0, 0]) * 3) != c
 
     report = train_toy_reward(str(tiny_dir("sdxl")), tmp_path / "lrm", steps=2, batch_size=4, train_pairs=8,
-                              test_pairs=8, log_every=1)
+                              test_pairs=8, log_every=1, timesteps=parse_timesteps("lrm+999"))
     assert set(report["held_out_accuracy_after"]) >= {"acc/t1", "acc/t999", "acc/t499/blur"}
+    assert report["train_timesteps"][-2:] == [951, 999]
     assert (tmp_path / "lrm" / "state_dict.pt").is_file() and (tmp_path / "lrm" / "report.json").is_file()
     from trainer.reward import load_lrm
 
     assert load_lrm(tmp_path / "lrm").trained
+
+
+def test_toy_reward_timesteps_option():
+    from trainer.reward_train import LRM_TIMESTEPS
+    from trainer.toy.reward import parse_timesteps
+
+    assert parse_timesteps("lrm") == LRM_TIMESTEPS
+    assert parse_timesteps("lrm+999") == (*LRM_TIMESTEPS, 999)
+    assert parse_timesteps("999,749") == (749, 999)
+    for bad in ("", "1000", "lrm+-1"):
+        with pytest.raises(ValueError):
+            parse_timesteps(bad)

@@ -94,6 +94,50 @@ def test_shipped_reference_matches_shipped_teacher_and_evaluator(teacher, evalua
     assert (EVALUATOR_DIR / "reference" / f"teacher{E.REFERENCE_STEPS}-{key}.safetensors").is_file()
 
 
+def test_shipped_teacher_features_match_a_recomputed_subset(teacher, evaluator, tmp_path, monkeypatch) -> None:
+    """The teacher-50 features `flashdmd demo` scores from are what sampling the shipped teacher gives: the first
+    ten (digits 0-9, seeds 0-9) recomputed here agree with the shipped file, which answered without sampling."""
+    real_generate = E.generate
+
+    def no_sampling(*a, **k):
+        raise AssertionError("the shipped features should have answered")
+
+    monkeypatch.setattr(E, "generate", no_sampling)
+    shipped = E.teacher_features(teacher, evaluator, per_class=50, cache_dir=tmp_path)
+    assert shipped.shape == (500, E.FEATURE_DIM)
+    again = evaluator.features(real_generate(teacher, torch.arange(10), method="euler", steps=E.REFERENCE_STEPS,
+                                             guidance=E.DEFAULT_GUIDANCE, seed=0))
+    torch.testing.assert_close(again, shipped[:10], atol=1e-3, rtol=1e-3)
+    assert not list(tmp_path.iterdir())  # nothing was generated or cached
+
+
+def test_teacher_features_are_invalidated_by_a_changed_teacher(evaluator, tmp_path, monkeypatch) -> None:
+    changed = load_teacher(ModelSpec(teacher=str(TEACHER_DIR)))
+    shipped_key = E.features_key(changed, evaluator, steps=E.REFERENCE_STEPS, guidance=E.DEFAULT_GUIDANCE, seed=0)
+    with torch.no_grad():
+        next(changed.denoiser.parameters()).view(-1)[0] += 1e-3
+    key = E.features_key(changed, evaluator, steps=E.REFERENCE_STEPS, guidance=E.DEFAULT_GUIDANCE, seed=0)
+    assert key != shipped_key
+    # Other sampler settings are other keys too.
+    assert E.features_key(changed, evaluator, steps=20, guidance=E.DEFAULT_GUIDANCE, seed=0) != key
+    assert E.features_key(changed, evaluator, steps=E.REFERENCE_STEPS, guidance=3.0, seed=0) != key
+    calls = []
+
+    def fake_generate(teacher, labels, **kw):
+        calls.append(len(labels))
+        g = torch.Generator().manual_seed(len(labels))
+        return torch.rand((len(labels), 3, 32, 32), generator=g) * 2 - 1
+
+    monkeypatch.setattr(E, "generate", fake_generate)
+    first = E.teacher_features(changed, evaluator, per_class=3, cache_dir=tmp_path, progress=False)
+    assert calls == [30] and (tmp_path / f"features{E.REFERENCE_STEPS}-{key}.safetensors").is_file()
+    torch.testing.assert_close(E.teacher_features(changed, evaluator, per_class=3, cache_dir=tmp_path), first)
+    torch.testing.assert_close(E.teacher_features(changed, evaluator, per_class=2, cache_dir=tmp_path), first[:20])
+    assert calls == [30]  # both answered from the cache (a smaller N is a prefix)
+    E.teacher_features(changed, evaluator, per_class=4, cache_dir=tmp_path, progress=False)
+    assert calls == [30, 40]  # more rows than cached: sampled again
+
+
 # ---------------------------------------------------------------------------------------------------------- FD
 
 

@@ -120,6 +120,9 @@ def eval_teacher_command(teacher: Path, evaluator: Path, guidance: float | None,
         if ref is None:  # the 50-step samples are the reference's samples: store their statistics
             ref = E.teacher_reference(t, ev, per_class=per_class, guidance=guidance, seed=seed,
                                       cache_dir=reference_dir, samples=imgs)
+            # Their features too: `flashdmd demo` and the benchmarks score the teacher-50 row from them.
+            E.teacher_features(t, ev, per_class=per_class, guidance=guidance, seed=seed, cache_dir=reference_dir,
+                               samples=imgs)
         results[name] = ev.report(imgs, labels, reference=ref)
         click.echo(f"{name}: {json.dumps(results[name])}", err=True)
     results["settings"] = {"guidance": guidance, "per_class": per_class, "seed": seed, "teacher": str(teacher)}

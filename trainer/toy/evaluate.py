@@ -279,7 +279,11 @@ class DigitsEvaluator:
     def report(self, images: Tensor, labels: Tensor | Sequence[int],
                reference: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
         """All metrics of one sample set; `reference` = teacher-50 (mu, cov) from `teacher_reference`."""
-        feats = self.features(images)
+        return self.report_features(self.features(images), labels, reference)
+
+    def report_features(self, feats: Tensor, labels: Tensor | Sequence[int],
+                        reference: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
+        """`report` from features [N, 64] this evaluator computed (e.g. cached by `teacher_features`)."""
         stats = feature_stats(feats)
         out = {
             "accuracy": accuracy_from_logits(self.model.head(feats), labels),
@@ -479,3 +483,49 @@ def teacher_reference(teacher: Any, evaluator: DigitsEvaluator | None = None, *,
         "steps": str(steps), "guidance": str(guidance), "per_class": str(per_class), "seed": str(seed)})
     tmp.replace(cache / name)
     return mu, cov
+
+
+def features_key(teacher: Any, evaluator: DigitsEvaluator, *, steps: int, guidance: float, seed: int) -> str:
+    """The cache key of `teacher_features`: everything the features depend on except how many there are (image i
+    has label i % 10 and seed `seed * 1_000_003 + i`, so a smaller per_class is a prefix of a larger one)."""
+    spec = dict(teacher=teacher_digest(teacher), evaluator=evaluator.digest, steps=steps, guidance=float(guidance),
+                seed=seed, method="euler", resolution=teacher.resolution, kind="features")
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def teacher_features(teacher: Any, evaluator: DigitsEvaluator | None = None, *, per_class: int = EVAL_PER_CLASS,
+                     steps: int = REFERENCE_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int = 0,
+                     cache_dir: str | Path | None = None, search: Sequence[str | Path] = (),
+                     progress: bool = True, samples: Tensor | None = None) -> Tensor:
+    """CNN features [10 * per_class, 64] of `generate(teacher, eval_labels(per_class), method="euler", ...)`.
+
+    The teacher's 50-step samples are the slowest part of scoring a digits run (about a minute for N = 500 on
+    one core) and the same on every run, so their features are looked up, like `teacher_reference`, by a key over
+    (teacher weights + scheduler config, evaluator weights, sampler settings) in `search`, the shipped
+    `EVALUATOR_DIR/reference/`, then `cache_dir`. A file holding at least N rows answers with its first N; on a
+    miss the samples are generated (or `samples` used: what that `generate` call returns, when the caller has
+    them) and written to `cache_dir`. A retrained teacher or evaluator changes the key, so stale features are
+    never used.
+    """
+    from safetensors.torch import load_file, save_file
+
+    evaluator = evaluator or default_evaluator()
+    key = features_key(teacher, evaluator, steps=steps, guidance=guidance, seed=seed)
+    name = f"features{steps}-{key}.safetensors"
+    n = 10 * per_class
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    for folder in [*map(Path, search), EVALUATOR_DIR / "reference", cache]:
+        if (folder / name).is_file():
+            feats = load_file(str(folder / name))["features"]
+            if feats.shape[0] >= n:
+                return feats[:n].clone()
+    images = samples if samples is not None else generate(
+        teacher, eval_labels(per_class), method="euler", steps=steps, guidance=guidance, seed=seed, progress=progress)
+    feats = evaluator.features(images)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{name}.{time.monotonic_ns()}.tmp"
+    save_file({"features": feats.contiguous()}, str(tmp), metadata={
+        "steps": str(steps), "guidance": str(guidance), "per_class": str(per_class), "seed": str(seed),
+        "teacher": teacher_digest(teacher), "evaluator": evaluator.digest})
+    tmp.replace(cache / name)
+    return feats

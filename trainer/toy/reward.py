@@ -121,10 +121,22 @@ def pair_accuracy(lrm: LatentRewardModel, param, pairs: dict, timesteps: Sequenc
     return out
 
 
+def parse_timesteps(text: str) -> tuple[int, ...]:
+    """'lrm' -> LRM's 1, 51, ..., 951; 'lrm+999' -> those and 999 (the K-step sampler's first step, which LRM's
+    grid never reaches); or an explicit comma-separated list."""
+    base, _, extra = text.partition("+")
+    ts = list(LRM_TIMESTEPS) if base.strip() == "lrm" else [int(t) for t in base.split(",") if t.strip()]
+    ts += [int(t) for t in extra.split(",") if t.strip()]
+    if not ts or any(not 0 <= t <= 999 for t in ts):
+        raise ValueError(f"timesteps: expected 'lrm', 'lrm+999' or integers in [0, 999], got {text!r}")
+    return tuple(sorted(set(ts)))
+
+
 def train_toy_reward(teacher_ref: str, out: str | Path | None, *, steps: int = 600, batch_size: int = 32,
                      lr: float = 1e-4, train_pairs: int = 4000, test_pairs: int = 800, seed: int = 0,
-                     log_every: int = 50) -> dict:
-    """Build pairs, train the LRM from the teacher, evaluate on held-out pairs; saves to `out` when given."""
+                     log_every: int = 50, timesteps: Sequence[int] = LRM_TIMESTEPS) -> dict:
+    """Build pairs, train the LRM from the teacher, evaluate on held-out pairs; saves to `out` when given.
+    timesteps: the training noise levels (drawn uniformly per pair)."""
     from trainer.config import ModelSpec
     from trainer.models import load_teacher
 
@@ -148,11 +160,11 @@ def train_toy_reward(teacher_ref: str, out: str | Path | None, *, steps: int = 6
             click.echo(f"step {step}/{steps}: loss {sum(r['loss/lrm'] for r in recent) / len(recent):.4f}", err=True)
 
     train_lrm(lrm, batches(train, batch_size, gen), teacher.param, steps=steps, lr=lr, seed=seed,
-              timesteps=LRM_TIMESTEPS, log=record)
+              timesteps=timesteps, log=record)
     after = pair_accuracy(lrm, teacher.param, test)
     report = {"teacher": teacher_ref, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
               "train_pairs": train_pairs, "test_pairs": test_pairs, "loser_kinds": list(LOSER_KINDS),
-              "train_timesteps": list(LRM_TIMESTEPS), "held_out_accuracy_before": before,
+              "train_timesteps": list(timesteps), "held_out_accuracy_before": before,
               "held_out_accuracy_after": after, "seconds": round(time.time() - t0, 1)}
     if out is not None:
         out = Path(out)
@@ -169,12 +181,19 @@ def train_toy_reward(teacher_ref: str, out: str | Path | None, *, steps: int = 6
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--lr", default=1e-4, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def main(teacher_ref: str | None, out: Path | None, steps: int, batch_size: int, lr: float, seed: int) -> None:
+@click.option("--timesteps", default="lrm", show_default=True,
+              help="training noise levels: lrm (1, 51, ..., 951), lrm+999, or a comma-separated list")
+def main(teacher_ref: str | None, out: Path | None, steps: int, batch_size: int, lr: float, seed: int,
+         timesteps: str) -> None:
     """Train the digits Latent Reward Model and print its held-out pair accuracy."""
     from trainer.toy import HERE, TEACHER_DIR
 
+    try:
+        ts = parse_timesteps(timesteps)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--timesteps") from None
     report = train_toy_reward(teacher_ref or str(TEACHER_DIR), out or HERE / "digits_reward", steps=steps,
-                              batch_size=batch_size, lr=lr, seed=seed)
+                              batch_size=batch_size, lr=lr, seed=seed, timesteps=ts)
     click.echo(json.dumps(report, indent=2))
 
 

@@ -1,0 +1,44 @@
+"""bench/_stats.py: the seed interval of the digits benchmarks, checked by hand on small numbers."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from _stats import Interval, mean_interval, t_quantile  # noqa: E402
+
+
+def test_t_quantiles_are_the_table_values() -> None:
+    # Student's t, two-sided 95%: the textbook table.
+    assert t_quantile(0.975, 1) == pytest.approx(12.7062, abs=1e-4)
+    assert t_quantile(0.975, 2) == pytest.approx(4.3027, abs=1e-4)
+    assert t_quantile(0.975, 4) == pytest.approx(2.7764, abs=1e-4)
+
+
+def test_three_seeds_by_hand() -> None:
+    # 6, 8, 10: mean 8, s^2 = (4 + 0 + 4) / 2 = 4, s = 2, half width 4.3027 * 2 / sqrt(3) = 4.9683.
+    iv = mean_interval([6.0, 8.0, 10.0])
+    assert (iv.mean, iv.sd, iv.n) == (8.0, 2.0, 3)
+    assert iv.lo == pytest.approx(8 - 4.96836, abs=1e-4) and iv.hi == pytest.approx(8 + 4.96836, abs=1e-4)
+    assert iv.fmt() == "8.00 [3.03, 12.97] (n=3)"
+
+
+def test_two_seeds_by_hand_and_a_wider_level() -> None:
+    # 7, 9: mean 8, s = sqrt(2), half width 12.7062 * sqrt(2) / sqrt(2) = 12.7062.
+    iv = mean_interval([7.0, 9.0])
+    assert iv.sd == pytest.approx(math.sqrt(2)) and iv.hi - iv.mean == pytest.approx(12.7062, abs=1e-4)
+    # 90%: t_{0.95, 1} = 6.3138.
+    assert mean_interval([7.0, 9.0], level=0.90).hi == pytest.approx(8 + 6.3138, abs=1e-4)
+
+
+def test_one_run_has_no_interval_and_nothing_is_an_error() -> None:
+    iv = mean_interval([5.0, float("nan")])  # a non-finite value is dropped, not averaged
+    assert iv.n == 1 and iv.mean == 5.0 and math.isnan(iv.lo)
+    assert iv.fmt() == "5.00 (n=1)"
+    assert Interval(**iv.as_dict()).n == 1
+    with pytest.raises(ValueError):
+        mean_interval([])
