@@ -57,7 +57,12 @@ class Service:
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(data_dir / "service.log", "ab")  # noqa: SIM115 - lives as long as the service
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # One client at a time: serve each /generate at once and compute only its own row, the lowest latency
+        # per request (the CPU's batching defaults pad every call to max_batch rows and wait 10 ms for company,
+        # which pays off only with concurrent clients; bench/generate_overhead.py measured 125 -> 63 ms p50).
+        # The user's own settings win.
+        env = {"FLASHDMD_GENERATE_FIXED_ROWS": "1", "FLASHDMD_GENERATE_MAX_WAIT_MS": "0",
+               **os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "api", "up", "--host", "127.0.0.1", "--port", str(port),
                                       "--data-dir", str(data_dir)], stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
@@ -153,7 +158,8 @@ def run_demo(*, out: Path, steps: int | None, quick: bool, port: int, data_dir: 
         token = service.wait_ready()
         with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {token}"}, timeout=120) as client:
             job = _check(client.post("/jobs", json={"spec": spec, "name": spec["name"]}))
-            click.echo(f"submitted job {job['id']}: Flash-DMD, K=4, {spec['train']['max_steps']} steps")
+            click.echo(f"submitted job {job['id']}: Flash-DMD, K=4, {spec['train']['max_steps']} steps; "
+                       f"watch it at {service.url}/ui#/jobs/{job['id']} (token in {service.data_dir / 'token'})")
             job = follow(client, job["id"])
             if job["status"] != "succeeded":
                 raise click.ClickException(f"job {job['id']} ended {job['status']}: {job.get('error')}")
@@ -170,7 +176,8 @@ def run_demo(*, out: Path, steps: int | None, quick: bool, port: int, data_dir: 
         from flashjob.latency import like_for_like  # teacher and student timed alike; HTTP overhead apart
 
         latest = max(checkpoints, key=lambda c: c["step"])["path"]
-        summary["latency"] = like_for_like(summary, service.url, token, job["id"], latest)
+        # Batch 64: per-image cost on the CPU is flat from there on, and the 50-step teacher at 250 took 30 s.
+        summary["latency"] = like_for_like(summary, service.url, token, job["id"], latest, batch=64)
         plot_curves(curves, summary["fd_over_steps"], out)
         save_grid(summary.pop("_grid"), out / "grid.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
