@@ -55,15 +55,23 @@ def time_samplers(checkpoint: str | Path, *, batch: int = BATCH, single: int = 1
     return rows
 
 
-def http_seconds(url: str, token: str, job_id: str, requests: int = 20) -> float:
+def http_seconds(url: str, token: str, job_id: str, requests: int = 10) -> float:
     """Median seconds of a warm single-image POST /generate (two calls first: load and warm-up)."""
     from trainer.data import digit_prompt
 
     times = []
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120) as client:
         for i in range(requests + 2):
-            t0 = time.perf_counter()
-            client.post("/generate", json={"job": job_id, "prompt": digit_prompt(i % 10), "seed": i}).raise_for_status()
+            body = {"job": job_id, "prompt": digit_prompt(i % 10), "seed": i}
+            while True:
+                t0 = time.perf_counter()
+                res = client.post("/generate", json=body)
+                if res.status_code not in (429, 503):
+                    break
+                # The per-token rate limit (the demo's own grid calls came first) or a busy queue: wait as told,
+                # and time only the answered attempt, which is the request's latency.
+                time.sleep(float(res.headers.get("Retry-After", "1")))
+            res.raise_for_status()
             times.append(time.perf_counter() - t0)
     return statistics.median(times[2:])
 
