@@ -201,7 +201,7 @@ def test_post_jobs_schema_describes_the_job_models(app: App) -> None:
     schema = app.client.get("/openapi.json").json()
     components = schema["components"]["schemas"]
     spec = components["JobCreate"]["properties"]["spec"]
-    assert {ref["$ref"].rsplit("/", 1)[1] for ref in spec["oneOf"]} == {"DistillJob", "RLJob", "EvalJob"}
+    assert {ref["$ref"].rsplit("/", 1)[1] for ref in spec["oneOf"]} == {"DistillJob", "RLJob", "EvalJob", "PrepareJob"}
     assert spec["discriminator"]["propertyName"] == "kind"
     train = components["TrainSpec"]["properties"]
     assert train["max_steps"]["maximum"] == 2**31 - 1 and train["seed"]["maximum"] == 2**32 - 1
