@@ -29,7 +29,8 @@ def _check(tmp_path, capsys):  # noqa: ANN001, ANN202
     # The summary's own table: rows it has get the like-for-like number, others are not invented.
     summary = {"table": {"teacher 50-step CFG": {"latency_s": -1.0}, "student 4-step": {"latency_s": -1.0},
                          "teacher 4-step DDIM": {"latency_s": 7.0}}}
-    out = report(summary, rows, http_p50=rows["student 4-step"]["batch1_s"] + 0.05, batch=4)
+    assert rows["student 4-step"]["service_batch1_s"] > 0  # the HTTP line's in-process baseline
+    out = report(summary, rows, http_p50=rows["student 4-step"]["service_batch1_s"] + 0.05, batch=4)
     assert summary["table"]["student 4-step"]["latency_s"] == rows["student 4-step"]["batched_s"]
     assert summary["table"]["teacher 50-step CFG"]["latency_s"] == rows["teacher 50-step CFG"]["batched_s"]
     assert summary["table"]["teacher 4-step DDIM"]["latency_s"] == 7.0 and "teacher 4-step renoise" not in summary["table"]
