@@ -218,3 +218,20 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def wait_healthy(http: Any, proc: Any, log: Path, timeout: float = 120.0) -> None:
+    """Poll GET /healthz (an httpx.Client on the server) until 200; fail with the server's log tail if the process
+    (a subprocess.Popen) exits or `timeout` seconds pass. Shared by the serving benches."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if http.get("/healthz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"the server did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.2)

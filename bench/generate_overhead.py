@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import command_line, write_json
+from _common import command_line, wait_healthy, write_json
 from serve_load import REPO, free_port, percentile, prepare, server_env
 
 CONFIGS = {"default": {}, "no-wait": {"FLASHDMD_GENERATE_MAX_WAIT_MS": "0"},
@@ -61,16 +61,7 @@ def run_config(args: argparse.Namespace, env: dict[str, str], token: str, checkp
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=600) as http:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if http.get("/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"the server did not start: {log.read_text()[-2000:]}")
-                time.sleep(0.2)
+            wait_healthy(http, proc, log)
             body = {"checkpoint": checkpoint, "prompt": "a handwritten digit seven", "seed": 0}
             for _ in range(3):  # load, then the first calls at this shape (allocator, oneDNN primitives)
                 res = http.post("/generate", json=body)

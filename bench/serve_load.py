@@ -39,7 +39,7 @@ if str(REPO) not in sys.path:  # `python bench/x.py` puts bench/ on the path, no
     sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
-from _common import command_line, write_json  # noqa: E402  (no torch: the bench process stays light)
+from _common import command_line, wait_healthy, write_json  # noqa: E402  (no torch: the bench process stays light)
 
 
 def free_port() -> int:
@@ -124,16 +124,7 @@ def run_mode(args: argparse.Namespace, env: dict[str, str], token: str, checkpoi
     try:
         headers = {"Authorization": f"Bearer {token}"}
         with httpx.Client(base_url=base, headers=headers, timeout=600) as http:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if http.get("/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"the server did not start: {log.read_text()[-2000:]}")
-                time.sleep(0.2)
+            wait_healthy(http, proc, log)
             body = {"checkpoint": checkpoint, "prompt": "warm-up", "seed": 0, "steps": args.steps,
                     "width": args.width, "height": args.height}
             warm = http.post("/generate", json=body)  # loads the pipeline: not part of the measurement
