@@ -57,7 +57,20 @@ RUNS: dict[str, tuple[dict[str, Any], int]] = {
     "flash-ttur1-k2": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.98},
                         "schedule": {"num_steps": 2, "dm_steps": None}}, 500),
     "dmd2-k2": ({"distill": {"mode": "dmd2"}, "schedule": {"num_steps": 2, "dm_steps": None}}, 1200),
+    # The teacher drift (issue #15): the demo's recipe (no EMA) with one suspect changed each. Compared with
+    # flash-ttur1-k4-noema on FD vs the teacher's 50-step samples.
+    "drift-nogan": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.0, "gan_weight": 0.0}}, 600),
+    "drift-glr5e-6": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.0}, "optim": {"generator": {"lr": 5e-6}}},
+                      600),
+    "drift-dm999": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.0},
+                     "schedule": {"num_steps": 4, "dm_steps": [999, 749, 499]}}, 600),
 }
+# What each drift run changes, against the no-EMA flash run.
+DRIFT = {"flash-ttur1-k4-noema": "the demo's recipe (GAN on, generator lr 1e-5, DM at 749 and 499)",
+         "drift-nogan": "no GAN (distill.gan_weight 0): is the GAN pulling toward the real digits?",
+         "drift-glr5e-6": "generator lr 5e-6 (half): does the generator overshoot?",
+         "drift-dm999": "DM loss at 999 too: does the unsupervised first step wander?"}
+
 # The EMA sweep (Eq. 11's lambda_ema), flash TTUR 1, K = 4; 0.98 is the demo's value.
 EMA_SWEEP = {"flash-ttur1-k4-noema": 0.0, "flash-ttur1-k4-ema0.9": 0.9, "flash-ttur1-k4": 0.98,
              "flash-ttur1-k4-ema0.995": 0.995}
@@ -191,6 +204,25 @@ def compare(runs: dict[str, dict[int, dict]], agg: dict[str, dict]) -> list[dict
     return rows
 
 
+def teacher_drift(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]]:
+    """Per drift run, over seeds: FD vs the teacher at its lowest and at the end, the rise between them, and the
+    update where it is lowest; FD vs real at the end (does the fix cost the real-data fit?)."""
+    out = {}
+    for name in DRIFT:
+        if name not in runs:
+            continue
+        curves = [r["points"][1:] for r in runs[name].values()]  # from the first trained checkpoint
+        low = [min(c, key=lambda p: p["fd_teacher"]) for c in curves]
+        out[name] = {"change": DRIFT[name], "seeds": sorted(runs[name]),
+                     "min_fd_teacher": mean_interval([p["fd_teacher"] for p in low]).as_dict(),
+                     "min_at_updates": mean_interval([p["gen_updates"] for p in low]).as_dict(),
+                     "final_fd_teacher": mean_interval([c[-1]["fd_teacher"] for c in curves]).as_dict(),
+                     "rise": mean_interval([c[-1]["fd_teacher"] - p["fd_teacher"] for c, p in zip(curves, low,
+                                                                                                 strict=True)]).as_dict(),
+                     "final_fd_real": mean_interval([c[-1]["fd_real"] for c in curves]).as_dict()}
+    return out
+
+
 FD_THRESHOLDS = (12.0, 10.0, 8.0)
 
 
@@ -207,7 +239,7 @@ def time_to_reach(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]]
     return out
 
 
-def plot(agg: dict[str, dict], path: Path) -> None:
+def plot(agg: dict[str, dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,7 +261,7 @@ def plot(agg: dict[str, dict], path: Path) -> None:
             ax.set_ylabel(what)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Flash-DMD vs dmd2 mode on the digits teacher: mean and 95% interval over training seeds")
+    fig.suptitle(f"{title}: mean and 95% interval over training seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -240,7 +272,8 @@ def _iv(d: dict, digits: int = 2) -> str:
     return Interval(**{k: d[k] for k in ("mean", "lo", "hi", "sd", "n")}).fmt(digits)
 
 
-def table(agg: dict[str, dict], cmp: list[dict], reach_at: dict, command: str, per_class: int) -> str:
+def table(agg: dict[str, dict], cmp: list[dict], reach_at: dict, command: str, per_class: int,
+          drift: dict[str, dict] | None = None) -> str:
     rows = [[name, a["K"], a["ttur"], a["ema"], a["gen_updates"], _iv(a["final"]["wall_s"], 0), _iv(a["best_fd_real"]),
              _iv(a["final"]["fd_real"]), _iv(a["final"]["fd_teacher"]), _iv(a["final"]["accuracy"], 3),
              _iv(a["final"]["diversity"], 2)] for name, a in agg.items()]
@@ -265,14 +298,26 @@ def table(agg: dict[str, dict], cmp: list[dict], reach_at: dict, command: str, p
     if ema:
         out += ["", "## EMA injection sweep (flash, TTUR 1, K = 4): FD vs real early (mid-run) and late", "",
                 format_table(["run", "lambda_ema", "FD real, mid-run", "FD real, final", "FD teacher, final"], ema)]
+    if drift:
+        out += ["", "## The teacher drift: FD vs the teacher's 50-step samples, one suspect changed per run", "",
+                format_table(["run", "what it changes", "lowest FD teacher", "at gen update", "final FD teacher",
+                              "rise after the lowest", "final FD real"],
+                             [[name, d["change"], _iv(d["min_fd_teacher"]), _iv(d["min_at_updates"], 0),
+                              _iv(d["final_fd_teacher"]), _iv(d["rise"]), _iv(d["final_fd_real"])]
+                              for name, d in drift.items()])]
     return "\n".join(out) + "\n"
 
 
 def write_outputs(payload: dict[str, Any], out: Path) -> str:
     write_json(out.with_name(out.name + ".json"), payload)
-    plot(payload["aggregate"], out.with_name(out.name + ".png"))
+    agg = payload["aggregate"]
+    plot({n: a for n, a in agg.items() if n not in DRIFT or n == "flash-ttur1-k4-noema"}, out.with_name(out.name + ".png"),
+         "Flash-DMD vs dmd2 mode on the digits teacher")
+    if any(n in agg for n in DRIFT if n.startswith("drift")):
+        plot({n: agg[n] for n in DRIFT if n in agg}, out.with_name(out.name + "_drift.png"),
+             "The teacher drift: the demo's recipe with one suspect changed")
     md = table(payload["aggregate"], payload["compute_to_match_dmd2"], payload["time_to_reach_fd"], payload["command"],
-               payload["per_class"])
+               payload["per_class"], payload.get("teacher_drift"))
     out.with_name(out.name + ".md").write_text(md)
     return md
 
@@ -301,6 +346,7 @@ def main() -> None:
         payload["aggregate"] = aggregate(runs)
         payload["compute_to_match_dmd2"] = compare(runs, payload["aggregate"])
         payload["time_to_reach_fd"] = time_to_reach(runs)
+        payload["teacher_drift"] = teacher_drift(runs)
         payload["derived_with"] = command_line()
         print(write_outputs(payload, args.out))
         return
@@ -351,7 +397,7 @@ def main() -> None:
     payload = {"command": command_line(), "machine": machine_info(), "per_class": args.per_class, "seeds": seeds,
                "threads": args.threads, "scale": args.scale, "real_baselines": ev.real_baselines(),
                "runs": runs, "aggregate": agg, "compute_to_match_dmd2": compare(runs, agg),
-               "time_to_reach_fd": time_to_reach(runs), "total_s": round(time.time() - t_start, 1)}
+               "time_to_reach_fd": time_to_reach(runs), "teacher_drift": teacher_drift(runs), "total_s": round(time.time() - t_start, 1)}
     print(write_outputs(payload, args.out))
 
 

@@ -40,13 +40,16 @@ from quality_vs_cost import RESULTS, _merge, cumulative_seconds, train_run
 from flashjob.demo import DEMO_SPEC
 from trainer.toy import HERE
 
-REWARD_DIR = HERE / "digits_reward"
+JUDGE_DIR = HERE / "digits_reward"  # the reward every checkpoint is scored with (t = 0)
+# The reward stage 2 trains against: the judge fine-tuned on the generator's own candidates at the RL steps
+# (flashjob/rollout_reward.py), which ranks them at 749 and 499 where the judge is near chance (issue #15).
+ROLLOUT_REWARD_DIR = HERE / "digits_reward_rollout"
 DEFAULT_INIT = REPO / "runs" / "bench-quality" / "flash-ttur1-k4-s0"
 RL_BASE: dict[str, Any] = {
     "kind": "rl",
     # The stage-1 recipe of the joint runs' distillation turns, as before the demo dropped EMA injection (issue 15).
     "distill": {"ema": 0.98},
-    "rl": {"reward": {"kind": "lrm", "path": str(REWARD_DIR)}, "num_candidates": 4, "beta": 500.0,
+    "rl": {"reward": {"kind": "lrm", "path": str(ROLLOUT_REWARD_DIR)}, "num_candidates": 4, "beta": 500.0,
            "ratio": 5, "joint": True, "batch_size": 8, "optimizer": {"lr": 1e-5}},  # lr: --rl-lr
 }
 CONTROL = "distill-only"  # no RL: stage 1 continued for the distillation updates joint-5to1 makes alongside RL
@@ -66,9 +69,10 @@ EVAL_POINTS = 6
 
 
 def run_spec(name: str, init: Path, scale: float, seed: int, thresholds: tuple[float, float],
-             rl_lr: float, critic_updates: str | None = None) -> dict[str, Any]:
+             rl_lr: float, critic_updates: str | None = None, reward: Path = ROLLOUT_REWARD_DIR) -> dict[str, Any]:
     base = RL_BASE if critic_updates is None else _merge(RL_BASE, {"rl": {"critic_updates": critic_updates}})
     spec = _merge(_merge(DEMO_SPEC, base), RUNS[name])
+    spec["rl"]["reward"]["path"] = str(reward)
     spec["name"] = f"bench-rl-{name}-s{seed}"
     spec["rl"].update(init_from=str(init), threshold_min=thresholds[0], threshold_max=thresholds[1])
     spec["rl"]["optimizer"]["lr"] = rl_lr
@@ -254,6 +258,9 @@ def main() -> None:
                     help="rl.threshold_min/max on the softmax gap of a pair")
     ap.add_argument("--rl-lr", type=float, default=1e-5, help="rl.optimizer.lr")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reward", type=Path, default=ROLLOUT_REWARD_DIR,
+                    help="the LRM stage 2 trains against (rl.reward.path); checkpoints are always scored with "
+                    f"the shipped judge, {JUDGE_DIR.name}")
     ap.add_argument("--critic-updates", choices=("every", "distill_only"), default=None,
                     help="rl.critic_updates for every RL run (default: the spec default, every; "
                     "the joint-critics-distill-only run sets distill_only itself)")
@@ -297,7 +304,7 @@ def main() -> None:
                          "--seeds 0") from None
     teacher = load_teacher(ModelSpec(teacher="toy:digits"))
     ev = default_evaluator()
-    lrm = load_lrm(REWARD_DIR, base=teacher.pipe).eval()
+    lrm = load_lrm(JUDGE_DIR, base=teacher.pipe).eval()
     ctx = {"evaluator": ev, "labels": eval_labels(args.per_class), "lrm": lrm,
            "reference": teacher_reference(teacher, ev, per_class=args.per_class)}
     start = score_checkpoint(init, ctx)
@@ -313,7 +320,8 @@ def main() -> None:
             if not copy.parent.is_dir():
                 shutil.copytree(init, copy)  # the trainer resumes from this copy: weights, optimisers, step
         else:
-            spec = run_spec(name, init, args.scale, seed, tuple(args.threshold), args.rl_lr, args.critic_updates)
+            spec = run_spec(name, init, args.scale, seed, tuple(args.threshold), args.rl_lr, args.critic_updates,
+                            args.reward)
         cfg = parse_spec(spec)
         run_dir = train_run(run, spec, args.work, args.threads)
         seconds, metrics = cumulative_seconds(run_dir), run_metrics(run_dir)
@@ -339,7 +347,7 @@ def main() -> None:
         for seed in seeds:
             runs.setdefault(name, {})[seed] = cached_run(run_cache(args.runs_dir, name, seed, args.per_class),
                                                          lambda name=name, seed=seed: make(name, seed))
-    payload = {"command": command_line(), "machine": machine_info(), "init": str(init), "reward": str(REWARD_DIR),
+    payload = {"command": command_line(), "machine": machine_info(), "init": str(init), "judge": str(JUDGE_DIR), "reward": str(args.reward),
                "per_class": args.per_class, "seeds": seeds, "threads": args.threads, "scale": args.scale,
                "rl_lr": args.rl_lr, "start": start, "real_digits_reward": real_reward, "runs": runs,
                "aggregate": aggregate(runs, start), "total_s": round(time.time() - t_start, 1)}
