@@ -79,3 +79,26 @@ def test_quality_vs_cost_compares_each_flash_seed_with_converged_dmd2() -> None:
     assert reach["flash-ttur1-k4"]["8"]["gen_updates"]["reached"] == 2
     md = Q.table(agg, [row], reach, "cmd", per_class=150)
     assert "N = 1500" in md and "2/3 seeds" in md
+
+
+def test_teacher_drift_measures_the_rise_after_each_seeds_lowest_fd_teacher() -> None:
+    def drift_run(name: str, seed: int, fd_teacher: list[float]) -> dict:
+        r = _run(name, seed, 4, [18, 9, 8, 8], 0.5)
+        for p, f in zip(r["points"], fd_teacher, strict=True):
+            p["fd_teacher"] = f
+        return r
+
+    runs = {"flash-ttur1-k4-noema": {0: drift_run("flash-ttur1-k4-noema", 0, [9, 4, 6, 8]),
+                                     1: drift_run("flash-ttur1-k4-noema", 1, [9, 5, 3, 7])},
+            "drift-nogan": {0: drift_run("drift-nogan", 0, [9, 6, 5, 5])},
+            "flash-ttur1-k4": {0: drift_run("flash-ttur1-k4", 0, [1, 1, 1, 1])}}  # not a drift run: left out
+    d = Q.teacher_drift(runs)
+    assert list(d) == ["flash-ttur1-k4-noema", "drift-nogan"]
+    base = d["flash-ttur1-k4-noema"]
+    # Seed 0: lowest 4 at 100 updates, ends at 8 (rise 4); seed 1: lowest 3 at 200, ends at 7 (rise 4). The
+    # update-0 point (the teacher as a 4-step sampler) is not a trained checkpoint and is skipped.
+    assert base["min_fd_teacher"]["mean"] == 3.5 and base["min_at_updates"]["mean"] == 150
+    assert base["rise"]["mean"] == 4.0 and base["rise"]["sd"] == 0.0
+    assert d["drift-nogan"]["rise"]["mean"] == 0.0 and d["drift-nogan"]["final_fd_teacher"]["mean"] == 5.0
+    md = Q.table(Q.aggregate(runs), [], Q.time_to_reach(runs), "cmd", per_class=150, drift=d)
+    assert "The teacher drift" in md and "no GAN" in md

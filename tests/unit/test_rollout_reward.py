@@ -108,3 +108,32 @@ def test_train_rollout_reward_end_to_end_on_a_two_step_generator(tmp_path):
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 2
     lrm = load_lrm(out)
     assert lrm.score(torch.zeros(2, 4, 8, 8), torch.tensor([749, 499]), ["a", "b"]).shape == (2,)
+
+
+def test_shipped_rollout_reward_ranks_candidates_and_still_ranks_clean_digits():
+    """trainer/toy/digits_reward_rollout: its report meets issue #15's bars on the generator's own candidates,
+    with labels an independent valuation reproduces, and it still ranks held-out real-vs-degraded pairs."""
+    import json
+
+    from trainer.config import ModelSpec
+    from trainer.data import DigitsDataset
+    from trainer.models import load_teacher
+    from trainer.reward import load_lrm
+    from trainer.toy import HERE
+    from trainer.toy.reward import encode_pairs, make_pairs, pair_accuracy, split
+
+    folder = HERE / "digits_reward_rollout"
+    report = json.loads((folder / "report.json").read_text())
+    after, before = report["held_out_accuracy_after"], report["held_out_accuracy_before"]
+    assert after["acc/rl999_at749"] >= 0.75 and after["acc/rl749_at499"] >= 0.90
+    assert after["acc/rl999_at749"] > before["acc/rl999_at749"] and after["acc/rl749_at499"] > before["acc/rl749_at499"]
+    assert min(report["label_agreement"].values()) >= 0.95
+    teacher = load_teacher(ModelSpec(teacher="toy:digits"))
+    lrm = load_lrm(folder, base=teacher.pipe).eval()
+    ds = DigitsDataset(teacher.resolution)
+    labels = torch.tensor(ds.labels)
+    _, held_out = split(len(labels), seed=0)
+    gen = torch.Generator().manual_seed(321)
+    pairs = encode_pairs(teacher, make_pairs(ds.images[held_out], labels[held_out], 64, gen), gen)
+    acc = pair_accuracy(lrm, teacher.param, pairs, timesteps=(1, 249))
+    assert acc["acc/t1"] >= 0.9 and acc["acc/t249"] >= 0.85, acc
