@@ -13,6 +13,7 @@ import click
 from api.client_cli import jobs_group
 from flashjob.cli import eval_command, train_command
 from flashjob.demo import demo_command
+from flashjob.rollout_reward import main as rollout_reward_command
 from inference.cli import export_command, generate_command
 from trainer.plan_cli import plan_command
 from trainer.prepare_cli import data_group
@@ -35,6 +36,8 @@ cli.add_command(eval_command)
 cli.add_command(generate_command)
 cli.add_command(export_command)
 cli.add_command(demo_command)
+# flashjob/rollout_reward.py samples checkpoints through inference/, so trainer's toy group cannot import it itself.
+toy_group.add_command(rollout_reward_command, "train-rollout-reward")
 cli.add_command(toy_group)
 cli.add_command(data_group)  # trainer/prepare_cli.py: `flashdmd data prepare`
 cli.add_command(plan_command)  # trainer/plan_cli.py: the per-GPU memory budget of a spec

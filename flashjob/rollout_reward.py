@@ -252,17 +252,20 @@ def train_rollout_reward(generator: str | Path, out: Path | None, *, groups: int
 @click.command("rollout-reward")
 @click.option("--generator", required=True, help="a stage-1 checkpoint folder or run directory")
 @click.option("--out", default=None, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--groups", default=2000, show_default=True, help="training groups (pairs) per RL step")
-@click.option("--test-groups", default=400, show_default=True)
+@click.option("--groups", default=2000, show_default=True, type=click.IntRange(1, 100_000),
+              help="training groups (pairs) per RL step")
+@click.option("--test-groups", default=400, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--rl-steps", default="999,749", show_default=True,
               help="the RL steps whose candidates make pairs (stage 2's default: the high-noise steps)")
-@click.option("--continuations", default=4, show_default=True, help="rollouts per candidate for its value")
-@click.option("--steps", default=600, show_default=True)
-@click.option("--lr", default=5e-5, show_default=True)
+@click.option("--continuations", default=4, show_default=True, type=click.IntRange(1, 64),
+              help="rollouts per candidate for its value")
+@click.option("--steps", default=600, show_default=True, type=click.IntRange(1, 1_000_000))
+@click.option("--lr", default=5e-5, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True))
 @click.option("--seed", default=0, show_default=True)
 def main(generator: str, out: Path | None, groups: int, test_groups: int, rl_steps: str, continuations: int,
          steps: int, lr: float, seed: int) -> None:
     """Fine-tune the digits LRM on the generator's own candidates at the RL steps; print held-out accuracy."""
+    from trainer.errors import InputError
     from trainer.rl_loop import resolve_init
 
     try:
@@ -270,10 +273,15 @@ def main(generator: str, out: Path | None, groups: int, test_groups: int, rl_ste
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {rl_steps!r}", param_hint="--rl-steps") from None
     try:
-        report = train_rollout_reward(resolve_init(generator), out, groups=groups, test_groups=test_groups,
-                                      rl_steps=steps_rl, continuations=continuations, steps=steps, lr=lr, seed=seed)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from None
+        ckpt = resolve_init(generator)
+    except InputError as err:
+        raise click.BadParameter(str(err).removeprefix("rl.init_from: "), param_hint="--generator") from None
+    S = json.loads((ckpt / "meta.json").read_text()).get("timesteps") or []
+    if bad := [t for t in steps_rl if t not in S[:-1]] or not steps_rl:
+        raise click.BadParameter(f"{bad or rl_steps!r}: RL steps must be among the generator's timesteps {S} but "
+                                 "its deterministic last one", param_hint="--rl-steps")
+    report = train_rollout_reward(ckpt, out, groups=groups, test_groups=test_groups, rl_steps=steps_rl,
+                                  continuations=continuations, steps=steps, lr=lr, seed=seed)
     click.echo(json.dumps(report, indent=2))
 
 

@@ -137,3 +137,23 @@ def test_shipped_rollout_reward_ranks_candidates_and_still_ranks_clean_digits():
     pairs = encode_pairs(teacher, make_pairs(ds.images[held_out], labels[held_out], 64, gen), gen)
     acc = pair_accuracy(lrm, teacher.param, pairs, timesteps=(1, 249))
     assert acc["acc/t1"] >= 0.9 and acc["acc/t249"] >= 0.85, acc
+
+
+def test_cli_names_the_bad_option(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from api.cli import cli
+
+    ckpt = tmp_path / "step-00000002"
+    ckpt.mkdir()
+    (ckpt / "meta.json").write_text(json.dumps({"step": 2, "timesteps": S}))
+    cases = [(["--generator", str(tmp_path / "missing")], "--generator"),
+             (["--generator", str(ckpt), "--rl-steps", "999,x"], "--rl-steps"),
+             (["--generator", str(ckpt), "--rl-steps", "999,249"], "deterministic last one"),
+             (["--generator", str(ckpt), "--groups", "0"], "--groups"),
+             (["--generator", str(ckpt), "--lr", "0"], "--lr")]
+    for args, needle in cases:
+        res = CliRunner().invoke(cli, ["toy", "train-rollout-reward", *args])
+        assert res.exit_code == 2 and needle in res.output, (args, res.output)
