@@ -224,6 +224,48 @@ def teacher_drift(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]]
 
 
 FD_THRESHOLDS = (12.0, 10.0, 8.0)
+CURVE_THRESHOLDS = tuple(x / 2 for x in range(32, 11, -1))  # FD vs real 16, 15.5, ..., 6
+
+
+def reach_curves(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Time-to-threshold curves: per configuration, per FD threshold on CURVE_THRESHOLDS, the interval over
+    seeds of the wall time and of the generator updates to first reach it. A threshold only enters a curve
+    while every seed reaches it, so a mean is never over the fast seeds alone."""
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for name, by_seed in runs.items():
+        curves: dict[str, list[dict[str, Any]]] = {"wall_s": [], "gen_updates": []}
+        for th in CURVE_THRESHOLDS:
+            hits = [first_reach(r["points"], "fd_real", th) for r in by_seed.values()]
+            if any(h is None for h in hits):
+                break
+            for field, pts in curves.items():
+                pts.append({"threshold": th, **mean_interval([h[field] for h in hits]).as_dict()})
+        out[name] = curves
+    return out
+
+
+def plot_reach(curves: dict[str, dict[str, list[dict]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, by_field in curves.items():
+        style = "-" if name.startswith("flash") else "--"
+        for ax, field in zip(axes, ("gen_updates", "wall_s"), strict=True):
+            if by_field[field]:
+                plot_band(ax, by_field[field], "threshold", name, style)
+    for ax, what in zip(axes, ("generator updates", "training wall time (s)"), strict=True):
+        ax.set_xlabel("digits-FD vs real (threshold)")
+        ax.set_ylabel(f"{what} to first reach it")
+        ax.invert_xaxis()  # lower FD = harder: to the right
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Time to threshold: mean and 95% interval over seeds (a threshold is drawn while every seed reaches it)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def time_to_reach(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]]:
@@ -313,6 +355,9 @@ def write_outputs(payload: dict[str, Any], out: Path) -> str:
     agg = payload["aggregate"]
     plot({n: a for n, a in agg.items() if n not in DRIFT or n == "flash-ttur1-k4-noema"}, out.with_name(out.name + ".png"),
          "Flash-DMD vs dmd2 mode on the digits teacher")
+    if "reach_curves" in payload:
+        plot_reach({n: c for n, c in payload["reach_curves"].items() if not n.startswith("drift")},
+                   out.with_name(out.name + "_reach.png"))
     if any(n in agg for n in DRIFT if n.startswith("drift")):
         plot({n: agg[n] for n in DRIFT if n in agg}, out.with_name(out.name + "_drift.png"),
              "The teacher drift: the demo's recipe with one suspect changed")
@@ -347,6 +392,7 @@ def main() -> None:
         payload["compute_to_match_dmd2"] = compare(runs, payload["aggregate"])
         payload["time_to_reach_fd"] = time_to_reach(runs)
         payload["teacher_drift"] = teacher_drift(runs)
+        payload["reach_curves"] = reach_curves(runs)
         payload["derived_with"] = command_line()
         print(write_outputs(payload, args.out))
         return
@@ -397,7 +443,8 @@ def main() -> None:
     payload = {"command": command_line(), "machine": machine_info(), "per_class": args.per_class, "seeds": seeds,
                "threads": args.threads, "scale": args.scale, "real_baselines": ev.real_baselines(),
                "runs": runs, "aggregate": agg, "compute_to_match_dmd2": compare(runs, agg),
-               "time_to_reach_fd": time_to_reach(runs), "teacher_drift": teacher_drift(runs), "total_s": round(time.time() - t_start, 1)}
+               "time_to_reach_fd": time_to_reach(runs), "teacher_drift": teacher_drift(runs),
+               "reach_curves": reach_curves(runs), "total_s": round(time.time() - t_start, 1)}
     print(write_outputs(payload, args.out))
 
 

@@ -102,3 +102,16 @@ def test_teacher_drift_measures_the_rise_after_each_seeds_lowest_fd_teacher() ->
     assert d["drift-nogan"]["rise"]["mean"] == 0.0 and d["drift-nogan"]["final_fd_teacher"]["mean"] == 5.0
     md = Q.table(Q.aggregate(runs), [], Q.time_to_reach(runs), "cmd", per_class=150, drift=d)
     assert "The teacher drift" in md and "no GAN" in md
+
+
+def test_reach_curves_stop_where_a_seed_never_gets() -> None:
+    runs = {"flash-ttur1-k4": {0: _run("flash-ttur1-k4", 0, 4, [18, 9, 7, 8], 0.5),
+                               1: _run("flash-ttur1-k4", 1, 4, [18, 12, 9, 7.2], 0.5)}}
+    curves = Q.reach_curves(runs)["flash-ttur1-k4"]
+    ths = [p["threshold"] for p in curves["gen_updates"]]
+    # Both seeds reach every threshold down to 7.5 (seed 0 at 7.0, seed 1 at 7.2); at 7.0 seed 1 never does.
+    assert ths[0] == 16.0 and ths[-1] == 7.5 and 7.0 not in ths
+    at = {p["threshold"]: p for p in curves["gen_updates"]}
+    assert at[12.0]["mean"] == 100.0 and at[12.0]["n"] == 2  # 9 and 12 are both <= 12 at update 100
+    assert at[8.5]["mean"] == 250.0  # seed 0 at 200 (7), seed 1 at 300 (7.2)
+    assert curves["wall_s"][-1]["mean"] == 0.5 * 250.0
