@@ -157,6 +157,33 @@ def finetune(lrm: LatentRewardModel, rollout: Iterator[dict], original: Iterator
     lrm.eval().requires_grad_(False)
 
 
+def generator_pairs(pipe, judge_lrm: LatentRewardModel, n: int, rl_step: int, k: int, continuations: int,  # noqa: ANN001
+                    gen: torch.Generator, second_valuation: bool = False, chunk: int = 250) -> dict:
+    """`rollout_pairs` for n random digit prompts with a loaded few-step pipeline (inference.pipeline) as G and
+    the judge's reward at t = 0 as the value, in chunks of `chunk` groups."""
+    from trainer.models import predict_x0
+
+    S = pipe.info.timesteps_for(None)
+    w, h = pipe.size(None, None)
+    latent_shape = (pipe.geometry.latent_channels, h // pipe.geometry.vae_scale, w // pipe.geometry.vae_scale)
+    labels = torch.randint(10, (n,), generator=gen)
+    chunks = []
+    for lo in range(0, n, chunk):
+        lab = labels[lo:lo + chunk]
+        cond = pipe.encode([digit_prompt(int(c)) for c in lab], w, h)
+
+        def denoise(z: Tensor, t: Tensor, rows: Tensor, cond=cond) -> Tensor:  # noqa: ANN001
+            return predict_x0(pipe.net, z, t, cond[rows], pipe.param).float()
+
+        def judge(lat: Tensor, prompts: Sequence[str]) -> Tensor:
+            return judge_lrm.score(lat, torch.zeros(len(lat), dtype=torch.long), prompts)
+
+        chunks.append(rollout_pairs(denoise, judge, lab, latent_shape, S, rl_step, k, continuations, pipe.param, gen,
+                                    second_valuation=second_valuation))
+    return {key: (sum((c[key] for c in chunks), []) if key == "prompt" else torch.cat([c[key] for c in chunks]))
+            for key in chunks[0]}
+
+
 def train_rollout_reward(generator: str | Path, out: Path | None, *, groups: int = 2000, test_groups: int = 400,
                          rl_steps: Sequence[int] = (999, 749), k: int = 4, continuations: int = 4, steps: int = 600,
                          batch_size: int = 16, lr: float = 5e-5, seed: int = 0,
@@ -164,7 +191,6 @@ def train_rollout_reward(generator: str | Path, out: Path | None, *, groups: int
     """Rollout pairs of `generator` at `rl_steps`, the LRM fine-tuned from the shipped judge on them mixed with the
     original pairs (train, held-out counts: `original_pairs`), held-out accuracies before and after; saved to `out`."""
     from inference.pipeline import load_pipeline
-    from trainer.models import predict_x0
     from trainer.toy import HERE
 
     torch.manual_seed(seed)
@@ -179,26 +205,9 @@ def train_rollout_reward(generator: str | Path, out: Path | None, *, groups: int
     judge_lrm = load_lrm(base_dir, base=teacher.pipe).eval()
     lrm = load_lrm(base_dir, base=teacher.pipe).eval()
     gen = torch.Generator().manual_seed(seed)
-    w, h = pipe.size(None, None)
-    latent_shape = (pipe.geometry.latent_channels, h // pipe.geometry.vae_scale, w // pipe.geometry.vae_scale)
 
     def pairs_for(n: int, rl_step: int, second: bool) -> dict:
-        labels = torch.randint(10, (n,), generator=gen)
-        chunks = []
-        for lo in range(0, n, 250):
-            lab = labels[lo:lo + 250]
-            cond = pipe.encode([digit_prompt(int(c)) for c in lab], w, h)
-
-            def denoise(z: Tensor, t: Tensor, rows: Tensor, cond=cond) -> Tensor:  # noqa: ANN001
-                return predict_x0(pipe.net, z, t, cond[rows], param).float()
-
-            def judge(lat: Tensor, prompts: Sequence[str]) -> Tensor:
-                return judge_lrm.score(lat, torch.zeros(len(lat), dtype=torch.long), prompts)
-
-            chunks.append(rollout_pairs(denoise, judge, lab, latent_shape, S, rl_step, k, continuations, param, gen,
-                                        second_valuation=second))
-        return {key: (sum((c[key] for c in chunks), []) if key == "prompt" else torch.cat([c[key] for c in chunks]))
-                for key in chunks[0]}
+        return generator_pairs(pipe, judge_lrm, n, rl_step, k, continuations, gen, second)
 
     click.echo(f"rollouts of {generator}: {groups} + {test_groups} groups per RL step {list(rl_steps)}, "
                f"k = {k}, C = {continuations}", err=True)

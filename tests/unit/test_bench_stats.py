@@ -42,3 +42,14 @@ def test_one_run_has_no_interval_and_nothing_is_an_error() -> None:
     assert Interval(**iv.as_dict()).n == 1
     with pytest.raises(ValueError):
         mean_interval([])
+
+
+def test_wilson_interval_by_hand() -> None:
+    from rollout_reward_eval import wilson
+
+    # 360/400: centre (0.9 + 1.96^2/800) / (1 + 1.96^2/400) = 0.896198, half-width
+    # 1.96 sqrt(0.9 * 0.1 / 400 + 1.96^2 / 640000) / (1 + 1.96^2/400) = 0.029506.
+    lo, hi = wilson(360, 400)
+    assert lo == pytest.approx(0.866692, abs=1e-5) and hi == pytest.approx(0.925704, abs=1e-5)
+    lo, hi = wilson(0, 10)  # no successes: the interval still has width, unlike the Wald one
+    assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.2775, abs=1e-4)
