@@ -382,6 +382,8 @@ def main() -> None:
                     help="per-(configuration, seed) result cache")
     ap.add_argument("--out", type=Path, default=RESULTS / "quality_vs_cost")
     ap.add_argument("--keep-checkpoints", action="store_true")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="train nothing: the tables and plots from the (run, seed) results already under --runs-dir")
     ap.add_argument("--from-json", type=Path, default=None,
                     help="redo the comparison, plot and table from a results JSON this script wrote (no training)")
     args = ap.parse_args()
@@ -404,6 +406,21 @@ def main() -> None:
     except ValueError as err:
         ap.error(str(err))
     dmd2_steps = None if args.dmd2_steps is None else {4: args.dmd2_steps, 2: args.dmd2_steps * 3 // 4}
+    if args.cached_only:  # the tables from the committed per-run results, for whatever (run, seed) has one
+        cached = {name: {seed: json.loads(path.read_text()) for seed in seeds
+                         if (path := run_cache(args.runs_dir, name, seed, args.per_class)).is_file()} for name in names}
+        runs = {name: by for name, by in cached.items() if by}
+        if not runs:
+            raise SystemExit(f"--cached-only: no cached runs under {args.runs_dir} for these --runs and --seeds")
+        from trainer.toy.evaluate import default_evaluator
+
+        agg = aggregate(runs)
+        payload = {"command": command_line(), "per_class": args.per_class, "seeds": seeds,
+                   "real_baselines": default_evaluator().real_baselines(), "runs": runs, "aggregate": agg,
+                   "compute_to_match_dmd2": compare(runs, agg), "time_to_reach_fd": time_to_reach(runs),
+                   "teacher_drift": teacher_drift(runs), "reach_curves": reach_curves(runs)}
+        print(write_outputs(payload, args.out))
+        return
 
     import torch
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
+    BASELINE,
     CONFIGS,
     REPO,
     StepTimes,
@@ -150,8 +151,19 @@ def run_probe(teacher: str, mode: str, ttur: int, batch: int, threads: int) -> d
     return json.loads(lines[-1][len("PROBE "):])
 
 
-def time_model(teacher_ref: str, batch: int, iters: int) -> dict[str, dict[str, Any]]:
-    """Interleaved timing of every config on one shared teacher (see the module docstring)."""
+def digits_study_cfgs() -> dict[str, Any]:
+    """The digits study's own specs (bench/quality_vs_cost.py: the demo's recipe per row), as DistillJobs."""
+    from quality_vs_cost import run_spec
+
+    from trainer.config import parse_spec
+
+    names = {"flash-ttur1": "flash-ttur1-k4-noema", "flash-ttur1-ema0.98": "flash-ttur1-k4", BASELINE: "dmd2-k4"}
+    return {key: parse_spec(run_spec(row, 1.0, 0)[0]) for key, row in names.items()}
+
+
+def time_model(teacher_ref: str, batch: int, iters: int, cfgs: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Interleaved timing of every config on one shared teacher (see the module docstring); `cfgs` replaces the
+    CONFIGS specs (they must share teacher, data and mixed precision)."""
     import torch
 
     from trainer.data import build_dataset, infinite_batches
@@ -159,7 +171,8 @@ def time_model(teacher_ref: str, batch: int, iters: int) -> dict[str, dict[str, 
     from trainer.loop import _accelerator
     from trainer.models import load_teacher
 
-    cfgs = {config_name(m, t): make_spec(teacher_ref, m, t, batch, discriminator=TINY_DISC) for m, t in CONFIGS}
+    if cfgs is None:
+        cfgs = {config_name(m, t): make_spec(teacher_ref, m, t, batch, discriminator=TINY_DISC) for m, t in CONFIGS}
     first = next(iter(cfgs.values()))
     acc = _accelerator(first)  # every cfg has mixed_precision "no": one accelerator serves all
     teacher = load_teacher(first.model, acc.device, first.schedule.shift)
@@ -218,6 +231,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (1: stable timings on a shared small machine)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocess probes")
+    ap.add_argument("--digits-study", action="store_true",
+                    help="time bench/quality_vs_cost.py's own specs on the digits teacher instead (batch 16, no "
+                    "memory probes): the clean per-update cost its wall-time axis is checked against")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train_step.json"))
     ap.add_argument("--probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -230,8 +246,16 @@ def main() -> None:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     started = time.perf_counter()
     results: dict[str, Any] = {}
+    if args.digits_study:
+        models = ["digits"]
+        cfgs = digits_study_cfgs()
+        first = next(iter(cfgs.values()))
+        print(f"[digits] timing {', '.join(cfgs)} (batch {first.train.batch_size})", flush=True)
+        res = time_model(first.model.teacher, first.train.batch_size, args.iters, cfgs)
+        add_ratios(res)
+        results["digits"] = {"teacher": "toy:digits", "configs": res}
     with tempfile.TemporaryDirectory(prefix="flashdmd-bench-") as tmp:
-        for model in models:
+        for model in [] if args.digits_study else models:
             ref = teacher_dir(model, Path(tmp))
             print(f"[{model}] timing {', '.join(config_name(m, t) for m, t in CONFIGS)} (batch {args.batch})",
                   flush=True)
@@ -255,7 +279,7 @@ def main() -> None:
     payload = {
         "benchmark": "train_step", "command": command_line(), "machine": machine_info(),
         "settings": {"models": models, "iters": math.ceil(args.iters / BLOCK) * BLOCK, "block": BLOCK,
-                     "batch": args.batch, "threads": args.threads, "data": "digits (builtin)",
+                     "batch": 16 if args.digits_study else args.batch, "threads": args.threads, "data": "digits (builtin)",
                      "memory_method": "subprocess per config: /proc/self/status VmHWM - VmRSS after teacher+data "
                                       "(peak reset via /proc/self/clear_refs)"},
         "results": results, "table": table, "wall_s": time.perf_counter() - started,
