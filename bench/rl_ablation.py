@@ -270,6 +270,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "rl_ablation")
     ap.add_argument("--from-json", type=Path, default=None,
                     help="redo the plot and table from a results JSON this script wrote (no training)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="train nothing: the tables and plot from the (run, seed) results already under --runs-dir")
     args = ap.parse_args()
     if args.from_json is not None:
         payload = json.loads(args.from_json.read_text())
@@ -284,6 +286,23 @@ def main() -> None:
         seeds = parse_seeds(args.seeds)
     except ValueError as err:
         ap.error(str(err))
+
+    start_cache = args.runs_dir / f"start-n{10 * args.per_class}.json"
+    if args.cached_only:  # the tables from the committed per-run results, for whatever (run, seed) has one
+        if not start_cache.is_file():
+            raise SystemExit(f"--cached-only: no scored stage-1 start at {start_cache}")
+        first = json.loads(start_cache.read_text())
+        runs = {name: by for name in names if (by := {
+            seed: json.loads(path.read_text()) for seed in seeds
+            if (path := run_cache(args.runs_dir, name, seed, args.per_class)).is_file()})}
+        if not runs:
+            raise SystemExit(f"--cached-only: no cached runs under {args.runs_dir} for these --runs and --seeds")
+        payload = {"command": command_line(), "init": first["init"], "judge": str(JUDGE_DIR),
+                   "reward": str(args.reward), "per_class": args.per_class, "seeds": seeds, "start": first["start"],
+                   "real_digits_reward": first["real_digits_reward"], "runs": runs,
+                   "aggregate": aggregate(runs, first["start"])}
+        print(write_outputs(payload, args.out))
+        return
 
     import torch
     from diffusers.utils import logging as diffusers_logging
@@ -307,8 +326,12 @@ def main() -> None:
     lrm = load_lrm(JUDGE_DIR, base=teacher.pipe).eval()
     ctx = {"evaluator": ev, "labels": eval_labels(args.per_class), "lrm": lrm,
            "reference": teacher_reference(teacher, ev, per_class=args.per_class)}
-    start = score_checkpoint(init, ctx)
-    real_reward = real_digits_reward(teacher, lrm, ctx["labels"])
+    first = cached_run(start_cache, lambda: {"init": str(init), "start": score_checkpoint(init, ctx),
+                                             "real_digits_reward": real_digits_reward(teacher, lrm, ctx["labels"])})
+    if first["init"] != str(init):
+        raise SystemExit(f"{start_cache} scored {first['init']}, not --init {init}: delete it (and the run results "
+                         "that started there) to change the stage-1 checkpoint")
+    start, real_reward = first["start"], first["real_digits_reward"]
     print(f"stage-1 start {init}: reward {start['reward']:.3f}, FD real {start['fd_real']:.2f}; "
           f"real digits' reward {real_reward:.3f}", flush=True)
 
