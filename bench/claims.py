@@ -58,10 +58,22 @@ def at_wall(points: list[dict], wall: float, key: str) -> float:
     return (done[-1] if done else points[0])[key]
 
 
-def equal_compute(runs: dict[str, dict[int, dict]], flash: str, dmd2: str) -> Interval | None:
-    """Per seed: flash's final FD vs real minus dmd2's FD vs real at flash's final training wall time."""
+def at_updates(points: list[dict], updates: float, key: str) -> float:
+    """`key` at the last checkpoint with at most `updates` generator updates (the start if none)."""
+    done = [p for p in points if p["gen_updates"] <= updates]
+    return (done[-1] if done else points[0])[key]
+
+
+def equal_compute(runs: dict[str, dict[int, dict]], flash: str, dmd2: str,
+                  ratio: float | None = None) -> Interval | None:
+    """Per seed: flash's final FD vs real minus dmd2's FD vs real at the same compute: the same measured training
+    wall time, or with `ratio` (one flash update in dmd2 updates, from clean timings) the same priced updates."""
     f = {s: r["points"][-1] for s, r in runs[flash].items()}
-    d = {s: at_wall(runs[dmd2][s]["points"], f[s]["wall_s"], "fd_real") for s in runs[dmd2] if s in f}
+    if ratio is None:
+        d = {s: at_wall(runs[dmd2][s]["points"], f[s]["wall_s"], "fd_real") for s in runs[dmd2] if s in f}
+    else:
+        d = {s: at_updates(runs[dmd2][s]["points"], f[s]["gen_updates"] * ratio, "fd_real")
+             for s in runs[dmd2] if s in f}
     return paired({s: p["fd_real"] for s, p in f.items()}, d)
 
 
@@ -84,8 +96,10 @@ def rl_effect(runs: dict[str, dict[int, dict]], start: dict, name: str, base: st
                   {s: tail_delta(r, start, key) for s, r in runs[base].items()})
 
 
-def decide(q: dict | None, rl: dict | None) -> list[dict[str, Any]]:
+def decide(q: dict | None, rl: dict | None, costs: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """costs: run name -> clean s per generator update (quality_vs_cost.update_costs)."""
     rows: list[dict[str, Any]] = []
+    costs = costs or {}
 
     def add(claim: str, what: str, iv: Interval | None, verdict: str) -> None:
         rows.append({"claim": claim, "comparison": what, "interval": iv.as_dict() if iv else None, "verdict": verdict})
@@ -94,8 +108,14 @@ def decide(q: dict | None, rl: dict | None) -> list[dict[str, Any]]:
         runs = _runs(q)
         for flash in ("flash-ttur1-k4-noema", "flash-ttur1-k4", "flash-ttur2-k4"):
             if flash in runs and "dmd2-k4" in runs:
+                if flash in costs and "dmd2-k4" in costs:
+                    ratio = costs[flash] / costs["dmd2-k4"]
+                    iv = equal_compute(runs, flash, "dmd2-k4", ratio)
+                    add("a", f"{flash} final FD real - dmd2-k4 FD real at the same compute (updates priced at clean "
+                        f"per-update costs: 1 flash update = {ratio:.2f} dmd2 updates)", iv,
+                        {"below": "reproduced", "above": "not reproduced"}.get(sign(iv), "inconclusive"))
                 iv = equal_compute(runs, flash, "dmd2-k4")
-                add("a", f"{flash} final FD real - dmd2-k4 FD real at the same training wall time", iv,
+                add("a", f"{flash} final FD real - dmd2-k4 FD real at the same measured (contended) wall time", iv,
                     {"below": "reproduced", "above": "not reproduced"}.get(sign(iv), "inconclusive"))
         for name in ("flash-ttur1-k4-ema0.9", "flash-ttur1-k4", "flash-ttur1-k4-ema0.995"):
             if name in runs and "flash-ttur1-k4-noema" in runs:
@@ -144,7 +164,9 @@ def main() -> None:
     args = ap.parse_args()
     q = json.loads(args.quality.read_text()) if args.quality.is_file() else None
     rl = json.loads(args.rl.read_text()) if args.rl.is_file() else None
-    rows = decide(q, rl)
+    from quality_vs_cost import update_costs
+
+    rows = decide(q, rl, update_costs())
     md = "\n".join(["# The digits claims, decided by paired seed differences", "", f"Command: `{command_line()}`", "",
                     "Each row: configuration A minus B, per training seed, mean and 95% t-interval; a verdict "
                     "needs the interval to exclude 0 (rules in bench/claims.py).", "", table(rows)]) + "\n"

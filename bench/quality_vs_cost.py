@@ -180,9 +180,27 @@ def aggregate(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def compare(runs: dict[str, dict[int, dict]], agg: dict[str, dict]) -> list[dict[str, Any]]:
+# Which spec of `train_step.py --digits-study` (bench/results/train_step_digits.json) prices a run's updates.
+COST_KEY = {"flash-ttur1-k4-noema": "flash-ttur1", "flash-ttur1-k4": "flash-ttur1-ema0.98",
+            "flash-ttur1-k4-ema0.9": "flash-ttur1-ema0.98", "flash-ttur1-k4-ema0.995": "flash-ttur1-ema0.98",
+            "dmd2-k4": "dmd2-ttur5"}
+
+
+def update_costs(path: Path = RESULTS / "train_step_digits.json") -> dict[str, float]:
+    """Run name -> clean seconds per generator update (median, interleaved timing); {} without the file."""
+    if not path.is_file():
+        return {}
+    configs = json.loads(path.read_text())["results"]["digits"]["configs"]
+    return {run: configs[key]["timing"]["s_per_gen_update_median"] for run, key in COST_KEY.items() if key in configs}
+
+
+def compare(runs: dict[str, dict[int, dict]], agg: dict[str, dict],
+            costs: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Per K: each flash configuration's cost, per seed, to first reach the converged dmd2 FD (the mean over
-    dmd2's seeds of its final FD), as a % of dmd2's mean whole-run cost; intervals over the flash seeds."""
+    dmd2's seeds of its final FD), as a % of dmd2's mean whole-run cost; intervals over the flash seeds.
+    Costs: measured training wall time (contended: see bench/README.md), generator updates, and, with `costs`
+    (run -> clean s per generator update), updates priced at the clean per-update cost ("pct_clean")."""
+    costs = costs or {}
     rows = []
     for name, by_seed in runs.items():
         if not name.startswith("flash"):
@@ -197,10 +215,16 @@ def compare(runs: dict[str, dict[int, dict]], agg: dict[str, dict]) -> list[dict
         hits = [first_reach(r["points"], "fd_real", target) for r in by_seed.values()]
         pct = [None if h is None else {"wall": 100 * h["wall_s"] / total_s, "upd": 100 * h["gen_updates"] / total_upd}
                for h in hits]
-        rows.append({"run": name, "K": k, "dmd2_converged_fd": base["final"]["fd_real"], "dmd2_wall_s": total_s,
-                     "dmd2_gen_updates": total_upd, "flash_best_fd": agg[name]["best_fd_real"],
-                     "wall_s": reach_interval(hits, "wall_s"), "gen_updates": reach_interval(hits, "gen_updates"),
-                     "pct_wall": reach_interval(pct, "wall"), "pct_gen_updates": reach_interval(pct, "upd")})
+        row = {"run": name, "K": k, "dmd2_converged_fd": base["final"]["fd_real"], "dmd2_wall_s": total_s,
+               "dmd2_gen_updates": total_upd, "flash_best_fd": agg[name]["best_fd_real"],
+               "wall_s": reach_interval(hits, "wall_s"), "gen_updates": reach_interval(hits, "gen_updates"),
+               "pct_wall": reach_interval(pct, "wall"), "pct_gen_updates": reach_interval(pct, "upd")}
+        if name in costs and f"dmd2-k{k}" in costs:
+            ratio = costs[name] / costs[f"dmd2-k{k}"]  # one flash update in dmd2 updates
+            row["update_cost_ratio"] = ratio
+            row["pct_clean"] = reach_interval([None if h is None else {"c": 100 * h["gen_updates"] * ratio / total_upd}
+                                               for h in hits], "c")
+        rows.append(row)
     return rows
 
 
@@ -326,10 +350,12 @@ def table(agg: dict[str, dict], cmp: list[dict], reach_at: dict, command: str, p
                          "final FD teacher", "accuracy", "diversity"], rows), "",
            "## Compute for Flash-DMD to reach converged dmd2's FD (vs real), same K", "",
            format_table(["flash run", "K", "dmd2 converged FD", "dmd2 whole run", "flash wall s to reach",
-                         "flash gen updates to reach", "% of dmd2 wall", "% of dmd2 gen updates"],
+                         "flash gen updates to reach", "% of dmd2 wall (contended)", "% of dmd2 gen updates",
+                         "% of dmd2 compute (clean per-update cost)"],
                         [[c["run"], c["K"], _iv(c["dmd2_converged_fd"]),
                           f"{c['dmd2_wall_s']:.0f} s / {c['dmd2_gen_updates']} upd", fmt_reach(c["wall_s"]),
-                          fmt_reach(c["gen_updates"]), fmt_reach(c["pct_wall"], 1), fmt_reach(c["pct_gen_updates"], 1)]
+                          fmt_reach(c["gen_updates"]), fmt_reach(c["pct_wall"], 1), fmt_reach(c["pct_gen_updates"], 1),
+                          fmt_reach(c["pct_clean"], 1) if "pct_clean" in c else "-"]
                          for c in cmp]), "",
            "## Training wall time to first reach an FD vs real (among the seeds that reach it)", "",
            format_table(["run", *[f"FD <= {k}" for k in next(iter(reach_at.values()))]],
@@ -391,7 +417,7 @@ def main() -> None:
         payload = json.loads(args.from_json.read_text())
         runs = {name: {int(s): r for s, r in by.items()} for name, by in payload["runs"].items()}
         payload["aggregate"] = aggregate(runs)
-        payload["compute_to_match_dmd2"] = compare(runs, payload["aggregate"])
+        payload["compute_to_match_dmd2"] = compare(runs, payload["aggregate"], update_costs())
         payload["time_to_reach_fd"] = time_to_reach(runs)
         payload["teacher_drift"] = teacher_drift(runs)
         payload["reach_curves"] = reach_curves(runs)
@@ -417,7 +443,7 @@ def main() -> None:
         agg = aggregate(runs)
         payload = {"command": command_line(), "per_class": args.per_class, "seeds": seeds,
                    "real_baselines": default_evaluator().real_baselines(), "runs": runs, "aggregate": agg,
-                   "compute_to_match_dmd2": compare(runs, agg), "time_to_reach_fd": time_to_reach(runs),
+                   "compute_to_match_dmd2": compare(runs, agg, update_costs()), "time_to_reach_fd": time_to_reach(runs),
                    "teacher_drift": teacher_drift(runs), "reach_curves": reach_curves(runs)}
         print(write_outputs(payload, args.out))
         return
@@ -459,7 +485,7 @@ def main() -> None:
     agg = aggregate(runs)
     payload = {"command": command_line(), "machine": machine_info(), "per_class": args.per_class, "seeds": seeds,
                "threads": args.threads, "scale": args.scale, "real_baselines": ev.real_baselines(),
-               "runs": runs, "aggregate": agg, "compute_to_match_dmd2": compare(runs, agg),
+               "runs": runs, "aggregate": agg, "compute_to_match_dmd2": compare(runs, agg, update_costs()),
                "time_to_reach_fd": time_to_reach(runs), "teacher_drift": teacher_drift(runs),
                "reach_curves": reach_curves(runs), "total_s": round(time.time() - t_start, 1)}
     print(write_outputs(payload, args.out))

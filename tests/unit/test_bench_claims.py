@@ -61,3 +61,15 @@ def test_decide_gives_each_claim_its_verdict() -> None:
     assert by[("d", "joint-5to1 (999, 749) - all-timesteps (999, 749, 499): reward change")] == "reproduced"
     md = C.table(rows)
     assert "reproduced" in md and "[" in md
+
+
+def test_equal_compute_at_priced_updates() -> None:
+    # A flash update costs 0.5 dmd2 updates: flash's final 300 updates = 150 dmd2 updates, so dmd2 is read at
+    # its checkpoint of 100 updates (FD 15 and 14), not at 300.
+    runs = {"flash": {0: curve([20, 10, 8, 7], 1.0), 1: curve([20, 11, 9, 8], 1.0)},
+            "dmd2": {0: curve([20, 15, 13, 12, 6], 100.0), 1: curve([20, 14, 12, 11, 6.5], 100.0)}}
+    iv = C.equal_compute(runs, "flash", "dmd2", ratio=0.5)
+    assert iv.mean == pytest.approx(((7 - 15) + (8 - 14)) / 2)
+    rows = C.decide({"runs": {"flash-ttur1-k4-noema": runs["flash"], "dmd2-k4": runs["dmd2"]}}, None,
+                    {"flash-ttur1-k4-noema": 1.0, "dmd2-k4": 2.0})
+    assert [r["claim"] for r in rows] == ["a", "a"] and "1 flash update = 0.50 dmd2 updates" in rows[0]["comparison"]

@@ -79,6 +79,12 @@ def test_quality_vs_cost_compares_each_flash_seed_with_converged_dmd2() -> None:
     assert reach["flash-ttur1-k4"]["8"]["gen_updates"]["reached"] == 2
     md = Q.table(agg, [row], reach, "cmd", per_class=150)
     assert "N = 1500" in md and "2/3 seeds" in md
+    # Priced at clean per-update costs (a flash update = half a dmd2 update): 200 and 300 updates are 100 and 150
+    # dmd2 updates, 33.3% and 50% of dmd2's 300.
+    (priced,) = Q.compare(runs, agg, {"flash-ttur1-k4": 1.0, "dmd2-k4": 2.0})
+    assert priced["update_cost_ratio"] == 0.5
+    assert priced["pct_clean"]["mean"] == pytest.approx((100 / 3 + 50) / 2) and priced["pct_clean"]["reached"] == 2
+    assert "pct_clean" not in row
 
 
 def test_teacher_drift_measures_the_rise_after_each_seeds_lowest_fd_teacher() -> None:
