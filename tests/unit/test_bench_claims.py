@@ -36,9 +36,10 @@ def test_equal_compute_reads_dmd2_at_flash_wall_time() -> None:
 
 def test_decide_gives_each_claim_its_verdict() -> None:
     q = {"runs": {
-        "flash-ttur1-k4-noema": {s: curve([20, 9 + s, 8 + s], 100.0) for s in range(3)},
-        "flash-ttur1-k4": {s: curve([20, 12 + s, 8.1 + s], 100.0) for s in range(3)},  # worse mid-run, same end
-        "dmd2-k4": {s: curve([20, 16 + s, 14 + s, 10, 7], 100.0) for s in range(3)}}}
+        "flash-ttur1-k4-noema": {s: curve([20, 9 + s, 9 + s, 9 + s, 8 + s, 8 + s, 8 + s], 100.0) for s in range(3)},
+        # Worse mid-run (+3 over the 3 middle checkpoints), a little worse at the end (+0.1 over the last 3).
+        "flash-ttur1-k4": {s: curve([20, 12 + s, 12 + s, 12 + s, 8.1 + s, 8.1 + s, 8.1 + s], 100.0) for s in range(3)},
+        "dmd2-k4": {s: curve([20, 16 + s, 15 + s, 15 + s, 14 + s, 14 + s, 14 + s, 10, 7], 100.0) for s in range(3)}}}
     start = {"reward": 8.0, "fd_real": 7.0}
 
     def rl_run(rewards: list[float], fds: list[float]) -> dict:
@@ -52,15 +53,21 @@ def test_decide_gives_each_claim_its_verdict() -> None:
     rows = C.decide(q, rl)
     by = {(r["claim"], r["comparison"]): r["verdict"] for r in rows}
     a = next(v for (c, what), v in by.items() if c == "a" and what.startswith("flash-ttur1-k4-noema"))
-    assert a == "reproduced"  # 8, 9, 10 vs dmd2's 14, 15, 16 at 200 s
+    assert a == "reproduced"  # 8, 9, 10 vs dmd2's 14, 15, 16 at 600 s
     b = {what: v for (c, what), v in by.items() if c == "b"}
-    assert b["flash-ttur1-k4 - no EMA, FD real at mid-run"] == "hurts"  # +3 on every seed
-    assert b["flash-ttur1-k4 - no EMA, FD real at the end"] == "hurts"  # +0.1 on every seed: a zero-spread gap
+    assert b["flash-ttur1-k4 - no EMA, FD real mid-run (3 checkpoints)"] == "hurts"  # +3 on every seed
+    assert b["flash-ttur1-k4 - no EMA, FD real at the end (3 checkpoints)"] == "hurts"  # +0.1, no spread
     assert by[("c", "joint-5to1 - no-RL control: reward change")] == "raises"
     assert by[("c", "post-train - no-RL control: reward and FD real change")] == "hacks (reward up, FD up)"
     assert by[("d", "joint-5to1 (999, 749) - all-timesteps (999, 749, 499): reward change")] == "reproduced"
     md = C.table(rows)
     assert "reproduced" in md and "[" in md
+
+
+def test_window_averages_three_trained_checkpoints() -> None:
+    pts = curve([99, 1, 2, 3, 4, 5, 6], 1.0)["points"]  # 99: the update-0 start, never in a window
+    assert C.window(pts, "mid", "fd_real") == 4.0  # trained 1..6: middle index 3, so indices 2-4: 3, 4, 5
+    assert C.window(pts, "final", "fd_real") == 5.0
 
 
 def test_equal_compute_at_priced_updates() -> None:
