@@ -17,7 +17,8 @@ claim only when its interval excludes 0; otherwise the claim is inconclusive at 
 - (d) High-noise RL >= all-timestep RL: joint-5to1 minus all-timesteps, reward and FD changes. Reproduced when
   the reward difference is above 0 (or includes 0 while the FD difference is below 0), not reproduced when the
   reward difference is below 0; inconclusive otherwise.
-Writes bench/results/claims.{md,json}.
+Also listed, not a claim: the teacher-drift runs minus the demo's recipe (no EMA), FD vs the teacher and vs real
+over the last 3 checkpoints, paired by seed. Writes bench/results/claims.{md,json}.
 """
 
 from __future__ import annotations
@@ -132,6 +133,13 @@ def decide(q: dict | None, rl: dict | None, costs: dict[str, float] | None = Non
                     iv = ema_effect(runs, name, "flash-ttur1-k4-noema", where)
                     add("b", f"{name} - no EMA, FD real {'mid-run' if where == 'mid' else 'at the end'} (3 checkpoints)", iv,
                         {"below": "helps", "above": "hurts"}.get(sign(iv), "inconclusive"))
+        for name in ("drift-nogan", "drift-glr5e-6", "drift-dm999"):
+            if name in runs and "flash-ttur1-k4-noema" in runs:
+                for key in ("fd_teacher", "fd_real"):
+                    iv = paired({s: window(r["points"], "final", key) for s, r in runs[name].items()},
+                                {s: window(r["points"], "final", key) for s, r in runs["flash-ttur1-k4-noema"].items()})
+                    add("drift", f"{name} - demo recipe (no EMA): {key}, last 3 checkpoints", iv,
+                        FD_WORDS.get(sign(iv), sign(iv)))
     if rl is not None:
         runs, start, control = _runs(rl), rl["start"], "distill-only"
         if "joint-5to1" in runs and control in runs:

@@ -80,3 +80,12 @@ def test_equal_compute_at_priced_updates() -> None:
     rows = C.decide({"runs": {"flash-ttur1-k4-noema": runs["flash"], "dmd2-k4": runs["dmd2"]}}, None,
                     {"flash-ttur1-k4-noema": 1.0, "dmd2-k4": 2.0})
     assert [r["claim"] for r in rows] == ["a", "a"] and "1 flash update = 0.50 dmd2 updates" in rows[0]["comparison"]
+
+
+def test_drift_rows_compare_the_last_three_checkpoints_with_the_demo_recipe() -> None:
+    base = {s: curve([20, 9, 9, 9, 8 + s, 8 + s, 8 + s], 100.0) for s in range(2)}
+    nogan = {s: curve([20, 9, 9, 9, 6 + s, 6 + s, 6.5 + s], 100.0) for s in range(2)}  # last 3: 2 - 0.5/3 lower
+    rows = C.decide({"runs": {"flash-ttur1-k4-noema": base, "drift-nogan": nogan}}, None)
+    drift = {r["comparison"]: r for r in rows if r["claim"] == "drift"}
+    row = drift["drift-nogan - demo recipe (no EMA): fd_real, last 3 checkpoints"]
+    assert row["interval"]["mean"] == pytest.approx(-2 + 0.5 / 3) and row["verdict"] == "better FD"
