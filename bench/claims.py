@@ -152,6 +152,11 @@ def decide(q: dict | None, rl: dict | None, costs: dict[str, float] | None = Non
             add("c", "post-train - no-RL control: reward and FD real change", r,
                 "hacks (reward up, FD up)" if sign(r) == "above" and sign(f) == "above" else "inconclusive")
             add("c", "post-train - no-RL control: FD real change", f, FD_WORDS.get(sign(f), sign(f)))
+        if "joint-5to1" in runs and "post-train" in runs:  # does the distillation turn limit the damage?
+            for k in ("reward", "fd_real"):
+                iv = rl_effect(runs, start, "joint-5to1", "post-train", k)
+                add("c", f"joint-5to1 - post-train: {k} change", iv,
+                    FD_WORDS.get(sign(iv), sign(iv)) if k == "fd_real" else sign(iv))
         if "joint-5to1" in runs and "all-timesteps" in runs:
             r, f = (rl_effect(runs, start, "joint-5to1", "all-timesteps", k) for k in ("reward", "fd_real"))
             verdict = ("reproduced" if sign(r) == "above" or (sign(r) == "includes 0" and sign(f) == "below")
