@@ -1,8 +1,9 @@
 """A mini Table 4 on the digits teacher: joint RL vs post-train RL, RL timesteps, and the GAN (Sec. 3.4).
 
 Every run starts from the same stage-1 checkpoint (bench/quality_vs_cost.py's flash-ttur1-k4-s0: λ_ema 0.98, 600 steps)
-with the shipped toy Latent Reward Model (`trainer/toy/digits_reward`), the same seed, batch and RL settings;
-runs differ only in what the row names:
+and trains against the rollout-trained reward (`trainer/toy/digits_reward_rollout`, `--reward`: the judge
+fine-tuned on the generator's own candidates, flashjob/rollout_reward.py); every checkpoint is scored with the
+judge (`trainer/toy/digits_reward`). Same batch and RL settings; runs differ only in what the row names:
 - joint-5to1: 5 RL updates per distillation update (Table 4's choice), Pixel-GAN on;
 - joint-1to1: 1:1;
 - post-train: RL only (rl.joint: false), no distillation updates;
@@ -16,6 +17,8 @@ digits-FD vs all real digits and vs the teacher's 50-step samples, prompt accura
 Figures are means over seeds with a 95% t-interval (tables) or band (plots).
 
     python bench/rl_ablation.py --seeds 0,1,2      # the full study (about 25 min per seed and run on one core)
+    python bench/rl_ablation.py --seeds 0,1,2 --scale 0.25 --runs joint-5to1,post-train,distill-only,all-timesteps,joint-critics-distill-only
+                                                   # the committed results (150 RL updates per run)
     python bench/rl_ablation.py --seeds 0 --scale 0.05 --per-class 5 --runs joint-5to1   # a smoke run
 
 Writes bench/results/rl_ablation.{json,png,md}; each (run, seed) result is cached as JSON under
