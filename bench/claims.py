@@ -53,15 +53,9 @@ def _runs(payload: dict) -> dict[str, dict[int, dict]]:
     return {name: {int(s): r for s, r in by.items()} for name, by in payload["runs"].items()}
 
 
-def at_wall(points: list[dict], wall: float, key: str) -> float:
-    """`key` at the last trained checkpoint made with at most `wall` seconds of training (the start if none)."""
-    done = [p for p in points if p["wall_s"] <= wall]
-    return (done[-1] if done else points[0])[key]
-
-
-def at_updates(points: list[dict], updates: float, key: str) -> float:
-    """`key` at the last checkpoint with at most `updates` generator updates (the start if none)."""
-    done = [p for p in points if p["gen_updates"] <= updates]
+def at(points: list[dict], field: str, limit: float, key: str) -> float:
+    """`key` at the last checkpoint whose `field` (wall_s, gen_updates) is at most `limit` (the start if none)."""
+    done = [p for p in points if p[field] <= limit]
     return (done[-1] if done else points[0])[key]
 
 
@@ -70,11 +64,8 @@ def equal_compute(runs: dict[str, dict[int, dict]], flash: str, dmd2: str,
     """Per seed: flash's final FD vs real minus dmd2's FD vs real at the same compute: the same measured training
     wall time, or with `ratio` (one flash update in dmd2 updates, from clean timings) the same priced updates."""
     f = {s: r["points"][-1] for s, r in runs[flash].items()}
-    if ratio is None:
-        d = {s: at_wall(runs[dmd2][s]["points"], f[s]["wall_s"], "fd_real") for s in runs[dmd2] if s in f}
-    else:
-        d = {s: at_updates(runs[dmd2][s]["points"], f[s]["gen_updates"] * ratio, "fd_real")
-             for s in runs[dmd2] if s in f}
+    field = "wall_s" if ratio is None else "gen_updates"
+    d = {s: at(runs[dmd2][s]["points"], field, f[s][field] * (ratio or 1.0), "fd_real") for s in runs[dmd2] if s in f}
     return paired({s: p["fd_real"] for s, p in f.items()}, d)
 
 

@@ -380,6 +380,14 @@ def table(agg: dict[str, dict], cmp: list[dict], reach_at: dict, command: str, p
     return "\n".join(out) + "\n"
 
 
+def derive(runs: dict[str, dict[int, dict]]) -> dict[str, Any]:
+    """Everything the tables and plots show, from the per-(configuration, seed) runs alone."""
+    agg = aggregate(runs)
+    return {"runs": runs, "aggregate": agg, "compute_to_match_dmd2": compare(runs, agg, update_costs()),
+            "time_to_reach_fd": time_to_reach(runs), "teacher_drift": teacher_drift(runs),
+            "reach_curves": reach_curves(runs)}
+
+
 def write_outputs(payload: dict[str, Any], out: Path) -> str:
     write_json(out.with_name(out.name + ".json"), payload)
     agg = payload["aggregate"]
@@ -420,12 +428,7 @@ def main() -> None:
     if args.from_json is not None:
         payload = json.loads(args.from_json.read_text())
         runs = {name: {int(s): r for s, r in by.items()} for name, by in payload["runs"].items()}
-        payload["aggregate"] = aggregate(runs)
-        payload["compute_to_match_dmd2"] = compare(runs, payload["aggregate"], update_costs())
-        payload["time_to_reach_fd"] = time_to_reach(runs)
-        payload["teacher_drift"] = teacher_drift(runs)
-        payload["reach_curves"] = reach_curves(runs)
-        payload["derived_with"] = command_line()
+        payload.update(derive(runs), derived_with=command_line())
         print(write_outputs(payload, args.out))
         return
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
@@ -444,11 +447,8 @@ def main() -> None:
             raise SystemExit(f"--cached-only: no cached runs under {args.runs_dir} for these --runs and --seeds")
         from trainer.toy.evaluate import default_evaluator
 
-        agg = aggregate(runs)
         payload = {"command": command_line(), "per_class": args.per_class, "seeds": seeds,
-                   "real_baselines": default_evaluator().real_baselines(), "runs": runs, "aggregate": agg,
-                   "compute_to_match_dmd2": compare(runs, agg, update_costs()), "time_to_reach_fd": time_to_reach(runs),
-                   "teacher_drift": teacher_drift(runs), "reach_curves": reach_curves(runs)}
+                   "real_baselines": default_evaluator().real_baselines(), **derive(runs)}
         print(write_outputs(payload, args.out))
         return
 
@@ -486,12 +486,9 @@ def main() -> None:
                         "spec": spec, "points": points}
 
             runs.setdefault(name, {})[seed] = cached_run(run_cache(args.runs_dir, name, seed, args.per_class), make)
-    agg = aggregate(runs)
     payload = {"command": command_line(), "machine": machine_info(), "per_class": args.per_class, "seeds": seeds,
-               "threads": args.threads, "scale": args.scale, "real_baselines": ev.real_baselines(),
-               "runs": runs, "aggregate": agg, "compute_to_match_dmd2": compare(runs, agg, update_costs()),
-               "time_to_reach_fd": time_to_reach(runs), "teacher_drift": teacher_drift(runs),
-               "reach_curves": reach_curves(runs), "total_s": round(time.time() - t_start, 1)}
+               "threads": args.threads, "scale": args.scale, "real_baselines": ev.real_baselines(), **derive(runs),
+               "total_s": round(time.time() - t_start, 1)}
     print(write_outputs(payload, args.out))
 
 

@@ -46,7 +46,7 @@ def main() -> None:
 
     import torch
 
-    from flashjob.rollout_reward import generator_pairs
+    from flashjob.rollout_reward import generator_pairs, rollout_accuracy
     from inference.pipeline import load_pipeline
     from trainer.reward import load_lrm
     from trainer.rl_loop import resolve_init
@@ -65,10 +65,7 @@ def main() -> None:
                                 second_valuation=True)
         res = {"s": int(pairs["s"][0]), "agree": int(pairs["agree"].sum()) / args.groups}
         for name, lrm in models.items():
-            with torch.no_grad():
-                p = pairs["prompt"]
-                won = lrm.score(pairs["winner"], pairs["s"], p) > lrm.score(pairs["loser"], pairs["s"], p)
-            k = int(won.sum())
+            k = round(rollout_accuracy(lrm, pairs) * args.groups)
             res[name] = {"accuracy": k / args.groups, "wilson95": wilson(k, args.groups)}
         results[str(t)] = res
         rows.append([t, res["s"], *(f"{res[m]['accuracy']:.3f} [{res[m]['wilson95'][0]:.3f}, "

@@ -23,6 +23,7 @@ it keeps ranking clean digits; the report gives both accuracies before and after
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +41,13 @@ from trainer.toy.reward import batches, encode_pairs, make_pairs, pair_accuracy,
 
 Denoise = Callable[[Tensor, Tensor, Tensor], Tensor]  # (z_t [N, C, H, W], t [N], prompt rows [N]) -> x0
 Judge = Callable[[Tensor, Sequence[str]], Tensor]  # final latents [N, C, H, W], prompts -> reward [N]
+
+
+def check_rl_steps(rl_steps: Sequence[int], S: Sequence[int]) -> None:
+    """RL steps must be timesteps of the generator's schedule S, but not its deterministic last one."""
+    if bad := [t for t in rl_steps if t not in S[:-1]] or not rl_steps:
+        raise ValueError(f"{bad or list(rl_steps)}: RL steps must be among the generator's timesteps {list(S)} but "
+                         "its deterministic last one")
 
 
 @torch.no_grad()
@@ -81,11 +89,8 @@ def rollout_pairs(denoise: Denoise, judge: Judge, labels: Tensor, latent_shape: 
     b = len(labels)
     prompts = [digit_prompt(int(c)) for c in labels]
     rows = torch.arange(b)
-    if rl_step not in S:
-        raise ValueError(f"rl_step {rl_step} is not one of the generator's timesteps {list(S)}")
+    check_rl_steps([rl_step], S)
     i_t = list(S).index(rl_step)
-    if i_t == len(S) - 1:
-        raise ValueError(f"rl_step {rl_step} is the deterministic last step of {list(S)}: it has no candidates")
     z = torch.randn((b, *latent_shape), generator=gen)
     for i in range(i_t + 1):  # G's sampler with fresh noise up to the RL step, then k candidates at s
         t = torch.full((b,), S[i], dtype=torch.long)
@@ -118,14 +123,6 @@ def rollout_accuracy(lrm: LatentRewardModel, pairs: dict, chunk: int = 256) -> f
     return int(won_all.sum()) / len(won_all)  # exact: a float32 mean turns 360/400 into 0.8999999762
 
 
-def rollout_batches(pairs: dict, batch_size: int, gen: torch.Generator) -> Iterator[dict]:
-    n = len(pairs["prompt"])
-    while True:
-        for idx in torch.randperm(n, generator=gen).split(batch_size):
-            yield {"prompt": [pairs["prompt"][i] for i in idx], "winner": pairs["winner"][idx],
-                   "loser": pairs["loser"][idx], "s": pairs["s"][idx]}
-
-
 def noisy_pair_loss(lrm: LatentRewardModel, batch: dict) -> tuple[Tensor, dict[str, float]]:
     """The LRM pair loss on latents that are already noisy (at batch["s"]): winner first, label 1."""
     b = len(batch["prompt"])
@@ -137,7 +134,7 @@ def noisy_pair_loss(lrm: LatentRewardModel, batch: dict) -> tuple[Tensor, dict[s
 
 def finetune(lrm: LatentRewardModel, rollout: Iterator[dict], original: Iterator[dict], param: Parameterisation, *,
              steps: int, lr: float, seed: int, log: Callable[[int, dict[str, float]], None]) -> None:
-    """Alternate-free mixing: every step's loss is the mean of a rollout-pair batch and an original-pair batch."""
+    """Every step's loss is the mean over a rollout-pair batch and an original-pair batch (no alternation)."""
     lrm.train().requires_grad_(True)
     params = [p for p in lrm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -198,12 +195,10 @@ def train_rollout_reward(generator: str | Path, out: Path | None, *, groups: int
     pipe = load_pipeline(generator)
     teacher, param = pipe.teacher, pipe.param
     S = pipe.info.timesteps_for(None)
-    if bad := [t for t in rl_steps if t not in S[:-1]]:
-        raise ValueError(f"--rl-steps {bad}: RL steps must be among the generator's timesteps {list(S)} but its "
-                         "deterministic last one")
+    check_rl_steps(rl_steps, S)
     base_dir = HERE / "digits_reward"
     judge_lrm = load_lrm(base_dir, base=teacher.pipe).eval()
-    lrm = load_lrm(base_dir, base=teacher.pipe).eval()
+    lrm = copy.deepcopy(judge_lrm)  # the one that trains; the judge stays as shipped
     gen = torch.Generator().manual_seed(seed)
 
     def pairs_for(n: int, rl_step: int, second: bool) -> dict:
@@ -239,7 +234,7 @@ def train_rollout_reward(generator: str | Path, out: Path | None, *, groups: int
             click.echo(f"step {step}/{steps}: rollout loss {sum(r['loss/rollout'] for r in recent) / len(recent):.4f}"
                        f", original loss {sum(r['loss/original'] for r in recent) / len(recent):.4f}", err=True)
 
-    finetune(lrm, rollout_batches(train, batch_size, gen), batches(orig_train, batch_size, gen), param,
+    finetune(lrm, batches(train, batch_size, gen), batches(orig_train, batch_size, gen), param,
              steps=steps, lr=lr, seed=seed, log=record)
     after = evaluate()
     report = {
@@ -285,10 +280,10 @@ def main(generator: str, out: Path | None, groups: int, test_groups: int, rl_ste
         ckpt = resolve_init(generator)
     except InputError as err:
         raise click.BadParameter(str(err).removeprefix("rl.init_from: "), param_hint="--generator") from None
-    S = json.loads((ckpt / "meta.json").read_text()).get("timesteps") or []
-    if bad := [t for t in steps_rl if t not in S[:-1]] or not steps_rl:
-        raise click.BadParameter(f"{bad or rl_steps!r}: RL steps must be among the generator's timesteps {S} but "
-                                 "its deterministic last one", param_hint="--rl-steps")
+    try:  # from meta.json, before loading anything
+        check_rl_steps(steps_rl, json.loads((ckpt / "meta.json").read_text()).get("timesteps") or [])
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--rl-steps") from None
     report = train_rollout_reward(ckpt, out, groups=groups, test_groups=test_groups, rl_steps=steps_rl,
                                   continuations=continuations, steps=steps, lr=lr, seed=seed)
     click.echo(json.dumps(report, indent=2))

@@ -31,7 +31,7 @@ def test_equal_compute_reads_dmd2_at_flash_wall_time() -> None:
             "dmd2": {0: curve([20, 15, 13, 12, 6], 100.0), 1: curve([20, 14, 12, 11, 6.5], 100.0)}}
     iv = C.equal_compute(runs, "flash", "dmd2")
     assert iv.mean == pytest.approx(((7 - 12) + (8 - 11)) / 2)
-    assert C.at_wall(runs["dmd2"][0]["points"], 50.0, "fd_real") == 20  # before its first checkpoint: the start
+    assert C.at(runs["dmd2"][0]["points"], "wall_s", 50.0, "fd_real") == 20  # before its first checkpoint: the start
 
 
 def test_decide_gives_each_claim_its_verdict() -> None:

@@ -58,22 +58,8 @@ def test_rollout_pairs_pick_best_and_worst_at_the_next_step():
     # an independent valuation (common random numbers again) agrees on every pair.
     assert (pairs["winner"].flatten(1).mean(1) >= pairs["loser"].flatten(1).mean(1)).all()
     assert pairs["agree"].all()
-    with pytest.raises(ValueError, match="deterministic last step"):
+    with pytest.raises(ValueError, match="deterministic last one"):
         rollout_pairs(identity, mean_judge, torch.tensor([1]), (1, 2, 2), S, 249, 4, 1, PARAM, gen)
-
-
-class MeanLRM:
-    def score(self, lat: torch.Tensor, t: torch.Tensor, prompts) -> torch.Tensor:  # noqa: ANN001
-        assert t.tolist() == [499] * len(lat)  # scored at the pair's own noise level
-        return lat.flatten(1).mean(1)
-
-
-def test_rollout_accuracy_counts_pairs_the_model_orders_right():
-    win = torch.tensor([1.0, 2.0, -1.0, 0.5]).view(4, 1, 1, 1)
-    lose = torch.tensor([0.0, 3.0, -2.0, 0.0]).view(4, 1, 1, 1)
-    pairs = {"prompt": ["p"] * 4, "winner": win, "loser": lose, "s": torch.full((4,), 499)}
-    assert rollout_accuracy(MeanLRM(), pairs) == pytest.approx(0.75)
-    assert rollout_accuracy(MeanLRM(), pairs, chunk=1) == pytest.approx(0.75)
 
 
 def test_train_rollout_reward_end_to_end_on_a_two_step_generator(tmp_path):
@@ -137,6 +123,18 @@ def test_shipped_rollout_reward_ranks_candidates_and_still_ranks_clean_digits():
     pairs = encode_pairs(teacher, make_pairs(ds.images[held_out], labels[held_out], 64, gen), gen)
     acc = pair_accuracy(lrm, teacher.param, pairs, timesteps=(1, 249))
     assert acc["acc/t1"] >= 0.9 and acc["acc/t249"] >= 0.85, acc
+    # rollout_accuracy on the real model: latents already at their own level s; a swapped pair set scores
+    # 1 - accuracy, and the chunking does not change the count.
+    noisy = {"prompt": pairs["prompt"][:10], "s": torch.full((10,), 499),
+             "winner": torch.randn(10, *pairs["winner"].shape[1:], generator=gen), "loser": pairs["loser"][:10]}
+    acc_r = rollout_accuracy(lrm, noisy)
+    assert rollout_accuracy(lrm, noisy, chunk=3) == acc_r
+    assert acc_r * 10 == round(acc_r * 10)
+    assert rollout_accuracy(lrm, {**noisy, "winner": noisy["loser"], "loser": noisy["winner"]}) == pytest.approx(1 - acc_r)
+    with torch.no_grad():
+        want = (lrm.score(noisy["winner"], noisy["s"], noisy["prompt"]) >
+                lrm.score(noisy["loser"], noisy["s"], noisy["prompt"])).float().mean().item()
+    assert acc_r == pytest.approx(want)
 
 
 def test_cli_names_the_bad_option(tmp_path):

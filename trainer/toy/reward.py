@@ -90,11 +90,11 @@ def encode_pairs(teacher, pairs: dict, gen: torch.Generator, chunk: int = 256) -
 
 
 def batches(pairs: dict, batch_size: int, gen: torch.Generator) -> Iterator[dict]:
+    """Endless shuffled batches of a pair dict: every field (tensors and lists alike) indexed by the same rows."""
     n = len(pairs["prompt"])
     while True:
         for idx in torch.randperm(n, generator=gen).split(batch_size):
-            yield {"prompt": [pairs["prompt"][i] for i in idx], "winner": pairs["winner"][idx],
-                   "loser": pairs["loser"][idx], "label": pairs["label"][idx]}
+            yield {key: v[idx] if isinstance(v, Tensor) else [v[i] for i in idx] for key, v in pairs.items()}
 
 
 @torch.no_grad()
