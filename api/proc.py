@@ -23,6 +23,23 @@ log = logging.getLogger(__name__)
 
 JOB_ENV = "FLASHDMD_JOB_ID"
 PR_SET_PDEATHSIG = 1
+# The SIGTERM window under `accelerate launch` (torch's elastic agent): on SIGTERM the launcher forwards it to
+# every rank, waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (torch's default: 30), then SIGKILLs them. A rank
+# that gets SIGTERM finishes its step, joins the stop checkpoint and exits (trainer/loop.py): for SDXL that is
+# the rest of a step plus ~10 GB of weights and the optimiser states (sharded under FSDP), which 30 s does
+# not cover. The service raises the window to FLASHDMD_LAUNCHER_SHUTDOWN_S (default 540 s); the host stop
+# timeouts in deploy/ (docker stop_grace_period, Kubernetes terminationGracePeriodSeconds: 600 s) leave a
+# minute beyond it for the launcher to end the ranks.
+# The runner's own cancel escalation (SIGTERM after cancel_grace_seconds, SIGKILL after twice that) is
+# separate: a cancelled job needs no resumable checkpoint.
+LAUNCHER_SHUTDOWN_ENV = "FLASHDMD_LAUNCHER_SHUTDOWN_S"
+DEFAULT_LAUNCHER_SHUTDOWN_S = 540
+
+
+def launcher_env() -> dict[str, str]:
+    """The environment a multi-process launch needs beyond the worker's own: the SIGTERM window."""
+    return {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(os.environ.get(LAUNCHER_SHUTDOWN_ENV,
+                                                                      DEFAULT_LAUNCHER_SHUTDOWN_S)))}
 
 
 def trainer_command(
@@ -60,7 +77,7 @@ def die_with_parent() -> Callable[[], None] | None:
 
 
 def spawn(cmd: list[str], *, cwd: Path, log_path: Path, job_id: str, attempt: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", FLASHDMD_ATTEMPT=str(attempt))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FLASHDMD_ATTEMPT=str(attempt), **launcher_env())
     env[JOB_ENV] = job_id
     with log_path.open("ab") as out:
         out.write(f"\n==> attempt {attempt}: {' '.join(cmd)}\n".encode())

@@ -94,7 +94,18 @@ def _run(train, cfg, run_dir: Path, resume: bool, resolved: dict, sink_cls) -> i
     threads = cpu_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    state = init_state()
+    try:
+        state = init_state()
+    except RuntimeError as err:  # the rendezvous itself failed: record it (as rank 0 of the launch would)
+        import os
+
+        from trainer.errors import TrainingError
+
+        sink = sink_cls(run_dir, enabled=os.environ.get("RANK", "0") == "0")
+        message = f"the process group could not be set up: {err}"
+        sink.log_event("failed", message, code="TrainingError", message=message, step=0, last_checkpoint=None)
+        sink.close()
+        raise TrainingError(message) from None
     sink = sink_cls(run_dir, enabled=state.is_main_process)
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,9 @@ crash never leaves a half-written `step-*` folder; old ones are rotated away.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -65,6 +67,17 @@ def _export_generator(distiller, out: Path) -> str:  # noqa: ANN001
     return "lora"
 
 
+# Test hook (tests/dist): seconds rank 0 sleeps before writing a checkpoint's files, standing in for an
+# SDXL checkpoint that outlasts a launcher's default 30 s SIGTERM window. Not for production use.
+SLOW_HOOK = "FLASHDMD_TEST_SLOW_CHECKPOINT_S"
+
+
+def _slow_hook() -> None:
+    delay = float(os.environ.get(SLOW_HOOK, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
 def save_checkpoint(run_dir: Path, step: int, distiller, acc, cfg, sink: Sink) -> Path | None:  # noqa: ANN001
     """Every rank joins (optimiser state and, under FSDP, weight shards are collective); rank 0 writes the
     model files and meta.json, then renames the folder into place."""
@@ -84,6 +97,7 @@ def save_checkpoint(run_dir: Path, step: int, distiller, acc, cfg, sink: Sink) -
     else:
         acc.save_state(str(tmp / "state"))  # optimisers + scaler + RNG (accelerate writes them per process)
     if acc.is_main_process:
+        _slow_hook()
         if full is None:
             for name, mod in distiller.trainable_modules().items():
                 save_file(trainable_state(mod), str(tmp / "trainable" / f"{name}.safetensors"))

@@ -23,10 +23,11 @@ from trainer.config import DEFAULT_REAL_GUIDANCE, DistillJob
 from trainer.errors import InputError
 from trainer.gan import LatentHead, mid_features
 from trainer.losses import GAN_LOSSES, diffusion_loss, dm_loss, ema_inject_, matching_parameters
+from trainer.micro import make_micro, real_latents
 from trainer.models import Cond, Teacher, copy_trainable_, predict, predict_x0, teacher_x0, trainable_copy
 from trainer.optim import build_optimizer
-from trainer.parallel import agree_any, full_norm, no_sync, wrap
-from trainer.rng import Gen, SampleRNG, mix_seed, randint, randn, shared_choice, vae_generators
+from trainer.parallel import agree_any, full_norm, gathered, no_sync, wrap
+from trainer.rng import Gen, SampleRNG, mix_seed, randint, randn, shared_choice
 from trainer.schedules import backward_simulate, rollout_to_clean, sample_dm_timesteps
 from trainer.updates import Micro, Update, cat_rng, frozen, mean_logs
 
@@ -333,24 +334,8 @@ class Distiller:
 
     # ---------------------------------------------------------------- one iteration
     def _micro(self, batch: dict, step: int, m: int, salt: int) -> Micro:
-        prompts = list(batch["caption"])
-        b = len(prompts)
-        rng = self.sample_rng(step, 2 + salt, m, b)
-        real = batch.get("image")
-        cond, uncond = self.teacher.encode(prompts), self.teacher.uncond(b)
-        size, moments = None, batch.get("moments")
-        ids = batch.get("time_ids")
-        if ids is not None:
-            # Bucketed data: the batch's own size, and SDXL's per-sample (orig, crop, target) micro-conditioning
-            # for both branches of CFG (as diffusers' SDXL pipeline passes add_time_ids to both).
-            size = (int(ids[0, 4]), int(ids[0, 5]))
-            if cond.time_ids is not None:
-                ids = ids.to(self.device, cond.time_ids.dtype)
-                cond, uncond = Cond(cond.embeds, cond.pooled, ids), Cond(uncond.embeds, uncond.pooled, ids)
-        if self.latent_head is None:
-            moments = None  # only DMD2's latent GAN reads real latents; the Pixel-GAN reads the pixels
-        return Micro(cond, uncond, rng, None if real is None else real.to(self.device), size,
-                     None if moments is None else moments.to(self.device))
+        rng = self.sample_rng(step, 2 + salt, m, len(batch["caption"]))
+        return make_micro(self.teacher, batch, rng, self.device, self.latent_head is not None)
 
     def latent_shape(self, mb: Micro) -> tuple[int, int, int, int]:
         """The generator's latent shape for one micro-batch: its bucket's size, else the training resolution."""
@@ -360,14 +345,7 @@ class Distiller:
         return (len(mb.rng), self.teacher.latent_channels, mb.size[0] // f, mb.size[1] // f)
 
     def real_latents(self, mb: Micro) -> Tensor:
-        """DMD2's real latents: sampled from the cached posterior when there is one, else encoded now; the
-        same per-sample generators either way, so both give the same latents."""
-        gens = vae_generators(mb.rng)
-        if mb.moments is None:
-            return self.teacher.encode_images(mb.real, gens)
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        return self.teacher.scale_latents(DiagonalGaussianDistribution(mb.moments).sample(gens))
+        return real_latents(self.teacher, mb)
 
     def step(self, batch: dict | list[dict], step: int, *, train_generator: bool | None = None,
              salt: int = 0) -> dict[str, float]:
@@ -392,12 +370,17 @@ class Distiller:
                         generator_turn: bool) -> tuple[dict, list[Tensor], list[Tensor | None]]:
         """Alg. 1 lines 5-19 over the micro-batches: x = G(x_tau) for each, and on generator turns the
         accumulated generator update. Returns logs, the detached x per micro-batch and (flash) D's fakes."""
-        n = len(micro)
-        xs: list[Tensor] = []
-        fakes: list[Tensor | None] = []
-        rows: list[dict[str, float]] = []
-        finite = True
         self.opt_g.zero_grad(set_to_none=True)
+        # FSDP: G's weights gathered once for the phase (simulation, rollouts, backward), not per forward;
+        # resharded before the optimiser step, which updates the shards.
+        with gathered(self.generator, through_backward=generator_turn):
+            xs, fakes, rows, finite = self._generator_micro_batches(micro, k, step, generator_turn)
+        logs = {**mean_logs(rows), **self.generator_step(finite)} if generator_turn else {}
+        return logs, xs, fakes
+
+    def _generator_micro_batches(self, micro: list[Micro], k: int, step: int, generator_turn: bool,
+                                 ) -> tuple[list[Tensor], list[Tensor | None], list[dict], bool]:
+        n, xs, fakes, rows, finite = len(micro), [], [], [], True
         for m, mb in enumerate(micro):
             x_in = backward_simulate(lambda z, t, c=mb.cond: self.gen_x0(z, t, c),
                                      self.randn(self.latent_shape(mb), mb.rng),
@@ -417,15 +400,19 @@ class Distiller:
             xs.append(x.detach())
             fakes.append(fake_img)
             rows.append(row)
-        logs = {**mean_logs(rows), **self.generator_step(finite)} if generator_turn else {}
-        return logs, xs, fakes
+        return xs, fakes, rows, finite
 
     def fake_score_phase(self, micro: list[Micro], xs: list[Tensor]) -> dict[str, float]:
         """Alg. 1 lines 20-24, accumulated over the micro-batches."""
-        n = len(micro)
-        rows, finite = [], True
         # Cleared first: a sharded (FSDP2) fake score used with grad while frozen may hold stray gradients.
         self.opt_f.zero_grad(set_to_none=True)
+        with gathered(self.fake, through_backward=True):  # FSDP: one gather for all micro-batches
+            rows, finite = self._fake_score_micro_batches(micro, xs)
+        upd = self.finish(self.fake_params(), self.opt_f, finite)
+        return {**mean_logs(rows), "grad_norm/fake_score": upd.grad_norm, "skipped/fake_score": float(not upd.applied)}
+
+    def _fake_score_micro_batches(self, micro: list[Micro], xs: list[Tensor]) -> tuple[list[dict], bool]:
+        n, rows, finite = len(micro), [], True
         for m, (mb, x) in enumerate(zip(micro, xs, strict=True)):
             real_latents = None
             if mb.real is not None and self.latent_head is not None:
@@ -436,8 +423,7 @@ class Distiller:
                 finite &= bool(torch.isfinite(loss))
                 self.backward(loss, 1.0 / n)
             rows.append(row)
-        upd = self.finish(self.fake_params(), self.opt_f, finite)
-        return {**mean_logs(rows), "grad_norm/fake_score": upd.grad_norm, "skipped/fake_score": float(not upd.applied)}
+        return rows, finite
 
     def discriminator_phase(self, micro: list[Micro], xs: list[Tensor], fakes: list[Tensor | None],
                             k: int) -> dict[str, float]:
@@ -445,8 +431,11 @@ class Distiller:
         n = len(micro)
         rows, finite = [], True
         self.opt_d.zero_grad(set_to_none=True)
+        with gathered(self.generator if any(f is None for f in fakes) else None):  # FSDP: one gather
+            fakes = [f if f is not None else self.decoded_fake(xs[m], k, mb.cond, mb.rng)
+                     for m, (f, mb) in enumerate(zip(fakes, micro, strict=True))]
         for m, mb in enumerate(micro):
-            fake_img = fakes[m] if fakes[m] is not None else self.decoded_fake(xs[m], k, mb.cond, mb.rng)
+            fake_img = fakes[m]
             with no_sync(self.acc, self.disc_w, enabled=m + 1 < n), self.sn_power(m == 0):
                 loss, row = self.discriminator_loss(mb.real, fake_img)
                 finite &= bool(torch.isfinite(loss))

@@ -13,11 +13,13 @@ samples, and every rank joins each checkpoint save.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,7 +31,7 @@ from trainer.data import build_dataset, sharded_batches
 from trainer.errors import StopRequested, TrainingError
 from trainer.models import load_teacher
 from trainer.optim import check_runtime
-from trainer.parallel import agree_any, make_accelerator
+from trainer.parallel import agree_any, gathered, main_process_first, make_accelerator, start_training
 from trainer.sink import Sink
 from trainer.textcache import prepare_text_cache
 from trainer.trackers import accelerator_kwargs, finish_trackers, tracked_sink
@@ -39,6 +41,9 @@ from trainer.validation import plan_validation, render_validation
 # step (as if it alone had seen the STOP file or a SIGTERM); or hangs there (a stuck rank).
 STOP_HOOK = "FLASHDMD_TEST_STOP_AT"
 HANG_HOOK = "FLASHDMD_TEST_HANG_AT"
+# "RANK:SECONDS": that rank sleeps before the teacher load, as a rank 0 downloading SDXL, or a rank slow to
+# start on a loaded host, would.
+SLOW_START_HOOK = "FLASHDMD_TEST_SLOW_START"
 
 
 def _hook(name: str) -> tuple[int, ...] | None:
@@ -117,15 +122,42 @@ def amp_logs(acc) -> dict[str, float]:  # noqa: ANN001
     return {"amp/scale": float(acc.scaler.get_scale())} if acc.scaler is not None else {}
 
 
+class Progress:
+    """Where a run is, for its `failed` event: the last step done and the last checkpoint written."""
+
+    def __init__(self) -> None:
+        self.step, self.last_saved = 0, 0
+
+
+@contextlib.contextmanager
+def failures_recorded(sink: Sink, progress: Progress) -> Iterator[None]:
+    """Every failure from process-group set-up on (a start-up barrier, the teacher load, a collective's
+    timeout) ends as a `failed` event with its cause; a StopRequested is not a failure and passes through."""
+    try:
+        yield
+    except (TrainingError, RuntimeError) as err:
+        sink.log_event("failed", str(err), code=type(err).__name__, message=str(err), step=progress.step,
+                       last_checkpoint=progress.last_saved)
+        raise
+
+
 def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = False) -> int:
     """Run Flash-DMD stage 1 until cfg.train.max_steps; returns the last step."""
     check_runtime(cfg)  # levers this machine cannot run (optim.optimizer: adamw8bit without CUDA) fail here
+    progress = Progress()
+    with failures_recorded(sink, progress):
+        return _train(cfg, sink, Path(run_dir), resume, progress)
+
+
+def _train(cfg: DistillJob, sink: Sink, run_dir: Path, resume: bool, progress: Progress) -> int:
     from trainer.distill import Distiller
 
-    run_dir = Path(run_dir)
     acc = _accelerator(cfg, run_dir)  # a tracker whose extra is missing fails here, before any model loads
     torch.manual_seed(cfg.train.seed)
-    with acc.main_process_first():  # rank 0 builds/downloads the teacher once; the others then read it
+    slow = _hook(SLOW_START_HOOK)
+    if slow is not None and slow[0] == acc.process_index:
+        time.sleep(slow[1])
+    with main_process_first(acc, "loading the teacher"):  # rank 0 builds/downloads it once; the others read it
         teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
     ds = build_dataset(cfg.data, teacher.resolution, cfg.train.seed)
     plan = plan_validation(cfg.train, ds, teacher)  # train.validation, or num_samples dataset captions
@@ -147,6 +179,8 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
         start = load_checkpoint(ckpt, distiller, acc)
         if acc.is_main_process:
             truncate_metrics(run_dir, start)
+    progress.step = progress.last_saved = start
+    start_training()  # every rank is ready: collectives from here run under the training timeout
     sink.log_event("started", f"{cfg.distill.mode} distillation from step {start}", step=start,
                    max_steps=cfg.train.max_steps, resumed=ckpt is not None, family=teacher.family,
                    num_processes=acc.num_processes, grad_accum=cfg.train.grad_accum, sharding=cfg.train.sharding)
@@ -158,7 +192,7 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
     batches = sharded_batches(ds, t.batch_size, t.seed, rank=acc.process_index, world=acc.num_processes,
                               accum=t.grad_accum, start=start, num_workers=cfg.data.num_workers)
     sink = tracked_sink(sink, acc, cfg, run_dir, start=start)  # train.report_to: metrics and grids too
-    stop, guard, last_saved = StopControl(acc, sink), NonfiniteGuard(t.max_nonfinite), start
+    stop, guard = StopControl(acc, sink), NonfiniteGuard(t.max_nonfinite)
     bar = tqdm(total=t.max_steps, initial=start, desc=f"{cfg.distill.mode} K={len(distiller.S)}",
                disable=not acc.is_main_process, dynamic_ncols=True)
     step = start
@@ -166,7 +200,7 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
         while step < t.max_steps:
             t0 = time.perf_counter()
             logs = distiller.step(next(batches), step)
-            step += 1
+            step = progress.step = step + 1
             guard.observe(logs, step, sink)
             logs.update(amp_logs(acc))
             logs["time/step_s"] = time.perf_counter() - t0
@@ -177,21 +211,18 @@ def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fa
                              if k in ("loss/dm", "loss/fake_score", "loss/disc", "loss/gen_adv")})
             bar.update(1)
             if plan.due(step, t.max_steps):  # every rank samples (a sharded G needs them all); rank 0 writes
-                paths, _ = render_validation(distiller.generator, teacher, distiller.S, distiller.param, plan, step,
-                                             run_dir / "samples" if acc.is_main_process else None)
+                with gathered(distiller.generator):  # FSDP: one gather for the K-step sampling, not one per step
+                    paths, _ = render_validation(distiller.generator, teacher, distiller.S, distiller.param, plan,
+                                                 step, run_dir / "samples" if acc.is_main_process else None)
                 for path in paths:
                     sink.log_event("sample", f"sample grid at step {step}", step=step, path=str(path))
             requested = stop.requested(step)
             if step % t.checkpoint_every == 0 or step == t.max_steps or requested:
                 save_checkpoint(run_dir, step, distiller, acc, cfg, sink)
-                last_saved = step
+                progress.last_saved = step
             if requested:
                 sink.log_event("stopped", f"stopped on request at step {step}", step=step)
                 raise StopRequested(step)
-    except (TrainingError, RuntimeError) as err:  # a StopRequested is not a failure and passes through
-        sink.log_event("failed", str(err), code=type(err).__name__, message=str(err), step=step,
-                       last_checkpoint=last_saved)
-        raise
     finally:
         bar.close()
         finish_trackers(acc)

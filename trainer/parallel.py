@@ -16,8 +16,10 @@ Design (issue 10):
   because accelerate's FSDP plugin needs GPUs. Models are then not passed to `accelerator.prepare` (it would
   add a DDP wrapper on top); their optimisers are.
 - Every control-flow decision goes through `agree_any`, one small all-reduce, so all ranks act together.
-- A collective that cannot complete fails after the process-group timeout (`FLASHDMD_DIST_TIMEOUT_S`,
-  default 1800 s) with torch's timeout error, which the loop reports as a `failed` event.
+- Start-up (process-group init, the teacher load, caption encoding, network wrapping, resume) runs under
+  `FLASHDMD_STARTUP_TIMEOUT_S` (default 7200 s); `start_training` then sets the training timeout
+  (`FLASHDMD_DIST_TIMEOUT_S`, default 1800 s). A collective that cannot complete fails with a
+  TrainingError (or torch's timeout error), which the loop reports as a `failed` event.
 """
 
 from __future__ import annotations
@@ -31,10 +33,19 @@ import torch
 from torch import nn
 
 DEFAULT_TIMEOUT_S = 1800
+# Start-up (rank 0 downloads and loads the teacher while the others wait; every rank encodes its part of the
+# captions; the ranks' imports finish at different times on a loaded host) can take far longer than any
+# training collective should. The process group is created with this timeout and switched to the training
+# one by `start_training` once every rank is ready.
+DEFAULT_STARTUP_TIMEOUT_S = 7200
 
 
 def dist_timeout() -> timedelta:
     return timedelta(seconds=float(os.environ.get("FLASHDMD_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+
+
+def startup_timeout() -> timedelta:
+    return timedelta(seconds=float(os.environ.get("FLASHDMD_STARTUP_TIMEOUT_S", DEFAULT_STARTUP_TIMEOUT_S)))
 
 
 def use_cpu() -> bool:
@@ -42,10 +53,47 @@ def use_cpu() -> bool:
 
 
 def init_state():  # noqa: ANN201
-    """The process group, created once per process (gloo on CPU, NCCL on GPU) with our timeout."""
+    """The process group, created once per process (gloo on CPU, NCCL on GPU) with the start-up timeout."""
     from accelerate import PartialState
 
-    return PartialState(cpu=use_cpu(), timeout=dist_timeout())
+    return PartialState(cpu=use_cpu(), timeout=startup_timeout())
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+
+
+def startup_barrier(what: str) -> None:
+    """Wait for every rank under the start-up timeout; a rank that does not come fails with what it was doing."""
+    if not _distributed():
+        return
+    try:
+        torch.distributed.barrier()
+    except RuntimeError as err:
+        from trainer.errors import TrainingError
+
+        raise TrainingError(f"rank {torch.distributed.get_rank()}: the other ranks did not finish {what} within "
+                            f"{startup_timeout().total_seconds():.0f} s (FLASHDMD_STARTUP_TIMEOUT_S): {err}") from None
+
+
+@contextlib.contextmanager
+def main_process_first(acc, what: str) -> Iterator[None]:  # noqa: ANN001
+    """Rank 0 runs the body first (a download, a build), the others then find its result; both waits are
+    start-up barriers (accelerate's main_process_first would wait under the training timeout)."""
+    if not acc.is_main_process:
+        startup_barrier(what)
+    yield
+    if acc.is_main_process:
+        startup_barrier(what)
+
+
+def start_training() -> None:
+    """Every rank is set up: from here a collective that waits longer than the training timeout fails."""
+    if _distributed():
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(dist_timeout())
 
 
 def make_accelerator(mixed_precision: str, **tracking: object):  # noqa: ANN201
@@ -59,7 +107,11 @@ def make_accelerator(mixed_precision: str, **tracking: object):  # noqa: ANN201
 
     init_state()
     cpu_fp16 = mixed_precision == "fp16" and use_cpu()
-    handlers = [InitProcessGroupKwargs(timeout=dist_timeout()), DistributedDataParallelKwargs()]
+    # gradient_as_bucket_view: each .grad is a view into DDP's all-reduce bucket, not a second copy of every
+    # gradient (measured on the CPU: a 256 MiB layer grew by 516 MiB after one backward without it, 256 MiB
+    # with it; tests/dist/test_ddp_memory.py).
+    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
+    handlers = [InitProcessGroupKwargs(timeout=startup_timeout()), ddp]
     # tracking: log_with and project_config for train.report_to (trainer/trackers.py accelerator_kwargs)
     acc = Accelerator(cpu=use_cpu(), mixed_precision="no" if cpu_fp16 else mixed_precision, kwargs_handlers=handlers,
                       **tracking)
@@ -81,29 +133,117 @@ def unwrap(net: nn.Module) -> nn.Module:
     return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
 
 
+# Shard units: a module of one of these classes becomes its own FSDP2 unit (diffusers' UNet ResNet and
+# transformer blocks; SD3/Flux transformer blocks). Finer units mean a smaller peak of gathered weights
+# (SDXL's up_blocks.0 alone is 1.2B parameters) and gathers that overlap the previous unit's compute.
+UNIT_CLASSES = ("ResnetBlock2D", "BasicTransformerBlock", "JointTransformerBlock", "FluxTransformerBlock",
+                "FluxSingleTransformerBlock")
+
+
+def _is_unit(m: nn.Module) -> bool:
+    return type(m).__name__ in UNIT_CLASSES
+
+
+def _block_units(block: nn.Module) -> list[nn.Module]:
+    """A UNet block's ResNet and transformer blocks in forward order (resnet i, then attention i), then the
+    block itself, which keeps what is left (the attentions' projections and norms, down/up samplers)."""
+    resnets = list(getattr(block, "resnets", None) or [])
+    attns = list(getattr(block, "attentions", None) or [])
+    units: list[nn.Module] = []
+    for i, res in enumerate(resnets):
+        units.append(res)
+        if i < len(attns):
+            units += [m for m in attns[i].modules() if _is_unit(m)]
+    units += [m for a in attns[len(resnets):] for m in a.modules() if _is_unit(m)]
+    return [*units, block]
+
+
 def shard_blocks(net: nn.Module) -> list[nn.Module]:
-    """The sub-modules FSDP2 shards one by one: a UNet's down/mid/up blocks, a transformer's blocks."""
-    blocks: list[nn.Module] = []
-    for name in ("down_blocks", "up_blocks", "transformer_blocks"):
-        blocks += list(getattr(net, name, None) or [])
+    """The FSDP2 shard units of a denoiser, in forward order and in the order they are sharded (each unit
+    before the block that contains it); the root, sharded last, is not listed.
+
+    UNet: per down/mid/up block, each ResNet block and each transformer block, then the block itself.
+    Transformer (SD3): each transformer block. The memory plan reads the unit list from here.
+    """
+    units: list[nn.Module] = []
+    for block in list(getattr(net, "down_blocks", None) or []):
+        units += _block_units(block)
     mid = getattr(net, "mid_block", None)
-    return blocks + ([mid] if mid is not None else [])
+    if mid is not None:
+        units += _block_units(mid)
+    for block in list(getattr(net, "up_blocks", None) or []):
+        units += _block_units(block)
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        units += list(getattr(net, name, None) or [])
+    return units
 
 
-def fully_shard_net(net: nn.Module) -> nn.Module:
-    """FSDP2: shard each block, then the root (so the root's own small layers are one more unit)."""
+def mp_policy(mixed_precision: str):  # noqa: ANN201
+    """FSDP2's mixed precision under bf16: gather the weights in bf16 (half the bytes, and the dtype autocast
+    computes in anyway) and reduce-scatter the gradients in fp32 (sums of 8+ ranks' bf16 gradients lose
+    precision). Otherwise fp32 throughout: fp16 keeps fp32 weights for its GradScaler, as DDP does."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if mixed_precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def fully_shard_net(net: nn.Module, mixed_precision: str = "no", mesh=None) -> nn.Module:  # noqa: ANN001
+    """FSDP2: shard each unit of `shard_blocks`, then the root (its own small layers are one more unit).
+
+    Units reshard after forward (only one unit's full weights live at a time); the root keeps its few
+    weights gathered between forward and backward, as FSDP2 does by default for the root.
+    mesh: the device mesh (default: one over the whole default group); a trace on fake tensors builds it
+    outside FakeTensorMode and passes it here.
+    """
     from torch.distributed.fsdp import fully_shard
 
-    for block in shard_blocks(net):
-        fully_shard(block)
-    fully_shard(net)
+    policy = mp_policy(mixed_precision)
+    for unit in shard_blocks(net):
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(net, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     return net
+
+
+def _fsdp_units(net: nn.Module | None) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in (net.modules() if net is not None else []) if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(net: nn.Module | None, *, through_backward: bool = False) -> Iterator[None]:
+    """Keep an FSDP2 network's full weights gathered for a stretch of forwards: one all-gather per unit on
+    first use, instead of one per unit per forward. For the no-grad backward simulation and rollouts
+    (Alg. 1 lines 5-8, Eq. 8; stage 2's rollouts), which call the generator up to K times in a row, and for a
+    training phase's micro-batches (`through_backward`: the backward keeps them too, so the next
+    micro-batch's forward does not gather again). Costs one unsharded copy of the network (in the gather
+    dtype: bf16 under mixed precision) for the duration. On exit every unit is resharded and the
+    after-forward/after-backward policy of `fully_shard_net` is restored. A no-op for an unsharded network.
+    """
+    units = _fsdp_units(net)
+    if not units:
+        yield
+        return
+    root = units[0] if units[0] is net else None
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        if through_backward:
+            m.set_reshard_after_backward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.set_reshard_after_forward(m is not root, recurse=False)
+            m.set_reshard_after_backward(True, recurse=False)
+            m.reshard()
 
 
 def wrap(acc, net: nn.Module, sharding: str) -> nn.Module:  # noqa: ANN001
     """The network as its owning loss calls it: DDP-prepared (ddp), or sharded in place (fsdp)."""
     if sharding == "fsdp" and acc.num_processes > 1:
-        return fully_shard_net(net)
+        return fully_shard_net(net, acc.mixed_precision)
     return acc.prepare(net)
 
 

@@ -28,12 +28,13 @@ from trainer.checkpoint import (
 )
 from trainer.config import RewardSpec, RLJob
 from trainer.data import build_dataset, sharded_batches
-from trainer.errors import InputError, StopRequested, TrainingError
+from trainer.errors import InputError, StopRequested
 from trainer.hub import resolve_weights
-from trainer.loop import NonfiniteGuard, StopControl, _accelerator, amp_logs
+from trainer.loop import NonfiniteGuard, Progress, StopControl, _accelerator, amp_logs, failures_recorded
 from trainer.memory import reward_for_training
 from trainer.models import Teacher, load_teacher, predict_x0
 from trainer.optim import check_runtime
+from trainer.parallel import main_process_first, start_training
 from trainer.reward import LatentRewardModel, PixelReward, RewardModel, load_lrm, pixel_scorer
 from trainer.sink import Sink
 from trainer.textcache import prepare_text_cache
@@ -129,16 +130,21 @@ def sample_and_score(rl, plan: ValidationPlan, step: int, out_dir: Path | None) 
 def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = False) -> int:
     """Run stage 2 until cfg.train.max_steps RL updates; returns the last step."""
     check_runtime(cfg)  # levers this machine cannot run (optim.optimizer: adamw8bit without CUDA) fail here
+    progress = Progress()
+    with failures_recorded(sink, progress):
+        return _train_rl(cfg, sink, Path(run_dir), resume, progress)
+
+
+def _train_rl(cfg: RLJob, sink: Sink, run_dir: Path, resume: bool, progress: Progress) -> int:
     from trainer.distill import Distiller
     from trainer.rl import JointRL
 
-    run_dir = Path(run_dir)
     acc = _accelerator(cfg, run_dir)  # a tracker whose extra is missing fails here, before any model loads
     if cfg.train.sharding == "fsdp" and acc.num_processes > 1:
         raise InputError("train.sharding: fsdp is not supported in stage 2 yet (p_ref is a copy of G); "
                          "use train.sharding: ddp")
     torch.manual_seed(cfg.train.seed)
-    with acc.main_process_first():  # rank 0 builds/downloads the teacher once; the others then read it
+    with main_process_first(acc, "loading the teacher"):  # rank 0 builds/downloads it once; the others read it
         teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
     reward = reward_for_training(build_reward(cfg.rl.reward, teacher, cfg, sink), cfg, acc)  # memory.reward_bf16
     ds = build_dataset(cfg.data, teacher.resolution)
@@ -166,6 +172,8 @@ def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fals
         start = load_checkpoint(ckpt, rl, acc)
         if acc.is_main_process:
             truncate_metrics(run_dir, start)
+    progress.step = progress.last_saved = start
+    start_training()  # every rank is ready: collectives from here run under the training timeout
     sink.log_event("started", f"joint RL from step {start}", step=start, max_steps=cfg.train.max_steps,
                    resumed=ckpt is not None, family=teacher.family, rl_timesteps=rl.rl_steps,
                    joint=cfg.rl.joint, ratio=cfg.rl.ratio, reward=cfg.rl.reward.kind)
@@ -181,7 +189,7 @@ def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fals
     prompts_it = sharded_batches(ds, rl_bs, t.seed + 7919, start=start, **shard)
     distill_it = sharded_batches(ds, t.batch_size, t.seed, accum=t.grad_accum, start=used, **shard)
     sink = tracked_sink(sink, acc, cfg, run_dir, start=start)  # train.report_to: metrics and grids too
-    stop, guard, last_saved = StopControl(acc, sink), NonfiniteGuard(t.max_nonfinite), start
+    stop, guard = StopControl(acc, sink), NonfiniteGuard(t.max_nonfinite)
     bar = tqdm(total=t.max_steps, initial=start, desc=f"rl K={len(rl.S)}", disable=not acc.is_main_process,
                dynamic_ncols=True)
     step = start
@@ -189,7 +197,7 @@ def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fals
         while step < t.max_steps:
             t0 = time.perf_counter()
             logs = rl.step(list(next(prompts_it)[0]["caption"]), step, lambda: next(distill_it))
-            step += 1
+            step = progress.step = step + 1
             guard.observe(logs, step, sink)
             logs.update(amp_logs(acc))
             logs["time/step_s"] = time.perf_counter() - t0
@@ -212,14 +220,10 @@ def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = Fals
                         "kind": "rl", "init_from": str(init) if init else None, "reward": cfg.rl.reward.model_dump(),
                         "rl_timesteps": rl.rl_steps, "joint": cfg.rl.joint, "ratio": cfg.rl.ratio,
                         "critic_updates": cfg.rl.critic_updates}, indent=2))
-                last_saved = step
+                progress.last_saved = step
             if requested:
                 sink.log_event("stopped", f"stopped on request at step {step}", step=step)
                 raise StopRequested(step)
-    except (TrainingError, RuntimeError) as err:
-        sink.log_event("failed", str(err), code=type(err).__name__, message=str(err), step=step,
-                       last_checkpoint=last_saved)
-        raise
     finally:
         bar.close()
         finish_trackers(acc)

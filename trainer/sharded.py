@@ -56,11 +56,22 @@ def full_generator_state(distiller) -> dict[str, torch.Tensor]:  # noqa: ANN001
                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def full_model_on_meta(like: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain model of `like`'s class and config holding `state`'s tensors themselves: built on the meta
+    device (no random initialisation, no memory) and filled by `load_state_dict(assign=True)`, so the host
+    holds the gathered weights once (an SDXL UNet is 10 GB in fp32), never beside a second, random copy."""
+    with torch.device("meta"):
+        net = type(like).from_config(like.config)
+    net.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
+    if left:  # a non-persistent buffer is not in a state dict: it would stay on meta and fail to save
+        raise RuntimeError(f"{type(like).__name__}: {len(left)} tensors were not in the gathered state, e.g. {left[0]}")
+    return net
+
+
 def export_full_generator(distiller, state: dict[str, torch.Tensor], out: Path) -> str:  # noqa: ANN001
-    """Rank 0: a plain (unsharded) copy of the teacher's denoiser class with the gathered weights, saved with
-    diffusers' save_pretrained: the same files a single-process run writes."""
+    """Rank 0: the teacher's denoiser class holding the gathered weights, saved with diffusers'
+    save_pretrained: the same files a single-process run writes."""
     t = distiller.teacher
-    net = type(t.denoiser).from_config(t.denoiser.config)
-    net.load_state_dict(state, strict=True)
-    net.save_pretrained(out / t.denoiser_name, safe_serialization=True)
+    full_model_on_meta(t.denoiser, state).save_pretrained(out / t.denoiser_name, safe_serialization=True)
     return t.denoiser_name

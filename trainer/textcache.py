@@ -120,9 +120,19 @@ class TextCache:
 
     def add(self, captions: Sequence[str], conds: Cond) -> Path:
         """Write one new shard with the given captions' embeddings (conds: a batch, row i = captions[i])."""
+        shard = self.next_shard()
+        self.write_shard(shard, captions, conds)
+        self.register([(shard, list(captions))])
+        return self.root / shard
+
+    def next_shard(self, offset: int = 0) -> str:
+        """The name of the shard `offset` places after the last one listed (every rank computes the same)."""
+        return f"text/shard-{len(self.manifest['text']['shards']) + offset:05d}.safetensors"
+
+    def write_shard(self, shard: str, captions: Sequence[str], conds: Cond) -> None:
+        """Write a shard file, without listing it: ranks write theirs in parallel, one rank lists them all."""
         from safetensors.torch import save_file
 
-        text = self.manifest["text"]
         tensors: dict[str, Tensor] = {}
         fields = {"embeds": conds.embeds, "pooled": conds.pooled}
         for i, c in enumerate(captions):
@@ -130,15 +140,23 @@ class TextCache:
             for name, value in fields.items():
                 if value is not None:
                     tensors[f"{key}.{name}"] = value[i].detach().to("cpu").contiguous()
-        text["fields"] = [n for n, v in fields.items() if v is not None]
-        shard = f"text/shard-{len(text['shards']):05d}.safetensors"
         (self.root / "text").mkdir(parents=True, exist_ok=True)
         _write_atomic(self.root / shard, lambda tmp: save_file(tensors, str(tmp), metadata={"model": self.model_key}))
-        text["shards"][shard] = len(captions)
-        for c in captions:
-            self.entries[entry_key(self.model_key, c)] = shard
+        self.manifest["text"]["fields"] = [n for n, v in fields.items() if v is not None]
+
+    def register(self, shards: Sequence[tuple[str, list[str]]]) -> None:
+        """List written shards (name, captions) in the manifest and replace it atomically."""
+        text = self.manifest["text"]
+        for shard, captions in shards:
+            text["shards"][shard] = len(captions)
+            for c in captions:
+                self.entries[entry_key(self.model_key, c)] = shard
         _write_atomic(self.manifest_path, lambda tmp: tmp.write_text(json.dumps(self.manifest, indent=1)))
-        return self.root / shard
+
+    def reload(self) -> None:
+        """Re-read the manifest another rank has just replaced."""
+        self.manifest = json.loads(self.manifest_path.read_text())
+        self._open.clear()
 
     def _shard(self, name: str) -> Any:
         if name not in self._open:
@@ -174,16 +192,30 @@ def dataset_captions(ds: Any) -> list[str]:
 
 
 def build_text_cache(teacher: Teacher, captions: Iterable[str], root: str | Path,
-                     batch: int = ENCODE_BATCH) -> TextCache:
+                     batch: int = ENCODE_BATCH, rank: int = 0, world: int = 1) -> TextCache:
     """Open (or create) the cache at `root` for this teacher and encode the captions it lacks.
 
-    The empty prompt is always included: it is the unconditional input of CFG.
+    The empty prompt is always included: it is the unconditional input of CFG. With several ranks
+    (`rank` of `world`), every rank calls this with the same captions: the missing ones are cut into chunks
+    of `batch`, rank r encodes and writes chunks r, r + world, ..., and rank 0 lists them all once every
+    rank has written (`startup_barrier`), so the cache reads the same as one written by a single process.
     """
+    from trainer.parallel import startup_barrier
+
     cache = TextCache(root, text_encoder_key(teacher), teacher.ref, teacher.family)
     todo = cache.missing(["", *captions])
-    for i in range(0, len(todo), batch):
-        chunk = todo[i:i + batch]
-        cache.add(chunk, teacher.encode(chunk))
+    chunks = [todo[i:i + batch] for i in range(0, len(todo), batch)]
+    if world == 1:
+        for chunk in chunks:
+            cache.add(chunk, teacher.encode(chunk))
+        return cache
+    for i in range(rank, len(chunks), world):
+        cache.write_shard(cache.next_shard(i), chunks[i], teacher.encode(chunks[i]))
+    startup_barrier("encoding their part of the captions")
+    if rank == 0 and chunks:  # chunk 0 is rank 0's, so its write_shard set the manifest's fields
+        cache.register([(cache.next_shard(i), chunk) for i, chunk in enumerate(chunks)])
+    startup_barrier("listing the encoded captions")
+    cache.reload()
     return cache
 
 
@@ -220,14 +252,14 @@ def use_text_cache(teacher: Teacher, cache: TextCache) -> None:
 
 def prepare_text_cache(cfg: Any, teacher: Teacher, ds: Any, run_dir: str | Path, accelerator: Any,
                        extra: Sequence[str] = ()) -> TextCache | None:
-    """The trainer's entry: with memory.text_cache on, build (rank 0 first) and attach the cache.
+    """The trainer's entry: with memory.text_cache on, build (every rank encodes its part) and attach the cache.
 
     `extra`: captions that are not in the dataset but are encoded all run long (the validation prompts).
     """
     if not cfg.memory.text_cache:
         return None
     root = Path(cfg.memory.cache_dir or Path(run_dir) / "cache")
-    with accelerator.main_process_first():  # rank 0 encodes; the others then find every entry present
-        cache = build_text_cache(teacher, [*dataset_captions(ds), *extra], root)
+    cache = build_text_cache(teacher, [*dataset_captions(ds), *extra], root, rank=accelerator.process_index,
+                             world=accelerator.num_processes)
     use_text_cache(teacher, cache)
     return cache

@@ -33,18 +33,19 @@ def dist_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return env
 
 
+def accelerate_cmd(nproc: int) -> list[str]:
+    """`accelerate launch` for nproc CPU processes, as users launch (a script or `-m module` follows)."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    return [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+
+
 @pytest.fixture(scope="session")
 def launch(dist_env):
     """launch(nproc, *trainer_args, env=..., timeout=...) -> CompletedProcess."""
 
     def run(nproc: int, *args: str, env: dict[str, str] | None = None, timeout: float = 240):
-        if nproc == 1:
-            cmd = [sys.executable, "-m", "trainer"]
-        else:
-            accelerate = Path(sys.executable).with_name("accelerate")
-            cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                   "-m", "trainer"]
+        cmd = [sys.executable, "-m", "trainer"] if nproc == 1 else [*accelerate_cmd(nproc), "-m", "trainer"]
         return subprocess.run([*cmd, *args], cwd=REPO, env={**dist_env, **(env or {})}, capture_output=True,
                               text=True, timeout=timeout)
 
