@@ -160,3 +160,41 @@ def test_the_trainer_imports_nothing_from_inference():
     code = "import sys, flashjob.cli; print('trainer.loop' in sys.modules, 'inference.evaluate' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False False", "the entry imports the job modules only when it runs one"
+
+
+def test_fsdp_export_fills_a_meta_built_unet_with_the_gathered_weights(tiny, tmp_path):
+    # The FSDP checkpoint's export (trainer/sharded.py): the full UNet is built on the meta device and takes
+    # the gathered tensors themselves (assign=True), so the host never holds a second, randomly initialised
+    # copy. A dispatch mode sees every op: no random init and no UNet-sized allocation may run off meta.
+    from diffusers import UNet2DConditionModel
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from trainer.sharded import export_full_generator
+
+    d = _distiller(tiny)
+    state = {k: v.detach().clone() + 0.5 for k, v in d.generator.state_dict().items()}  # unlike any init
+    total = sum(v.numel() * v.element_size() for v in state.values())
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inits, self.allocated = 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if isinstance(out, torch.Tensor) and not out.is_meta:
+                if name in ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_"):
+                    self.inits += 1
+                if name.startswith("empty") or name in ("zeros", "ones", "randn", "rand"):
+                    self.allocated += out.numel() * out.element_size()
+            return out
+
+    with Allocations() as seen:
+        kind = export_full_generator(d, state, tmp_path)
+    assert kind == "unet"
+    assert seen.inits == 0, "parameters were randomly initialised off the meta device"
+    assert seen.allocated < 0.05 * total, (seen.allocated, total)
+    exported = UNet2DConditionModel.from_pretrained(tmp_path / "unet").state_dict()
+    assert exported.keys() == state.keys()
+    assert all(torch.equal(exported[k], state[k]) for k in state)
