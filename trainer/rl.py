@@ -30,7 +30,7 @@ from trainer.distill import Distiller
 from trainer.losses import dpo_loss, gaussian_log_density
 from trainer.models import Cond, predict_x0
 from trainer.optim import build_optimizer
-from trainer.parallel import agree_any
+from trainer.parallel import agree_any, gathered
 from trainer.reward import RewardModel
 from trainer.rng import Gen, randint, randn
 from trainer.schedules import Parameterisation
@@ -222,9 +222,10 @@ class JointRL:
         gen = d.sample_rng(step, 101, 0, len(prompts))
         cond = self.teacher.encode(prompts)
         noise = d.randn(self.teacher.latent_shape(len(prompts)), gen)
-        pairs, logs = collect_pairs(lambda z, t: d.gen_x0(z, t, cond), self.reward, prompts, noise, self.S,
-                                    self.rl_steps, rl.num_candidates, self.param, self.thresholds,
-                                    rl.reward.score_at, gen)
+        with gathered(d.generator):  # a sharded G: one gather for all rollout forwards, not one per forward
+            pairs, logs = collect_pairs(lambda z, t: d.gen_x0(z, t, cond), self.reward, prompts, noise, self.S,
+                                        self.rl_steps, rl.num_candidates, self.param, self.thresholds,
+                                        rl.reward.score_at, gen)
         logs["rl/lr"] = self.opt_rl.param_groups[0]["lr"]
         params = [p for p in d.generator.parameters() if p.requires_grad]
         (any_pairs,) = agree_any(self.acc, len(pairs) > 0)
