@@ -124,7 +124,9 @@ def save_checkpoint(run_dir: Path, step: int, distiller, acc, cfg, sink: Sink) -
 
 def load_trainable(module: nn.Module, path: Path, device: torch.device | str) -> None:
     """Copy a `trainable/*.safetensors` file into `module`; every trainable parameter must be present."""
-    state = load_file(str(path), device=str(device))
+    dev = torch.device(device)
+    # safetensors takes "cpu" but not "cpu:0", the device of a rank in a multi-process CPU (gloo) run
+    state = load_file(str(path), device="cpu" if dev.type == "cpu" else str(dev))
     params = dict(module.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in state]
     if missing:

@@ -141,7 +141,8 @@ UNIT_CLASSES = ("ResnetBlock2D", "BasicTransformerBlock", "JointTransformerBlock
 
 
 def _is_unit(m: nn.Module) -> bool:
-    return type(m).__name__ in UNIT_CLASSES
+    # by the class's lineage: fully_shard swaps a module's class for an FSDP subclass of it
+    return any(c.__name__ in UNIT_CLASSES for c in type(m).__mro__)
 
 
 def _block_units(block: nn.Module) -> list[nn.Module]:

@@ -129,7 +129,7 @@ class TextCache:
         """The name of the shard `offset` places after the last one listed (every rank computes the same)."""
         return f"text/shard-{len(self.manifest['text']['shards']) + offset:05d}.safetensors"
 
-    def write_shard(self, shard: str, captions: Sequence[str], conds: Cond) -> None:
+    def write_shard(self, shard: str, captions: Sequence[str], conds: Cond, rank: int = 0) -> None:
         """Write a shard file, without listing it: ranks write theirs in parallel, one rank lists them all."""
         from safetensors.torch import save_file
 
@@ -141,7 +141,8 @@ class TextCache:
                 if value is not None:
                     tensors[f"{key}.{name}"] = value[i].detach().to("cpu").contiguous()
         (self.root / "text").mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.root / shard, lambda tmp: save_file(tensors, str(tmp), metadata={"model": self.model_key}))
+        _write_atomic(self.root / shard, lambda tmp: save_file(tensors, str(tmp), metadata={"model": self.model_key,
+                                                                                      "rank": str(rank)}))
         self.manifest["text"]["fields"] = [n for n, v in fields.items() if v is not None]
 
     def register(self, shards: Sequence[tuple[str, list[str]]]) -> None:
@@ -210,7 +211,7 @@ def build_text_cache(teacher: Teacher, captions: Iterable[str], root: str | Path
             cache.add(chunk, teacher.encode(chunk))
         return cache
     for i in range(rank, len(chunks), world):
-        cache.write_shard(cache.next_shard(i), chunks[i], teacher.encode(chunks[i]))
+        cache.write_shard(cache.next_shard(i), chunks[i], teacher.encode(chunks[i]), rank)
     startup_barrier("encoding their part of the captions")
     if rank == 0 and chunks:  # chunk 0 is rank 0's, so its write_shard set the manifest's fields
         cache.register([(cache.next_shard(i), chunk) for i, chunk in enumerate(chunks)])
