@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -34,6 +35,16 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3  # the trainer's exit codes (trainer/cli.py)
 LOG_FILE = "trainer.log"
+
+
+RUN_DIR_MODE = 0o700  # specs, logs, checkpoints and samples are the owner's: no other local user reads them
+
+
+def make_run_dir(path: Path) -> None:
+    """The job's run directory, 0700 whatever the umask (mkdir's mode is masked by it, and an existing folder
+    from an older version keeps its mode unless set again). deploy/README.md says how to share it with a group."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, RUN_DIR_MODE)
 
 
 def worker_name() -> str:
@@ -66,7 +77,7 @@ def claim_job(*, session: Session, job_id: str, worker: str) -> Claim | None:
 
 def run_job(job_id: str, *, settings: Settings, capacity: Capacity | None = None) -> None:
     """The body of the Celery task; `capacity` is what this worker advertised (measured here if not given)."""
-    engine = make_engine(settings.sqlalchemy_url)
+    engine = make_engine(settings.sqlalchemy_url, **settings.db_timeouts("worker"))
     try:
         sessions = make_sessionmaker(engine)
         with sessions() as session:
@@ -137,7 +148,7 @@ class Attempt:
 
     def _start(self, spec: dict[str, Any], num_processes: int) -> subprocess.Popen[bytes]:
         job_id, attempt = self.claim.job_id, self.claim.attempt
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        make_run_dir(self.run_dir)
         kill_job_processes(job_id)  # a trainer orphaned by an earlier attempt on this host must not write here
         (self.run_dir / STOP_FILE).unlink(missing_ok=True)
         spec_path = self.run_dir / "spec.json"
