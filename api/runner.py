@@ -47,6 +47,14 @@ def make_run_dir(path: Path) -> None:
     os.chmod(path, RUN_DIR_MODE)
 
 
+def roots_env(settings: Settings) -> dict[str, str]:
+    """The roots the trainer checks every path against again where it opens it (trainer/roots.py): always set
+    from this worker's Settings, so a trainer the service starts never runs unchecked."""
+    return {"FLASHDMD_ALLOWED_DATA_ROOTS": json.dumps([str(p) for p in settings.allowed_data_roots]),
+            "FLASHDMD_ALLOWED_MODEL_ROOTS": json.dumps([str(p) for p in settings.allowed_model_roots]),
+            "FLASHDMD_RUN_ROOT": str(settings.run_root)}
+
+
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -163,7 +171,8 @@ class Attempt:
             session.commit()
         cmd = trainer_command(spec_path=spec_path, run_dir=self.run_dir, resume=resume_step is not None,
                               num_processes=num_processes, accelerate_config=self.settings.accelerate_config)
-        proc = spawn(cmd, cwd=self.run_dir, log_path=self.log_path, job_id=job_id, attempt=attempt)
+        proc = spawn(cmd, cwd=self.run_dir, log_path=self.log_path, job_id=job_id, attempt=attempt,
+                     extra_env=roots_env(self.settings))
         log.info("job %s attempt %d: trainer pid %d: %s", job_id, attempt, proc.pid, " ".join(cmd))
         with self.sessions() as session:
             session.execute(update(Job).where(*self._owned()).values(trainer_pid=proc.pid)

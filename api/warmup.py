@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from api import crud
 from api.models import Job
 from api.routes.generate import BatchKey, Runtime
+from trainer.roots import under_root
 from api.settings import Settings, parse_shape
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def _checkpoint(ref: str, sessions: sessionmaker[Session], settings: Settings) -
         rows = crud.list_checkpoints(session=session, job_id=job.id)
     run_dir = os.path.realpath(settings.run_dir(ref))
     done = [Path(os.path.realpath(os.path.join(run_dir, c.path))) for c in rows]
-    done = [p for p in done if str(p).startswith(run_dir + os.sep) and (p / "meta.json").is_file()]
+    done = [p for p in done if p != Path(run_dir) and under_root(p, [run_dir]) and (p / "meta.json").is_file()]
     if not done:
         raise CheckpointError(f"job {ref} has no checkpoint yet")
     return done[-1]

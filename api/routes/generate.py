@@ -43,7 +43,7 @@ from api.observability import GenerateMetrics
 from api.schemas import ErrorBody
 from api.schemas_generate import GeneratedImage, GenerateRequest, GenerateResponse, GenerateSettings
 from api.settings import Settings
-from api.spec_paths import under_roots
+from trainer.roots import under_root
 
 T = TypeVar("T")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -172,10 +172,10 @@ def _reachable(real: str, *, settings: Settings, owns_job: Callable[[str], bool]
     """May the caller read this realpath? Inside the run root only their own jobs' folders, whatever model
     roots also cover it (an operator may well list the storage root); elsewhere, the allowed model roots."""
     run_root = os.path.realpath(settings.run_root)
-    if real == run_root or real.startswith(run_root.rstrip(os.sep) + os.sep):
+    if under_root(real, [run_root]):
         parts = Path(os.path.relpath(real, run_root)).parts
         return bool(parts) and parts[0] != ".." and owns_job(parts[0])
-    return under_roots(real, settings.allowed_model_roots)
+    return under_root(real, settings.allowed_model_roots)
 
 
 def _checkpoint_dir(body: GenerateRequest, session: Session, token: Any, settings: Settings) -> Path:
@@ -189,7 +189,7 @@ def _checkpoint_dir(body: GenerateRequest, session: Session, token: Any, setting
         run_dir = os.path.realpath(settings.run_dir(job.id))
         done = [Path(os.path.realpath(os.path.join(run_dir, c.path)))
                 for c in crud.list_checkpoints(session=session, job_id=job.id)]
-        done = [p for p in done if str(p).startswith(run_dir + os.sep) and (p / "meta.json").is_file()]
+        done = [p for p in done if p != Path(run_dir) and under_root(p, [run_dir]) and (p / "meta.json").is_file()]
         if not done:
             raise APIError("invalid_state", f"job {job.id} has no checkpoint yet", fields=["job"])
         return done[-1]
