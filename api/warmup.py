@@ -26,8 +26,8 @@ from starlette.concurrency import run_in_threadpool
 from api import crud
 from api.models import Job
 from api.routes.generate import BatchKey, Runtime
-from trainer.roots import under_root
 from api.settings import Settings, parse_shape
+from trainer.roots import under_root
 
 log = logging.getLogger(__name__)
 WARM_PROMPT = "warm-up"
