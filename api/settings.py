@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     generate_rate_per_minute: float = Field(60.0, ge=0, description="/generate requests per token per minute "
                                             "(token bucket; 0 turns it off); past it 429 with Retry-After")
     generate_rate_burst: int = Field(10, ge=1, description="requests a token may send at once before the rate applies")
+    # Work, not only size (api/generate_cost.py): images x pixels / training pixels x steps.
+    generate_max_work: float = Field(128.0, gt=0, description="the work one /generate may ask for, in images at "
+                                     "the checkpoint's training resolution x steps; more is a 422")
+    generate_call_timeout_seconds: float = Field(60.0, gt=0, description="wall-clock limit of one sampler call; "
+                                                 "past it the call stops, frees its slot and its requests get 503")
 
     # -- The inference tier (issue 12; deploy/README.md "Inference tier") --
     role: Literal["all", "control", "inference"] = Field(

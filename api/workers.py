@@ -190,12 +190,13 @@ def route(*, session: Session, settings: Settings, processes: int) -> tuple[Pool
 
 @dataclass(frozen=True)
 class Placement:
+    pool: str
     queue: str
     live: bool  # a worker of the chosen pool heartbeats now
 
     @property
     def notice(self) -> str | None:
-        return None if self.live else (f"no worker of pool {self.queue} is live now: the job is queued and "
+        return None if self.live else (f"no worker of pool {self.pool} is live now: the job is queued and "
                                        "starts when one is")
 
 
@@ -206,8 +207,13 @@ def check_capacity(*, session: Session, settings: Settings, spec: dict[str, Any]
     wanted = requested_processes(spec)
     pool, pools = route(session=session, settings=settings, processes=wanted)
     if pool is not None:
-        return Placement(pool_queue(settings, pool.name), pool.live)
-    offered = ", ".join(f"{p.name}{'' if p.live else ' (not live)'}" for p in pools) or "none"
+        return Placement(pool.name, pool_queue(settings, pool.name), pool.live)
+    declared = set(settings.pools)
+
+    def label(p: Pool) -> str:
+        return "" if p.live else " (declared)" if p.name in declared else " (seen, not live)"
+
+    offered = ", ".join(f"{p.name}{label(p)}" for p in pools) or "none"
     field = "spec" if spec.get("kind") in ("eval", "prepare") else FIELD
     raise APIError(
         "invalid_request",
