@@ -8,8 +8,8 @@ import socket
 
 import httpx
 import pytest
-from faultkit import GENEROUS, ApiProcess, timed
 from fastapi.testclient import TestClient
+from faultkit import GENEROUS, ApiProcess, timed
 from servicekit import burst, make_settings, queue_name, settings_env
 
 from api.auth import create_token
