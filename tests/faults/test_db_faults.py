@@ -30,6 +30,7 @@ def _assert_503(response, elapsed: float) -> None:
     assert body.get("error", {}).get("code") == "database_unavailable" or body.get("status") == "unavailable", body
     assert int(response.headers["retry-after"]) >= 1
     assert elapsed < GENEROUS, f"answered after {elapsed:.1f} s"
+    print(f"[faults] {response.request.method} {response.request.url.path}: {response.status_code} in {elapsed:.2f} s")
 
 
 def _plain(url: str) -> str:
