@@ -66,11 +66,14 @@ class Batcher(Generic[R, T]):
         return sum(len(items) for items in self._pending.values())
 
     async def submit(self, key: Hashable, rows: list[R], timeout: float | None = None) -> list[T]:
-        """This request's results, one per row. A request of more than max_batch rows goes in chunks of it."""
+        """This request's results, one per row. A request of more than max_batch rows goes in chunks of it,
+        one after the other: a single request never holds more than one sampler slot, so it cannot take
+        every slot from the other clients."""
         if len(rows) > self.max_batch:
-            chunks = [rows[i:i + self.max_batch] for i in range(0, len(rows), self.max_batch)]
-            parts = await asyncio.gather(*(self.submit(key, c, timeout) for c in chunks))
-            return [r for part in parts for r in part]
+            out: list[T] = []
+            for i in range(0, len(rows), self.max_batch):
+                out += await self.submit(key, rows[i:i + self.max_batch], timeout)
+            return out
         wake = self._start()
         item: _Item[R, T] = _Item(rows, asyncio.get_running_loop().create_future())
         self._pending.setdefault(key, []).append(item)

@@ -74,9 +74,12 @@ def serve_command(host: str, port: int, workers: int, role: str) -> None:
     import uvicorn
 
     os.environ["FLASHDMD_ROLE"] = role  # the app factory (in each uvicorn worker) reads it from Settings
-    _settings()  # fail here with a clear message (e.g. a short FLASHDMD_TOKEN), not in each uvicorn worker
+    settings = _settings()  # fail here with a clear message (e.g. a short FLASHDMD_TOKEN), not in each worker
 
-    uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=workers, proxy_headers=True)
+    from api.httpserver import uvicorn_options
+
+    uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=workers, proxy_headers=True,
+                **uvicorn_options(settings))
 
 
 @cli.command("worker")
@@ -186,8 +189,11 @@ def token_list() -> None:
 
 @token_group.command("revoke")
 @click.argument("token_id")
-def token_revoke(token_id: str) -> None:
+@click.option("--cancel-jobs", is_flag=True, help="also cancel the owner's unfinished jobs (waiting ones at once; "
+              "running ones checkpoint and stop, as with POST /jobs/{id}/cancel)")
+def token_revoke(token_id: str, cancel_jobs: bool) -> None:
     """Revoke a token by its id (from `token list`); its next request gets 401."""
+    from api import crud
     from api.auth import TokenError, revoke_token
 
     with _token_session() as session:
@@ -196,6 +202,9 @@ def token_revoke(token_id: str) -> None:
         except TokenError as err:
             raise click.ClickException(str(err)) from None
         click.echo(f"revoked {row.public_id} ({row.name}) at {row.revoked_at:%Y-%m-%d %H:%M:%S} UTC")
+        if cancel_jobs:
+            cancelled = crud.cancel_owner_jobs(session=session, owner_id=row.id)
+            click.echo(f"cancel requested for {len(cancelled)} job(s){': ' if cancelled else ''}{', '.join(cancelled)}")
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ against the worker and the reaper without holding locks."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, func, select, text, update
@@ -126,6 +127,29 @@ def dispatch(*, session: Session, job_id: str, send: Callable[[str], bool]) -> b
     return True
 
 
+def resend(*, session: Session, job_id: str, send: Callable[[str], bool], reason: str,
+           sent_before: datetime | None = None) -> bool:
+    """Send a waiting job's task again (its message may be lost: a broker restarted empty, a worker that died
+    before claiming), and record an event. The re-send is itself fenced: one conditional UPDATE of
+    `dispatched_at` decides which of several replicas sends, and a duplicate message is a no-op at the atomic
+    claim. `sent_before`: only if the last send is older than this (the reaper's redispatch time)."""
+    now = utcnow()
+    where = [Job.status.in_(WAITING)]
+    if sent_before is not None:
+        where.append(Job.dispatched_at < sent_before)
+    if not _transition(session, job_id, where, dispatched_at=now):
+        session.rollback()
+        return False
+    add_event(session=session, job_id=job_id, kind="redispatched", message=reason)
+    session.commit()
+    if send(job_id):
+        return True
+    # Not sent (broker down, no pool): leave it to the reaper's retry of unsent jobs.
+    _transition(session, job_id, [Job.status.in_(WAITING), Job.dispatched_at == now], dispatched_at=None)
+    session.commit()
+    return False
+
+
 def list_jobs(
     *, session: Session, owner: ApiToken, status: str | None, after: str | None, limit: int
 ) -> tuple[Sequence[Job], bool]:
@@ -154,6 +178,23 @@ def request_cancel(*, session: Session, job: Job) -> Job:
     session.commit()
     session.refresh(job)
     return job
+
+
+def cancel_owner_jobs(*, session: Session, owner_id: int) -> list[str]:
+    """Cancel every unfinished job of one owner (`flashdmd token revoke --cancel-jobs`): the ids asked to stop."""
+    ids = session.scalars(select(Job.id).where(Job.owner_id == owner_id, Job.status.not_in(TERMINAL))).all()
+    out = []
+    for job_id in ids:
+        job = session.get(Job, job_id)
+        if job is None:
+            continue
+        try:
+            request_cancel(session=session, job=job)
+        except APIError:  # it finished (or is cancelling) meanwhile: nothing left to stop
+            session.rollback()
+            continue
+        out.append(job_id)
+    return out
 
 
 def request_resume(*, session: Session, job: Job, owner: ApiToken | None = None, max_active: int = 0) -> Job:

@@ -45,7 +45,11 @@ READ_ONLY = "flashdmd_read_only"
 UNAVAILABLE: tuple[type[Exception], ...] = (OperationalError, InterfaceError, SATimeoutError, DisconnectionError)
 
 
-def make_engine(url: str, *, busy_timeout_ms: int = 30_000, **kwargs: Any) -> Engine:
+def make_engine(url: str, *, busy_timeout_ms: int = 30_000, connect_timeout: int | None = None,
+                statement_timeout_ms: int | None = None, lock_timeout_ms: int | None = None, **kwargs: Any) -> Engine:
+    """An engine whose every wait is bounded: SQLite's busy timeout; on Postgres connect_timeout (a server that
+    accepts and never answers), statement_timeout and lock_timeout (a table locked elsewhere), set per
+    connection at startup. Their errors are OperationalErrors, so the API answers 503 (UNAVAILABLE)."""
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:" and not database.startswith("file:"):
@@ -54,7 +58,14 @@ def make_engine(url: str, *, busy_timeout_ms: int = 30_000, **kwargs: Any) -> En
         engine = create_engine(url, connect_args={"timeout": timeout, "check_same_thread": False}, **kwargs)
         _configure_sqlite(engine, busy_timeout_ms)
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    connect_args: dict[str, Any] = dict(kwargs.pop("connect_args", {}))
+    if connect_timeout is not None:
+        connect_args["connect_timeout"] = max(2, int(connect_timeout))  # libpq treats 1 as 2
+    options = [f"-c {name}={int(value)}" for name, value in (("statement_timeout", statement_timeout_ms),
+                                                              ("lock_timeout", lock_timeout_ms)) if value is not None]
+    if options:
+        connect_args["options"] = " ".join(options)
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **kwargs)
 
 
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:

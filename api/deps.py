@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -11,12 +12,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.auth import LAST_USED_RESOLUTION, find_token, touch
 from api.celery_app import Dispatcher
-from api.db import utcnow
+from api.db import UNAVAILABLE, utcnow
 from api.edge import CHALLENGE, TOKEN_STATE
 from api.errors import APIError
 from api.models import ApiToken
 from api.settings import Settings
 
+log = logging.getLogger(__name__)
 # Requests that only read get sessions that take no write lock on SQLite (api/db.py, READ_ONLY).
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -57,13 +59,18 @@ def lookup_token(*, reads: sessionmaker[Session], writes: sessionmaker[Session],
     if row is None:
         return None
     if row.last_used_at is None or utcnow() - row.last_used_at > LAST_USED_RESOLUTION:
-        with writes() as session:
-            fresh = find_token(session=session, token=token)
-            if fresh is None:
-                return None
-            touch(session=session, row=fresh)
-            session.commit()
-            row = fresh
+        try:
+            with writes() as session:
+                fresh = find_token(session=session, token=token)
+                if fresh is None:
+                    return None
+                touch(session=session, row=fresh)
+                session.commit()
+                row = fresh
+        except UNAVAILABLE:
+            # Recording the use is bookkeeping: a write lock held elsewhere (SQLite) or a lock timeout must not
+            # turn a request the token may make into a 503. The next request records it.
+            log.warning("could not record the use of token %s (database busy)", row.public_id)
     return row
 
 

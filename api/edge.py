@@ -19,6 +19,7 @@ The token row is handed to the route in the ASGI scope (`CurrentToken` reads it)
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -71,8 +72,9 @@ def _content_length(scope: Scope) -> int | None:
 
 class EdgeMiddleware:
     def __init__(self, app: ASGIApp, *, max_body_bytes: int, authenticate: Authenticate,
-                 retry_after: int) -> None:
+                 retry_after: int, public_base_url: str | None = None) -> None:
         self.app, self.limit, self.authenticate, self.retry_after = app, max_body_bytes, authenticate, retry_after
+        self.public_base_url = public_base_url
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -113,7 +115,11 @@ class EdgeMiddleware:
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [
+                    (k, public_location(v, self.public_base_url) if k == b"location" else v)
+                    for k, v in message.get("headers", ())]}
             await send(message)
 
         try:
@@ -130,6 +136,22 @@ class EdgeMiddleware:
         # The body is left unread: tell the client (and uvicorn) this connection ends with the response.
         response.headers["Connection"] = "close"
         await response(scope, receive, send)
+
+
+def public_url(path: str, base: str | None) -> str:
+    """A URL for a response: the configured public base URL + path, or the bare path (relative to the host the
+    client used). Never built from the request's Host header, which the client chooses (a cache or a link in
+    a shared page would carry an attacker's host)."""
+    return f"{base.rstrip('/')}{path}" if base else path
+
+
+def public_location(value: bytes, base: str | None) -> bytes:
+    """A Location header without the request's scheme and host (Starlette's slash redirects build them from Host)."""
+    parts = urlsplit(value.decode("latin-1"))
+    if not parts.netloc:
+        return value
+    path = urlunsplit(("", "", parts.path or "/", parts.query, parts.fragment))
+    return public_url(path, base).encode("latin-1")
 
 
 def _too_large(limit: int) -> APIError:

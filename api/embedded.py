@@ -141,6 +141,7 @@ def run_embedded(*, host: str, port: int, data_dir: Path | None) -> None:
 
     import uvicorn
 
+    from api.httpserver import uvicorn_options
     from api.main import create_app
 
     worker = WorkerChild()
@@ -153,6 +154,6 @@ def run_embedded(*, host: str, port: int, data_dir: Path | None) -> None:
         click.echo(f"token (also in {source}): {token}", err=True)
         click.echo(f'  curl -H "Authorization: Bearer {token}" {url}/jobs', err=True)
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info", **uvicorn_options(settings))
     finally:
         worker.stop()

@@ -32,6 +32,7 @@ CODES: dict[str, int] = {
     "payload_too_large": 413,
     "rate_limited": 429,
     "overloaded": 503,
+    "generation_timeout": 503,
     "database_unavailable": 503,
     "internal_error": 500,
 }

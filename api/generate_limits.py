@@ -58,17 +58,23 @@ class Limiter:
     """`concurrency` slots and a waiting room of `queue`, of which one key may hold `owner_share`."""
 
     def __init__(self, concurrency: int, queue: int, timeout: float, retry_after: int, *,
-                 owner_share: float = 1.0, per_minute: float = 0.0, burst: int = 1) -> None:
+                 owner_share: float = 1.0, per_minute: float = 0.0, burst: int = 1,
+                 work_capacity: float = math.inf) -> None:
         self.concurrency, self.queue, self.timeout, self.retry_after = concurrency, queue, timeout, retry_after
         # At least one place each, so a share below one slot still lets every token through when idle.
         self.owner_cap = max(1, math.floor(owner_share * (concurrency + queue)))
+        # The share applies to work too (api/generate_cost.py units): a token's admitted requests may add up to
+        # its share of what the slots do at once. Its first request always fits, however large (within the
+        # per-request budget), so no token is locked out.
+        self.owner_work_cap = owner_share * work_capacity
         self.rate = TokenBucket(per_minute, burst)
         self._sem = asyncio.Semaphore(concurrency)
         self.admitted = 0  # running + waiting
         self.by_owner: dict[object, int] = {}
+        self.work_by_owner: dict[object, float] = {}
 
     @asynccontextmanager
-    async def place(self, owner: object = None) -> AsyncIterator[None]:
+    async def place(self, owner: object = None, work: float = 0.0) -> AsyncIterator[None]:
         """A place among the `concurrency + queue` admitted requests, without waiting for a slot: the batcher
         (api/batcher.py) holds requests in its own queue and runs `concurrency` sampler calls at once."""
         wait = self.rate.take(owner)
@@ -82,8 +88,13 @@ class Limiter:
         if mine >= self.owner_cap:
             raise RateLimited(f"this token already has {mine} generations running or queued (its share is "
                               f"{self.owner_cap}); try again later", self.retry_after)
+        held = self.work_by_owner.get(owner, 0.0)
+        if mine and held + work > self.owner_work_cap:
+            raise RateLimited(f"this token's generations running or queued already hold {held:g} units of work "
+                              f"(its share is {self.owner_work_cap:g}); try again later", self.retry_after)
         self.admitted += 1
         self.by_owner[owner] = mine + 1
+        self.work_by_owner[owner] = held + work
         try:
             yield
         finally:
@@ -91,8 +102,10 @@ class Limiter:
             left = self.by_owner[owner] - 1
             if left:
                 self.by_owner[owner] = left
+                self.work_by_owner[owner] -= work
             else:
                 del self.by_owner[owner]
+                del self.work_by_owner[owner]
 
     def busy(self, why: str) -> Busy:
         return Busy(why, self.retry_after)

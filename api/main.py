@@ -40,9 +40,14 @@ def _version() -> str:
         return "0+unknown"
 
 
+def _pool_args(settings: Settings) -> dict[str, float]:
+    # SQLite's default pool has no checkout wait; Postgres' QueuePool waits pool_timeout for a connection.
+    return {} if settings.sqlalchemy_url.startswith("sqlite") else {"pool_timeout": settings.db_pool_timeout_seconds}
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    engine = make_engine(settings.sqlalchemy_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms)
+    engine = make_engine(settings.sqlalchemy_url, **settings.db_timeouts("api"), **_pool_args(settings))
     sessions = make_sessionmaker(engine)
     reads = make_read_sessionmaker(engine)
     inference = settings.role == "inference"
@@ -97,7 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Added first, so it runs inside the latency middleware: its 401s and 413s are observed too.
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes, authenticate=authenticate,
-                       retry_after=settings.db_retry_after_seconds)
+                       retry_after=settings.db_retry_after_seconds, public_base_url=settings.public_base_url)
     app.add_middleware(LatencyMiddleware, observability=observability)
     app.include_router(health.router)
     if not inference:  # the inference role serves /generate and health only (issue 12)

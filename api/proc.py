@@ -76,8 +76,10 @@ def die_with_parent() -> Callable[[], None] | None:
     return hook
 
 
-def spawn(cmd: list[str], *, cwd: Path, log_path: Path, job_id: str, attempt: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", FLASHDMD_ATTEMPT=str(attempt), **launcher_env())
+def spawn(cmd: list[str], *, cwd: Path, log_path: Path, job_id: str, attempt: int,
+          extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FLASHDMD_ATTEMPT=str(attempt), **launcher_env(),
+               **(extra_env or {}))
     env[JOB_ENV] = job_id
     with log_path.open("ab") as out:
         out.write(f"\n==> attempt {attempt}: {' '.join(cmd)}\n".encode())

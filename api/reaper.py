@@ -1,4 +1,5 @@
-"""The reaper: jobs whose worker stopped heartbeating are requeued (or finished), lost sends are retried.
+"""The reaper: jobs whose worker stopped heartbeating are requeued (or finished), lost sends are retried, and
+jobs sent but never claimed (a lost broker message) are sent again after FLASHDMD_REDISPATCH_AFTER_SECONDS.
 
 It runs as a thread in every API process. Each move is one conditional UPDATE, so
 several replicas can reap at once and each job moves exactly once.
@@ -30,6 +31,7 @@ class Reaped:
     cancelled: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     dispatched: list[str] = field(default_factory=list)
+    redispatched: list[str] = field(default_factory=list)
 
 
 def reap_once(*, sessions: sessionmaker[Session], settings: Settings, send: Callable[[str], bool]) -> Reaped:
@@ -68,9 +70,38 @@ def reap_once(*, sessions: sessionmaker[Session], settings: Settings, send: Call
         for job_id in [*out.requeued, *pending]:
             if crud.dispatch(session=session, job_id=job_id, send=send):
                 out.dispatched.append(job_id)
-    for name in ("requeued", "cancelled", "failed"):
+        # Sent, but nobody claimed it: the message may be lost (a broker restarted empty, a worker that died
+        # before claiming). Sent again, once per redispatch interval; a duplicate is a no-op at the claim.
+        sent_before = now - timedelta(seconds=settings.redispatch_after_seconds)
+        unclaimed = session.scalars(
+            select(Job.id).where(Job.status.in_(WAITING), Job.dispatched_at < sent_before).limit(1000)
+        ).all()
+        age = f"{settings.redispatch_after_seconds:g}"
+        for job_id in unclaimed:
+            if crud.resend(session=session, job_id=job_id, send=send, sent_before=sent_before,
+                           reason=f"not claimed {age} s after its task was sent; sent again"):
+                out.redispatched.append(job_id)
+    for name in ("requeued", "cancelled", "failed", "redispatched"):
         if ids := getattr(out, name):
             log.warning("reaper %s %s", name, ", ".join(ids))
+    return out
+
+
+def resend_waiting(*, sessions: sessionmaker[Session], queue: str, queue_for: Callable[[str], str | None],
+                   send: Callable[[str], bool], worker: str) -> list[str]:
+    """A worker that starts sends again what its pool has waiting: messages sent while no worker read the
+    queue may be gone (a broker restarted empty). Duplicates are no-ops at the atomic claim."""
+    out = []
+    with sessions() as session:
+        waiting = session.scalars(select(Job.id).where(Job.status.in_(WAITING)).order_by(Job.id).limit(1000)).all()
+        for job_id in waiting:
+            if queue_for(job_id) != queue:
+                continue
+            if crud.resend(session=session, job_id=job_id, send=lambda j: send(j),
+                           reason=f"worker {worker} started on {queue}; sent again"):
+                out.append(job_id)
+    if out:
+        log.info("worker %s re-sent %d waiting job(s) of %s", worker, len(out), queue)
     return out
 
 

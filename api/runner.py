@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -34,6 +35,24 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3  # the trainer's exit codes (trainer/cli.py)
 LOG_FILE = "trainer.log"
+
+
+RUN_DIR_MODE = 0o700  # specs, logs, checkpoints and samples are the owner's: no other local user reads them
+
+
+def make_run_dir(path: Path) -> None:
+    """The job's run directory, 0700 whatever the umask (mkdir's mode is masked by it, and an existing folder
+    from an older version keeps its mode unless set again). deploy/README.md says how to share it with a group."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, RUN_DIR_MODE)
+
+
+def roots_env(settings: Settings) -> dict[str, str]:
+    """The roots the trainer checks every path against again where it opens it (trainer/roots.py): always set
+    from this worker's Settings, so a trainer the service starts never runs unchecked."""
+    return {"FLASHDMD_ALLOWED_DATA_ROOTS": json.dumps([str(p) for p in settings.allowed_data_roots]),
+            "FLASHDMD_ALLOWED_MODEL_ROOTS": json.dumps([str(p) for p in settings.allowed_model_roots]),
+            "FLASHDMD_RUN_ROOT": str(settings.run_root)}
 
 
 def worker_name() -> str:
@@ -66,7 +85,7 @@ def claim_job(*, session: Session, job_id: str, worker: str) -> Claim | None:
 
 def run_job(job_id: str, *, settings: Settings, capacity: Capacity | None = None) -> None:
     """The body of the Celery task; `capacity` is what this worker advertised (measured here if not given)."""
-    engine = make_engine(settings.sqlalchemy_url)
+    engine = make_engine(settings.sqlalchemy_url, **settings.db_timeouts("worker"))
     try:
         sessions = make_sessionmaker(engine)
         with sessions() as session:
@@ -137,7 +156,7 @@ class Attempt:
 
     def _start(self, spec: dict[str, Any], num_processes: int) -> subprocess.Popen[bytes]:
         job_id, attempt = self.claim.job_id, self.claim.attempt
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        make_run_dir(self.run_dir)
         kill_job_processes(job_id)  # a trainer orphaned by an earlier attempt on this host must not write here
         (self.run_dir / STOP_FILE).unlink(missing_ok=True)
         spec_path = self.run_dir / "spec.json"
@@ -152,7 +171,8 @@ class Attempt:
             session.commit()
         cmd = trainer_command(spec_path=spec_path, run_dir=self.run_dir, resume=resume_step is not None,
                               num_processes=num_processes, accelerate_config=self.settings.accelerate_config)
-        proc = spawn(cmd, cwd=self.run_dir, log_path=self.log_path, job_id=job_id, attempt=attempt)
+        proc = spawn(cmd, cwd=self.run_dir, log_path=self.log_path, job_id=job_id, attempt=attempt,
+                     extra_env=roots_env(self.settings))
         log.info("job %s attempt %d: trainer pid %d: %s", job_id, attempt, proc.pid, " ".join(cmd))
         with self.sessions() as session:
             session.execute(update(Job).where(*self._owned()).values(trainer_pid=proc.pid)

@@ -97,6 +97,8 @@ class JobPublic(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     spec: dict[str, Any]
+    notice: str | None = Field(None, description="set on POST /jobs when no worker of the job's pool is live: "
+                               "the job is queued and starts when one is")
 
     @classmethod
     def of(cls, job: Job) -> JobPublic:

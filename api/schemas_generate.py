@@ -20,7 +20,9 @@ class GenerateSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLASHDMD_", extra="ignore")
 
     generate_max_concurrency: int = Field(1, ge=1, description="generations running at once (1 per GPU)")
-    generate_max_queue: int = Field(4, ge=0, description="requests waiting for a slot; more get 503")
+    # max_concurrency + max_queue must hold a full batch per slot, or the batcher can never fill one: the default
+    # 16 admits 17 requests for 1 slot of max_batch 8 (a warning at start names an inconsistent setting).
+    generate_max_queue: int = Field(16, ge=0, description="requests waiting for a slot; more get 503")
     generate_queue_timeout_seconds: float = Field(60.0, gt=0, description="longest wait for a slot, then 503")
     generate_retry_after_seconds: int = Field(5, ge=1)
     generate_max_images: int = Field(4, ge=1, le=64)

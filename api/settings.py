@@ -86,13 +86,43 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(2**20, ge=1024, description="largest request body; a bigger one gets 413")
     # How long an API request waits for SQLite's write lock before it answers 503 (transactions are short,
     # so a long wait means overload, and a quick 503 + Retry-After beats holding a thread).
-    sqlite_busy_timeout_ms: int = Field(10_000, ge=0)
+    sqlite_busy_timeout_ms: int = Field(3_000, ge=0, description="API requests: wait for SQLite's write lock, "
+                                        "then 503 (README \"Waits and timeouts\")")
     db_retry_after_seconds: int = Field(5, ge=1, description="Retry-After on 503 when the database is busy or down")
+    # -- Every wait on the database is bounded (README "Waits and timeouts"). A locked or unresponsive database
+    # answers a request with 503 + Retry-After within about connect + lock (or statement) timeout: 4 s here. --
+    db_connect_timeout_seconds: int = Field(2, ge=1, le=600, description="Postgres connect_timeout (libpq's "
+                                            "minimum is 2 s): a database that accepts and never answers")
+    db_statement_timeout_ms: int = Field(4_000, ge=0, description="Postgres statement_timeout on the API's "
+                                         "connections (0: none)")
+    db_lock_timeout_ms: int = Field(2_000, ge=0, description="Postgres lock_timeout on the API's connections "
+                                    "(a table or row lock held elsewhere; 0: none)")
+    db_pool_timeout_seconds: float = Field(4.0, gt=0, description="longest wait for a pooled connection")
+    # The worker's writes (metrics ingest, heartbeats) are not latency-critical: they may wait longer than a
+    # request, and a failure there is retried on the next poll anyway.
+    worker_db_statement_timeout_ms: int = Field(60_000, ge=0)
+    worker_db_lock_timeout_ms: int = Field(30_000, ge=0)
+    worker_sqlite_busy_timeout_ms: int = Field(30_000, ge=0)
+    redispatch_after_seconds: float = Field(
+        300.0, gt=0, description="a job still queued this long after its task was sent, and not claimed, is sent "
+        "again (the broker may have lost the message); the atomic claim makes extra copies no-ops")
+    max_streams_per_token: int = Field(8, ge=1, description="open GET /jobs/{id}/stream per token; more get 429")
+    public_base_url: str | None = Field(None, description="e.g. https://flashdmd.example.com: absolute URLs in "
+                                        "responses start with it; unset, they are relative (never from Host)")
+    http_header_timeout_seconds: float = Field(
+        10.0, gt=0, description="a connection must send a request's headers within this long (slow-header "
+        "clients are closed); uvicorn's own keep-alive timeout is http_keep_alive_seconds")
+    http_keep_alive_seconds: int = Field(5, ge=1, description="idle keep-alive connections close after this")
     generate_owner_share: float = Field(0.5, gt=0, le=1,
                                         description="share of /generate slots (running + waiting) one token may hold")
     generate_rate_per_minute: float = Field(60.0, ge=0, description="/generate requests per token per minute "
                                             "(token bucket; 0 turns it off); past it 429 with Retry-After")
     generate_rate_burst: int = Field(10, ge=1, description="requests a token may send at once before the rate applies")
+    # Work, not only size (api/generate_cost.py): images x pixels / training pixels x steps.
+    generate_max_work: float = Field(128.0, gt=0, description="the work one /generate may ask for, in images at "
+                                     "the checkpoint's training resolution x steps; more is a 422")
+    generate_call_timeout_seconds: float = Field(60.0, gt=0, description="wall-clock limit of one sampler call; "
+                                                 "past it the call stops, frees its slot and its requests get 503")
 
     # -- The inference tier (issue 12; deploy/README.md "Inference tier") --
     role: Literal["all", "control", "inference"] = Field(
@@ -147,7 +177,7 @@ class Settings(BaseSettings):
                              "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
         return value
 
-    @field_validator("inference_url", mode="before")
+    @field_validator("inference_url", "public_base_url", mode="before")
     @classmethod
     def _unset_if_empty(cls, value: Any) -> Any:
         # compose passes `${FLASHDMD_INFERENCE_URL:-}` as an empty string: that means "in-process", not a URL.
@@ -171,6 +201,8 @@ class Settings(BaseSettings):
         # Roots are compared after realpath, so resolve symlinks in the roots themselves too.
         for name in ("allowed_model_roots", "allowed_data_roots"):
             updates[name] = [Path(os.path.realpath(p.expanduser())) for p in getattr(self, name)]
+        if self.public_base_url is not None and not self.public_base_url.startswith(("http://", "https://")):
+            raise ValueError("FLASHDMD_PUBLIC_BASE_URL must be an http:// or https:// URL")
         if self.inference_url is not None and not self.inference_url.startswith(("http://", "https://")):
             raise ValueError("FLASHDMD_INFERENCE_URL must be an http:// or https:// URL")
         if self.role == "control" and not self.inference_url:
@@ -199,6 +231,15 @@ class Settings(BaseSettings):
         """The filesystem broker's folder: the URL's path if it has one, else <data_dir>/broker."""
         path = self.broker_url.removeprefix("filesystem://")
         return Path(path) if path else self.data_dir / "broker"
+
+    def db_timeouts(self, role: Literal["api", "worker"] = "api") -> dict[str, int]:
+        """make_engine's keyword arguments for the API's or the worker's connections (api/db.py)."""
+        if role == "worker":
+            return {"busy_timeout_ms": self.worker_sqlite_busy_timeout_ms, "connect_timeout": self.db_connect_timeout_seconds,
+                    "statement_timeout_ms": self.worker_db_statement_timeout_ms,
+                    "lock_timeout_ms": self.worker_db_lock_timeout_ms}
+        return {"busy_timeout_ms": self.sqlite_busy_timeout_ms, "connect_timeout": self.db_connect_timeout_seconds,
+                "statement_timeout_ms": self.db_statement_timeout_ms, "lock_timeout_ms": self.db_lock_timeout_ms}
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 from api.errors import APIError
 from api.settings import Settings
+from trainer.roots import under_root
 from trainer.spec_limits import is_hub_ref
 
 # org/name: one slash, no leading dot, slash or tilde, no "..". A bare name is not accepted as a hub id,
@@ -68,12 +69,8 @@ def _locations(spec: dict[str, Any], path: tuple[str, ...]) -> list[tuple[dict[s
     return [(node, (*where, path[-1])) for node, where in found if isinstance(node, dict)]
 
 
-def under_roots(path: str, roots: list[Path]) -> bool:
-    """Is `path` (already realpath'd) one of `roots` or inside one? Compared by components, not prefixes."""
-    return any(path == str(root) or path.startswith(str(root).rstrip(os.sep) + os.sep) for root in roots)
-
-
-_under = under_roots
+under_roots = under_root  # the one "path under root" check, shared with the trainer (trainer/roots.py)
+_under = under_root
 
 
 def resolve_location(value: str, *, roots: list[Path], hub_ok: bool, tiny_ok: bool,

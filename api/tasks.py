@@ -7,7 +7,9 @@ so the pool and queue: api/workers.py); pool children inherit that by fork.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from typing import Any
 
 from celery.signals import worker_init, worker_ready, worker_shutdown, worker_shutting_down
@@ -17,6 +19,7 @@ from api.proc import drain_marker
 from api.settings import Settings
 from api.workers import Registration, pool_queue, worker_capacity
 
+log = logging.getLogger(__name__)
 settings = Settings()
 capacity = worker_capacity(settings)  # a misconfigured size stops the worker here, before it takes any job
 queue = pool_queue(settings, capacity.pool)
@@ -38,6 +41,29 @@ def _ready(**_: Any) -> None:
     global _registration
     _registration = Registration(settings, capacity)
     _registration.start()
+    threading.Thread(target=_resend_waiting, name="flashdmd-resend", daemon=True).start()
+
+
+def _resend_waiting() -> None:
+    """What this pool has waiting is sent again (api/reaper.py resend_waiting), off the main thread: a slow
+    database must not delay the worker's start."""
+    from sqlalchemy.pool import NullPool
+
+    from api.celery_app import Dispatcher
+    from api.db import make_engine, make_sessionmaker
+    from api.reaper import resend_waiting
+    from api.workers import worker_id
+
+    engine = make_engine(settings.sqlalchemy_url, poolclass=NullPool, **settings.db_timeouts("worker"))
+    dispatcher = Dispatcher(settings)
+    try:
+        resend_waiting(sessions=make_sessionmaker(engine), queue=queue, queue_for=dispatcher.router.queue_for,
+                       send=lambda job_id: dispatcher.send(job_id, queue=queue), worker=worker_id())
+    except Exception:  # the database or broker is down: the reaper's redispatch covers these jobs later
+        log.warning("could not re-send this pool's waiting jobs", exc_info=True)
+    finally:
+        dispatcher.close()
+        engine.dispose()
 
 
 @worker_shutting_down.connect

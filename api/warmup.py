@@ -27,6 +27,7 @@ from api import crud
 from api.models import Job
 from api.routes.generate import BatchKey, Runtime
 from api.settings import Settings, parse_shape
+from trainer.roots import under_root
 
 log = logging.getLogger(__name__)
 WARM_PROMPT = "warm-up"
@@ -46,7 +47,7 @@ def _checkpoint(ref: str, sessions: sessionmaker[Session], settings: Settings) -
         rows = crud.list_checkpoints(session=session, job_id=job.id)
     run_dir = os.path.realpath(settings.run_dir(ref))
     done = [Path(os.path.realpath(os.path.join(run_dir, c.path))) for c in rows]
-    done = [p for p in done if str(p).startswith(run_dir + os.sep) and (p / "meta.json").is_file()]
+    done = [p for p in done if p != Path(run_dir) and under_root(p, [run_dir]) and (p / "meta.json").is_file()]
     if not done:
         raise CheckpointError(f"job {ref} has no checkpoint yet")
     return done[-1]

@@ -162,24 +162,62 @@ def live_pools(*, session: Session, settings: Settings) -> list[Pool]:
     return sorted(live | declared, key=lambda p: (p.processes, not p.live, p.device != "gpu"))
 
 
+def seen_pools(*, session: Session, settings: Settings) -> list[Pool]:
+    """Pools a worker of this deployment registered in, live or not (rows are forgotten after FORGET_AFTER):
+    a pool that is restarting or scaling up from zero still exists, and its queue will be read again."""
+    rows = session.execute(select(Worker.pool, Worker.queue).distinct()).all()
+    return sorted({parse_pool(pool) for pool, queue in rows if queue == pool_queue(settings, pool)})
+
+
 def choose_pool(pools: list[Pool], processes: int) -> Pool | None:
     """The smallest pool that fits; among equals a live one before a declared one, a GPU one before a CPU one."""
     fits = [p for p in pools if p.processes >= processes]
     return min(fits, key=lambda p: (p.processes, not p.live, p.device != "gpu")) if fits else None
 
 
-def check_capacity(*, session: Session, settings: Settings, spec: dict[str, Any]) -> str:
-    """The queue a new job goes to (issue 10 §4), or the 422 that names `spec.train.num_processes`."""
-    wanted = requested_processes(spec)
+def route(*, session: Session, settings: Settings, processes: int) -> tuple[Pool | None, list[Pool]]:
+    """(the pool for a job of `processes`, the pools considered). Live and declared pools first (as before);
+    when none fits, a pool seen before: its queue keeps the job until one of its workers is back."""
     pools = live_pools(session=session, settings=settings)
-    pool = choose_pool(pools, wanted)
+    pool = choose_pool(pools, processes)
+    if pool is None:
+        known = {(p.processes, p.device) for p in pools}
+        seen = [p for p in seen_pools(session=session, settings=settings) if (p.processes, p.device) not in known]
+        pools = sorted([*pools, *seen], key=lambda p: (p.processes, not p.live, p.device != "gpu"))
+        pool = choose_pool(seen, processes)
+    return pool, pools
+
+
+@dataclass(frozen=True)
+class Placement:
+    pool: str
+    queue: str
+    live: bool  # a worker of the chosen pool heartbeats now
+
+    @property
+    def notice(self) -> str | None:
+        return None if self.live else (f"no worker of pool {self.pool} is live now: the job is queued and "
+                                       "starts when one is")
+
+
+def check_capacity(*, session: Session, settings: Settings, spec: dict[str, Any]) -> Placement:
+    """Where a new job goes, or the 422 that names `spec.train.num_processes` when no declared or ever-seen
+    pool could run it. A job whose pool has no live worker now (a rolling restart, a pool scaling up from
+    zero, a worker still starting) is accepted and queued: the Placement says so."""
+    wanted = requested_processes(spec)
+    pool, pools = route(session=session, settings=settings, processes=wanted)
     if pool is not None:
-        return pool_queue(settings, pool.name)
-    offered = ", ".join(f"{p.name}{'' if p.live else ' (declared)'}" for p in pools) or "none"
+        return Placement(pool.name, pool_queue(settings, pool.name), pool.live)
+    declared = set(settings.pools)
+
+    def label(p: Pool) -> str:
+        return "" if p.live else " (declared)" if p.name in declared else " (seen, not live)"
+
+    offered = ", ".join(f"{p.name}{label(p)}" for p in pools) or "none"
     field = "spec" if spec.get("kind") in ("eval", "prepare") else FIELD
     raise APIError(
         "invalid_request",
-        f"{field}: {wanted} process(es) asked, but no live worker offers that many (pools: {offered}); "
+        f"{field}: {wanted} process(es) asked, but no pool offers that many (pools: {offered}); "
         "start a worker with enough GPUs, or list its pool in FLASHDMD_POOLS if it scales from zero",
         fields=[field],
     )
@@ -205,7 +243,8 @@ class Router:
             if self._engine is None:
                 url = self.settings.sqlalchemy_url
                 self._engine = (create_engine(url, poolclass=NullPool, connect_args={"timeout": 30})
-                                if url.startswith("sqlite") else make_engine(url, pool_size=2, max_overflow=2))
+                                if url.startswith("sqlite") else
+                                make_engine(url, pool_size=2, max_overflow=2, **self.settings.db_timeouts("api")))
             return self._engine
 
     def queue_for(self, job_id: str) -> str | None:
@@ -214,7 +253,7 @@ class Router:
             spec = session.scalar(select(Job.spec).where(Job.id == job_id))
             if spec is None:
                 return None
-            pool = choose_pool(live_pools(session=session, settings=self.settings), requested_processes(spec))
+            pool, _ = route(session=session, settings=self.settings, processes=requested_processes(spec))
             return pool_queue(self.settings, pool.name) if pool else None
 
     def close(self) -> None:
@@ -233,7 +272,7 @@ class Registration:
         self.settings, self.capacity = settings, capacity
         self.name = name or worker_id()
         self.queue = pool_queue(settings, capacity.pool)
-        self._engine = make_engine(settings.sqlalchemy_url, poolclass=NullPool)
+        self._engine = make_engine(settings.sqlalchemy_url, poolclass=NullPool, **settings.db_timeouts("worker"))
         self._sessions = make_sessionmaker(self._engine)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="flashdmd-worker-heartbeat", daemon=True)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from trainer.errors import InputError, StopRequested
 from trainer.eval_spec import EvalJob
+from trainer.roots import check_opened
 from trainer.sink import Sink
 
 
@@ -56,7 +57,7 @@ def checkpoints_to_score(ref: str, steps: str | list[int]) -> list[Path]:
 
 
 def read_prompts(path: str, limit: int | None) -> list[str]:
-    p = Path(path).expanduser()
+    p = check_opened(path, "eval.prompts")  # again where it is opened (trainer/roots.py)
     if not p.is_file():
         raise InputError(f"eval.prompts: no such file {p}")
     prompts: list[str] = []

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 from trainer.errors import InputError
 from trainer.eval_spec import ScorerSpec
 from trainer.hub import resolve_weights
+from trainer.roots import check_opened
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -89,7 +91,14 @@ class Preprocess:
         return (x - self.mean) / self.std
 
 
+def _local_checked(spec: ScorerSpec) -> None:
+    """A local scorer path is checked again where it is opened (trainer/roots.py); a hub reference is not a path."""
+    if os.path.isabs(os.path.expanduser(str(spec.path))):
+        check_opened(str(spec.path), f"eval.scorers ({spec.kind}).path", kind="model")
+
+
 def _folder(spec: ScorerSpec) -> Path:
+    _local_checked(spec)
     path = resolve_weights(spec.path, f"eval.scorers ({spec.kind}).path", want="folder")  # hub id or folder
     if not path.is_dir():
         raise InputError(f"eval.scorers ({spec.kind}).path: no such folder {path}")
@@ -223,6 +232,7 @@ def to_uint8(images: Tensor) -> Tensor:
 
 class FIDScorer:
     def __init__(self, spec: ScorerSpec, device: torch.device | str = "cpu") -> None:
+        _local_checked(spec)
         path = resolve_weights(spec.path, "eval.scorers (fid).path", want="file", suffixes=(".pt", ".pth"))
         if not path.is_file():
             raise InputError(f"eval.scorers (fid).path: no such file {path} (a TorchScript detector)")
@@ -232,7 +242,7 @@ class FIDScorer:
             raise InputError(f"eval.scorers (fid).path: {path} is not a TorchScript file: {err}") from None
         self.name, self.device, self.batch_size = spec.metric, device, spec.batch_size
         self.features: list[Tensor] = []
-        self.reference = self._reference(Path(str(spec.reference)).expanduser())
+        self.reference = self._reference(check_opened(str(spec.reference), "eval.scorers (fid).reference"))
 
     @torch.no_grad()
     def detect(self, images: Tensor) -> Tensor:

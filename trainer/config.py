@@ -492,7 +492,7 @@ def parse_spec(raw: dict[str, Any]) -> Any:
     raw.setdefault("kind", "distill")
     models: dict[Any, type[BaseModel]] = {"distill": DistillJob, "rl": RLJob, "eval": EvalJob,
                                           "prepare": PrepareJob}
-    if raw["kind"] not in models:
+    if not isinstance(raw["kind"], str) or raw["kind"] not in models:  # an object is unhashable: a 422, not a 500
         raise SpecError(f"kind: unknown job kind {raw['kind']!r} (expected 'distill', 'rl', 'eval' or 'prepare')")
     try:
         return models[raw["kind"]].model_validate(raw)

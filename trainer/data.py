@@ -28,7 +28,7 @@ from trainer.buckets import (
 )
 from trainer.config import BucketSpec, DataSpec
 from trainer.errors import InputError
-from trainer.roots import check_data_file
+from trainer.roots import check_data_file, check_opened
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -200,14 +200,15 @@ def _manifest(path: Path) -> list[tuple[Path, str]]:
 
 
 def build_dataset(spec: DataSpec, resolution: int, seed: int = 0) -> Dataset:
+    # Every path is checked again here, where it is opened (trainer/roots.py), and its realpath is what is read.
     if spec.cache:
         from trainer.datacache import CacheDataset
 
-        return CacheDataset(spec.cache)
+        return CacheDataset(check_opened(spec.cache, "data.cache", runs_ok=True))
     if spec.builtin == "digits":
         return DigitsDataset(resolution)
     if spec.prompts:
-        path = Path(spec.prompts).expanduser()
+        path = check_opened(spec.prompts, "data.prompts")
         if not path.is_file():
             raise InputError(f"data.prompts: no such file: {path}")
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -215,13 +216,13 @@ def build_dataset(spec: DataSpec, resolution: int, seed: int = 0) -> Dataset:
             raise InputError(f"data.prompts: {path} has no prompts")
         return PromptDataset(prompts)
     if spec.images:
-        root = Path(spec.images).expanduser()
+        root = check_opened(spec.images, "data.images")
         if not root.is_dir():
             raise InputError(f"data.images: no such folder: {root}")
         items = _image_folder(root)
         where = "data.images"
     else:
-        path = Path(spec.manifest).expanduser()
+        path = check_opened(spec.manifest, "data.manifest")
         if not path.is_file():
             raise InputError(f"data.manifest: no such file: {path}")
         items, where, root = _manifest(path), "data.manifest", path.parent

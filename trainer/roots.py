@@ -1,29 +1,47 @@
-"""The allowed data roots, checked again where the trainer opens each training image.
+""""Path under root": the one check the API (at submit) and the trainer (where it opens a file) share.
 
-The API checks a spec's data paths at submit (api/spec_paths.py), but a manifest's
-lines and an image folder's symlinks can change between submit and load, and a big
-manifest is only checked here. The worker hands its `FLASHDMD_ALLOWED_DATA_ROOTS` to
-the trainer through the environment it spawns it with; this module is the one place
-in trainer/ that reads it (library modules otherwise never read env), because the
-spec must not be able to widen its own roots. Unset (a trainer run by hand with
-`flashdmd train`) means no check: the person at the shell can read the files anyway.
+The API checks a spec's paths at submit (api/spec_paths.py, api/routes/generate.py), but a file, a symlink
+or a folder on the way can be swapped between submit and open, and a big manifest is only checked here.
+So the trainer checks each path again, after realpath, where it opens it (`check_opened`). Both sides call
+`under_root`; this module imports nothing heavy (no torch, nothing of api/), so the API can import it.
+
+The worker hands the trainer its roots through the environment it spawns it with (api/runner.py):
+FLASHDMD_ALLOWED_DATA_ROOTS, FLASHDMD_ALLOWED_MODEL_ROOTS and FLASHDMD_RUN_ROOT. This module is the one
+place in trainer/ that reads them (library modules otherwise never read env), because the spec must not be
+able to widen its own roots. Unset (a trainer run by hand with `flashdmd train`) means no check: the person
+at the shell can read the files anyway.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 from trainer.errors import InputError
 
 ENV = "FLASHDMD_ALLOWED_DATA_ROOTS"
+MODEL_ENV = "FLASHDMD_ALLOWED_MODEL_ROOTS"
+RUN_ROOT_ENV = "FLASHDMD_RUN_ROOT"  # <storage_root>/jobs: a `kind: prepare` job's cache, a stage-1 checkpoint
 OUTSIDE = "is not under the allowed data roots"  # the same words whether or not the file exists
 
 
-def allowed_data_roots() -> list[str] | None:
-    """Realpaths of the roots (JSON list, or comma/os.pathsep separated, as api/settings.py reads them)."""
-    raw = os.environ.get(ENV)
+def under_root(real: str | os.PathLike[str], roots: Iterable[str | os.PathLike[str]]) -> bool:
+    """Is `real` (already realpath'd, as the roots are) one of `roots` or inside one? Compared by whole
+    components: /data-other is not under /data."""
+    path = os.fspath(real)
+    for root in roots:
+        base = os.fspath(root)
+        if path == base or path.startswith(base.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def _roots(env: str) -> list[str] | None:
+    """Realpaths of the roots in `env` (JSON list, or comma/os.pathsep separated, as api/settings.py reads them)."""
+    raw = os.environ.get(env)
     if raw is None:
         return None
     text = raw.strip()
@@ -31,11 +49,30 @@ def allowed_data_roots() -> list[str] | None:
     return [os.path.realpath(os.path.expanduser(str(p).strip())) for p in items if str(p).strip()]
 
 
+def allowed_data_roots() -> list[str] | None:
+    return _roots(ENV)
+
+
+def check_opened(path: str | os.PathLike[str], field: str, *, kind: Literal["data", "model"] = "data",
+                 runs_ok: bool = False) -> Path:
+    """The realpath to open, after checking it lies under the allowed roots of `kind` (or, with `runs_ok`,
+    under the run root); InputError naming `field` otherwise. Open what this returns, not the spelling
+    given: a link swapped in after this check is then not followed."""
+    real = os.path.realpath(os.path.expanduser(os.fspath(path)))
+    roots = _roots(ENV if kind == "data" else MODEL_ENV)
+    if roots is None:
+        return Path(real)
+    if runs_ok and (run_root := os.environ.get(RUN_ROOT_ENV)):
+        roots.append(os.path.realpath(run_root))
+    if not under_root(real, roots):
+        raise InputError(f"{field}: {str(path)!r} {OUTSIDE if kind == 'data' else 'is not under the allowed model roots'}")
+    return Path(real)
+
+
 def check_data_file(path: Path, where: str) -> None:
     """Raise InputError naming `where` (e.g. "data.manifest: m.jsonl:3") when `path` leads outside the roots."""
     roots = allowed_data_roots()
     if roots is None:
         return
-    real = os.path.realpath(path)
-    if not any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
+    if not under_root(os.path.realpath(path), roots):
         raise InputError(f"{where}: image {str(path)!r} {OUTSIDE}")

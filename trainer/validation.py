@@ -14,7 +14,6 @@ dataset, image i with seed i, at the training resolution.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 from trainer.config import TrainSpec
 from trainer.errors import InputError
 from trainer.models import Cond, Teacher
-from trainer.roots import OUTSIDE, allowed_data_roots
+from trainer.roots import check_opened
 from trainer.sampling import sample, to_uint8
 from trainer.schedules import Parameterisation
 from trainer.spec_limits import VALIDATION_MAX_IMAGES, VALIDATION_MAX_PROMPT_CHARS, VALIDATION_MAX_PROMPTS
@@ -68,12 +67,9 @@ def dataset_prompts(ds: Any, n: int) -> list[str]:
 def read_prompt_file(path: str) -> list[str]:
     """The prompts of train.validation.file: one per non-empty line, checked against the data roots."""
     file = Path(path).expanduser()
-    roots = allowed_data_roots()
-    real = os.path.realpath(file)
-    if roots is not None and not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
-        raise InputError(f"train.validation.file: {str(file)!r} {OUTSIDE}")
+    real = check_opened(file, "train.validation.file")  # the realpath is what gets read
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        lines = real.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"train.validation.file: cannot read {file}: {err}") from None
     prompts = [line.strip() for line in lines if line.strip()]

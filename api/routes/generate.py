@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import secrets
 import threading
@@ -34,7 +35,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from api import crud
+from api import crud, generate_cost, generate_deadline
 from api.batcher import Batcher, QueueTimeout
 from api.deps import CurrentToken, SettingsDep
 from api.errors import APIError
@@ -43,9 +44,10 @@ from api.observability import GenerateMetrics
 from api.schemas import ErrorBody
 from api.schemas_generate import GeneratedImage, GenerateRequest, GenerateResponse, GenerateSettings
 from api.settings import Settings
-from api.spec_paths import under_roots
+from trainer.roots import under_root
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 errors = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 429, 503)}
 __all__ = ["Busy", "Limiter", "RateLimited", "router", "runtime"]
@@ -67,7 +69,11 @@ class Runtime:
         self.limiter = Limiter(gs.generate_max_concurrency, gs.generate_max_queue,
                                gs.generate_queue_timeout_seconds, gs.generate_retry_after_seconds,
                                owner_share=settings.generate_owner_share,
-                               per_minute=settings.generate_rate_per_minute, burst=settings.generate_rate_burst)
+                               per_minute=settings.generate_rate_per_minute, burst=settings.generate_rate_burst,
+                               work_capacity=settings.generate_max_work * gs.generate_max_concurrency)
+        if gs.generate_max_concurrency + gs.generate_max_queue < gs.generate_max_concurrency * gs.generate_max_batch:
+            log.warning("FLASHDMD_GENERATE_MAX_QUEUE=%d admits fewer requests than one full batch (%d) per slot: "
+                        "the batcher can never fill a batch", gs.generate_max_queue, gs.generate_max_batch)
         self._cache: Any = None
         self._lock = threading.Lock()
         self.batcher: Batcher[Row, Any] = Batcher(self._sample, max_batch=gs.generate_max_batch,
@@ -87,9 +93,12 @@ class Runtime:
         fixed = self.settings.generate_fixed_batch
         if fixed is None:
             fixed = pipe.device.type == "cpu"  # see FewStepPipeline.generate_rows
-        images = pipe.generate_rows([p for p, _ in rows], [s for _, s in rows], steps=steps, width=width,
-                                    height=height, guidance=guidance, negative_prompt=negative,
-                                    pad_to=self.fixed_rows() if fixed else None)
+        generate_deadline.install(pipe)
+        # The wall-clock limit starts with the call (loading is bounded by the cache, not by this).
+        with generate_deadline.deadline(self.app_settings.generate_call_timeout_seconds):
+            images = pipe.generate_rows([p for p, _ in rows], [s for _, s in rows], steps=steps, width=width,
+                                        height=height, guidance=guidance, negative_prompt=negative,
+                                        pad_to=self.fixed_rows() if fixed else None)
         return list(images)
 
     def fixed_rows(self) -> int:
@@ -172,10 +181,10 @@ def _reachable(real: str, *, settings: Settings, owns_job: Callable[[str], bool]
     """May the caller read this realpath? Inside the run root only their own jobs' folders, whatever model
     roots also cover it (an operator may well list the storage root); elsewhere, the allowed model roots."""
     run_root = os.path.realpath(settings.run_root)
-    if real == run_root or real.startswith(run_root.rstrip(os.sep) + os.sep):
+    if under_root(real, [run_root]):
         parts = Path(os.path.relpath(real, run_root)).parts
         return bool(parts) and parts[0] != ".." and owns_job(parts[0])
-    return under_roots(real, settings.allowed_model_roots)
+    return under_root(real, settings.allowed_model_roots)
 
 
 def _checkpoint_dir(body: GenerateRequest, session: Session, token: Any, settings: Settings) -> Path:
@@ -189,7 +198,7 @@ def _checkpoint_dir(body: GenerateRequest, session: Session, token: Any, setting
         run_dir = os.path.realpath(settings.run_dir(job.id))
         done = [Path(os.path.realpath(os.path.join(run_dir, c.path)))
                 for c in crud.list_checkpoints(session=session, job_id=job.id)]
-        done = [p for p in done if str(p).startswith(run_dir + os.sep) and (p / "meta.json").is_file()]
+        done = [p for p in done if p != Path(run_dir) and under_root(p, [run_dir]) and (p / "meta.json").is_file()]
         if not done:
             raise APIError("invalid_state", f"job {job.id} has no checkpoint yet", fields=["job"])
         return done[-1]
@@ -214,7 +223,7 @@ def _checkpoint_dir(body: GenerateRequest, session: Session, token: Any, setting
 
 
 def _validate(body: GenerateRequest, gs: GenerateSettings, sessions: sessionmaker[Session], token: Any,
-              settings: Settings) -> tuple[Any, list[int], tuple[int, int]]:
+              settings: Settings) -> tuple[Any, list[int], tuple[int, int], float]:
     """Everything about the request that can be checked without weights: (info, timesteps, (w, h)).
 
     Runs in one short read-only session that is closed before any model work starts, so a
@@ -233,7 +242,11 @@ def _validate(body: GenerateRequest, gs: GenerateSettings, sessions: sessionmake
     if body.num_images * size[0] * size[1] > gs.generate_max_pixels:
         raise _invalid(f"num_images: {body.num_images} images of {size[0]}x{size[1]} exceed the "
                        f"{gs.generate_max_pixels} pixels one request may ask for", "num_images")
-    return info, ts, size
+    work = generate_cost.estimate(num_images=body.num_images, width=size[0], height=size[1], steps=len(ts),
+                                  resolution=info.resolution, default_steps=len(info.timesteps))
+    if work.units > settings.generate_max_work:
+        raise _invalid(work.describe(settings.generate_max_work), *work.fields)
+    return info, ts, size, work.units
 
 
 @router.post("/generate", response_model=GenerateResponse, responses={200: {"content": {
@@ -253,7 +266,7 @@ async def generate(body: GenerateRequest, request: Request, token: CurrentToken,
     if body.num_images > gs.generate_max_images:
         raise _invalid(f"num_images: at most {gs.generate_max_images}", "num_images")
     sessions = request.app.state.read_sessionmaker
-    info, _, (width, height) = await run_in_threadpool(_validate, body, gs, sessions, token, settings)
+    info, _, (width, height), work = await run_in_threadpool(_validate, body, gs, sessions, token, settings)
     seed = secrets.randbits(31) if body.seed is None else body.seed
     seeds = [seed + i for i in range(body.num_images)]
 
@@ -270,11 +283,14 @@ async def generate(body: GenerateRequest, request: Request, token: CurrentToken,
 
     limiter = rt.limiter
     try:
-        async with limiter.place(token.id):
+        async with limiter.place(token.id, work):
             try:
                 images = await rt.batcher.submit(key, [(body.prompt, s) for s in seeds], limiter.timeout)
             except QueueTimeout:
                 raise limiter.busy(f"no generation slot within {limiter.timeout:g} s") from None
+    except generate_deadline.GenerationTimeout as err:  # the call was stopped; its slot is already free
+        raise APIError("generation_timeout", f"{err} (FLASHDMD_GENERATE_CALL_TIMEOUT_SECONDS); ask for less work",
+                       headers={"Retry-After": str(gs.generate_retry_after_seconds)}) from None
     except CheckpointError as err:  # e.g. the teacher the checkpoint names cannot be loaded
         raise _invalid(f"{err.field}: {err}", err.field) from None
     except ServingError as err:

@@ -12,6 +12,7 @@ from fastapi.responses import FileResponse
 
 from api import crud, workers
 from api.deps import CurrentToken, DispatcherDep, SessionDep, SettingsDep
+from api.edge import public_url
 from api.errors import APIError, not_found
 from api.models import JOB_STATUSES, Job
 from api.schemas import (
@@ -97,7 +98,8 @@ def create_job(
 
     spec = _validated_spec(body.spec, settings, owns)
     with reads() as own_session:  # a short read of its own, like the ownership checks above
-        queue = workers.check_capacity(session=own_session, settings=settings, spec=spec)  # 422 if no pool fits
+        placement = workers.check_capacity(session=own_session, settings=settings, spec=spec)  # 422: no pool fits
+    queue = placement.queue
     request_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
     job, created = crud.create_job(
         session=session, owner=token, spec=spec, total_steps=total_steps(parse_spec(spec)), name=body.name,
@@ -108,7 +110,11 @@ def create_job(
     else:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
-    return JobPublic.of(job)
+    out = JobPublic.of(job)
+    if placement.notice and out.status in ("queued", "recovering"):
+        out.notice = placement.notice
+        response.headers["X-Worker-Live"] = "false"
+    return out
 
 
 @router.get("", response_model=Page[JobPublic])
@@ -192,10 +198,13 @@ def list_checkpoints(job_id: str, session: SessionDep, token: CurrentToken, sett
 
 
 @router.get("/{job_id}/samples", response_model=Page[SamplePublic])
-def list_samples(job_id: str, session: SessionDep, token: CurrentToken, request: Request) -> Page[SamplePublic]:
+def list_samples(job_id: str, session: SessionDep, token: CurrentToken, request: Request,
+                 settings: SettingsDep) -> Page[SamplePublic]:
+    """Image URLs are relative (or under FLASHDMD_PUBLIC_BASE_URL), never built from the request's Host."""
     job = crud.get_job(session=session, owner=token, job_id=job_id)
     return Page[SamplePublic](data=[
-        SamplePublic(step=s.step, url=str(request.url_for("get_sample", job_id=job.id, step=s.step)),
+        SamplePublic(step=s.step, url=public_url(
+            str(request.app.url_path_for("get_sample", job_id=job.id, step=s.step)), settings.public_base_url),
                      created_at=s.created_at)
         for s in crud.list_samples(session=session, job_id=job.id)
     ])

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -25,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import crud
 from api.deps import CurrentToken, SettingsDep
+from api.errors import APIError
 from api.models import TERMINAL, ApiToken
 from api.routes.jobs import INT64_MAX, errors
 from api.runner import LOG_FILE
@@ -161,6 +163,21 @@ async def _messages(request: Request, owner: ApiToken, job_id: str, cursor: _Cur
             idle += poll
 
 
+class _CountedStream(StreamingResponse):
+    """A stream that gives its place back however it ends, even when its body never started (the client left
+    before the first byte: the generator's own `finally` would then never run)."""
+
+    def __init__(self, release: Callable[[], None], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
 @router.get("/{job_id}/stream", response_class=StreamingResponse, description=STREAM_DOC,
             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                              "description": "an event stream (see above)"}})
@@ -175,7 +192,27 @@ async def stream_job(
     # Checked before the response starts, so another owner's job gets a plain JSON 404, not a stream.
     owned = await run_in_threadpool(_owned, request.app.state.read_sessionmaker, token, job_id)
     cursor = _Cursor(after_event=after, since_step=since_step)
-    return StreamingResponse(
+    # Each stream is a long request that polls the database: one token's many streams would slow every other
+    # token's requests. The count and its update have no await between them, so the cap is exact.
+    state = request.app.state
+    by_token: dict[int, int] | None = getattr(state, "streams_by_token", None)
+    if by_token is None:
+        by_token = state.streams_by_token = {}
+    held = by_token.get(token.id, 0)
+    if held >= settings.max_streams_per_token:
+        raise APIError("rate_limited", f"this token already has {held} open streams (FLASHDMD_MAX_STREAMS_PER_TOKEN); "
+                       "close one first", 429, headers={"Retry-After": str(settings.db_retry_after_seconds)})
+    by_token[token.id] = held + 1
+
+    def release() -> None:
+        left = by_token.get(token.id, 1) - 1
+        if left > 0:
+            by_token[token.id] = left
+        else:
+            by_token.pop(token.id, None)
+
+    return _CountedStream(
+        release,
         _stream(request, token, owned, cursor, settings.stream_poll_seconds),
         media_type="text/event-stream",
         # no-transform/X-Accel-Buffering: a buffering proxy would hold the messages back until it closes.
@@ -184,16 +221,22 @@ async def stream_job(
 
 
 def _read_range(reads: sessionmaker[Session], owner: ApiToken, job_id: str, settings: Any,
-                offset: int, limit: int) -> bytes:
+                offset: int, limit: int) -> tuple[bytes, int]:
+    """(bytes, next offset). The offset is bounded by the file's size before any seek: the OS refuses seeks
+    far past the end (EINVAL around 2^44 on Linux), and past the end there is nothing to read anyway."""
     _owned(reads, owner, job_id)
     run_dir = settings.run_dir(job_id).resolve()
     path = (run_dir / LOG_FILE).resolve()
     # A run directory is ours, but a symlink planted in it must not make this read any file on the host.
     if not path.is_relative_to(run_dir) or not path.is_file():
-        return b""  # no log yet: the job has not started
+        return b"", 0  # no log yet: the job has not started, and the log will begin at byte 0
     with path.open("rb") as log:
+        size = os.fstat(log.fileno()).st_size
+        if offset >= size:
+            return b"", size  # past the end: nothing yet; ask again from the end
         log.seek(offset)
-        return log.read(limit)
+        data = log.read(limit)
+        return data, offset + len(data)
 
 
 @router.get("/{job_id}/logs", response_class=Response,
@@ -214,7 +257,7 @@ async def job_logs(
     The bytes are the file's own, so a range may end inside a UTF-8 sequence; tail the log by asking
     again from `X-Next-Offset`.
     """
-    data = await run_in_threadpool(_read_range, request.app.state.read_sessionmaker, token, job_id, settings,
-                                   offset, limit)
+    data, next_offset = await run_in_threadpool(_read_range, request.app.state.read_sessionmaker, token, job_id,
+                                                settings, offset, limit)
     return Response(data, media_type="text/plain; charset=utf-8",
-                    headers={"X-Next-Offset": str(offset + len(data)), "Cache-Control": "no-store"})
+                    headers={"X-Next-Offset": str(next_offset), "Cache-Control": "no-store"})

@@ -14,7 +14,7 @@ from datetime import timedelta
 import pytest
 from fastapi.testclient import TestClient
 from servicekit import TINY_SPEC, WorkerProcess, make_settings, queue_name, settings_env, tiny_spec, wait_for
-from sqlalchemy import select, text, update
+from sqlalchemy import delete, select, text, update
 
 from api import migrate
 from api.auth import create_token
@@ -91,15 +91,23 @@ def test_jobs_route_to_the_smallest_pool_that_fits(fleet, auth, sessions, redis_
         assert [p.name for p in live_pools(session=session, settings=settings)] == ["gpu1", "cpu2", "gpu8"]
 
 
-def test_a_stale_worker_no_longer_counts(fleet, auth, sessions) -> None:
+def test_a_pool_with_no_live_worker_still_takes_jobs_and_says_so(fleet, auth, sessions, redis_client) -> None:
+    """A rolling restart or a worker still starting: its pool was seen, so the job is queued there (201, with a
+    notice that no worker is live), not refused. Only what no declared or ever-seen pool could run is a 422."""
     client, settings = fleet
     name = _add_worker(sessions, settings, gpus=4)
-    assert _post(client, auth, 4).status_code == 201
+    live = _post(client, auth, 4)
+    assert live.status_code == 201 and live.json()["notice"] is None and "x-worker-live" not in live.headers
     with sessions() as session:
         old = utcnow() - timedelta(seconds=settings.stale_after_seconds + 1)
         session.execute(update(Worker).where(Worker.name == name).values(heartbeat_at=old))
         session.commit()
-    _assert_422_names_num_processes(_post(client, auth, 4), 4)
+    queued = _post(client, auth, 4)
+    assert queued.status_code == 201, queued.text
+    assert queued.json()["status"] == "queued" and "no worker of pool gpu4 is live" in queued.json()["notice"]
+    assert queued.headers["x-worker-live"] == "false"
+    assert queued.json()["id"] in _queued_ids(redis_client, pool_queue(settings, "gpu4"))
+    _assert_422_names_num_processes(_post(client, auth, 5), 5)  # no pool ever offered 5
 
 
 def test_declared_pools_count_without_a_live_worker(database_url, roots, redis_client, auth) -> None:
@@ -120,6 +128,9 @@ def test_a_job_whose_pool_left_waits_for_the_reaper_to_route_it(fleet, auth, ses
         session.execute(update(Worker).where(Worker.name == name).values(heartbeat_at=utcnow() - timedelta(hours=1)))
         session.execute(update(Job).where(Job.id == job_id).values(
             dispatched_at=None, updated_at=utcnow() - timedelta(hours=1)))
+        session.commit()
+    with sessions() as session:  # and is forgotten: no pool fits any more
+        session.execute(delete(Worker).where(Worker.name == name))
         session.commit()
     dispatcher = Dispatcher(settings)
     try:
@@ -244,7 +255,7 @@ def test_embedded_sqlite_registration_and_routing(tmp_path, sqlite_sessions) -> 
             job, _ = create_job(session=session, owner=owner, spec=tiny_spec(num_processes=2), total_steps=6,
                                 name=None, idempotency_key=None, request_hash="x")
             job_id = job.id
-            assert check_capacity(session=session, settings=settings, spec=job.spec) == pool_queue(settings, "cpu2")
+            assert check_capacity(session=session, settings=settings, spec=job.spec).queue == pool_queue(settings, "cpu2")
             session.commit()
         with sqlite_sessions() as writer:
             writer.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow()))  # holds the lock
