@@ -41,7 +41,8 @@ over A micro-batches costs A forward/backward passes (about 3 min for 64 on an H
     same fixed and transient bytes and at most A - n fewer kept sets: peak(A) <= peak(n) + (A - n) * kept,
     and peak(A) >= peak(n) + (A - n) * slope, the slope between the two measured accumulations.
     `kept` is computed from the kept tensors' shapes in fp32 (their widest dtype). The JSON reports both
-    bounds; `peak_alloc_gib` is the upper one, compared with the plan.
+    bounds; `peak_alloc_gib` is the upper one, compared with the plan. Reserved memory is extrapolated the
+    same way, as an estimate (fragmentation over 64 micro-batches is not measured).
   * Time is affine in the micro-batch count (one optimiser step per update, one pass per micro-batch), so
     s/update at A = t(n) + (A - n) * (t(n) - t(2)) / (n - 2).
 """
@@ -49,19 +50,17 @@ over A micro-batches costs A forward/backward passes (about 3 min for 64 on an H
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from _common import REPO, StepTimes, command_line, format_table, machine_info, write_json
+from _gpu_models import arch_folder, build_teacher, random_batches, random_sam_discriminator
 
 GIB = 2.0**30
-ARCH_DIR = REPO / "trainer" / "arch"  # the configs `flashdmd plan` ships (trainer.plan.ARCH_DIR)
 
 LEVERS: dict[str, dict[str, Any]] = {
     "adamw8bit": {"optim": {"optimizer": "adamw8bit"}},
@@ -71,37 +70,12 @@ LEVERS: dict[str, dict[str, Any]] = {
 }
 PRESETS = {"s1-all": "sdxl-4step.yaml", "s2-all": "sdxl-rl-4step.yaml"}
 CONFIGS = ["s1-baseline", *(f"s1-{k}" for k in LEVERS), "s1-all", "s2-stage1", "s2-all"]
-SAM_VIT_L: dict[str, Any] = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, window_size=14,
-                                 global_attn_indexes=(5, 11, 17, 23), out_chans=256)
-# --dry-run: the same architectures, narrow (the UNet keeps its 3 levels, the VAE its 8x, SAM its 24 blocks).
-DRY_UNET = {"sample_size": 8, "block_out_channels": [32, 64, 128], "attention_head_dim": [1, 2, 4],
-            "transformer_layers_per_block": [1, 1, 2], "cross_attention_dim": 64, "addition_time_embed_dim": 8,
-            "projection_class_embeddings_input_dim": 6 * 8 + 32}
-DRY_VAE = {"sample_size": 64, "block_out_channels": [32, 32, 32, 32], "layers_per_block": 1}
-DRY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
-            "projection_dim": 32}
-DRY_SAM = {**SAM_VIT_L, "embed_dim": 64, "num_heads": 4, "out_chans": 16}
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def arch_folder(dry: bool, tmp: Path) -> Path:
-    """The config folder the benchmark builds from and `flashdmd plan` counts: SDXL base, or a narrow copy."""
-    if not dry:
-        return ARCH_DIR / "sdxl-base"
-    out = tmp / "dry-arch"
-    for rel in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-                "text_encoder_2/config.json", "scheduler/scheduler_config.json"):
-        cfg = json.loads((ARCH_DIR / "sdxl-base" / rel).read_text())
-        part = rel.split("/")[0]
-        cfg.update({"unet": DRY_UNET, "vae": DRY_VAE}.get(part, DRY_TEXT if part.startswith("text") else {}))
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        (out / rel).write_text(json.dumps(cfg))
     return out
 
 
@@ -165,80 +139,14 @@ def default_backend(cuda: bool) -> str:
     return "torchao" if importlib.util.find_spec("torchao") is not None else "bitsandbytes"
 
 
-def build_teacher(folder: Path, device: str, tmp: Path) -> Any:
-    """A random-weight SDXL-architecture Teacher from the config folder, built directly on `device`."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from trainer.models import Teacher
-    from trainer.tiny import build_clip_tokenizer
-
-    def read(rel: str) -> dict[str, Any]:
-        return {k: v for k, v in json.loads((folder / rel).read_text()).items() if not k.startswith("_")}
-
-    tok = build_clip_tokenizer(tmp / "clip")
-    with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel.from_config(read("unet/config.json"))
-        vae = AutoencoderKL.from_config(read("vae/config.json"))
-        te1 = CLIPTextModel(CLIPTextConfig(**read("text_encoder/config.json")))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**read("text_encoder_2/config.json")))
-    sched = EulerDiscreteScheduler.from_config(read("scheduler/scheduler_config.json"))
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
-                                     unet=unet, scheduler=sched, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return Teacher(pipe, "sdxl", "random:sdxl-architecture", unet.config.sample_size * 8, None).to(device)
-
-
-@contextlib.contextmanager
-def random_sam_discriminator(dry: bool) -> Iterator[None]:
-    """Let Distiller build a SAM ViT-L Pixel-GAN with random weights (the trainer needs a checkpoint)."""
-    import torch
-    from torch import nn
-
-    import trainer.discriminator as td
-
-    def build(spec: Any, sdpa: bool = False) -> td.PixelDiscriminator:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            encoder = td._image_encoder_cls()(
-                img_size=spec.img_size, mlp_ratio=4.0, qkv_bias=True, use_rel_pos=True, rel_pos_zero_init=True,
-                norm_layer=lambda dim: nn.LayerNorm(dim, eps=1e-6), **(DRY_SAM if dry else SAM_VIT_L))
-        if sdpa:
-            td.use_sdpa_attention(encoder)
-        return td.PixelDiscriminator(encoder.requires_grad_(False).eval(), spec.blocks, spec.head_channels)
-
-    original = td.build_discriminator
-    td.build_discriminator = build
-    try:
-        yield
-    finally:
-        td.build_discriminator = original
-
-
-def random_batches(batch: int, resolution: int) -> Iterator[dict]:
-    import torch
-
-    from trainer.data import digit_prompt
-
-    g = torch.Generator().manual_seed(0)
-    for i in range(10**9):
-        yield {"image": torch.rand(batch, 3, resolution, resolution, generator=g) * 2 - 1,
-               "caption": [digit_prompt((i * batch + j) % 10) for j in range(batch)]}
-
-
 def kept_bytes(cfg: Any, teacher: Any) -> int:
     """Upper bound on the bytes one micro-batch keeps for a whole `Distiller.step` (module docstring): its real
     images, its conditioning and the unconditional one (embeddings, pooled, time ids), the generator's x and
     the decoded fake, each counted in fp32."""
+    from trainer.data import digit_prompt
+
     b, res = cfg.train.batch_size, teacher.resolution
-    cond = teacher.encode(["a handwritten digit zero"] * b)
+    cond = teacher.encode([digit_prompt(0)] * b)  # a cached caption when memory.text_cache is on
     cond_elems = sum(t.numel() for t in (cond.embeds, cond.pooled, cond.time_ids) if t is not None)
     latent = 1
     for d in teacher.latent_shape(b):
@@ -297,8 +205,8 @@ def run_config(name: str, args: argparse.Namespace, device: str, folder: Path, t
         batches = random_batches(args.batch, teacher.resolution)
         peaks = {"alloc": 0.0, "reserved": 0.0}
 
-        def measured(fn: Callable[[], Any]) -> tuple[float, float, float]:
-            """(seconds, peak allocated GiB, peak reserved GiB) of fn(), CUDA-synchronised."""
+        def measured(fn: Callable[[], Any]) -> tuple[float, float | None, float | None]:
+            """(seconds, peak allocated GiB, peak reserved GiB; None on the CPU) of fn(), CUDA-synchronised."""
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             sync()
@@ -307,7 +215,7 @@ def run_config(name: str, args: argparse.Namespace, device: str, folder: Path, t
             sync()
             dt = time.perf_counter() - t0
             if not cuda:
-                return dt, float("nan"), float("nan")
+                return dt, None, None
             a, r = torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
             peaks.update(alloc=max(peaks["alloc"], a), reserved=max(peaks["reserved"], r))
             out.update(peak_alloc_measured_gib=peaks["alloc"], peak_reserved_measured_gib=peaks["reserved"])
@@ -357,7 +265,7 @@ def run_config(name: str, args: argparse.Namespace, device: str, folder: Path, t
                                                     torch.cuda.max_memory_reserved() / GIB)
             ext = out.get("accumulation_summary", {})
             out["peak_alloc_gib"] = ext.get("peak_alloc_upper_gib", out["peak_alloc_measured_gib"])
-            out["peak_reserved_gib"] = ext.get("peak_reserved_upper_gib", out["peak_reserved_measured_gib"])
+            out["peak_reserved_gib"] = ext.get("peak_reserved_est_gib", out["peak_reserved_measured_gib"])
             if "plan_alloc_gib" in out and out["peak_alloc_gib"] > 0:
                 out["plan_error_alloc"] = out["plan_alloc_gib"] / out["peak_alloc_gib"] - 1
                 out["plan_error_reserved"] = out["plan_reserved_gib"] / out["peak_reserved_gib"] - 1
@@ -370,17 +278,22 @@ def run_config(name: str, args: argparse.Namespace, device: str, folder: Path, t
 
 
 def extrapolate(rows: list[dict[str, Any]], accum: int, kept_gib: float) -> dict[str, Any]:
-    """Peak and time at `accum` micro-batches from the shortened steps (the module docstring's bounds)."""
+    """Peak and time at `accum` micro-batches from the shortened steps (the module docstring's bounds); the
+    peaks are None where none was measured (the CPU)."""
     two, last = rows[0], rows[-1]
     n, extra = last["micro_batches"], accum - last["micro_batches"]
     span = max(n - two["micro_batches"], 1)
-    slope = {k: (last[k] - two[k]) / span for k in ("s", "peak_alloc_gib", "peak_reserved_gib")}
-    return {"grad_accum": accum, "kept_per_micro_batch_gib": kept_gib, "measured_slope_alloc_gib": slope["peak_alloc_gib"],
+    out = {"grad_accum": accum, "kept_per_micro_batch_gib": kept_gib, "s_per_micro_batch": (last["s"] - two["s"]) / span}
+    out["s_per_gen_update"] = last["s"] + extra * out["s_per_micro_batch"]
+    if last["peak_alloc_gib"] is None:
+        return out
+    slope = {k: (last[k] - two[k]) / span for k in ("peak_alloc_gib", "peak_reserved_gib")}
+    return {**out, "measured_slope_alloc_gib": slope["peak_alloc_gib"],
             "peak_alloc_lower_gib": last["peak_alloc_gib"] + extra * max(slope["peak_alloc_gib"], 0.0),
             "peak_alloc_upper_gib": last["peak_alloc_gib"] + extra * kept_gib,
-            # the caching allocator rounds each block up, so reserved grows by at least the allocated bytes
-            "peak_reserved_upper_gib": last["peak_reserved_gib"] + extra * max(kept_gib, slope["peak_reserved_gib"]),
-            "s_per_micro_batch": slope["s"], "s_per_gen_update": last["s"] + extra * slope["s"]}
+            # An estimate, not a bound: each kept tensor is its own allocator block (12 MiB images at 1024², so
+            # little rounding), but fragmentation over 64 micro-batches is not measured here.
+            "peak_reserved_est_gib": last["peak_reserved_gib"] + extra * max(kept_gib, slope["peak_reserved_gib"])}
 
 
 def main() -> None:
