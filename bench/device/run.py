@@ -76,13 +76,27 @@ def finish_plan(preset: str, gpu_mem_gib: float, proc: subprocess.Popen[str], fl
     out: dict[str, Any] = {"preset": preset, "flags": flags, "rc": proc.returncode,
                            "trace": "traced" if "--trace" in flags else "unavailable: this tree's plan has no --trace"}
     if "--json" in flags:
-        try:
-            out.update(json.loads(stdout))
-        except json.JSONDecodeError:
-            out["error"] = f"no JSON on stdout: {stderr.strip()[-300:]}"
+        parsed = json_object(stdout)
+        if parsed is None:
+            out["error"] = f"no JSON object on stdout: {stderr.strip()[-300:]}"
+        else:
+            out.update(parsed)
+            out["missing_keys"] = [k for k in PLAN_KEYS if k not in parsed]
     else:
         out["text"] = stdout
     return out
+
+
+def json_object(text: str) -> dict[str, Any] | None:
+    """The JSON object `plan --json` printed: the whole output, else its last line that is one."""
+    for candidate in [text, *reversed(text.splitlines())]:
+        try:
+            value = json.loads(candidate)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
 
 
 def wait(proc: subprocess.Popen[str], deadline: float) -> tuple[str, str, bool]:

@@ -89,8 +89,13 @@ def test_dry_run_passes_from_an_empty_target_installed_offline(image_python: str
     assert device["dry_run"] is True
     assert all(s["rc"] == 0 and not s["timed_out"] for s in device["steps"].values()), device["steps"]
     s1 = json.loads((out / "stage1.json").read_text())["results"]["s1-all"]
-    assert s1["spec"] == {**s1["spec"], "adamw8bit_backend": "torchao", "grad_accum": 64}
-    assert "accumulation_summary" in s1
+    assert "error" not in s1 and s1["spec"] == {**s1["spec"], "adamw8bit_backend": "torchao", "grad_accum": 64}
+    assert [row["micro_batches"] for row in s1["accumulation"]] == [2, 3]
+    ext = s1["accumulation_summary"]
+    assert ext["kept_per_micro_batch_gib"] * 2**30 >= 4 * 2 * 3 * 64 * 64, "reals and fakes at 64² in fp32"
+    t2, t3 = (row["s"] for row in s1["accumulation"])
+    assert ext["s_per_gen_update"] == pytest.approx(t3 + 61 * (t3 - t2))
+    assert s1["plan_rows"]["text encoders"] == 0, "the preset's text cache reached the plan"
     s2 = json.loads((out / "stage2.json").read_text())["results"]["s2-all"]
     assert "error" not in s2 and s2["timing"]["iterations"] == 5
     serve = json.loads((out / "serve.json").read_text())["results"]["options"]
