@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -136,8 +137,20 @@ def read(path: Path) -> dict[str, Any]:
         return {}
 
 
+# The check's goals (the GPU-check goals of the design): measured peak within 10% of the trace; full-weight stage 1
+# at most 72 GiB allocated and 76 reserved; stage 2 at most 74 traced; batch-1 serving at most 0.25 s on an H100.
+GOALS = {("stage1", "alloc"): "<= 72, within 10% of trace", ("stage1", "reserved"): "<= 76",
+         ("stage2", "alloc"): "trace <= 74, within 10% of trace", "serve": "<= 0.25 (H100), 0.22 (H200)"}
+
+
+def _vs(measured: Any, reference: Any) -> float | None:
+    ok = isinstance(measured, (int, float)) and isinstance(reference, (int, float)) and reference
+    return measured / reference - 1 if ok else None
+
+
 def summary_rows(stage: dict[str, dict[str, Any]], plans: dict[str, dict[str, Any]],
                  serve: dict[str, Any]) -> list[list[Any]]:
+    """One row per measure: measured, the in-process plan, `plan --json`'s plan and trace, measured vs trace."""
     rows = []
     for step, config in (("stage1", "s1-all"), ("stage2", "s2-all")):
         r = stage.get(step, {}).get("results", {}).get(config, {})
@@ -145,26 +158,31 @@ def summary_rows(stage: dict[str, dict[str, Any]], plans: dict[str, dict[str, An
         acc = r.get("accumulation_summary", {})
         gen = acc.get("s_per_gen_update", r.get("timing", {}).get("s_per_gen_update_median"))
         label = f"{step} {PRESETS[step]}" + (f" (grad_accum {acc['grad_accum']}: bound)" if acc else "")
+        traced = p.get("traced_peak_gib")
         rows.append([f"{label} peak allocated GiB", r.get("peak_alloc_gib"), r.get("plan_alloc_gib"),
-                     p.get("planned_peak_gib"), p.get("traced_peak_gib"), r.get("error")])
+                     p.get("planned_peak_gib"), traced, _vs(r.get("peak_alloc_gib"), traced),
+                     GOALS.get((step, "alloc")), r.get("error")])
         rows.append([f"{label} peak reserved GiB", r.get("peak_reserved_gib"), r.get("plan_reserved_gib"),
-                     p.get("planned_reserved_gib"), None, None])
-        rows.append([f"{label} s per generator update", gen, None, None, None, None])
+                     p.get("planned_reserved_gib"), None, None, GOALS.get((step, "reserved")), None])
+        rows.append([f"{label} s per generator update", gen, None, None, None, None, None, None])
     best = min((o["batch1_s"] for o in serve.get("results", {}).get("options", [])), default=None)
-    rows.append(["serve batch-1 4-step s (best non-compiled)", best, None, None, None, None])
+    rows.append(["serve batch-1 4-step 1024² s (best, no compile)", best, None, None, None, None, GOALS["serve"],
+                 None])
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU, narrow models: the code and the bundle")
-    ap.add_argument("--out", type=Path, default=None, help="default: $OUT, else bench/results/device")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: $OUT, else bench/results/device (a temporary folder with --dry-run)")
     ap.add_argument("--gpu-mem-gib", type=float, default=80.0, help="the card the plans' verdicts are for")
     ap.add_argument("--budget-s", type=float, default=BUDGET_S)
     args = ap.parse_args()
     t0 = float(os.environ.get("FLASHDMD_DEVICE_T0", time.time()))
     deadline = time.monotonic() + args.budget_s - (time.time() - t0)
-    out = args.out or Path(os.environ.get("OUT") or REPO / "bench" / "results" / "device")
+    default = Path(tempfile.mkdtemp(prefix="flashdmd-device-dry-")) if args.dry_run else REPO / "bench" / "results" / "device"
+    out = args.out or Path(os.environ.get("OUT") or default)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
     log.write_text(f"bench/device/run.py {' '.join(sys.argv[1:])}\n")
@@ -201,13 +219,14 @@ def main() -> None:
     stage = {step: read(out / f"{step}.json") for step in ("stage1", "stage2")}
     serve = read(out / "serve.json")
     rows = summary_rows(stage, plans, serve)
-    table = format_table(["measure", "measured", "plan (in-process)", "plan --json", "trace --json", "error"], rows)
+    table = format_table(["measure", "measured", "plan (in-process)", "plan --json", "trace --json",
+                          "measured/trace - 1", "goal", "error"], rows)
     trace_note = "; ".join(f"{s}: {p.get('trace')}" for s, p in plans.items())
     write_json(out / "device.json", {
         "dry_run": args.dry_run, "machine": machine_info(), "budget_s": args.budget_s, "caps_s": CAPS,
         "wall_s": time.time() - t0, "steps": status, "plans": plans, "table": table, "trace": trace_note,
-        "rows": [dict(zip(["measure", "measured", "plan_in_process", "plan_json", "trace_json", "error"], r,
-                          strict=True)) for r in rows]})
+        "rows": [dict(zip(["measure", "measured", "plan_in_process", "plan_json", "trace_json", "vs_trace", "goal",
+                           "error"], r, strict=True)) for r in rows]})
     print(table)
     print(f"trace: {trace_note}")
     print(f"wall {time.time() - t0:.0f} s of {args.budget_s:.0f}; JSON in {out}")
