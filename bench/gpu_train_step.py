@@ -227,9 +227,9 @@ def run_config(name: str, args: argparse.Namespace, device: str, folder: Path, t
         accum = cfg.train.grad_accum if cfg.kind == "distill" else 1
         if accum > 2:
             short = sorted({2, min(args.accum, accum)})
-            steps = [(0, 2, False)] * args.warmup + [(0, n, True) for n in short]
+            steps = [(2, False)] * args.warmup + [(n, True) for n in short]  # (micro-batches, timed)
             rows = []
-            for i, (_, n, timed) in enumerate(steps):
+            for i, (n, timed) in enumerate(steps):
                 dt, a, r = measured(lambda n=n, i=i: distiller.step([next(batches) for _ in range(n)], i))
                 if timed:
                     rows.append({"micro_batches": n, "s": dt, "peak_alloc_gib": a, "peak_reserved_gib": r})
