@@ -36,8 +36,8 @@ from _common import format_table, machine_info, write_json  # noqa: E402
 
 BUDGET_S = 540.0  # 9 minutes on one H100, the pip install included (bench/device/run passes its start time)
 RESERVE_S = 15.0  # the summary, and slack for a killed step to exit
-# (step, cap in seconds on a GPU). Sum with the install (~15 s) and the reserve: 515 s, inside the budget.
-CAPS = {"stage1": 240.0, "stage2": 170.0, "serve": 75.0}
+# (step, cap in seconds on a GPU). Sum with the install (~15 s) and the reserve: 520 s, inside the budget.
+CAPS = {"stage1": 230.0, "stage2": 170.0, "serve": 90.0}
 PLAN_CAP_S = 420.0
 PRESETS = {"stage1": "sdxl-4step.yaml", "stage2": "sdxl-rl-4step.yaml"}
 DRY_PRESETS = {"stage1": "tiny-sdxl.yaml", "stage2": "tiny-sdxl-rl.yaml"}
@@ -52,17 +52,26 @@ def plan_cmd(preset: str, gpu_mem_gib: float, flags: list[str]) -> list[str]:
             "--gpu-mem-gib", f"{gpu_mem_gib:g}", *flags]
 
 
-def start_plan(preset: str, gpu_mem_gib: float, flags: list[str]) -> subprocess.Popen[str]:
+def start_plan(preset: str, gpu_mem_gib: float, flags: list[str], logs: Path) -> subprocess.Popen[str]:
+    """Start one plan in the background. Its output goes to files under `logs`, not pipes: nobody reads a pipe
+    until the GPU steps are done, and a full one would stall the trace."""
     env = {**os.environ, "OMP_NUM_THREADS": "4", "CUDA_VISIBLE_DEVICES": ""}  # the trace is CPU work
-    return subprocess.Popen(plan_cmd(preset, gpu_mem_gib, flags), cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    stem = logs / f"{Path(preset).stem}{'-'.join(['', *flags])}"
+    with open(f"{stem}.out", "w") as stdout, open(f"{stem}.err", "w") as stderr:
+        proc = subprocess.Popen(plan_cmd(preset, gpu_mem_gib, flags), cwd=REPO, env=env, text=True,
+                                stdout=stdout, stderr=stderr, start_new_session=True)
+    proc.output_stem = stem  # type: ignore[attr-defined]
+    return proc
 
 
 def finish_plan(preset: str, gpu_mem_gib: float, proc: subprocess.Popen[str], flags: list[str],
-                deadline: float, log: Path) -> dict[str, Any]:
+                deadline: float, log: Path, logs: Path) -> dict[str, Any]:
     """The plan's JSON (or text), falling back to fewer flags when this tree's `plan` lacks one."""
     while True:
-        stdout, stderr, timed_out = wait(proc, deadline)
+        _, _, timed_out = wait(proc, deadline)
+        stem = proc.output_stem  # type: ignore[attr-defined]
+        stdout, stderr = Path(f"{stem}.out").read_text(), Path(f"{stem}.err").read_text()
         append(log, f"plan {preset} {' '.join(flags)} rc={proc.returncode}", stdout + stderr)
         if timed_out:
             return {"preset": preset, "flags": flags, "error": "timed out", "trace": "timed out"}
@@ -73,7 +82,7 @@ def finish_plan(preset: str, gpu_mem_gib: float, proc: subprocess.Popen[str], fl
             flags = [f for f in flags if f != "--json"]
         else:
             break
-        proc = start_plan(preset, gpu_mem_gib, flags)
+        proc = start_plan(preset, gpu_mem_gib, flags, logs)
     out: dict[str, Any] = {"preset": preset, "flags": flags, "rc": proc.returncode,
                            "trace": "traced" if "--trace" in flags else "unavailable: this tree's plan has no --trace"}
     if "--json" in flags:
@@ -189,7 +198,8 @@ def main() -> None:
     dry = ["--dry-run"] if args.dry_run else []
     presets = DRY_PRESETS if args.dry_run else PRESETS
     flags = ["--trace", "--json"]
-    plan_procs = {step: start_plan(p, args.gpu_mem_gib, flags) for step, p in presets.items()}
+    logs = Path(tempfile.mkdtemp(prefix="flashdmd-plan-"))
+    plan_procs = {step: start_plan(p, args.gpu_mem_gib, flags, logs) for step, p in presets.items()}
     train = [sys.executable, str(REPO / "bench" / "gpu_train_step.py"), *dry, "--gpu-mem-gib",
              f"{args.gpu_mem_gib:g}", "--adamw8bit-backend", "torchao"]
     cmds = {
@@ -214,7 +224,7 @@ def main() -> None:
                                                                               time.monotonic() + 1)
     plans = {}
     for step, proc in plan_procs.items():
-        plans[step] = finish_plan(presets[step], args.gpu_mem_gib, proc, flags, plan_deadline, log)
+        plans[step] = finish_plan(presets[step], args.gpu_mem_gib, proc, flags, plan_deadline, log, logs)
         write_json(out / f"plan-{step}.json", plans[step])
     stage = {step: read(out / f"{step}.json") for step in ("stage1", "stage2")}
     serve = read(out / "serve.json")
