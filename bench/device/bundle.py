@@ -148,7 +148,7 @@ def image_site(site: Path) -> tuple[list[str], list[str]]:
     never a project of the bundle. Returns (image projects linked, dependencies added)."""
     dists = {canonical(d.metadata["Name"] or ""): d for d in md.distributions()}
     image = {n for n in image_packages() if n in dists}
-    every = _closure(dists, image, stop=set(pinned()))
+    every = _closure(dists, image, stop=set(pinned()) - SHADOWED)  # the image has its own copy of those
     site.mkdir(parents=True, exist_ok=True)
     for name in sorted(every):
         dist = dists[name]
