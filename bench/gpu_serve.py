@@ -143,7 +143,7 @@ def options_section(args: argparse.Namespace, root: Path, cache: Path) -> list[d
 
     rows, reference = [], None
     for name, over in CONFIGS:
-        if args.no_compile and over.get("compile"):
+        if (args.no_compile and over.get("compile")) or (args.configs and name not in args.configs):
             continue
         pipe = serving(root, args.device, args.dry_run, cache, **over)
         warm = warm_up(pipe)
@@ -267,6 +267,8 @@ def main() -> None:
     ap.add_argument("--sections", default="options,compile,load")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows of the options section")
+    ap.add_argument("--configs", default=None, help="options section: a comma-separated subset of "
+                    f"{[name for name, _ in CONFIGS]} (default: all)")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=320, help="per load mode, at most")
     ap.add_argument("--seconds", type=float, default=120.0, help="per load mode, at most")
@@ -276,6 +278,10 @@ def main() -> None:
     ap.add_argument("--root", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.device = args.device or ("cpu" if args.dry_run else "cuda")
+    names = [name for name, _ in CONFIGS]
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()] if args.configs else None
+    if args.configs is not None and (not args.configs or set(args.configs) - set(names)):
+        ap.error(f"--configs: choose from {names}")
     if args.child_warm:
         return child_main(args)
     if args.device.startswith("cuda"):

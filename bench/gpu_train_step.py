@@ -1,46 +1,66 @@
-"""GPU benchmark of the memory levers (issue #10 §2): SDXL architecture, 1024², bf16, batch 1, each lever alone and
-all together, stage 1 and stage 2, with peak allocated/reserved memory beside `flashdmd plan`'s prediction.
+"""GPU benchmark of the memory levers: SDXL architecture, 1024², bf16, batch 1, each lever alone and the two
+SDXL presets' levers, stage 1 and stage 2, with peak allocated/reserved memory beside `flashdmd plan`'s.
 
-    pip install -e '.[gpu]' && python bench/gpu_train_step.py            # one command, < 8 min on an H100
-    python bench/gpu_train_step.py --configs s1-all,s2-all --iters 10      # a subset, longer timing
-    python bench/gpu_train_step.py --dry-run                               # CPU, scaled-down, end to end
+    python bench/gpu_train_step.py --configs s1-all,s2-all          # the presets (bench/device/run runs these)
+    python bench/gpu_train_step.py                                   # every config (> 9 min on an H100)
+    python bench/gpu_train_step.py --dry-run                         # CPU, scaled-down, end to end
 
 Random weights throughout, built in memory from the configs in trainer/arch/sdxl-base (the same ones
 `flashdmd plan` counts: SDXL base 1.0's UNet, VAE and both full-depth CLIP text encoders; the tokenizer is the
 tiny CLIP BPE one, which only changes the token ids). The Pixel-GAN is a SAM ViT-L with random weights (the
 trainer needs a checkpoint, so `trainer.discriminator.build_discriminator` is patched for the benchmark only).
-Spec: flash TTUR 1 (presets/sdxl-4step.yaml's method), gradient checkpointing, digits captions, random [-1, 1]
-real images. Each config runs in turn on a fresh teacher: build, `--warmup` iterations, then `--iters` timed
-iterations between torch.cuda.synchronize() calls. Peaks are torch.cuda.max_memory_allocated/reserved over the
-whole config. A config that runs out of memory is recorded as such (its peak is where it stopped).
+Digits captions, random [-1, 1] real images. Each config runs in turn on a fresh teacher. Peaks are
+torch.cuda.max_memory_allocated/reserved. A config that fails (out of memory, say) records the error, and
+its peak is where it stopped. The JSON is rewritten after every measured step, so a run stopped from outside
+still leaves what it measured.
 
-Configs (levers are `memory.*` / `optim.optimizer` values, see trainer/config.py):
-  s1-baseline    none (today's trainer: fp32 AdamW, text encoders on the GPU, ...): ~89 GiB, so an 80 GB
-                 card records an OOM here; run on an H200 for the baseline's time (the issue's "15% slower" goal)
+Configs (levers are `memory.*` / `optim.*` values, see trainer/config.py):
+  s1-baseline    flash TTUR 1, no lever (fp32 AdamW, text encoders on the GPU, ...): ~89 GiB, so an 80 GB
+                 card records an OOM here
   s1-<lever>     that lever alone: adamw8bit, text-cache, vae-ckpt, sam-sdpa
-  s1-all         all of them (presets/sdxl-4step.yaml at batch 1)
+  s1-all         presets/sdxl-4step.yaml itself (its levers, its grad_accum 64; see below)
   s2-stage1      stage 2 (joint RL, ratio 5, the untrained LRM reward) with the stage-1 levers only
-  s2-all         plus ref_bf16, reward_bf16 and the shared RL optimiser (presets/sdxl-rl-4step.yaml at batch 1)
-bitsandbytes must be installed for the adamw8bit configs (`pip install 'flashdmd[gpu]'`); without it they record
-the trainer's error and the others run.
+  s2-all         presets/sdxl-rl-4step.yaml itself
+The presets are used as shipped except for what an offline machine cannot have: the teacher (random weights,
+SDXL architecture), the data (digits captions, random images), the SAM checkpoint and stage 2's init_from and
+reward path (an untrained LRM from the teacher), and RL thresholds that keep every pair so every update runs.
+`optim.optimizer: adamw8bit` runs on `--adamw8bit-backend` (default: bitsandbytes where it imports, else
+torchao, the one bench/device carries; the plan counts the same state bytes for both on SDXL).
+
+Shortened accumulation (a config whose spec has train.grad_accum A > 2; s1-all's is 64). One optimiser update
+over A micro-batches costs A forward/backward passes (about 3 min for 64 on an H100), so the step is run with
+2 and with `--accum` (4) micro-batches after a warm-up step, and the peak and time at A are derived from those:
+  * Within `Distiller.step` every allocation is one of: fixed for the config (weights, the gradient buffers,
+    allocated at the first micro-batch and accumulated in place, the optimiser states, allocated at the first
+    update); transient to one micro-batch of one phase (activations, temporaries: freed before the next); or
+    kept per micro-batch for the whole step (each micro-batch's real images and text conditioning, moved to
+    the GPU up front, and the generator's x and the decoded fakes kept for the fake-score and discriminator
+    phases). Only the micro-batch index m = 0 (spectral norm's power iteration) and the last (gradient sync)
+    are treated specially, and both occur at every accumulation >= 2.
+  * So any moment of the step with A micro-batches has a twin moment with n >= 2 micro-batches holding the
+    same fixed and transient bytes and at most A - n fewer kept sets: peak(A) <= peak(n) + (A - n) * kept,
+    and peak(A) >= peak(n) + (A - n) * slope, the slope between the two measured accumulations.
+    `kept` is computed from the kept tensors' shapes in fp32 (their widest dtype). The JSON reports both
+    bounds; `peak_alloc_gib` is the upper one, compared with the plan. Reserved memory is extrapolated the
+    same way, as an estimate (fragmentation over 64 micro-batches is not measured).
+  * Time is affine in the micro-batch count (one optimiser step per update, one pass per micro-batch), so
+    s/update at A = t(n) + (A - n) * (t(n) - t(2)) / (n - 2).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from _common import REPO, StepTimes, command_line, format_table, machine_info, write_json
+from _gpu_models import arch_folder, build_teacher, random_batches, random_sam_discriminator
 
 GIB = 2.0**30
-ARCH_DIR = REPO / "trainer" / "arch"  # the configs `flashdmd plan` ships (trainer.plan.ARCH_DIR)
 
 LEVERS: dict[str, dict[str, Any]] = {
     "adamw8bit": {"optim": {"optimizer": "adamw8bit"}},
@@ -48,18 +68,8 @@ LEVERS: dict[str, dict[str, Any]] = {
     "vae-ckpt": {"memory": {"vae_decode_checkpointing": True}},
     "sam-sdpa": {"memory": {"sam_sdpa": True}},
 }
-RL_LEVERS = {"memory": {"ref_bf16": True, "reward_bf16": True, "rl_optimizer": "shared"}}
+PRESETS = {"s1-all": "sdxl-4step.yaml", "s2-all": "sdxl-rl-4step.yaml"}
 CONFIGS = ["s1-baseline", *(f"s1-{k}" for k in LEVERS), "s1-all", "s2-stage1", "s2-all"]
-SAM_VIT_L: dict[str, Any] = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, window_size=14,
-                                 global_attn_indexes=(5, 11, 17, 23), out_chans=256)
-# --dry-run: the same architectures, narrow (the UNet keeps its 3 levels, the VAE its 8x, SAM its 24 blocks).
-DRY_UNET = {"sample_size": 8, "block_out_channels": [32, 64, 128], "attention_head_dim": [1, 2, 4],
-            "transformer_layers_per_block": [1, 1, 2], "cross_attention_dim": 64, "addition_time_embed_dim": 8,
-            "projection_class_embeddings_input_dim": 6 * 8 + 32}
-DRY_VAE = {"sample_size": 64, "block_out_channels": [32, 32, 32, 32], "layers_per_block": 1}
-DRY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
-            "projection_dim": 32}
-DRY_SAM = {**SAM_VIT_L, "embed_dim": 64, "num_heads": 4, "out_chans": 16}
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -69,116 +79,84 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def arch_folder(dry: bool, tmp: Path) -> Path:
-    """The config folder the benchmark builds from and `flashdmd plan` counts: SDXL base, or a narrow copy."""
-    if not dry:
-        return ARCH_DIR / "sdxl-base"
-    out = tmp / "dry-arch"
-    for rel in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-                "text_encoder_2/config.json", "scheduler/scheduler_config.json"):
-        cfg = json.loads((ARCH_DIR / "sdxl-base" / rel).read_text())
-        part = rel.split("/")[0]
-        cfg.update({"unet": DRY_UNET, "vae": DRY_VAE}.get(part, DRY_TEXT if part.startswith("text") else {}))
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        (out / rel).write_text(json.dumps(cfg))
-    return out
+def preset_raw(name: str, res: int, batch: int) -> dict[str, Any]:
+    """presets/sdxl-4step.yaml (s1-all) or presets/sdxl-rl-4step.yaml (s2-all) with only what an offline
+    machine cannot have replaced (the module docstring lists it)."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "presets" / PRESETS[name]).read_text())
+    raw["name"] = name
+    raw["model"] = {**raw["model"], "teacher": "random:sdxl-architecture", "family": "sdxl", "resolution": res}
+    raw["data"] = {"builtin": "digits"}
+    disc = {k: v for k, v in raw["distill"]["discriminator"].items() if k != "checkpoint"}
+    raw["distill"]["discriminator"] = {**disc, "img_size": 1024 if res >= 1024 else 64}
+    raw["train"] = {**raw["train"], "batch_size": batch, "seed": 0}
+    if raw.get("kind") == "rl":
+        rl = {k: v for k, v in raw["rl"].items() if k not in ("init_from", "reward")}
+        raw["rl"] = {**rl, "threshold_min": -1.0, "threshold_max": -1.0, "batch_size": batch}
+    return raw
 
 
-def spec_for(name: str, res: int, batch: int, cpu: bool = False) -> Any:
-    """The config's spec. cpu (--dry-run): adamw stands in for adamw8bit, which needs CUDA."""
+def spec_for(name: str, res: int, batch: int, backend: str, cpu: bool = False) -> Any:
+    """The config's spec. `backend`: optim.adamw8bit_backend. cpu (--dry-run): adamw stands in for bitsandbytes,
+    whose kernels need CUDA (torchao runs on the CPU)."""
     from trainer.config import parse_spec
 
-    raw: dict[str, Any] = {
-        "kind": "rl" if name.startswith("s2") else "distill", "name": name,
-        "model": {"teacher": "random:sdxl-architecture", "family": "sdxl", "resolution": res},
-        "data": {"builtin": "digits"}, "schedule": {"num_steps": 4},
-        "distill": {"mode": "flash", "real_guidance": 8.0,
-                    "discriminator": {"backbone": "vit_l", "img_size": 1024 if res >= 1024 else 64}},
-        "train": {"batch_size": batch, "mixed_precision": "bf16", "gradient_checkpointing": True, "seed": 0}}
-    lever = name.split("-", 1)[1]
-    if lever in ("all", "stage1"):
-        for extra in LEVERS.values():
-            raw = _merge(raw, extra)
-    elif lever in LEVERS:
-        raw = _merge(raw, LEVERS[lever])
-    if name == "s2-all":
-        raw = _merge(raw, RL_LEVERS)
-    if cpu and raw.get("optim", {}).get("optimizer") == "adamw8bit":
-        raw["optim"]["optimizer"] = "adamw"
-    if raw["kind"] == "rl":  # the untrained reward's gaps are tiny: keep every pair, so every RL update runs
-        raw["rl"] = {"threshold_min": -1.0, "threshold_max": -1.0, "batch_size": batch, "ratio": 5}
+    if name in PRESETS:
+        raw = preset_raw(name, res, batch)
+    else:
+        raw = {
+            "kind": "rl" if name.startswith("s2") else "distill", "name": name,
+            "model": {"teacher": "random:sdxl-architecture", "family": "sdxl", "resolution": res},
+            "data": {"builtin": "digits"}, "schedule": {"num_steps": 4},
+            "distill": {"mode": "flash", "real_guidance": 8.0,
+                        "discriminator": {"backbone": "vit_l", "img_size": 1024 if res >= 1024 else 64}},
+            "train": {"batch_size": batch, "mixed_precision": "bf16", "gradient_checkpointing": True, "seed": 0}}
+        lever = name.split("-", 1)[1]
+        if lever == "stage1":
+            for extra in LEVERS.values():
+                raw = _merge(raw, extra)
+        elif lever in LEVERS:
+            raw = _merge(raw, LEVERS[lever])
+        if raw["kind"] == "rl":  # the untrained reward's gaps are tiny: keep every pair, so every RL update runs
+            raw["rl"] = {"threshold_min": -1.0, "threshold_max": -1.0, "batch_size": batch, "ratio": 5}
+    optim = raw.setdefault("optim", {})
+    if optim.get("optimizer") == "adamw8bit":
+        if cpu and backend == "bitsandbytes":
+            optim["optimizer"] = "adamw"
+        else:
+            optim["adamw8bit_backend"] = backend
     return parse_spec(raw)
 
 
-def build_teacher(folder: Path, device: str, tmp: Path) -> Any:
-    """A random-weight SDXL-architecture Teacher from the config folder, built directly on `device`."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def default_backend(cuda: bool) -> str:
+    """bitsandbytes where it can run, else torchao where it is installed, else bitsandbytes (which then records
+    why it cannot run)."""
+    import importlib.util
 
-    from trainer.models import Teacher
-    from trainer.tiny import build_clip_tokenizer
-
-    def read(rel: str) -> dict[str, Any]:
-        return {k: v for k, v in json.loads((folder / rel).read_text()).items() if not k.startswith("_")}
-
-    tok = build_clip_tokenizer(tmp / "clip")
-    with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel.from_config(read("unet/config.json"))
-        vae = AutoencoderKL.from_config(read("vae/config.json"))
-        te1 = CLIPTextModel(CLIPTextConfig(**read("text_encoder/config.json")))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**read("text_encoder_2/config.json")))
-    sched = EulerDiscreteScheduler.from_config(read("scheduler/scheduler_config.json"))
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
-                                     unet=unet, scheduler=sched, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return Teacher(pipe, "sdxl", "random:sdxl-architecture", unet.config.sample_size * 8, None).to(device)
+    if cuda and importlib.util.find_spec("bitsandbytes") is not None:
+        return "bitsandbytes"
+    return "torchao" if importlib.util.find_spec("torchao") is not None else "bitsandbytes"
 
 
-@contextlib.contextmanager
-def random_sam_discriminator(dry: bool) -> Iterator[None]:
-    """Let Distiller build a SAM ViT-L Pixel-GAN with random weights (the trainer needs a checkpoint)."""
-    import torch
-    from torch import nn
-
-    import trainer.discriminator as td
-
-    def build(spec: Any, sdpa: bool = False) -> td.PixelDiscriminator:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            encoder = td._image_encoder_cls()(
-                img_size=spec.img_size, mlp_ratio=4.0, qkv_bias=True, use_rel_pos=True, rel_pos_zero_init=True,
-                norm_layer=lambda dim: nn.LayerNorm(dim, eps=1e-6), **(DRY_SAM if dry else SAM_VIT_L))
-        if sdpa:
-            td.use_sdpa_attention(encoder)
-        return td.PixelDiscriminator(encoder.requires_grad_(False).eval(), spec.blocks, spec.head_channels)
-
-    original = td.build_discriminator
-    td.build_discriminator = build
-    try:
-        yield
-    finally:
-        td.build_discriminator = original
-
-
-def random_batches(batch: int, resolution: int) -> Iterator[dict]:
-    import torch
-
+def kept_bytes(cfg: Any, teacher: Any) -> int:
+    """Upper bound on the bytes one micro-batch keeps for a whole `Distiller.step` (module docstring): its real
+    images, its conditioning and the unconditional one (embeddings, pooled, time ids), the generator's x and
+    the decoded fake, each counted in fp32."""
     from trainer.data import digit_prompt
 
-    g = torch.Generator().manual_seed(0)
-    for i in range(10**9):
-        yield {"image": torch.rand(batch, 3, resolution, resolution, generator=g) * 2 - 1,
-               "caption": [digit_prompt((i * batch + j) % 10) for j in range(batch)]}
+    b, res = cfg.train.batch_size, teacher.resolution
+    cond = teacher.encode([digit_prompt(0)] * b)  # a cached caption when memory.text_cache is on
+    cond_elems = sum(t.numel() for t in (cond.embeds, cond.pooled, cond.time_ids) if t is not None)
+    latent = 1
+    for d in teacher.latent_shape(b):
+        latent *= d
+    return 4 * (2 * b * 3 * res * res + 2 * cond_elems + latent)
 
 
-def run_config(name: str, args: argparse.Namespace, device: str, folder: Path, tmp: Path) -> dict[str, Any]:
+def run_config(name: str, args: argparse.Namespace, device: str, folder: Path, tmp: Path,
+               save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Build and measure one config; `save(out)` is called after each measured step with what is known so far."""
     import torch
 
     from trainer.data import digit_prompt
@@ -194,7 +172,9 @@ def run_config(name: str, args: argparse.Namespace, device: str, folder: Path, t
     out: dict[str, Any] = {}
     teacher = distiller = trainer = acc = reward = lrm = None
     try:
-        cfg = spec_for(name, 64 if args.dry_run else 1024, args.batch, cpu=args.dry_run)
+        cfg = spec_for(name, 64 if args.dry_run else 1024, args.batch, args.adamw8bit_backend, cpu=args.dry_run)
+        out["spec"] = {"optimizer": cfg.optim.optimizer, "adamw8bit_backend": cfg.optim.adamw8bit_backend,
+                       "grad_accum": cfg.train.grad_accum, "memory": cfg.memory.model_dump(mode="json")}
         plan = make_plan(cfg, gpus=1, gpu_mem_gib=args.gpu_mem_gib, arch=load_arch(str(folder)))
         out.update(plan_alloc_gib=plan.peak_allocated_gib, plan_reserved_gib=plan.reserved_gib,
                    plan_rows={r.component: r.bytes / GIB for r in plan.rows})
@@ -204,6 +184,7 @@ def run_config(name: str, args: argparse.Namespace, device: str, folder: Path, t
             torch.cuda.reset_peak_memory_stats()
             out["start_alloc_gib"] = torch.cuda.memory_allocated() / GIB
         check_runtime(cfg)
+        built = time.perf_counter()
         teacher = build_teacher(folder, device, tmp)
         acc = _accelerator(cfg)
         torch.manual_seed(cfg.train.seed)
@@ -220,56 +201,118 @@ def run_config(name: str, args: argparse.Namespace, device: str, folder: Path, t
             from trainer.rl import JointRL
 
             trainer = JointRL(cfg, distiller, reward, acc)
+        out["build_s"] = time.perf_counter() - built
         if cuda:
             out["after_build_alloc_gib"] = torch.cuda.memory_allocated() / GIB
+        save(out)
         batches = random_batches(args.batch, teacher.resolution)
-        times = StepTimes(1 if cfg.kind == "distill" else cfg.rl.ratio)
+        peaks = {"alloc": 0.0, "reserved": 0.0}
 
-        def one(step: int, timed: bool) -> None:
-            batch = next(batches)
+        def measured(fn: Callable[[], Any]) -> tuple[float, float | None, float | None]:
+            """(seconds, peak allocated GiB, peak reserved GiB; None on the CPU) of fn(), CUDA-synchronised."""
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             sync()
             t0 = time.perf_counter()
-            if trainer is None:
-                logs = distiller.step(batch, step)
-                turn = bool(logs.get("generator_turn"))
-            else:
-                logs = trainer.step(list(batch["caption"]), step, lambda: next(batches))
-                turn = step % cfg.rl.ratio == 0  # a cycle: ratio RL updates, the last with a distillation turn
+            fn()
             sync()
-            if timed:
-                times.seconds.append(time.perf_counter() - t0)
-                times.turns.append(turn)
+            dt = time.perf_counter() - t0
+            if not cuda:
+                return dt, None, None
+            a, r = torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
+            peaks.update(alloc=max(peaks["alloc"], a), reserved=max(peaks["reserved"], r))
+            out.update(peak_alloc_measured_gib=peaks["alloc"], peak_reserved_measured_gib=peaks["reserved"])
+            return dt, a, r
 
-        warm = args.warmup if cfg.kind == "distill" else cfg.rl.ratio * min(args.warmup, 1)
-        for s in range(warm):
-            one(s, False)
-        n = args.iters if cfg.kind == "distill" else cfg.rl.ratio * max(1, args.iters // cfg.rl.ratio)
-        for s in range(warm, warm + n):
-            one(s, True)
-        out["timing"] = times.summary()
+        accum = cfg.train.grad_accum if cfg.kind == "distill" else 1
+        if accum > 2:
+            short = sorted({2, min(args.accum, accum)})
+            steps = [(2, False)] * args.warmup + [(n, True) for n in short]  # (micro-batches, timed)
+            rows = []
+            for i, (n, timed) in enumerate(steps):
+                dt, a, r = measured(lambda n=n, i=i: distiller.step([next(batches) for _ in range(n)], i))
+                if timed:
+                    rows.append({"micro_batches": n, "s": dt, "peak_alloc_gib": a, "peak_reserved_gib": r})
+                    out["accumulation"] = rows
+                else:  # the first update compiles torchao's kernels: seen here, kept out of the timings
+                    out.setdefault("warmup_s", []).append(dt)
+                save(out)
+            out["accumulation_summary"] = extrapolate(rows, accum, kept_bytes(cfg, teacher) / GIB)
+        else:
+            times = StepTimes(1 if cfg.kind == "distill" else cfg.rl.ratio)
+
+            def one(step: int, timed: bool) -> None:
+                if trainer is None:
+                    dt = measured(lambda: distiller.step(next(batches), step))[0]
+                    turn = step % cfg.distill.ttur == 0
+                else:
+                    dt = measured(lambda: trainer.step(list(next(batches)["caption"]), step, lambda: next(batches)))[0]
+                    turn = step % cfg.rl.ratio == 0  # a cycle: ratio RL updates, the last with a distillation turn
+                if timed:
+                    times.seconds.append(dt)
+                    times.turns.append(turn)
+                    out["timing"] = times.summary() if times.cycles() else {"s_per_iter": list(times.seconds)}
+                else:
+                    out.setdefault("warmup_s", []).append(dt)
+                save(out)
+
+            warm = args.warmup if cfg.kind == "distill" else cfg.rl.ratio * min(args.warmup, 1)
+            for s in range(warm):
+                one(s, False)
+            n = args.iters if cfg.kind == "distill" else cfg.rl.ratio * max(1, args.iters // cfg.rl.ratio)
+            for s in range(warm, warm + n):
+                one(s, True)
     except Exception as err:  # OOM, a missing library, a trainer error: record it and go on
         out["error"] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
     finally:
         if cuda:
-            out["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GIB
-            out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
-            if "plan_alloc_gib" in out:
+            out["peak_alloc_measured_gib"] = torch.cuda.max_memory_allocated() / GIB if "peak_alloc_measured_gib" \
+                not in out else max(out["peak_alloc_measured_gib"], torch.cuda.max_memory_allocated() / GIB)
+            out["peak_reserved_measured_gib"] = max(out.get("peak_reserved_measured_gib", 0.0),
+                                                    torch.cuda.max_memory_reserved() / GIB)
+            ext = out.get("accumulation_summary", {})
+            out["peak_alloc_gib"] = ext.get("peak_alloc_upper_gib", out["peak_alloc_measured_gib"])
+            out["peak_reserved_gib"] = ext.get("peak_reserved_est_gib", out["peak_reserved_measured_gib"])
+            if "plan_alloc_gib" in out and out["peak_alloc_gib"] > 0:
                 out["plan_error_alloc"] = out["plan_alloc_gib"] / out["peak_alloc_gib"] - 1
                 out["plan_error_reserved"] = out["plan_reserved_gib"] / out["peak_reserved_gib"] - 1
         teacher = distiller = trainer = acc = reward = lrm = None  # noqa: F841 (drop every reference first)
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+    save(out)
     return out
+
+
+def extrapolate(rows: list[dict[str, Any]], accum: int, kept_gib: float) -> dict[str, Any]:
+    """Peak and time at `accum` micro-batches from the shortened steps (the module docstring's bounds); the
+    peaks are None where none was measured (the CPU)."""
+    two, last = rows[0], rows[-1]
+    n, extra = last["micro_batches"], accum - last["micro_batches"]
+    span = max(n - two["micro_batches"], 1)
+    out = {"grad_accum": accum, "kept_per_micro_batch_gib": kept_gib, "s_per_micro_batch": (last["s"] - two["s"]) / span}
+    out["s_per_gen_update"] = last["s"] + extra * out["s_per_micro_batch"]
+    if last["peak_alloc_gib"] is None:
+        return out
+    slope = {k: (last[k] - two[k]) / span for k in ("peak_alloc_gib", "peak_reserved_gib")}
+    return {**out, "measured_slope_alloc_gib": slope["peak_alloc_gib"],
+            "peak_alloc_lower_gib": last["peak_alloc_gib"] + extra * max(slope["peak_alloc_gib"], 0.0),
+            "peak_alloc_upper_gib": last["peak_alloc_gib"] + extra * kept_gib,
+            # An estimate, not a bound: each kept tensor is its own allocator block (12 MiB images at 1024², so
+            # little rounding), but fragmentation over 64 micro-batches is not measured here.
+            "peak_reserved_est_gib": last["peak_reserved_gib"] + extra * max(kept_gib, slope["peak_reserved_gib"])}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iters", type=int, default=None, help="timed iterations per config (default 4; dry run 1)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed iterations first (stage 2: one RL cycle)")
+    ap.add_argument("--accum", type=int, default=4, help="the longer of the two shortened accumulations")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
     ap.add_argument("--gpu-mem-gib", type=float, default=80.0, help="the card the plan's verdict is for")
+    ap.add_argument("--adamw8bit-backend", choices=["bitsandbytes", "torchao"], default=None,
+                    help="optim.adamw8bit_backend for the adamw8bit configs (default: see the module docstring)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, scaled-down models; writes only with --out")
     ap.add_argument("--out", default=None, help="default: bench/results/memory_levers_gpu.json (not in --dry-run)")
     args = ap.parse_args()
@@ -277,52 +320,63 @@ def main() -> None:
 
     if args.iters is None:
         args.iters = 1 if args.dry_run else 4
+    if args.accum < 3:
+        raise SystemExit("--accum: at least 3 (the step is also measured at 2 micro-batches)")
     if args.dry_run:
         device = "cpu"
-        args.warmup = min(args.warmup, 1)
-        print("dry run: adamw stands in for adamw8bit (bitsandbytes' kernels need CUDA)", flush=True)
         torch.set_num_threads(1)  # scaled-down models: one thread avoids OpenMP stalls on a busy small machine
     elif not torch.cuda.is_available():
         raise SystemExit("bench/gpu_train_step.py needs a CUDA GPU (torch.cuda.is_available() is False); "
                          "run it with --dry-run to check the code path on CPU")
     else:
         device = "cuda"
+    args.adamw8bit_backend = args.adamw8bit_backend or default_backend(device == "cuda")
+    if args.dry_run and args.adamw8bit_backend == "bitsandbytes":
+        print("dry run: adamw stands in for bitsandbytes' adamw8bit (its kernels need CUDA)", flush=True)
     wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
     bad = [c for c in wanted if c not in CONFIGS]
     if bad or not wanted:
         raise SystemExit(f"--configs: unknown {bad}; choose from {CONFIGS}")
     started = time.perf_counter()
+    out = args.out or (None if args.dry_run else str(REPO / "bench" / "results" / "memory_levers_gpu.json"))
     results: dict[str, Any] = {}
+    settings = {"dry_run": args.dry_run, "iters": args.iters, "warmup": args.warmup, "accum": args.accum,
+                "batch": args.batch, "adamw8bit_backend": args.adamw8bit_backend,
+                "arch": "trainer/arch/sdxl-base" + (" (narrowed)" if args.dry_run else "")}
+
+    def save(partial: dict[str, Any] | None = None, name: str | None = None, table: str | None = None) -> None:
+        if out:
+            if name is not None:
+                results[name] = partial
+            write_json(out, {"benchmark": "memory_levers_gpu", "command": command_line(), "machine": machine_info(),
+                             "settings": settings, "results": results, "table": table,
+                             "wall_s": time.perf_counter() - started})
+
     with tempfile.TemporaryDirectory(prefix="flashdmd-gpu-bench-") as tmp:
         folder = arch_folder(args.dry_run, Path(tmp))
         for name in wanted:
             print(f"[{name}] {'dry run (CPU, scaled down)' if args.dry_run else 'SDXL architecture, 1024²'}",
                   flush=True)
-            results[name] = r = run_config(name, args, device, folder, Path(tmp))
-            print(f"  {r.get('error') or r['timing']['s_per_iter_median']} s/iter; peak "
-                  f"{r.get('peak_alloc_gib', float('nan')):.1f} GiB (plan {r.get('plan_alloc_gib', float('nan')):.1f})",
-                  flush=True)
-    base = results.get("s1-baseline", {}).get("timing")
-    rows = []
-    for name, r in results.items():
-        t = r.get("timing", {})
-        slower = t["s_per_gen_update_median"] / base["s_per_gen_update_median"] if t and base else None
-        rows.append([name, t.get("s_per_iter_median"), t.get("s_per_gen_update_median"), slower,
-                     r.get("peak_alloc_gib"), r.get("plan_alloc_gib"), r.get("plan_error_alloc"),
-                     r.get("peak_reserved_gib"), r.get("plan_reserved_gib"), r.get("plan_error_reserved"),
-                     r.get("error")])
-    table = format_table(["config", "s/iter (med)", "s/G-update (med)", "vs s1-baseline", "peak alloc GiB",
-                          "plan alloc GiB", "plan err", "peak reserved GiB", "plan reserved GiB", "plan err",
-                          "error"], rows)
+            results[name] = r = run_config(name, args, device, folder, Path(tmp),
+                                           lambda partial, name=name: save(partial, name))
+            print(f"  {r.get('error') or 'ok'}; peak {r.get('peak_alloc_gib', float('nan')):.1f} GiB "
+                  f"(plan {r.get('plan_alloc_gib', float('nan')):.1f})", flush=True)
+    table = format_table(["config", "s/G-update", "peak alloc GiB", "plan alloc GiB", "plan err",
+                          "peak reserved GiB", "plan reserved GiB", "plan err", "error"],
+                         [[name, gen_update_s(r), r.get("peak_alloc_gib"), r.get("plan_alloc_gib"),
+                           r.get("plan_error_alloc"), r.get("peak_reserved_gib"), r.get("plan_reserved_gib"),
+                           r.get("plan_error_reserved"), r.get("error")] for name, r in results.items()])
     print(table)
-    out = args.out or (None if args.dry_run else str(REPO / "bench" / "results" / "memory_levers_gpu.json"))
+    save(table=table)
     if out:
-        payload = {"benchmark": "memory_levers_gpu", "command": command_line(), "machine": machine_info(),
-                   "settings": {"dry_run": args.dry_run, "iters": args.iters, "warmup": args.warmup,
-                                "batch": args.batch, "mixed_precision": "bf16", "gradient_checkpointing": True,
-                                "arch": str(folder) if args.dry_run else "trainer/arch/sdxl-base"},
-                   "results": results, "table": table, "wall_s": time.perf_counter() - started}
-        print(f"wrote {write_json(out, payload)}")
+        print(f"wrote {out}")
+
+
+def gen_update_s(r: dict[str, Any]) -> float | None:
+    """Seconds per generator update: at the spec's accumulation (extrapolated) or the median cycle."""
+    if "accumulation_summary" in r:
+        return r["accumulation_summary"]["s_per_gen_update"]
+    return r.get("timing", {}).get("s_per_gen_update_median")
 
 
 if __name__ == "__main__":

@@ -253,6 +253,9 @@ class OptimSpec(_Strict):
     optimizer: Literal["adamw", "adamw8bit"] = Field(
         "adamw", description="the optimiser of every trainable network; adamw8bit: bitsandbytes' block-wise "
         "8-bit AdamW (2 B/param of state instead of 8; needs CUDA and `pip install 'flashdmd[gpu]'`)")
+    adamw8bit_backend: Literal["bitsandbytes", "torchao"] = Field(
+        "bitsandbytes", description="the library behind optim.optimizer: adamw8bit: bitsandbytes (CUDA kernels), "
+        "or torchao's AdamW8bit (the same block-wise 8-bit states, compiled by torch.compile; no CUDA build)")
 
 
 # ------------------------------------------------------------------ memory levers (issue #10 §2)

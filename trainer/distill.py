@@ -94,7 +94,7 @@ class Distiller:
 
     # ---------------------------------------------------------------- setup helpers
     def _adamw(self, params, spec) -> torch.optim.Optimizer:  # noqa: ANN001
-        return build_optimizer(params, spec, self.cfg.optim.optimizer)
+        return build_optimizer(params, spec, self.cfg.optim.optimizer, self.cfg.optim.adamw8bit_backend)
 
     def _build_latent_head(self) -> LatentHead:
         # A dry run on one latent tells the head its input channels and spatial size.

@@ -196,7 +196,8 @@ class JointRL:
         if self.shared_optimizer:
             self.opt_rl = distiller.opt_g
         else:
-            self.opt_rl = accelerator.prepare(build_optimizer(params, spec, cfg.optim.optimizer))
+            self.opt_rl = accelerator.prepare(build_optimizer(params, spec, cfg.optim.optimizer,
+                                                              cfg.optim.adamw8bit_backend))
 
     # what checkpoint.py and the sample grid need, as for a Distiller
     @property

@@ -41,8 +41,10 @@ def test_adamw8bit_is_refused_on_a_cpu_machine_before_anything_loads(tmp_path):
 
 
 def test_runtime_problem_names_the_missing_library():
-    assert "pip install 'flashdmd[gpu]'" in runtime_problem("adamw8bit", cuda=True, has_bnb=False)
-    assert runtime_problem("adamw8bit", cuda=True, has_bnb=True) is None
+    assert "pip install 'flashdmd[gpu]'" in runtime_problem("adamw8bit", cuda=True, has_lib=False)
+    assert runtime_problem("adamw8bit", cuda=True, has_lib=True) is None
+    assert "torchao needs the torchao package" in runtime_problem("adamw8bit", backend="torchao", has_lib=False)
+    assert runtime_problem("adamw8bit", backend="torchao", cuda=False, has_lib=True) is None  # runs on CPU
 
 
 def test_spec_validation_refuses_what_no_machine_runs():
@@ -52,6 +54,9 @@ def test_spec_validation_refuses_what_no_machine_runs():
         _spec(memory={"ref_bf16": True}, train={"mixed_precision": "no"})
     with pytest.raises(SpecError, match="optim.optimizer"):
         _spec(optim={"optimizer": "sgd"})
+    with pytest.raises(SpecError, match="optim.adamw8bit_backend"):
+        _spec(optim={"optimizer": "adamw8bit", "adamw8bit_backend": "apex"})
+    assert _spec().optim.adamw8bit_backend == "bitsandbytes", "adamw8bit keeps meaning bitsandbytes"
 
 
 def test_adamw_state_bytes_match_torch():
@@ -85,3 +90,42 @@ def test_shared_rl_optimiser_is_the_generators(make_cfg):
     logs = rl.rl_update(["a handwritten digit one"], 0)
     assert logs["rl/updated"] == 1.0 and logs["rl/lr"] == 1e-3
     assert any(not torch.equal(a, b) for a, b in zip(before, rl.generator.parameters(), strict=True))
+
+
+def test_torchao_backend_is_an_8bit_adamw_that_runs_on_this_cpu():
+    """optim.adamw8bit_backend: torchao: 8-bit block-wise states (sized as adamw_state_bytes says), an AdamW
+    update (close to torch's over a few steps), and the float learning rate our schedulers assign is used."""
+    pytest.importorskip("torchao", reason="torchao is in the test extra (pip install -e '.[test]')")
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    cfg = _spec(optim={"optimizer": "adamw8bit", "adamw8bit_backend": "torchao"})
+    check_runtime(cfg)  # no CUDA needed
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 3))  # 8192 quantised; the rest fp32
+    ref = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 3))
+    ref.load_state_dict(net.state_dict())
+    spec = cfg.optim.generator.model_copy(update={"lr": 1e-2})
+    opt = build_optimizer(net, spec, "adamw8bit", "torchao")
+    ref_opt = build_optimizer(ref, spec, "adamw")
+    start = [p.detach().clone() for p in net.parameters()]
+    x = torch.randn(16, 64)
+    for _ in range(5):
+        for n, o in ((net, opt), (ref, ref_opt)):
+            o.zero_grad()
+            n(x).square().mean().backward()
+            o.step()
+    assert isinstance(opt.state[net[0].weight]["exp_avg"], OptimState8bit)
+    assert not isinstance(opt.state[net[1].weight]["exp_avg"], OptimState8bit), "384 elements stay fp32"
+    sizes = [p.numel() for p in net.parameters()]
+    assert optimizer_state_bytes(opt) == adamw_state_bytes(sizes, "adamw8bit", "torchao")
+    assert optimizer_state_bytes(opt) < 0.4 * adamw_state_bytes(sizes, "adamw")
+    for p, r, p0 in zip(net.parameters(), ref.parameters(), start, strict=True):
+        moved = (r - p0).norm()
+        assert moved > 0 and (p - r).norm() < 0.1 * moved, "8-bit moments must give AdamW's update"
+    assert isinstance(opt.param_groups[0]["lr"], float)
+    for g in opt.param_groups:
+        g["lr"] = 0.0  # a float, as set_learning_rates assigns: no update at all (decay is lr-scaled too)
+    frozen = [p.detach().clone() for p in net.parameters()]
+    net(x).square().mean().backward()
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(frozen, net.parameters(), strict=True))
