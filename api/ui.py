@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 from fastapi import FastAPI
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -73,5 +73,11 @@ def install_ui(app: FastAPI) -> None:
     @app.get(f"{UI_PREFIX}/presets.json", include_in_schema=False)
     def ui_presets() -> dict[str, dict[str, Any]]:
         return presets()
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        # Public (api/edge.py): browsers ask for it without a token. The page links favicon.svg itself.
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml",
+                            headers={**HEADERS, "Cache-Control": "max-age=86400"})
 
     app.mount(f"{UI_PREFIX}/static", _SecuredStatic(StaticFiles(directory=STATIC_DIR)), name="ui-static")
