@@ -23,6 +23,7 @@ export function comparePage(root) {
   const error = h("div", { className: "error" });
   const plotBox = h("div", { id: "compare-chart" });
   let chart = null;
+  const names = new Map(); // id -> what the legend shows: the job's name, with its id only where names repeat
   root.replaceChildren(h("h1", {}, "Compare"),
     h("section", { className: "card" }, h("label", {}, "Jobs"), list,
       h("div", { className: "row" }, h("div", {}, h("label", {}, "Metric"), key),
@@ -51,13 +52,19 @@ export function comparePage(root) {
       const xs = points.map((p) => (axis.value === "step" ? p.step : p.wall_time - t0));
       tables.push([xs, points.map((p) => p.value)]);
     }
-    chart = makeChart(plotBox, { title: key.value, labels: ids, xLabel: axis.value === "step" ? "step" : "seconds" });
+    chart = makeChart(plotBox, { title: key.value, labels: ids.map((id) => names.get(id) || id), legend: true,
+                                 xLabel: axis.value === "step" ? "step" : "seconds" });
     chart.setData(joined(tables));
     history.replaceState(null, "", `#/compare?jobs=${ids.join(",")}&key=${encodeURIComponent(key.value)}`);
   }
 
   const update = () => loadKeys().then(draw).catch((err) => { error.textContent = err.message; });
   api("/jobs?limit=100").then((page) => {
+    const count = new Map();
+    for (const job of page.data) if (job.name) count.set(job.name, (count.get(job.name) || 0) + 1);
+    for (const job of page.data) {
+      names.set(job.id, job.name ? (count.get(job.name) > 1 ? `${job.name} (${job.id.slice(-6)})` : job.name) : job.id);
+    }
     list.replaceChildren(...page.data.map((job) => h("label", { className: "pick" },
       h("input", { type: "checkbox", value: job.id, checked: picked.has(job.id), onchange: update }), " ",
       job.name || job.id, " ", h("span", { className: "muted" }, `${job.id} · ${job.status}`))));
