@@ -51,7 +51,7 @@ class _SecuredStatic:
 def presets(directory: Path = PRESETS_DIR) -> dict[str, dict[str, Any]]:
     """Name -> spec for the New job page: the API's tiny example first, then presets/*.yaml as JSON.
 
-    The browser edits JSON (a YAML parser would be the one dependency the page lacks); comments are lost.
+    The editor shows them as JSON (comments are lost); it also takes YAML, which POST /specs/parse translates.
     """
     found: dict[str, dict[str, Any]] = {"tiny (smoke test, seconds on a CPU)": TINY_SPEC_EXAMPLE}
     for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else []:

@@ -33,6 +33,8 @@ export function curvesPanel() {
       h("h2", {}, "Curves"),
       h("div", {}, h("label", { htmlFor: "smoothing" }, "Smoothing ", smoothingValue), smoothing),
       h("div", {}, h("label", { className: "inline" }, log, " log scale")),
+      h("div", { className: "muted legend-keys" }, h("span", { className: "mark resume" }), "resumed ",
+        h("span", { className: "mark guard" }), "collapse guard"),
       hiddenList),
     empty,
     section(PINNED), ...GROUPS.map((g) => section(g)), section(OTHER, true));

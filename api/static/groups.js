@@ -1,7 +1,7 @@
 // Which section of the job page a metric key's chart goes to: one small table, read top to bottom.
 //
 // A key joins the first group whose rule matches. Whatever says nothing is folded into "other" (collapsed):
-// keys that are noise by nature (the turn flag, the GAN's random timestep), counters while they are all
+// keys that are noise by nature (the turn flag, random timesteps), counters while they are all
 // zero (a skipped or non-finite step is news, so a non-zero counter comes back out, under health), and
 // any key whose values have all been equal for a while (a fixed learning rate, a constant scale).
 export const GROUPS = [
@@ -9,19 +9,21 @@ export const GROUPS = [
   ["losses", "Losses", (k) => k.startsWith("loss/") || /(^|\/)loss$/.test(k)],
   ["grad", "Gradient norms", (k) => k.startsWith("grad_norm/") || k.includes("grad_norm")],
   ["health", "Health", (k) => /^(health|guard|nonfinite|skipped)\//.test(k)],
+  ["disc", "Discriminator", (k) => k.startsWith("disc/")],
   ["reward", "Reward", (k) => /^(rl|lrm|reward)\//.test(k)],
   ["schedule", "Schedule", (k) => /^(lr|time|amp|ema|gan|sched)\//.test(k) || /(^|\/)lr$/.test(k)],
   ["misc", "More", () => true],
 ];
-export const OTHER = ["other", "Other (constants, counters at zero, turn flags)"];
+export const OTHER = ["other", "Other (constants, counters at zero, random timesteps and turns)"];
 
-const NOISE = new Set(["generator_turn", "gan/timestep"]);
+// Drawn at random every step (which network's turn, which timestep, which of the K steps): their curves are noise.
+const NOISE = /^generator_turn$|(^|\/)(timestep|step_index)$/;
 const COUNTER = /^(skipped|nonfinite)\/|(^|\/)(count|total)$/;
 const FLAT_AFTER = 3; // points before an unchanging key counts as a constant (one point says nothing yet)
 
 // The group id for a key, given the values seen so far (nulls, i.e. NaN or infinity, are ignored).
 export function groupOf(key, values) {
-  if (NOISE.has(key)) return OTHER[0];
+  if (NOISE.test(key)) return OTHER[0];
   let min = Infinity;
   let max = -Infinity;
   let n = 0;

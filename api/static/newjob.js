@@ -33,9 +33,13 @@ async function parseSpec(text) {
   try {
     return JSON.parse(text);
   } catch (jsonError) {
-    if (/^\s*[{[]/.test(text)) throw new Error(`not valid JSON: ${jsonError.message}`);
-    const { spec } = await api("/specs/parse", { method: "POST", text, type: "application/yaml" });
-    return spec;
+    try {
+      return (await api("/specs/parse", { method: "POST", text, type: "application/yaml" })).spec;
+    } catch (yamlError) {
+      // Text that starts like JSON was most likely meant as JSON: its own error says more.
+      if (/^\s*[{[]/.test(text)) throw new Error(`not valid JSON: ${jsonError.message}`);
+      throw yamlError;
+    }
   }
 }
 
@@ -65,7 +69,10 @@ export function newJobPage(root) {
     for (const [path, input] of quick) input.value = getPath(chosen, path) ?? "";
   };
   preset.addEventListener("change", fill);
-  const clone = from ? api(`/jobs/${encodeURIComponent(from)}`) : Promise.resolve(null);
+  const clone = from ? api(`/jobs/${encodeURIComponent(from)}`).catch((err) => {
+    error.textContent = `clone: ${err.message}`; // the presets still load
+    return null;
+  }) : Promise.resolve(null);
   Promise.all([api("/ui/presets.json"), clone]).then(([found, source]) => {
     presets = found;
     let first = Object.keys(found)[0];
@@ -78,7 +85,7 @@ export function newJobPage(root) {
     }
     preset.replaceChildren(...Object.keys(presets).map((n) => h("option", { value: n, selected: n === first }, n)));
     fill();
-  }).catch((err) => { error.textContent = `${from ? "clone" : "presets"}: ${err.message}`; });
+  }).catch((err) => { error.textContent = `presets: ${err.message}`; });
 
   function showErrors(err) {
     const lines = err.message.split("; ");

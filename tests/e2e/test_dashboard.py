@@ -327,6 +327,7 @@ def _check_samples(driver, base: str, headers: dict[str, str], job_id: str) -> N
     _wait(driver, lambda d: d.execute_script("return arguments[0].naturalWidth", zoomed) > 0, what="zoomed image")
     natural = driver.execute_script("return arguments[0].naturalWidth", zoomed)
     assert zoomed.size["width"] >= natural and prompt in _css(driver, "#lightbox").text
+    driver.save_screenshot(str(ARTIFACTS / "dashboard-zoom.png"))
     _css(driver, "body").send_keys(Keys.ESCAPE)
     _wait(driver, lambda d: not _css(d, "#lightbox").is_displayed(), what="Esc to close the lightbox")
 
