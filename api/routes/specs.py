@@ -60,11 +60,19 @@ def parse_yaml_spec(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as err:
         raise _refuse("spec", f"not UTF-8 text ({err.reason} at byte {err.start})") from None
     try:
-        # Events only (no objects built yet): an alias is refused before anything could expand it.
+        # Events only (no objects built yet): an alias is refused before anything could expand it, and deep
+        # nesting before PyYAML's recursive composer could overflow the stack on it.
+        depth = 0
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            line = event.start_mark.line + 1
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-                mark = event.start_mark
-                raise _refuse("spec", f"YAML anchors and aliases are not accepted (line {mark.line + 1})")
+                raise _refuse("spec", f"YAML anchors and aliases are not accepted (line {line})")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise _refuse("spec", f"nested deeper than {MAX_DEPTH} levels (line {line})")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
         spec = load_yaml(text)  # several documents raise a ComposerError (below)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark

@@ -42,6 +42,8 @@ def test_a_yaml_spec_becomes_the_json_post_jobs_takes(client, auth) -> None:
     ("- a list\n", "spec", "must be a mapping"),
     ("a: 1\n---\nb: 2\n", "spec", "line 2"),
     ("model:\n  teacher: [tiny\n", "spec", "line 3"),
+    ("a: " + "[" * 50_000, "spec", "nested deeper"),  # before the recursive composer could overflow
+    ("a: !!binary aGVsbG8=\n", "spec.a", "bytes is not a JSON value"),
 ])
 def test_a_bad_yaml_spec_is_refused_naming_the_field(client, auth, text: str, field: str, words: str) -> None:
     reply = client.post("/specs/parse", content=text.encode(), headers={**auth, **YAML})
