@@ -172,11 +172,20 @@ class CheckpointPublic(BaseModel):
 
 
 def checkpoint_steps(meta: dict[str, Any]) -> list[int]:
-    """Its own K plus any distilled step sets (inference.checkpoint.CheckpointInfo.allowed_steps, from meta.json)."""
-    own = meta.get("num_steps") or len(meta.get("timesteps") or [])
-    found = {int(own)} if own else set()
-    found.update(int(k) for k in (meta.get("step_sets") or {}))
-    return sorted(found)
+    """Its own K plus any distilled step sets (inference.checkpoint.CheckpointInfo.allowed_steps, from meta.json).
+
+    A value that is not a count is skipped: a listing must not fail on a damaged meta.json (generate reports it).
+    """
+    found: set[int] = set()
+    timesteps = meta.get("timesteps")
+    own = meta.get("num_steps") or (len(timesteps) if isinstance(timesteps, list) else None)
+    sets = meta.get("step_sets")
+    for value in [own, *(sets if isinstance(sets, dict) else {})]:
+        try:
+            found.add(int(value))
+        except (TypeError, ValueError):
+            continue
+    return sorted(n for n in found if n > 0)
 
 
 class SampleCell(BaseModel):

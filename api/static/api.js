@@ -24,7 +24,8 @@ function headers(extra = {}) {
 // Every call goes through here: a 401 means the token is gone or revoked, so back to the login page.
 // `body` goes as JSON; `text` as it is, with its `type` (the YAML spec editor).
 export async function request(path, { method = "GET", body, text, type, signal } = {}) {
-  const sent = text !== undefined ? { "Content-Type": type } : body !== undefined ? { "Content-Type": "application/json" } : {};
+  const sent = text !== undefined ? { "Content-Type": type }
+    : body !== undefined ? { "Content-Type": "application/json" } : {};
   const init = { method, signal, headers: headers(sent) };
   if (text !== undefined) init.body = text;
   else if (body !== undefined) init.body = JSON.stringify(body);

@@ -72,7 +72,8 @@ export function generatePanel({ signal, blobs }) {
       select.replaceChildren(...checkpoints.map((c) => h("option", { value: c.step },
         `step ${c.step} · ${c.meta.generator || "?"}${c.meta.lora ? " (LoRA)" : ""}`)));
       // Follow the newest checkpoint unless the user picked an older one.
-      select.value = wasNewest || !checkpoints.some((c) => String(c.step) === keep) ? String(checkpoints[0]?.step) : keep;
+      const kept = checkpoints.some((c) => String(c.step) === keep);
+      select.value = wasNewest || !kept ? String(checkpoints[0]?.step) : keep;
       none.hidden = checkpoints.length > 0;
       form.hidden = checkpoints.length === 0;
       describe();

@@ -22,8 +22,9 @@ export function etaText(job) {
 // which step; the worker's `claimed` event names the checkpoint it resumes from) and each guard warning.
 function markerOf(e) {
   const d = e.data || {};
-  if (e.kind === "started" && d.resumed && Number.isFinite(d.step)) return { step: d.step, kind: "resume", color: RESUME_COLOR };
-  if (e.kind === "claimed" && Number.isFinite(d.resume_step)) return { step: d.resume_step, kind: "resume", color: RESUME_COLOR };
+  const resume = (step) => ({ step, kind: "resume", color: RESUME_COLOR });
+  if (e.kind === "started" && d.resumed && Number.isFinite(d.step)) return resume(d.step);
+  if (e.kind === "claimed" && Number.isFinite(d.resume_step)) return resume(d.resume_step);
   if (e.kind === "guard" && Number.isFinite(d.step)) return { step: d.step, kind: "guard", color: GUARD_COLOR };
   return null;
 }

@@ -35,7 +35,8 @@ export function samplesPanel({ signal, blobs, onError }) {
   const label = h("div", { className: "muted" }, "No samples yet.");
   const image = h("img", { className: "sample", id: "sample", alt: "sample grid", hidden: true,
                            title: "click to zoom" });
-  const frame = h("div", { className: "sample-frame" }, image);
+  const frame = h("div", { className: "sample-frame", tabIndex: 0, role: "button", "aria-label": "zoom the grid" },
+    image);
   const caption = h("div", { id: "sample-captions" });
   const el = h("section", { className: "card", id: "samples" }, h("h2", {}, "Samples"), slider, label,
     h("figure", { className: "sample-figure" }, frame, h("figcaption", {}, caption)));
@@ -91,8 +92,10 @@ export function samplesPanel({ signal, blobs, onError }) {
     closeButton.focus();
   }
   function close() {
+    if (lightbox.hidden) return;
     lightbox.hidden = true;
     document.body.classList.remove("no-scroll");
+    if (frame.isConnected) frame.focus(); // back where the keyboard was
   }
   function step(by) {
     const next = Math.min(samples.length - 1, Math.max(0, Number(slider.value) + by));
@@ -106,6 +109,9 @@ export function samplesPanel({ signal, blobs, onError }) {
   }
 
   frame.addEventListener("click", zoom);
+  frame.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") { event.preventDefault(); zoom(); }
+  });
   closeButton.addEventListener("click", close);
   lightbox.addEventListener("click", (event) => { if (event.target === lightbox) close(); });
   document.addEventListener("keydown", onKey);

@@ -33,19 +33,20 @@ export function systemPanel() {
       const s = job.system;
       if (!s) return;
       const p = s.process || {};
+      const gpus = s.gpus || [];
       const device = s.device === "cuda"
-        ? `${(s.gpus || []).length} GPU${(s.gpus || []).length === 1 ? "" : "s"} on ${s.host}`
+        ? `${gpus.length} × ${gpus[0] && gpus[0].name ? gpus[0].name : "GPU"} on ${s.host}`
         : `CPU (${s.cpu_count ?? "?"} cores) on ${s.host}`;
       const age = Math.max(0, Date.now() / 1000 - s.time);
       body.dataset.device = s.device;
       body.replaceChildren(
         row("Device", h("b", { id: "sys-device" }, device)),
-        row("Trainer memory", h("span", { id: "sys-memory" }, p.rss_bytes === undefined ? "–" : bytes(p.rss_bytes)),
+        row("Trainer RAM", h("span", { id: "sys-memory" }, p.rss_bytes === undefined ? "–" : bytes(p.rss_bytes)),
           s.ram_total_bytes ? h("span", { className: "muted" },
             ` (host RAM ${bytes(s.ram_used_bytes)} of ${bytes(s.ram_total_bytes)} in use)`) : ""),
         row("Trainer CPU", p.cpu_percent === undefined ? "measuring…" : meter(p.cpu_percent),
           p.cpu_percent === undefined ? "" : h("span", { id: "sys-cpu" }, ` ${p.cpu_percent}% of all cores`)),
-        ...gpuRows(s.gpus || []),
+        ...gpuRows(gpus),
         h("div", { className: "muted small" }, job.status === "running" || job.status === "starting"
           ? `heartbeat ${Math.round(age)} s ago` : `last heartbeat, ${new Date(s.time * 1000).toLocaleString()}`));
     },
