@@ -29,7 +29,8 @@ from api.errors import APIError, database_unavailable
 from api.models import ApiToken
 
 # Health checks (probes carry no token) and the API docs (public by design).
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
+                          "/favicon.ico"})
 # The dashboard's shell and static assets (api/ui.py): they hold no data, and a browser cannot attach a
 # bearer header to a page load; everything the page shows comes from the API with the token.
 UI_PREFIX = "/ui"

@@ -196,11 +196,11 @@ class RunIngestor:
                            "meta": meta, "created_at": _mtime(meta_file)}
         samples = {
             step: {"job_id": self.job_id, "step": step, "path": str(f.relative_to(self.run_dir)),
-                   "created_at": _mtime(f)}
+                   "meta": sample_meta(f), "created_at": _mtime(f)}
             for step, f in _numbered(self.run_dir / "samples", SAMPLE_FILE)
         }
         for model, found, cols in ((Checkpoint, ckpts, ("path", "meta", "created_at")),
-                                   (Sample, samples, ("path", "created_at"))):
+                                   (Sample, samples, ("path", "meta", "created_at"))):
             session.execute(
                 delete(model).where(model.job_id == self.job_id, model.step.not_in(list(found) or [-1]))
                 .execution_options(synchronize_session=False)
@@ -214,6 +214,22 @@ def _numbered(folder: Path, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
     except FileNotFoundError:
         return []
     return sorted((int(m.group(1)), folder / n) for n in names if (m := pattern.match(n)))
+
+
+def sample_meta(png: Path) -> dict[str, Any]:
+    """The cells of a grid (prompt, seed, row, col) from the step-N.json beside it, for the dashboard's captions.
+
+    {} when the trainer wrote none (older runs, or the PNG was read before its JSON landed: the next resync
+    fills it in, since the upsert updates `meta`).
+    """
+    try:
+        raw = json.loads(png.with_suffix(".json").read_text())
+        # NUL would not fit a Postgres JSONB string; a caption is shown, never matched, so dropping it is safe.
+        cells = [{"prompt": str(c["prompt"]).replace("\x00", ""), "seed": int(c["seed"]),
+                  "row": int(c["row"]), "col": int(c["col"])} for c in raw["cells"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {"cells": cells}
 
 
 def _mtime(path: Path) -> datetime:

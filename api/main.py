@@ -27,7 +27,7 @@ from api.inference_proxy import router as proxy_router
 from api.models import ApiToken
 from api.observability import LatencyMiddleware, Observability
 from api.reaper import Reaper
-from api.routes import generate, health, jobs, live
+from api.routes import generate, health, jobs, live, specs
 from api.settings import Settings
 from api.ui import install_ui
 from api.warmup import Warmup
@@ -108,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if not inference:  # the inference role serves /generate and health only (issue 12)
         app.include_router(jobs.router)
         app.include_router(live.router)
+        app.include_router(specs.router)
         install_ui(app)
     app.include_router(generate.router if proxy is None else proxy_router)
     return app

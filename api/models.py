@@ -107,6 +107,9 @@ class Job(Base):
     # Kept up to date by the worker's ingest so that GET /jobs/{id} reads one row.
     progress_step: Mapped[int] = mapped_column(Integer, default=0)
     progress_rate: Mapped[float | None] = mapped_column(Float)
+    # The supervising worker's last sample of its device, memory and utilisation (api/sysinfo.py), written
+    # with each heartbeat; NULL until the first one.
+    system: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
 
 class Event(Base):
@@ -155,6 +158,8 @@ class Sample(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     step: Mapped[int] = mapped_column(Integer, primary_key=True)
     path: Mapped[str] = mapped_column(Text)  # relative to the run directory
+    # The grid's step-N.json (trainer/validation.py): its cells' prompts and seeds, for captions.
+    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

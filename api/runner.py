@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import crud
+from api import crud, sysinfo
 from api.celery_app import Dispatcher
 from api.db import db_now, make_engine, make_sessionmaker
 from api.ingest import STOP_FILE, RunIngestor, latest_checkpoint_step, rewind
@@ -108,6 +108,7 @@ class Attempt:
         self.proc: subprocess.Popen[bytes] | None = None
         self.cancel_requested = False
         self.draining = False  # the worker is shutting down: stop at a checkpoint and requeue
+        self._cpu_clock = sysinfo.CpuClock()
 
     def _owned(self) -> list[Any]:
         return [Job.id == self.claim.job_id, Job.attempt == self.claim.attempt, Job.status.in_(ACTIVE)]
@@ -186,11 +187,21 @@ class Attempt:
         """Refresh the heartbeat; returns the cancel flag, or None when this attempt no longer owns the job."""
         with self.sessions() as session:
             now = db_now(session)
-            stmt = (update(Job).where(*self._owned()).values(heartbeat_at=now)
+            stmt = (update(Job).where(*self._owned()).values(heartbeat_at=now, **self._system())
                     .returning(Job.cancel_requested).execution_options(synchronize_session=False))
             flag = session.execute(stmt).scalar()
             session.commit()
             return flag
+
+    def _system(self) -> dict[str, Any]:
+        """The dashboard's system panel rides on the heartbeat: {"system": ...}, or {} if sampling failed."""
+        try:
+            gpus = self.capacity.gpus if self.capacity is not None else 0
+            pid = self.proc.pid if self.proc is not None else None
+            return {"system": sysinfo.snapshot(trainer_pid=pid, gpus=gpus, clock=self._cpu_clock)}
+        except Exception:  # never let a statistic stop the heartbeat that keeps the job ours
+            log.debug("job %s: no system sample", self.claim.job_id, exc_info=True)
+            return {}
 
     def _supervise(self) -> tuple[str, str | None, str | None] | None:
         """Ingest and heartbeat until the trainer exits; the final (status, code, message), or None if lost."""

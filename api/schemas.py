@@ -8,7 +8,8 @@ from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator
 
-from api.models import ACTIVE, Job
+from api.models import Job
+from inference.checkpoint import export_formats
 from trainer.config import DistillJob, RLJob
 from trainer.eval_spec import EvalJob
 from trainer.prepare_spec import PrepareJob
@@ -99,13 +100,15 @@ class JobPublic(BaseModel):
     spec: dict[str, Any]
     notice: str | None = Field(None, description="set on POST /jobs when no worker of the job's pool is live: "
                                "the job is queued and starts when one is")
+    system: dict[str, Any] | None = Field(
+        None, description="the supervising worker's device, memory in use and utilisation at its last heartbeat")
 
     @classmethod
     def of(cls, job: Job) -> JobPublic:
         step, total, rate = job.progress_step, job.total_steps, job.progress_rate
         if job.status == "succeeded":
             step, eta = max(step, total), 0.0
-        elif job.status in ACTIVE and rate:
+        elif job.status in ("starting", "running") and rate:  # a cancelling job's rate says nothing of its end
             eta = max(total - step, 0) / rate
         else:
             eta = None
@@ -124,6 +127,7 @@ class JobPublic(BaseModel):
             started_at=job.started_at,
             finished_at=job.finished_at,
             spec=job.spec,
+            system=job.system,
         )
 
 
@@ -160,12 +164,44 @@ class CheckpointPublic(BaseModel):
     path: str = Field(description="absolute path on the shared storage volume")
     meta: dict[str, Any]
     created_at: datetime
+    formats: list[str] = Field(default_factory=list, description="the `flashdmd export --format` values it supports")
+    steps: list[int] = Field(default_factory=list, description="the sampler step counts /generate accepts for it")
+
+    @classmethod
+    def of(cls, *, step: int, path: str, meta: dict[str, Any], created_at: datetime) -> CheckpointPublic:
+        return cls(step=step, path=path, meta=meta, created_at=created_at, formats=export_formats(meta),
+                   steps=checkpoint_steps(meta))
+
+
+def checkpoint_steps(meta: dict[str, Any]) -> list[int]:
+    """Its own K plus any distilled step sets (inference.checkpoint.CheckpointInfo.allowed_steps, from meta.json).
+
+    A value that is not a count is skipped: a listing must not fail on a damaged meta.json (generate reports it).
+    """
+    found: set[int] = set()
+    timesteps = meta.get("timesteps")
+    own = meta.get("num_steps") or (len(timesteps) if isinstance(timesteps, list) else None)
+    sets = meta.get("step_sets")
+    for value in [own, *(sets if isinstance(sets, dict) else {})]:
+        try:
+            found.add(int(value))
+        except (TypeError, ValueError):
+            continue
+    return sorted(n for n in found if n > 0)
+
+
+class SampleCell(BaseModel):
+    prompt: str
+    seed: int
+    row: int
+    col: int
 
 
 class SamplePublic(BaseModel):
     step: int
     url: str
     created_at: datetime
+    cells: list[SampleCell] = Field(default_factory=list, description="the grid's prompts and seeds, row by row")
 
 
 class HealthPublic(BaseModel):

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 from fastapi import FastAPI
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -51,7 +51,7 @@ class _SecuredStatic:
 def presets(directory: Path = PRESETS_DIR) -> dict[str, dict[str, Any]]:
     """Name -> spec for the New job page: the API's tiny example first, then presets/*.yaml as JSON.
 
-    The browser edits JSON (a YAML parser would be the one dependency the page lacks); comments are lost.
+    The editor shows them as JSON (comments are lost); it also takes YAML, which POST /specs/parse translates.
     """
     found: dict[str, dict[str, Any]] = {"tiny (smoke test, seconds on a CPU)": TINY_SPEC_EXAMPLE}
     for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else []:
@@ -73,5 +73,11 @@ def install_ui(app: FastAPI) -> None:
     @app.get(f"{UI_PREFIX}/presets.json", include_in_schema=False)
     def ui_presets() -> dict[str, dict[str, Any]]:
         return presets()
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        # Public (api/edge.py): browsers ask for it without a token. The page links favicon.svg itself.
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml",
+                            headers={**HEADERS, "Cache-Control": "max-age=86400"})
 
     app.mount(f"{UI_PREFIX}/static", _SecuredStatic(StaticFiles(directory=STATIC_DIR)), name="ui-static")

@@ -192,7 +192,7 @@ def list_checkpoints(job_id: str, session: SessionDep, token: CurrentToken, sett
     job = crud.get_job(session=session, owner=token, job_id=job_id)
     run_dir = settings.run_dir(job.id)
     return Page[CheckpointPublic](data=[
-        CheckpointPublic(step=c.step, path=str(run_dir / c.path), meta=c.meta, created_at=c.created_at)
+        CheckpointPublic.of(step=c.step, path=str(run_dir / c.path), meta=c.meta, created_at=c.created_at)
         for c in crud.list_checkpoints(session=session, job_id=job.id)
     ])
 
@@ -205,7 +205,7 @@ def list_samples(job_id: str, session: SessionDep, token: CurrentToken, request:
     return Page[SamplePublic](data=[
         SamplePublic(step=s.step, url=public_url(
             str(request.app.url_path_for("get_sample", job_id=job.id, step=s.step)), settings.public_base_url),
-                     created_at=s.created_at)
+                     created_at=s.created_at, cells=(s.meta or {}).get("cells") or [])
         for s in crud.list_samples(session=session, job_id=job.id)
     ])
 

@@ -22,9 +22,13 @@ function headers(extra = {}) {
 }
 
 // Every call goes through here: a 401 means the token is gone or revoked, so back to the login page.
-export async function request(path, { method = "GET", body, signal } = {}) {
-  const init = { method, signal, headers: headers(body === undefined ? {} : { "Content-Type": "application/json" }) };
-  if (body !== undefined) init.body = JSON.stringify(body);
+// `body` goes as JSON; `text` as it is, with its `type` (the YAML spec editor).
+export async function request(path, { method = "GET", body, text, type, signal } = {}) {
+  const sent = text !== undefined ? { "Content-Type": type }
+    : body !== undefined ? { "Content-Type": "application/json" } : {};
+  const init = { method, signal, headers: headers(sent) };
+  if (text !== undefined) init.body = text;
+  else if (body !== undefined) init.body = JSON.stringify(body);
   const response = await fetch(path, init);
   if (response.status === 401 && location.hash !== "#/login") { // the login page reports it itself
     token.clear();
@@ -97,5 +101,10 @@ export function duration(seconds) {
   if (s < 3600) return `${Math.floor(s / 60)}m${String(s % 60).padStart(2, "0")}s`;
   return `${Math.floor(s / 3600)}h${String(Math.floor((s % 3600) / 60)).padStart(2, "0")}m`;
 }
+
+// What a terminal would show: no colour or cursor escape codes (tqdm, colourised loggers), and of a line
+// redrawn with carriage returns only its last drawing. The trainer should not write them; this is the net.
+const ESCAPES = /\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]/g;
+export const stripAnsi = (text) => text.replace(ESCAPES, "").replace(/[^\n]*\r(?!\n|$)/g, "");
 
 export const rate = (value) => (value ? `${value.toFixed(2)}` : "–");

@@ -1,7 +1,8 @@
-// The dashboard's router and its small pages (login, jobs, new job); the job and compare pages have modules.
-import { ApiError, api, duration, h, rate, token } from "./api.js";
+// The dashboard's router and its small pages (login, jobs); the new-job, job and compare pages have modules.
+import { api, h, rate, token } from "./api.js";
 import { comparePage } from "./compare.js";
-import { jobPage } from "./job.js";
+import { etaText, jobPage } from "./job.js";
+import { newJobPage } from "./newjob.js";
 
 const root = document.getElementById("root");
 const STATUSES = ["queued", "starting", "running", "cancelling", "cancelled", "succeeded", "failed", "recovering"];
@@ -30,7 +31,7 @@ function loginPage() {
 }
 
 function jobRow(job) {
-  const { step, total_steps: total, eta } = job.progress;
+  const { step, total_steps: total } = job.progress;
   return h("tr", { dataset: { job: job.id, status: job.status } },
     h("td", {}, h("a", { href: `#/jobs/${job.id}` }, job.name || job.id),
       job.name ? h("div", { className: "muted" }, job.id) : null),
@@ -38,7 +39,7 @@ function jobRow(job) {
     h("td", {}, h("progress", { max: total || 1, value: step }), " ",
       h("span", { className: "steps" }, `${step}/${total}`)),
     h("td", {}, rate(job.progress.rate)),
-    h("td", {}, job.status === "succeeded" ? "done" : duration(eta)),
+    h("td", {}, etaText(job)),
     h("td", { className: "muted" }, new Date(job.created_at).toLocaleString()));
 }
 
@@ -79,112 +80,11 @@ function jobsPage() {
   return () => { stopped = true; clearTimeout(timer); };
 }
 
-// Quick fields over the spec's most edited settings; the JSON below holds the rest. Their data-field is the
-// name the server uses in a 422's `fields`, so errors land next to the input that caused them.
-const QUICK = [
-  ["spec.model.teacher", "Teacher", "text"],
-  ["spec.train.max_steps", "Max steps", "number"],
-  ["spec.train.batch_size", "Batch size", "number"],
-  ["spec.train.checkpoint_every", "Checkpoint every", "number"],
-  ["spec.train.sample_every", "Sample every", "number"],
-];
-
-function getPath(obj, path) {
-  return path.split(".").slice(1).reduce((o, k) => (o && typeof o === "object" ? o[k] : undefined), obj);
-}
-
-function setPath(obj, path, value) {
-  const keys = path.split(".").slice(1);
-  let node = obj;
-  for (const k of keys.slice(0, -1)) node = node[k] = node[k] && typeof node[k] === "object" ? node[k] : {};
-  node[keys.at(-1)] = value;
-}
-
-function field(name, label, input) {
-  return h("div", { className: "field", dataset: { field: name } }, h("label", {}, label), input,
-    h("div", { className: "field-error" }));
-}
-
-function newJobPage() {
-  const preset = h("select", { name: "preset" });
-  const name = h("input", { name: "name", placeholder: "optional" });
-  const spec = h("textarea", { name: "spec", rows: 18, spellcheck: false });
-  const quick = QUICK.map(([path, label, type]) => [path, h("input", { name: path, type, step: "any" })]);
-  const error = h("div", { className: "error", id: "form-error" });
-  const submit = h("button", { type: "submit" }, "Submit");
-  const form = h("form", { id: "new-job" },
-    h("section", { className: "card" },
-      h("div", { className: "row" }, field("preset", "Preset", preset), field("name", "Name", name)),
-      h("div", { className: "row" }, quick.map(([path, input], i) => field(path, QUICK[i][1], input)))),
-    h("section", { className: "card" }, field("spec", "Spec (JSON; the fields above override it)", spec)),
-    h("div", {}, submit), error);
-  root.replaceChildren(h("h1", {}, "New job"), form);
-
-  let presets = {};
-  const fill = () => {
-    const chosen = presets[preset.value];
-    if (!chosen) return;
-    spec.value = JSON.stringify(chosen, null, 2);
-    for (const [path, input] of quick) input.value = getPath(chosen, path) ?? "";
-  };
-  preset.addEventListener("change", fill);
-  api("/ui/presets.json").then((found) => {
-    presets = found;
-    preset.replaceChildren(...Object.keys(found).map((n) => h("option", { value: n }, n)));
-    fill();
-  }).catch((err) => { error.textContent = `presets: ${err.message}`; });
-
-  function showErrors(err) {
-    const lines = err.message.split("; ");
-    for (const [i, path] of err.fields.entries()) {
-      // The longest quick field that names this path or one of its parents; else the spec box.
-      const target = [...form.querySelectorAll(".field")]
-        .filter((el) => path === el.dataset.field || path.startsWith(`${el.dataset.field}.`))
-        .sort((a, b) => b.dataset.field.length - a.dataset.field.length)[0]
-        || form.querySelector(`.field[data-field="${path.startsWith("spec") ? "spec" : "name"}"]`);
-      if (!target) continue;
-      const box = target.querySelector(".field-error");
-      box.textContent = [box.textContent, lines[i] || err.message].filter(Boolean).join("\n");
-      target.querySelector("input, select, textarea").classList.add("invalid");
-    }
-    if (!err.fields.length) error.textContent = err.message;
-  }
-
-  form.addEventListener("submit", async (event) => {
-    event.preventDefault();
-    form.querySelectorAll(".field-error").forEach((el) => { el.textContent = ""; });
-    form.querySelectorAll(".invalid").forEach((el) => el.classList.remove("invalid"));
-    error.textContent = "";
-    let body;
-    try {
-      body = JSON.parse(spec.value);
-    } catch (err) {
-      form.querySelector('.field[data-field="spec"] .field-error').textContent = `not valid JSON: ${err.message}`;
-      return;
-    }
-    for (const [path, input] of quick) {
-      if (input.value === "") continue;
-      // Numbers go as numbers; the server still validates them (and names the field if they are wrong).
-      setPath(body, path, input.type === "number" && input.value.trim() !== "" ? Number(input.value) : input.value);
-    }
-    submit.disabled = true;
-    try {
-      const job = await api("/jobs", { method: "POST", body: { spec: body, name: name.value || null } });
-      location.hash = `#/jobs/${job.id}`;
-    } catch (err) {
-      if (err instanceof ApiError && err.fields.length) showErrors(err);
-      else error.textContent = err.message;
-    } finally {
-      submit.disabled = false;
-    }
-  });
-}
-
 const ROUTES = [
   [/^#\/login$/, loginPage],
   [/^#\/jobs\/([^/?]+)$/, (m) => jobPage(root, decodeURIComponent(m[1]))],
   [/^#\/jobs(\?.*)?$/, jobsPage],
-  [/^#\/new$/, newJobPage],
+  [/^#\/new(\?.*)?$/, () => newJobPage(root)],
   [/^#\/compare(\?.*)?$/, () => comparePage(root)],
 ];
 
