@@ -211,8 +211,8 @@ def tiny_worker(rank: int, world: int, port: int, overrides: list[str], mode: st
                k=1, K=len(d.S), accum=t.grad_accum, hold=hold)
         counter.on = False
     if rank == 0:
-        params = sum(p.numel() for p in d.generator.parameters())  # sharded: the local numel, x world below
-        queue.put({"real": real, "replay": dict(counter.bytes), "unet_params": params * world})
+        params = sum(p.numel() for p in d.generator.parameters())  # a DTensor's numel is the global one
+        queue.put({"real": real, "replay": dict(counter.bytes), "unet_params": params})
     dist.barrier()
     dist.destroy_process_group()
 

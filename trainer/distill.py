@@ -26,7 +26,7 @@ from trainer.losses import GAN_LOSSES, diffusion_loss, dm_loss, ema_inject_, mat
 from trainer.micro import make_micro, real_latents
 from trainer.models import Cond, Teacher, copy_trainable_, predict, predict_x0, teacher_x0, trainable_copy
 from trainer.optim import build_optimizer
-from trainer.parallel import agree_any, full_norm, gathered, no_sync, wrap
+from trainer.parallel import agree_any, clip_grad_norm, gathered, no_sync, wrap
 from trainer.rng import Gen, SampleRNG, mix_seed, randint, randn, shared_choice
 from trainer.schedules import backward_simulate, rollout_to_clean, sample_dm_timesteps
 from trainer.updates import Micro, Update, cat_rng, frozen, mean_logs
@@ -169,7 +169,7 @@ class Distiller:
         if scaler is not None:
             scaler.unscale_(getattr(opt, "optimizer", opt))
         clip = self.cfg.optim.grad_clip or float("inf")
-        norm = full_norm(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip))
+        norm = clip_grad_norm(params, clip)
         if any_nonfinite or not torch.isfinite(torch.tensor(norm)):
             opt.zero_grad(set_to_none=True)
             if scaler is not None:

@@ -284,3 +284,27 @@ def full_norm(norm: torch.Tensor) -> float:
     """A grad norm as a float; FSDP2's clip returns a DTensor, whose full value is the global norm."""
     full = getattr(norm, "full_tensor", None)
     return float(full() if full is not None else norm)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """clip_grad_norm_ over parameters with gradients; returns the global norm before clipping.
+
+    One optimiser may hold both FSDP2-sharded (DTensor) and replicated parameters (dmd2's fake score and
+    its DDP latent head): torch's clip cannot mix the two, so each kind's norm is taken apart and the
+    gradients scaled by the coefficient of their combined norm, as clip_grad_norm_ would.
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in params if p.grad is not None]
+    groups = [g for g in ([p for p in params if isinstance(p, DTensor)],
+                          [p for p in params if not isinstance(p, DTensor)]) if g]
+    if len(groups) < 2:
+        return full_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norms = [full_norm(torch.nn.utils.get_total_norm([p.grad for p in g])) for g in groups]
+    total = sum(n * n for n in norms) ** 0.5
+    coef = min(1.0, max_norm / (total + 1e-6))
+    with torch.no_grad():
+        for p in params:
+            p.grad.mul_(coef)
+    return total
+
