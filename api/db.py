@@ -38,6 +38,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 # An execution option that marks an engine (and the sessions bound to it) as read-only: on SQLite its
 # transactions start DEFERRED, so in WAL mode they read a snapshot and never wait for the writer.
 READ_ONLY = "flashdmd_read_only"
+BUSY_MS = "flashdmd_busy_ms"  # SQLite: this transaction's busy timeout (make_bookkeeping_sessionmaker)
 
 # Errors that mean "the database is down, unreachable or busy", not "the request is wrong": the API answers
 # them with 503 and Retry-After (api/errors.py), never 500. OperationalError covers both a refused Postgres
@@ -90,11 +91,21 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN DEFERRED" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
+        options = conn.get_execution_options()
+        # Set per transaction: a bookkeeping write (BOOKKEEPING_BUSY_MS) must not keep the pooled connection's
+        # short wait for the next request's transaction.
+        conn.exec_driver_sql(f"PRAGMA busy_timeout={int(options.get(BUSY_MS, busy_timeout_ms))}")
+        conn.exec_driver_sql("BEGIN DEFERRED" if options.get(READ_ONLY) else "BEGIN IMMEDIATE")
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def make_bookkeeping_sessionmaker(engine: Engine, busy_ms: int = 250) -> sessionmaker[Session]:
+    """Sessions for writes that may be skipped (a token's last use): on SQLite they wait `busy_ms` for the write
+    lock instead of the full busy timeout, so a request never pays a long wait for bookkeeping."""
+    return sessionmaker(engine.execution_options(**{BUSY_MS: busy_ms}), expire_on_commit=False)
 
 
 def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:

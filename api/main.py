@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from api.celery_app import Dispatcher
-from api.db import make_engine, make_read_sessionmaker, make_sessionmaker
+from api.db import make_bookkeeping_sessionmaker, make_engine, make_read_sessionmaker, make_sessionmaker
 from api.deps import lookup_token
 from api.edge import EdgeMiddleware
 from api.errors import install_error_handlers
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = make_engine(settings.sqlalchemy_url, **settings.db_timeouts("api"), **_pool_args(settings))
     sessions = make_sessionmaker(engine)
     reads = make_read_sessionmaker(engine)
+    bookkeeping = make_bookkeeping_sessionmaker(engine)
     inference = settings.role == "inference"
     dispatcher = None if inference else Dispatcher(settings)  # the inference role needs no broker
     proxy = InferenceProxy(settings) if settings.inference_url and not inference else None
@@ -98,7 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
 
     async def authenticate(token: str) -> ApiToken | None:
-        return await run_in_threadpool(lambda: lookup_token(reads=reads, writes=sessions, token=token))
+        return await run_in_threadpool(lambda: lookup_token(reads=reads, writes=bookkeeping, token=token))
 
     # Added first, so it runs inside the latency middleware: its 401s and 413s are observed too.
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes, authenticate=authenticate,

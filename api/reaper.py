@@ -97,7 +97,7 @@ def resend_waiting(*, sessions: sessionmaker[Session], queue: str, queue_for: Ca
         for job_id in waiting:
             if queue_for(job_id) != queue:
                 continue
-            if crud.resend(session=session, job_id=job_id, send=lambda j: send(j),
+            if crud.resend(session=session, job_id=job_id, send=send,
                            reason=f"worker {worker} started on {queue}; sent again"):
                 out.append(job_id)
     if out:

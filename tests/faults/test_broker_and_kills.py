@@ -26,6 +26,8 @@ from api.workers import pool_queue
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 RUN_TIMEOUT = 420  # the tiny run takes 10-30 s on an idle 2-core machine, much more on a busy one
 TERMINAL = {"succeeded", "failed", "cancelled"}
+# A client's patience, not a bound under test: the first /generate loads the pipeline in a busy API process.
+HTTP_TIMEOUT = 180.0
 
 
 def _token(settings) -> dict[str, str]:
@@ -102,12 +104,12 @@ def test_sigkill_of_the_api_and_the_worker_at_random_points_loses_and_duplicates
     headers = {**auth, "Idempotency-Key": f"faults-{seed}"}
     why = f"FLASHDMD_FAULT_SEED={seed}"
     try:
-        http = httpx.Client(base_url=api.url, timeout=30)
+        http = httpx.Client(base_url=api.url, timeout=HTTP_TIMEOUT)
         job_id = http.post("/jobs", json=body, headers=headers).json()["id"]
         time.sleep(rng.uniform(0, 2))
         api.kill()  # the API dies at a random moment of the job's start
         api = ApiProcess(env, tmp_path / "api.log").start()
-        http = httpx.Client(base_url=api.url, timeout=30)
+        http = httpx.Client(base_url=api.url, timeout=HTTP_TIMEOUT)
         again = http.post("/jobs", json=body, headers=headers)  # the client retries its request
         assert again.status_code == 200 and again.json()["id"] == job_id, (why, again.text)
 
@@ -121,7 +123,7 @@ def test_sigkill_of_the_api_and_the_worker_at_random_points_loses_and_duplicates
         if rng.random() < 0.5:
             api.kill()  # and the API with it, half of the time
             api = ApiProcess(env, tmp_path / "api.log").start()
-            http = httpx.Client(base_url=api.url, timeout=30)
+            http = httpx.Client(base_url=api.url, timeout=HTTP_TIMEOUT)
         worker = WorkerProcess(env, tmp_path / "worker.log").start()
         final = wait_for(lambda: job() if job()["status"] in TERMINAL else None, RUN_TIMEOUT, interval=0.5,
                          what=f"the job to finish ({why})")
