@@ -58,11 +58,15 @@ export function ema(values, weight) {
 const STORE = "flashdmd.charts";
 export const prefs = {
   load() {
+    const defaults = { smoothing: 0.6, log: false, pinned: [], hidden: [] };
     try {
       const saved = JSON.parse(localStorage.getItem(STORE) || "{}");
-      return { smoothing: 0.6, log: false, pinned: [], hidden: [], ...saved };
+      return { smoothing: Number.isFinite(saved.smoothing) ? saved.smoothing : defaults.smoothing,
+               log: saved.log === true,
+               pinned: Array.isArray(saved.pinned) ? saved.pinned : [],
+               hidden: Array.isArray(saved.hidden) ? saved.hidden : [] };
     } catch {
-      return { smoothing: 0.6, log: false, pinned: [], hidden: [] };
+      return defaults; // unreadable (edited by hand, another version): start over
     }
   },
   save(value) { localStorage.setItem(STORE, JSON.stringify(value)); },
