@@ -100,3 +100,11 @@ def sam_graph_bytes(encoder: Any, blocks: list[int], batch: int, checkpointing: 
     if checkpointing:
         return batch * (sum(inp for _, inp in per_block) + max(full for full, _ in per_block))
     return batch * sum(full for full, _ in per_block)
+
+
+def text_bytes(cfg: dict[str, Any]) -> int:
+    """fp32 bytes of one sample's text conditioning (the embeddings, pooled vector and SDXL time ids)."""
+    if "joint_attention_dim" in cfg:
+        return 4 * ((77 + 256) * int(cfg["joint_attention_dim"]) + int(cfg.get("pooled_projection_dim", 0)))
+    pooled = int(cfg.get("projection_class_embeddings_input_dim") or 0)
+    return 4 * (77 * int(cfg["cross_attention_dim"]) + pooled)
