@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -251,6 +252,26 @@ def fake_lrm(teacher: Teacher) -> Any:
 
     lrm.encode = types.MethodType(encode, lrm)  # type: ignore[method-assign]
     return lrm.requires_grad_(False).eval()
+
+
+class FreshCopyMode(TorchFunctionMode):
+    """`copy.deepcopy` of fake tensors with new storages (the trainer deep-copies the teacher's denoiser into
+    the generator and the fake score, and G into p_ref). torch's FakeCopyMode re-uses the source's fake tensor
+    when it already belongs to the mode, so two copies of one network would share storage and be counted once."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is torch.Tensor.__deepcopy__:
+            src, memo = args
+            if id(src) not in memo:
+                with torch._C.DisableTorchFunctionSubclass():
+                    out = src.detach().clone()
+                if isinstance(src, torch.nn.Parameter):
+                    out = torch.nn.Parameter(out, requires_grad=src.requires_grad)
+                memo[id(src)] = out
+            return memo[id(src)]
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
