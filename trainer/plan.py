@@ -91,7 +91,7 @@ class Net:
         return sum(self.trainable)
 
 
-def _count(name: str, module: Any, trainable: bool = False) -> Net:
+def count(name: str, module: Any, trainable: bool = False) -> Net:
     sizes = [p.numel() for p in module.parameters()]
     buffers = sum(b.numel() for b in module.buffers() if b.is_floating_point())
     return Net(name, sizes, list(sizes) if trainable else [], buffers)
@@ -150,42 +150,13 @@ def lora_params(denoiser: Any, rank: int, targets: list[str]) -> list[int]:
     return sizes
 
 
-def _disc_nets(spec: Any) -> tuple[Net, Net, Any]:
-    """(SAM encoder, heads) counts and the meta encoder, for a flash spec's Pixel-GAN."""
-    from accelerate import init_empty_weights
-    from torch import nn
-
-    from trainer.discriminator import _make_head, load_sam_image_encoder
-
-    d = spec.distill.discriminator
-    with init_empty_weights(include_buffers=True):
-        enc = load_sam_image_encoder("tiny", None, d.img_size) if d.backbone == "tiny" else \
-            _sam_meta(d.backbone, d.img_size)
-    # The heads are small and spectral_norm initialises from real values: build them on the CPU.
-    channels = int(enc.patch_embed.proj.out_channels)
-    heads = nn.ModuleDict({f"block{b}": _make_head(channels, d.head_channels) for b in d.blocks})
-    return _count("sam_encoder", enc), _count("discriminator", heads, trainable=True), enc
-
-
-def _sam_meta(backbone: str, img_size: int) -> Any:
-    from torch import nn
-
-    from trainer.discriminator import _SAM_VARIANTS, _image_encoder_cls
-
-    embed, depth, heads, global_idx = _SAM_VARIANTS[backbone]
-    return _image_encoder_cls()(img_size=img_size, patch_size=16, embed_dim=embed, depth=depth, num_heads=heads,
-                                global_attn_indexes=global_idx, window_size=14, out_chans=256, mlp_ratio=4.0,
-                                qkv_bias=True, use_rel_pos=True, rel_pos_zero_init=True,
-                                norm_layer=lambda dim: nn.LayerNorm(dim, eps=1e-6))
-
-
 def _latent_head_net(arch: Arch, latent_size: int) -> Net:
     from trainer.gan import LatentHead
 
     den = arch.denoiser
     channels = int(den.config.block_out_channels[-1])
     spatial = latent_size // 2 ** (len(den.config.block_out_channels) - 1)
-    return _count("latent_head", LatentHead(channels, spatial), trainable=True)
+    return count("latent_head", LatentHead(channels, spatial), trainable=True)
 
 
 # -------------------------------------------------------------------- the budget
@@ -236,7 +207,13 @@ class Plan:
 def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, arch: Arch | None = None) -> Plan:
     """The per-GPU budget of a validated distill or rl spec on `gpus` GPUs (default train.num_processes)."""
     from trainer.optim import adamw_state_bytes
-    from trainer.plan_act import sam_graph_bytes, text_bytes, unet_graph_bytes, vae_decode_graph_bytes
+    from trainer.plan_act import (
+        disc_nets,
+        sam_graph_bytes,
+        text_bytes,
+        unet_graph_bytes,
+        vae_decode_graph_bytes,
+    )
     from trainer.plan_dist import DDP_GRADIENT_AS_BUCKET_VIEW, fsdp_gather_bytes, shard_units
 
     if spec.kind not in ("distill", "rl"):
@@ -257,7 +234,7 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
     # trainable nets: weights, gradients, optimiser states (the denoisers sharded under fsdp)
     trainable: list[Net] = []
     for name in ("generator", "fake_score"):
-        net = _count(name, den)
+        net = count(name, den)
         if lora is not None:
             from trainer.models import LORA_TARGETS
 
@@ -270,7 +247,7 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
     sam = sam_enc = None
     use_gan = bool(spec.distill.gan_weight) and spec.data.has_real_images
     if use_gan and spec.distill.mode == "flash":
-        sam, heads, sam_enc = _disc_nets(spec)
+        sam, heads, sam_enc = disc_nets(spec)
         trainable.append(heads)
     elif use_gan:
         trainable.append(_latent_head_net(arch, latent))
@@ -299,11 +276,11 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
                         "fp32, the gradients are views into them" if view else "fp32, beside a .grad copy"))
 
     # frozen nets
-    rows.append(Row(f"teacher {'unet' if 'unet' in arch.nets else 'transformer'}", sum(_count('t', den).sizes),
-                    (2 if bf16 else 4) * _count("t", den).params, "bf16" if bf16 else "fp32", "state"))
-    rows.append(Row("vae", _count("v", arch.nets["vae"]).params, 4 * _count("v", arch.nets["vae"]).params, "fp32"))
+    rows.append(Row(f"teacher {'unet' if 'unet' in arch.nets else 'transformer'}", sum(count('t', den).sizes),
+                    (2 if bf16 else 4) * count("t", den).params, "bf16" if bf16 else "fp32", "state"))
+    rows.append(Row("vae", count("v", arch.nets["vae"]).params, 4 * count("v", arch.nets["vae"]).params, "fp32"))
     te = [k for k in arch.nets if k.startswith("text_encoder")]
-    te_params = sum(_count(k, arch.nets[k]).params for k in te)
+    te_params = sum(count(k, arch.nets[k]).params for k in te)
     rows.append(Row("text encoders", te_params, 0 if m.text_cache else 4 * te_params,
                     "cached: on the CPU (memory.text_cache)" if m.text_cache else f"fp32 ({len(te)})"))
     if sam is not None:
@@ -313,15 +290,16 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
         rows.append(Row("reference policy p_ref", g.params, (2 if m.ref_bf16 else 4) * g.params,
                         "bf16 (memory.ref_bf16)" if m.ref_bf16 else "fp32 copy of G"))
         if spec.rl.reward.kind == "lrm":
-            r_params = _count("r", den).params + te_params
+            r_params = count("r", den).params + te_params
             rows.append(Row("reward model (LRM)", r_params, (2 if m.reward_bf16 else 4) * r_params,
                             "unet + text encoders, " + ("bf16 (memory.reward_bf16)" if m.reward_bf16 else "fp32")))
 
     # The phases of an iteration (Distiller.step): each network's update runs over all micro-batches, and its
     # gradients live from its first backward to its optimiser step (zero_grad(set_to_none) then frees them),
-    # so only the running phase's network holds gradients. With one micro-batch, backward frees the graph as the
-    # gradients fill in: the phase holds max(activations, gradients + the net's own graph). With several, the
-    # gradients of the earlier micro-batches are there while the next one's graph is built: gradients + graph.
+    # so only the running phase's network holds gradients. One micro-batch: backward frees the graph as the
+    # gradients fill in, max(activations, gradients + the net's own graph). Later micro-batches add that to the
+    # gradients already held. A net called twice with grad in one loss (flash: x = G(x_tau) and Eq. 9's G at
+    # t_hat) gets a second full set: autograd sums both uses' contributions in buffers before accumulating.
     b, ckpt, accum = t.batch_size, t.gradient_checkpointing, t.grad_accum
     g_graph = unet_graph_bytes(den_cfg, latent, b, ckpt)
     gen_acts = {"generator graphs": 2 * g_graph if use_gan else g_graph}
@@ -330,13 +308,14 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
                                                               m.vae_decode_checkpointing)
         gen_acts["sam encoder graph"] = sam_graph_bytes(sam_enc, list(spec.distill.discriminator.blocks), b,
                                                         ckpt, m.sam_sdpa)
-    phases: dict[str, tuple[dict[str, float], Net, float, int]] = {
-        "generator phase": (gen_acts, trainable[0], g_graph, accum),
-        "fake-score phase": ({"fake-score graph": g_graph}, trainable[1], g_graph, accum)}
+    twice = sam_enc is not None
+    phases: dict[str, tuple[dict[str, float], Net, float, int, bool]] = {
+        "generator phase": (gen_acts, trainable[0], g_graph, accum, twice),
+        "fake-score phase": ({"fake-score graph": g_graph}, trainable[1], g_graph, accum, False)}
     if spec.kind == "rl":
         pairs = (spec.rl.batch_size or b) * len(spec.rl.timesteps)
         p_graph = unet_graph_bytes(den_cfg, latent, pairs, ckpt)
-        phases["rl update"] = ({"policy graph (pairs)": p_graph}, trainable[0], p_graph, 1)
+        phases["rl update"] = ({"policy graph (pairs)": p_graph}, trainable[0], p_graph, 1, False)
 
     def grad_bytes(net: Net, micro: int) -> float:
         if net in ddp_nets and DDP_GRADIENT_AS_BUCKET_VIEW:
@@ -345,12 +324,14 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
             return 4.0 * net.trainable_params  # FSDP2 accumulates unsharded until the synchronising micro-batch
         return 4.0 * net.trainable_params / split[net.name]
 
-    def phase_bytes(acts: dict[str, float], net: Net, own: float, micro: int) -> float:
+    def phase_bytes(acts: dict[str, float], net: Net, own: float, micro: int, two: bool) -> float:
         grads = grad_bytes(net, micro)
-        return grads + sum(acts.values()) if micro > 1 else max(sum(acts.values()), grads + own)
+        if micro == 1:
+            return max(sum(acts.values()), grads + own)
+        return grads + max(sum(acts.values()), (4.0 * net.trainable_params if two else 0.0) + own)
 
-    name, (acts, net, own, micro) = max(phases.items(), key=lambda kv: phase_bytes(*kv[1]))
-    peak = phase_bytes(acts, net, own, micro)
+    name, (acts, net, own, micro, two) = max(phases.items(), key=lambda kv: phase_bytes(*kv[1]))
+    peak = phase_bytes(acts, net, own, micro, two)
     if grad_bytes(net, micro):
         note = ("fp32, held across train.grad_accum micro-batches" if micro > 1 else "fp32")
         note += ", unsharded until the sync (fsdp)" if split[net.name] > 1 and micro > 1 else sh(net)
@@ -358,6 +339,9 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
                         f"{note}, in the {name}", "peak"))
     for comp, nbytes in acts.items():
         rows.append(Row(f"activations: {comp}", 0, nbytes, f"estimate, batch {b} at {res}²", "peak"))
+    if micro > 1 and two and 4.0 * net.trainable_params + own > sum(acts.values()):
+        rows.append(Row(f"{net.name} gradient buffers", net.trainable_params, 4.0 * net.trainable_params,
+                        "fp32: the two uses' contributions, summed before they accumulate", "peak"))
     # Held through the whole iteration (Distiller.step builds every micro-batch first): the real images, the
     # detached generator latents x, the decoded fakes for D (bf16 under autocast) and the text conditioning.
     c_lat = int(den_cfg.get("in_channels", 4))

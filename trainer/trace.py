@@ -117,7 +117,15 @@ def trace(spec: Any, gpus: int | None = None, micro_batches: int | None = None) 
     from trainer.distill import Distiller
     from trainer.optim import adamw_state_bytes
     from trainer.parallel import make_accelerator
-    from trainer.trace_fake import FreshCopyMode, PeakTracker, ScalarMode, fake_batches, fake_lrm, fake_module_moves, fake_teacher
+    from trainer.trace_fake import (
+        FreshCopyMode,
+        PeakTracker,
+        ScalarMode,
+        fake_batches,
+        fake_lrm,
+        fake_module_moves,
+        fake_teacher,
+    )
 
     t0 = time.perf_counter()
     world = gpus or spec.train.num_processes
