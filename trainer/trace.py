@@ -75,6 +75,34 @@ def _no_weight_files():  # noqa: ANN202
         discriminator._load_encoder_weights = saved
 
 
+@contextlib.contextmanager
+def _fake_ddp_checks(world: int):  # noqa: ANN202
+    """DDP's constructor compares parameter shapes across ranks and broadcasts rank 0's weights, both reading
+    tensor data, which fake tensors have none of. Under a fake process group every rank is this one: skip them."""
+    if world <= 1:
+        yield
+        return
+    from torch.nn.parallel import distributed
+
+    saved = distributed._verify_param_shape_across_processes, distributed._sync_module_states
+    distributed._verify_param_shape_across_processes = lambda *a, **k: None
+    distributed._sync_module_states = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        distributed._verify_param_shape_across_processes, distributed._sync_module_states = saved
+
+
+def _in_place_allreduce(d: Any) -> None:
+    """DDP's default all-reduce hook returns the fake group's (empty) result; torch's no-op hook returns the
+    bucket itself, which is what an in-place all-reduce leaves there, at the same memory."""
+    from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+
+    for net in (d.generator_w, d.fake_w, d.disc_w, d.latent_head_w):
+        if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+            net.register_comm_hook(None, noop_hook)
+
+
 def _prime_optimizers(opts: list[torch.optim.Optimizer]) -> None:
     """One step on zero gradients, so every optimiser holds its states as it does from step 2 on."""
     for opt in opts:
@@ -137,7 +165,8 @@ def trace(spec: Any, gpus: int | None = None, micro_batches: int | None = None) 
     n_micro = micro_batches or t.grad_accum
     plant = int(os.environ.get(PLANT_ENV, "0"))
     fake = FakeTensorMode()
-    with fake, ScalarMode(), FreshCopyMode(), fake_module_moves(fake), _no_weight_files():
+    with fake, ScalarMode(), FreshCopyMode(), fake_module_moves(fake), _no_weight_files(), \
+            _fake_ddp_checks(world):
         teacher = fake_teacher(run, on_gpu_text=not m.text_cache)
         d = Distiller(run, teacher, acc)
         rl = reward = None
@@ -150,6 +179,7 @@ def trace(spec: Any, gpus: int | None = None, micro_batches: int | None = None) 
             else:
                 raise ValueError("the trace follows rl.reward.kind lrm (pixel rewards reuse the teacher)")
             rl = JointRL(run, d, reward, acc)
+        _in_place_allreduce(d)
         opts = list(rl.optimizers().values() if rl else d.optimizers().values())
         _prime_optimizers(opts)
         nets = [d.generator, d.fake, d.disc, d.latent_head, teacher.denoiser, teacher.vae, *teacher.text_encoders()]

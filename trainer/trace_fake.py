@@ -46,10 +46,16 @@ _NO_HOOKS = (_NoHooks(), _NoHooks())
 
 
 class ScalarMode(TorchDispatchMode):
-    """Answer data-dependent ops on fake tensors: `.item()` / `bool()` get a fixed value, `nonzero` keeps all."""
+    """Answer data-dependent ops on fake tensors: `.item()` / `bool()` get a fixed value, `nonzero` keeps all;
+    and place "cpu:0" tensors on "cpu", as real CPU tensors are."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
+        dev = kwargs.get("device")
+        if isinstance(dev, torch.device) and dev.type == "cpu" and dev.index is not None:
+            # accelerate's multi-process CPU device is "cpu:0": real CPU tensors drop the index, fake ones would
+            # keep it (and FSDP2 would then find the parameters off its mesh's "cpu")
+            kwargs = {**kwargs, "device": torch.device("cpu")}
         if func is torch.ops.aten._local_scalar_dense.default:
             t = args[0]
             if t.dtype == torch.bool:
