@@ -4,16 +4,18 @@ Parameters are counted from the teacher's real configs (only the `config.json` f
 built under `accelerate.init_empty_weights`, so no weights are loaded or allocated). Bytes follow what the
 trainer does with each network:
 
-- trainable nets (generator, fake score, D heads or DMD2's latent head): fp32 weights, fp32 gradients (one
-  net's at a time: `_apply` frees them after each step), and optimiser states (trainer.optim's sizes);
-  `train.sharding: fsdp` divides all three by the GPU count;
+- trainable nets (generator, fake score, D heads or DMD2's latent head): fp32 weights and optimiser states
+  (trainer.optim's sizes); `train.sharding: fsdp` divides the two denoisers' by the GPU count (the heads stay
+  DDP replicas);
 - frozen nets: the teacher UNet (bf16 under bf16 mixed precision, as the Distiller casts it), the VAE (fp32),
   the text encoders (fp32; none with memory.text_cache), the SAM encoder (fp32), and for stage 2 the reference
   policy (fp32, or bf16 with memory.ref_bf16) and the reward model (fp32, or bf16 with memory.reward_bf16);
-- activations: an estimate from the shapes (trainer/plan_act.py), for the phase of an iteration that holds
-  the most: the generator update (two generator graphs, the VAE decode and the SAM encoder on the GAN path,
-  plus the generator's gradients) or the fake-score update;
-- a margin: the CUDA context (outside torch's allocator) and allocator slack between allocated and reserved.
+- the phase of an iteration that holds the most (generator, fake-score or RL update): that network's gradients
+  (accumulated over train.grad_accum micro-batches), its activations (trainer/plan_act.py, from shapes), the
+  tensors kept across the micro-batches, and under FSDP the unsharded units (trainer/plan_dist.py);
+- DDP's gradient buckets (trainer/plan_dist.py) for every DDP-wrapped network on several GPUs;
+- a margin: the CUDA context (outside torch's allocator) and the measured reserved/allocated ratio.
+`flashdmd plan --trace` checks these rows against a trace of the real iteration (trainer/trace.py).
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ ARCH_DIR = Path(__file__).parent / "arch"
 # Hub ids whose architecture ships with the package (configs only), used when the hub is unreachable.
 KNOWN_ARCH = {"stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base"}
 CUDA_CONTEXT_GIB = 0.6  # CUDA context + cuBLAS/cuDNN workspaces: not in torch's counters
-ALLOCATOR_SLACK = 0.10  # reserved ~ allocated x 1.1 + 1 GiB: measured 1.07 (dmd2) and 1.22 (flash, foreach AdamW)
-ALLOCATOR_SLACK_GIB = 1.0
+# Peak reserved / peak allocated of torch's caching allocator. The only measurement of the flash trainer on a
+# GPU: 108.80 / 89.22 GiB = 1.22 (H200, SDXL stage 1, foreach AdamW, bench/results/train_step_gpu.json, run of
+# 2026-11-26, result "flash-ttur1"); dmd2 measured 90.27 / 84.56 = 1.07 in the same run. The plan takes the
+# flash figure, the larger one.
+RESERVED_RATIO = 1.22
 
 
 # -------------------------------------------------------------------- configs and meta networks
@@ -86,7 +91,7 @@ class Net:
         return sum(self.trainable)
 
 
-def _count(name: str, module: Any, trainable: bool = False) -> Net:
+def count(name: str, module: Any, trainable: bool = False) -> Net:
     sizes = [p.numel() for p in module.parameters()]
     buffers = sum(b.numel() for b in module.buffers() if b.is_floating_point())
     return Net(name, sizes, list(sizes) if trainable else [], buffers)
@@ -145,42 +150,13 @@ def lora_params(denoiser: Any, rank: int, targets: list[str]) -> list[int]:
     return sizes
 
 
-def _disc_nets(spec: Any) -> tuple[Net, Net, Any]:
-    """(SAM encoder, heads) counts and the meta encoder, for a flash spec's Pixel-GAN."""
-    from accelerate import init_empty_weights
-    from torch import nn
-
-    from trainer.discriminator import _make_head, load_sam_image_encoder
-
-    d = spec.distill.discriminator
-    with init_empty_weights(include_buffers=True):
-        enc = load_sam_image_encoder("tiny", None, d.img_size) if d.backbone == "tiny" else \
-            _sam_meta(d.backbone, d.img_size)
-    # The heads are small and spectral_norm initialises from real values: build them on the CPU.
-    channels = int(enc.patch_embed.proj.out_channels)
-    heads = nn.ModuleDict({f"block{b}": _make_head(channels, d.head_channels) for b in d.blocks})
-    return _count("sam_encoder", enc), _count("discriminator", heads, trainable=True), enc
-
-
-def _sam_meta(backbone: str, img_size: int) -> Any:
-    from torch import nn
-
-    from trainer.discriminator import _SAM_VARIANTS, _image_encoder_cls
-
-    embed, depth, heads, global_idx = _SAM_VARIANTS[backbone]
-    return _image_encoder_cls()(img_size=img_size, patch_size=16, embed_dim=embed, depth=depth, num_heads=heads,
-                                global_attn_indexes=global_idx, window_size=14, out_chans=256, mlp_ratio=4.0,
-                                qkv_bias=True, use_rel_pos=True, rel_pos_zero_init=True,
-                                norm_layer=lambda dim: nn.LayerNorm(dim, eps=1e-6))
-
-
 def _latent_head_net(arch: Arch, latent_size: int) -> Net:
     from trainer.gan import LatentHead
 
     den = arch.denoiser
     channels = int(den.config.block_out_channels[-1])
     spatial = latent_size // 2 ** (len(den.config.block_out_channels) - 1)
-    return _count("latent_head", LatentHead(channels, spatial), trainable=True)
+    return count("latent_head", LatentHead(channels, spatial), trainable=True)
 
 
 # -------------------------------------------------------------------- the budget
@@ -199,8 +175,7 @@ class Plan:
     gpus: int
     gpu_mem_gib: float
     rows: list[Row]
-    peak_phase_bytes: float = 0.0  # max(activations, gradients + own graph) of the heaviest update
-    # (gradients count as state instead when train.grad_accum > 1 keeps them between micro-batches)
+    peak_phase_bytes: float = 0.0  # what the heaviest phase of an iteration holds beside the state rows
     peak_phase: str = ""
 
     def total(self) -> float:
@@ -214,7 +189,7 @@ class Plan:
     @property
     def reserved_gib(self) -> float:
         """Predicted peak reserved by torch's allocator."""
-        return self.peak_allocated_gib * (1 + ALLOCATOR_SLACK) + ALLOCATOR_SLACK_GIB
+        return self.peak_allocated_gib * RESERVED_RATIO
 
     @property
     def needed_gib(self) -> float:
@@ -232,7 +207,14 @@ class Plan:
 def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, arch: Arch | None = None) -> Plan:
     """The per-GPU budget of a validated distill or rl spec on `gpus` GPUs (default train.num_processes)."""
     from trainer.optim import adamw_state_bytes
-    from trainer.plan_act import sam_graph_bytes, unet_graph_bytes, vae_decode_graph_bytes
+    from trainer.plan_act import (
+        disc_nets,
+        sam_graph_bytes,
+        text_bytes,
+        unet_graph_bytes,
+        vae_decode_graph_bytes,
+    )
+    from trainer.plan_dist import DDP_GRADIENT_AS_BUCKET_VIEW, fsdp_gather_bytes, shard_units
 
     if spec.kind not in ("distill", "rl"):
         raise InputError(f"kind: {spec.kind} jobs train nothing; plan a distill or rl spec")
@@ -249,10 +231,10 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
     lora = spec.model.lora
     kind = spec.optim.optimizer
 
-    # trainable nets: weights, gradients, optimiser states (sharded under fsdp)
+    # trainable nets: weights, gradients, optimiser states (the denoisers sharded under fsdp)
     trainable: list[Net] = []
     for name in ("generator", "fake_score"):
-        net = _count(name, den)
+        net = count(name, den)
         if lora is not None:
             from trainer.models import LORA_TARGETS
 
@@ -265,29 +247,40 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
     sam = sam_enc = None
     use_gan = bool(spec.distill.gan_weight) and spec.data.has_real_images
     if use_gan and spec.distill.mode == "flash":
-        sam, heads, sam_enc = _disc_nets(spec)
+        sam, heads, sam_enc = disc_nets(spec)
         trainable.append(heads)
     elif use_gan:
         trainable.append(_latent_head_net(arch, latent))
+    # FSDP shards the two denoisers only; the D heads / latent head stay DDP replicas (trainer/distill.py).
+    split = {net.name: (shard if net.name in ("generator", "fake_score") else 1) for net in trainable}
+    ddp_nets = [net for net in trainable if n > 1 and split[net.name] == 1]
     rows: list[Row] = []
-    sh = f" / {shard} (fsdp)" if shard > 1 else ""
+
+    def sh(net: Net) -> str:
+        return f" / {split[net.name]} (fsdp)" if split[net.name] > 1 else ""
+
     for net in trainable:
-        rows.append(Row(f"{net.name} weights", net.params, (4 * net.params + 4 * net.buffers) / shard, f"fp32{sh}"))
+        rows.append(Row(f"{net.name} weights", net.params, (4 * net.params + 4 * net.buffers) / split[net.name],
+                        f"fp32{sh(net)}"))
     opt_note = {"adamw": "AdamW fp32 2x4 B", "adamw8bit": "8-bit AdamW 2x1 B + absmax"}[kind]
     for net in trainable:
-        rows.append(Row(f"{net.name} optimiser", net.trainable_params, adamw_state_bytes(net.trainable, kind) / shard,
-                        opt_note + sh))
+        rows.append(Row(f"{net.name} optimiser", net.trainable_params,
+                        adamw_state_bytes(net.trainable, kind) / split[net.name], opt_note + sh(net)))
     if spec.kind == "rl" and m.rl_optimizer == "separate":
         g = trainable[0]
         rows.append(Row("rl optimiser (generator)", g.trainable_params, adamw_state_bytes(g.trainable, kind) / shard,
-                        opt_note + " (memory.rl_optimizer: separate)" + sh))
+                        opt_note + " (memory.rl_optimizer: separate)" + sh(g)))
+    for net in ddp_nets:  # trainer/plan_dist.py: the Reducer's buckets, held all run
+        view = DDP_GRADIENT_AS_BUCKET_VIEW
+        rows.append(Row(f"{net.name} DDP gradient buckets", net.trainable_params, 4 * net.trainable_params,
+                        "fp32, the gradients are views into them" if view else "fp32, beside a .grad copy"))
 
     # frozen nets
-    rows.append(Row(f"teacher {'unet' if 'unet' in arch.nets else 'transformer'}", sum(_count('t', den).sizes),
-                    (2 if bf16 else 4) * _count("t", den).params, "bf16" if bf16 else "fp32", "state"))
-    rows.append(Row("vae", _count("v", arch.nets["vae"]).params, 4 * _count("v", arch.nets["vae"]).params, "fp32"))
+    rows.append(Row(f"teacher {'unet' if 'unet' in arch.nets else 'transformer'}", sum(count('t', den).sizes),
+                    (2 if bf16 else 4) * count("t", den).params, "bf16" if bf16 else "fp32", "state"))
+    rows.append(Row("vae", count("v", arch.nets["vae"]).params, 4 * count("v", arch.nets["vae"]).params, "fp32"))
     te = [k for k in arch.nets if k.startswith("text_encoder")]
-    te_params = sum(_count(k, arch.nets[k]).params for k in te)
+    te_params = sum(count(k, arch.nets[k]).params for k in te)
     rows.append(Row("text encoders", te_params, 0 if m.text_cache else 4 * te_params,
                     "cached: on the CPU (memory.text_cache)" if m.text_cache else f"fp32 ({len(te)})"))
     if sam is not None:
@@ -297,15 +290,17 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
         rows.append(Row("reference policy p_ref", g.params, (2 if m.ref_bf16 else 4) * g.params,
                         "bf16 (memory.ref_bf16)" if m.ref_bf16 else "fp32 copy of G"))
         if spec.rl.reward.kind == "lrm":
-            r_params = _count("r", den).params + te_params
+            r_params = count("r", den).params + te_params
             rows.append(Row("reward model (LRM)", r_params, (2 if m.reward_bf16 else 4) * r_params,
                             "unet + text encoders, " + ("bf16 (memory.reward_bf16)" if m.reward_bf16 else "fp32")))
 
-    # The peak phase. In an update, the graph's activations are all alive at the end of the forward; backward
-    # frees them as it goes while the gradients fill in, and the last thing backward reaches is the trained
-    # net's own graph. So an update holds max(activations, gradients + that net's graph). (The optimiser
-    # step adds no scratch on CUDA: trainer.optim uses the fused AdamW or bitsandbytes' in-place kernels.)
-    b, ckpt = t.batch_size, t.gradient_checkpointing
+    # The phases of an iteration (Distiller.step): each network's update runs over all micro-batches, and its
+    # gradients live from its first backward to its optimiser step (zero_grad(set_to_none) then frees them),
+    # so only the running phase's network holds gradients. One micro-batch: backward frees the graph as the
+    # gradients fill in, max(activations, gradients + the net's own graph). Later micro-batches add that to the
+    # gradients already held. A net called twice with grad in one loss (flash: x = G(x_tau) and Eq. 9's G at
+    # t_hat) gets a second full set: autograd sums both uses' contributions in buffers before accumulating.
+    b, ckpt, accum = t.batch_size, t.gradient_checkpointing, t.grad_accum
     g_graph = unet_graph_bytes(den_cfg, latent, b, ckpt)
     gen_acts = {"generator graphs": 2 * g_graph if use_gan else g_graph}
     if sam_enc is not None:
@@ -313,40 +308,61 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
                                                               m.vae_decode_checkpointing)
         gen_acts["sam encoder graph"] = sam_graph_bytes(sam_enc, list(spec.distill.discriminator.blocks), b,
                                                         ckpt, m.sam_sdpa)
-    phases: dict[str, tuple[dict[str, float], Net, float]] = {
-        "generator update": (gen_acts, trainable[0], g_graph),
-        "fake-score update": ({"fake-score graph": g_graph}, trainable[1], g_graph)}
+    twice = sam_enc is not None
+    phases: dict[str, tuple[dict[str, float], Net, float, int, bool]] = {
+        "generator phase": (gen_acts, trainable[0], g_graph, accum, twice),
+        "fake-score phase": ({"fake-score graph": g_graph}, trainable[1], g_graph, accum, False)}
     if spec.kind == "rl":
         pairs = (spec.rl.batch_size or b) * len(spec.rl.timesteps)
         p_graph = unet_graph_bytes(den_cfg, latent, pairs, ckpt)
-        phases["rl update"] = ({"policy graph (pairs)": p_graph}, trainable[0], p_graph)
+        phases["rl update"] = ({"policy graph (pairs)": p_graph}, trainable[0], p_graph, 1, False)
 
-    # With train.grad_accum > 1 each net's gradients live across its micro-batches, and the networks'
-    # updates interleave within an iteration, so every trainable net's gradients are held all run.
-    accum = t.grad_accum > 1
+    def grad_bytes(net: Net, micro: int) -> float:
+        if net in ddp_nets and DDP_GRADIENT_AS_BUCKET_VIEW:
+            return 0.0  # the gradients are the buckets (a state row)
+        if split[net.name] > 1 and micro > 1:
+            return 4.0 * net.trainable_params  # FSDP2 accumulates unsharded until the synchronising micro-batch
+        return 4.0 * net.trainable_params / split[net.name]
 
-    def phase_bytes(acts: dict[str, float], net: Net, own: float) -> float:
-        return max(sum(acts.values()), (0 if accum else 4 * net.trainable_params / shard) + own)
+    def phase_bytes(acts: dict[str, float], net: Net, own: float, micro: int, two: bool) -> float:
+        grads = grad_bytes(net, micro)
+        if micro == 1:
+            return max(sum(acts.values()), grads + own)
+        return grads + max(sum(acts.values()), (4.0 * net.trainable_params if two else 0.0) + own)
 
-    name, (acts, net, own) = max(phases.items(), key=lambda kv: phase_bytes(*kv[1]))
-    peak = phase_bytes(acts, net, own)
-    # Under FSDP2, micro-batches without gradient sync accumulate *unsharded* gradients (the reduce-scatter
-    # waits for the last one), so accumulated gradients are full size on every GPU.
-    for g in (trainable if accum else [net]):
-        if accum:
-            rows.append(Row(f"{g.name} gradients", g.trainable_params, 4 * g.trainable_params, "fp32, held across "
-                            "train.grad_accum micro-batches" + (", unsharded until the sync" if shard > 1 else ""),
-                            "state"))
-        else:
-            rows.append(Row(f"{g.name} gradients", g.trainable_params, 4 * g.trainable_params / shard,
-                            f"fp32, in the {name}{sh}", "peak"))
+    name, (acts, net, own, micro, two) = max(phases.items(), key=lambda kv: phase_bytes(*kv[1]))
+    peak = phase_bytes(acts, net, own, micro, two)
+    if grad_bytes(net, micro):
+        note = ("fp32, held across train.grad_accum micro-batches" if micro > 1 else "fp32")
+        note += ", unsharded until the sync (fsdp)" if split[net.name] > 1 and micro > 1 else sh(net)
+        rows.append(Row(f"{net.name} gradients", net.trainable_params, grad_bytes(net, micro),
+                        f"{note}, in the {name}", "peak"))
     for comp, nbytes in acts.items():
         rows.append(Row(f"activations: {comp}", 0, nbytes, f"estimate, batch {b} at {res}²", "peak"))
+    if micro > 1 and two and 4.0 * net.trainable_params + own > sum(acts.values()):
+        rows.append(Row(f"{net.name} gradient buffers", net.trainable_params, 4.0 * net.trainable_params,
+                        "fp32: the two uses' contributions, summed before they accumulate", "peak"))
+    # Held through the whole iteration (Distiller.step builds every micro-batch first): the real images, the
+    # detached generator latents x, the decoded fakes for D (bf16 under autocast) and the text conditioning.
+    c_lat = int(den_cfg.get("in_channels", 4))
+    per_sample = c_lat * latent * latent * 4 + text_bytes(den_cfg)
+    if sam_enc is not None:
+        per_sample += 3 * res * res * (4 + (2 if bf16 else 4))
+    kept = float(accum * b * per_sample)
+    rows.append(Row("kept across micro-batches", 0, kept, f"{accum} x batch {b}: latents x, conditioning"
+                    + (", real images, decoded fakes" if sam_enc is not None else ""), "peak"))
+    peak += kept
+    if shard > 1:
+        units = shard_units(den)
+        gather, gnote = fsdp_gather_bytes(units, 2 if bf16 else 4)
+        rows.append(Row("FSDP unsharded units", 0, gather, gnote, "peak"))
+        peak += gather
     title = (f"{spec.name or spec.kind} ({spec.kind}, {arch.family}) on {n} GPU{'s' if n > 1 else ''} x "
              f"{gpu_mem_gib:g} GiB, sharding {t.sharding}, {t.mixed_precision}, optimizer {kind}, "
              f"batch {b} x grad_accum {t.grad_accum} x {n} = {b * t.grad_accum * n} at {res}²")
     plan = Plan(title, n, gpu_mem_gib, rows, peak, name)
-    rows.append(Row("allocator slack", 0, plan.reserved_gib * GIB - plan.total(), "reserved - allocated", "margin"))
+    rows.append(Row("allocator slack", 0, plan.reserved_gib * GIB - plan.total(),
+                    f"reserved = allocated x {RESERVED_RATIO} (measured)", "margin"))
     rows.append(Row("CUDA context", 0, CUDA_CONTEXT_GIB * GIB, "outside torch's counters", "margin"))
     return plan
 
@@ -358,7 +374,7 @@ def format_plan(plan: Plan) -> str:
     for r in plan.rows:
         params = f"{r.params / 1e6:,.1f}" if r.params else ""
         lines.append(f"| {r.component} | {params} | {r.bytes / div:.2f} | {r.note} |")
-    lines += ["", f"- peak phase: the {plan.peak_phase}, max(activations, gradients + its own graph) = "
+    lines += ["", f"- peak phase: the {plan.peak_phase}: gradients, activations and kept tensors = "
               f"{plan.peak_phase_bytes / GIB:.2f} GiB",
               f"- peak allocated (weights, states, frozen nets + peak phase): **{plan.peak_allocated_gib:.1f} GiB**",
               f"- peak reserved (allocator): {plan.reserved_gib:.1f} GiB; with the CUDA context: "

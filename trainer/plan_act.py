@@ -100,3 +100,41 @@ def sam_graph_bytes(encoder: Any, blocks: list[int], batch: int, checkpointing: 
     if checkpointing:
         return batch * (sum(inp for _, inp in per_block) + max(full for full, _ in per_block))
     return batch * sum(full for full, _ in per_block)
+
+
+def text_bytes(cfg: dict[str, Any]) -> int:
+    """fp32 bytes of one sample's text conditioning (the embeddings, pooled vector and SDXL time ids)."""
+    if "joint_attention_dim" in cfg:
+        return 4 * ((77 + 256) * int(cfg["joint_attention_dim"]) + int(cfg.get("pooled_projection_dim", 0)))
+    pooled = int(cfg.get("projection_class_embeddings_input_dim") or 0)
+    return 4 * (77 * int(cfg["cross_attention_dim"]) + pooled)
+
+
+def disc_nets(spec: Any) -> tuple[Any, Any, Any]:
+    """(SAM encoder, heads) counts and the meta encoder, for a flash spec's Pixel-GAN."""
+    from accelerate import init_empty_weights
+    from torch import nn
+
+    from trainer.discriminator import _make_head, load_sam_image_encoder
+    from trainer.plan import count
+
+    d = spec.distill.discriminator
+    with init_empty_weights(include_buffers=True):
+        enc = load_sam_image_encoder("tiny", None, d.img_size) if d.backbone == "tiny" else \
+            sam_meta(d.backbone, d.img_size)
+    # The heads are small and spectral_norm initialises from real values: build them on the CPU.
+    channels = int(enc.patch_embed.proj.out_channels)
+    heads = nn.ModuleDict({f"block{b}": _make_head(channels, d.head_channels) for b in d.blocks})
+    return count("sam_encoder", enc), count("discriminator", heads, trainable=True), enc
+
+
+def sam_meta(backbone: str, img_size: int) -> Any:
+    from torch import nn
+
+    from trainer.discriminator import _SAM_VARIANTS, _image_encoder_cls
+
+    embed, depth, heads, global_idx = _SAM_VARIANTS[backbone]
+    return _image_encoder_cls()(img_size=img_size, patch_size=16, embed_dim=embed, depth=depth, num_heads=heads,
+                                global_attn_indexes=global_idx, window_size=14, out_chans=256, mlp_ratio=4.0,
+                                qkv_bias=True, use_rel_pos=True, rel_pos_zero_init=True,
+                                norm_layer=lambda dim: nn.LayerNorm(dim, eps=1e-6))

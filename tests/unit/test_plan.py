@@ -72,13 +72,15 @@ def test_plan_counts_on_the_meta_device_and_levers_move_the_budget():
     ff, fd = make_plan(fsdp, arch=arch).figures(), make_plan(ddp8, arch=arch).figures()
     for row in ("generator weights", "generator optimiser", "fake_score optimiser"):
         assert ff[row] == pytest.approx(fd[row] / 8), row
-    assert ff["generator gradients"] == fd["generator gradients"], "accumulated without reduce-scatter: unsharded"
+    assert ff["generator gradients"] == 4 * 2_567_463_684, "accumulated without reduce-scatter: unsharded"
+    assert "generator gradients" not in fd, "DDP: the gradients are views into the buckets (a state row)"
+    assert fd["generator DDP gradient buckets"] == 4 * 2_567_463_684
     assert ff["teacher unet"] == fd["teacher unet"], "frozen nets are not sharded"
-    # gradient accumulation keeps every net's gradients between micro-batches
+    # gradient accumulation: only the running phase's network holds gradients, added to its graph
     one = make_plan(load_spec(SDXL_PRESET, ["train.grad_accum=1"]), gpus=1, arch=arch)
     many = make_plan(load_spec(SDXL_PRESET, ["train.grad_accum=8"]), gpus=1, arch=arch)
-    assert "fake_score gradients" in many.figures() and "fake_score gradients" not in one.figures()
-    assert many.peak_allocated_gib > one.peak_allocated_gib + 8
+    assert "fake_score gradients" not in many.figures() and "fake_score gradients" not in one.figures()
+    assert many.peak_allocated_gib > one.peak_allocated_gib
 
 
 @pytest.mark.parametrize("preset,gpus", [(SDXL_PRESET, 1), ("presets/sdxl-4step-8gpu.yaml", 8),
