@@ -45,25 +45,27 @@ from flashjob.demo import DEMO_SPEC
 
 RESULTS = REPO / "bench" / "results"
 
-# name -> (spec overrides, generator updates); the dmd2 runs' updates come from --dmd2-steps. lambda_ema is
-# explicit in every flash run, so a change to the demo's recipe cannot move the EMA sweep.
-RUNS: dict[str, tuple[dict[str, Any], int]] = {
-    "flash-ttur1-k4": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.98}}, 600),
-    "flash-ttur2-k4": ({"distill": {"mode": "flash", "ttur": 2, "ema": 0.98}}, 500),
-    "flash-ttur1-k4-noema": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.0}}, 600),
-    "flash-ttur1-k4-ema0.9": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.9}}, 600),
-    "flash-ttur1-k4-ema0.995": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.995}}, 600),
-    "dmd2-k4": ({"distill": {"mode": "dmd2"}}, 1600),
+# name -> (spec overrides, generator updates, generator updates between scored checkpoints). Every run reads its
+# GAN reals from the digits' train split (`builtin: digits-train`): the held-out split is the FD reference only.
+# lambda_ema is explicit in every flash run, so a change to the demo's recipe cannot move the EMA sweep.
+RUNS: dict[str, tuple[dict[str, Any], int, int]] = {
+    "flash-ttur1-k4": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.98}}, 600, 50),
+    "flash-ttur2-k4": ({"distill": {"mode": "flash", "ttur": 2, "ema": 0.98}}, 500, 50),
+    "flash-ttur1-k4-noema": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.0}}, 600, 50),
+    "flash-ttur1-k4-ema0.9": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.9}}, 600, 50),
+    "flash-ttur1-k4-ema0.995": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.995}}, 600, 50),
+    # dmd2 scored densely (every 25 updates) over the range a priced flash run spans (~50-300 dmd2 updates).
+    "dmd2-k4": ({"distill": {"mode": "dmd2"}}, 400, 25),
     "flash-ttur1-k2": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.98},
-                        "schedule": {"num_steps": 2, "dm_steps": None}}, 500),
-    "dmd2-k2": ({"distill": {"mode": "dmd2"}, "schedule": {"num_steps": 2, "dm_steps": None}}, 1200),
-    # The teacher drift (issue #15): the demo's recipe (no EMA) with one suspect changed each. Compared with
-    # flash-ttur1-k4-noema on FD vs the teacher's 50-step samples.
-    "drift-nogan": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.0, "gan_weight": 0.0}}, 600),
+                        "schedule": {"num_steps": 2, "dm_steps": None}}, 500, 50),
+    "dmd2-k2": ({"distill": {"mode": "dmd2"}, "schedule": {"num_steps": 2, "dm_steps": None}}, 400, 25),
+    # The teacher drift: the no-EMA recipe with one suspect changed each. Compared with flash-ttur1-k4-noema on FD
+    # vs the teacher's 50-step samples at the students' CFG.
+    "drift-nogan": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.0, "gan_weight": 0.0}}, 600, 50),
     "drift-glr5e-6": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.0}, "optim": {"generator": {"lr": 5e-6}}},
-                      600),
+                      600, 50),
     "drift-dm999": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.0},
-                     "schedule": {"num_steps": 4, "dm_steps": [999, 749, 499]}}, 600),
+                     "schedule": {"num_steps": 4, "dm_steps": [999, 749, 499]}}, 600, 50),
 }
 # What each drift run changes, against the no-EMA flash run.
 DRIFT = {"flash-ttur1-k4-noema": "the demo's recipe (GAN on, generator lr 1e-5, DM at 749 and 499)",
@@ -74,7 +76,6 @@ DRIFT = {"flash-ttur1-k4-noema": "the demo's recipe (GAN on, generator lr 1e-5, 
 # The EMA sweep (Eq. 11's lambda_ema), flash TTUR 1, K = 4; 0.98 is the demo's value.
 EMA_SWEEP = {"flash-ttur1-k4-noema": 0.0, "flash-ttur1-k4-ema0.9": 0.9, "flash-ttur1-k4": 0.98,
              "flash-ttur1-k4-ema0.995": 0.995}
-EVAL_POINTS = 8  # checkpoints scored per run (plus generator update 0: the teacher as a K-step sampler)
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -91,19 +92,20 @@ def _merge(base: dict, over: dict) -> dict:
 
 def run_spec(name: str, scale: float, seed: int, dmd2_steps: dict[int, int] | None = None) -> tuple[dict[str, Any], int, int]:
     """(spec, ttur, generator updates) of one run; dmd2_steps: K -> the dmd2 runs' generator updates."""
-    over, gen_updates = RUNS[name]
-    spec = _merge(DEMO_SPEC, over)
+    over, gen_updates, every_upd = RUNS[name]
+    spec = _merge(DEMO_SPEC, {**over, "data": {"builtin": "digits-train"}})
     spec["name"] = f"bench-{name}-s{seed}"
     if spec["distill"]["mode"] == "dmd2" and dmd2_steps:
         gen_updates = dmd2_steps.get(spec["schedule"].get("num_steps", 4), gen_updates)
     if spec["schedule"].get("num_steps") == 2:
         spec["schedule"].pop("dm_steps", None)  # K = 2: the default, DM on 999 (the only non-final step)
     ttur = spec["distill"].get("ttur") or (1 if spec["distill"]["mode"] == "flash" else 5)
-    gen_updates = max(int(round(gen_updates * scale)), EVAL_POINTS)
-    every = max(gen_updates // EVAL_POINTS, 1) * ttur
-    spec["train"].update(max_steps=every * EVAL_POINTS, checkpoint_every=every, sample_every=every * EVAL_POINTS,
+    every_upd = max(int(round(every_upd * scale)), 1)
+    points = max(int(round(gen_updates * scale)) // every_upd, 1)
+    every = every_upd * ttur
+    spec["train"].update(max_steps=every * points, checkpoint_every=every, sample_every=every * points,
                          keep_last=1000, seed=seed, log_every=1)
-    return spec, ttur, every * EVAL_POINTS // ttur
+    return spec, ttur, every * points // ttur
 
 
 def train_run(name: str, spec: dict, work: Path, threads: int) -> Path:
@@ -142,20 +144,28 @@ def cumulative_seconds(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def score_run(name: str, run_dir: Path, spec: dict, ttur: int, ctx: dict, keep: bool) -> list[dict[str, Any]]:
+def score_run(name: str, run_dir: Path, spec: dict, ttur: int, ctx: dict, keep: bool,
+              timesteps: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Score every checkpoint; each one's features are kept in run_dir/features/ (small, not committed) so that a
+    new metric can be added without sampling again."""
+    import torch
+
     from flashjob.digits_scoring import student_samples
 
-    ev, labels, reference = ctx["evaluator"], ctx["labels"], ctx["reference"]
+    ev, labels = ctx["evaluator"], ctx["labels"]
+    reference = ctx["reference"](spec["distill"]["real_guidance"])
     seconds = cumulative_seconds(run_dir)
-    k = spec["schedule"]["num_steps"]
-    points = [{"step": 0, "gen_updates": 0, "wall_s": 0.0, **ctx["init"][k]}]
+    points = [{"step": 0, "gen_updates": 0, "wall_s": 0.0, **ctx["init"](timesteps, reference)}]
     ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    (run_dir / "features").mkdir(exist_ok=True)
     for ck in ckpts:
         step = int(ck.name.split("-")[1])
-        rep = ev.report(student_samples(ck, labels), labels, reference)
+        feats = ev.features(student_samples(ck, labels))
+        torch.save(feats.half(), run_dir / "features" / f"{ck.name}.pt")
+        rep = ev.report_features(feats, labels, reference)
         points.append({"step": step, "gen_updates": math.ceil(step / ttur), "wall_s": round(seconds[step], 2), **rep})
-        print(f"[{name}] step {step}: FD real {rep['fd_real']:.2f}, FD teacher {rep['fd_teacher']:.2f}, "
-              f"acc {rep['accuracy']:.3f}", flush=True)
+        print(f"[{name}] step {step}: FD held-out {rep['fd_heldout']:.2f}, FD teacher {rep['fd_teacher']:.2f}, "
+              f"recall {rep['recall']:.3f}", flush=True)
     if not keep:
         for ck in ckpts[:-1]:
             shutil.rmtree(ck, ignore_errors=True)
@@ -415,8 +425,8 @@ def main() -> None:
                     "4x the 400 that stopped before dmd2's FD had plateaued")
     ap.add_argument("--per-class", type=int, default=150, help="evaluation samples per digit (N = 10x)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per trainer (2 cores: leave one free)")
-    ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-quality")
-    ap.add_argument("--runs-dir", type=Path, default=RESULTS / "runs" / "quality_vs_cost",
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-heldout")
+    ap.add_argument("--runs-dir", type=Path, default=RESULTS / "runs" / "quality_vs_cost_heldout",
                     help="per-(configuration, seed) result cache")
     ap.add_argument("--out", type=Path, default=RESULTS / "quality_vs_cost")
     ap.add_argument("--keep-checkpoints", action="store_true")
@@ -466,8 +476,24 @@ def main() -> None:
     teacher = load_teacher(ModelSpec(teacher="toy:digits"))
     ev = default_evaluator()
     labels = eval_labels(args.per_class)
-    ctx: dict[str, Any] = {"evaluator": ev, "labels": labels, "init": {},
-                           "reference": teacher_reference(teacher, ev, per_class=args.per_class)}
+    refs: dict[float, Any] = {}
+    inits: dict[tuple[tuple[int, ...], int], dict] = {}
+
+    def reference(guidance: float) -> Any:
+        """The teacher's 50-step samples at the CFG the student is distilled with (its `real_guidance`)."""
+        if guidance not in refs:
+            refs[guidance] = teacher_reference(teacher, ev, per_class=args.per_class, guidance=guidance)
+        return refs[guidance]
+
+    def init(timesteps: tuple[int, ...], ref: Any) -> dict:
+        """Generator update 0: G = the teacher as the student's K-step sampler (renoise, CFG 1)."""
+        key = (timesteps, id(ref))
+        if key not in inits:
+            imgs = generate(teacher, labels, method="renoise", timesteps=list(timesteps), guidance=1.0)
+            inits[key] = ev.report(imgs, labels, ref)
+        return inits[key]
+
+    ctx: dict[str, Any] = {"evaluator": ev, "labels": labels, "init": init, "reference": reference}
     runs: dict[str, dict[int, dict]] = {}
     for name in names:
         for seed in seeds:
@@ -476,14 +502,12 @@ def main() -> None:
             k = cfg.schedule.num_steps
 
             def make(name=name, seed=seed, spec=spec, ttur=ttur, gen_updates=gen_updates, cfg=cfg, k=k) -> dict:
-                if k not in ctx["init"]:  # generator update 0: G = the teacher, the student's sampler, CFG 1
-                    imgs = generate(teacher, labels, method="renoise", timesteps=cfg.schedule.timesteps, guidance=1.0)
-                    ctx["init"][k] = ev.report(imgs, labels, ctx["reference"])
                 run_dir = train_run(f"{name}-s{seed}", spec, args.work, args.threads)
-                points = score_run(f"{name}-s{seed}", run_dir, spec, ttur, ctx, args.keep_checkpoints)
+                points = score_run(f"{name}-s{seed}", run_dir, spec, ttur, ctx, args.keep_checkpoints,
+                                   tuple(cfg.schedule.timesteps))
                 return {"name": name, "seed": seed, "K": k, "ttur": cfg.distill.ttur, "ema": cfg.distill.ema,
                         "mode": cfg.distill.mode, "gen_updates": gen_updates, "per_class": args.per_class,
-                        "spec": spec, "points": points}
+                        "reference_guidance": spec["distill"]["real_guidance"], "spec": spec, "points": points}
 
             runs.setdefault(name, {})[seed] = cached_run(run_cache(args.runs_dir, name, seed, args.per_class), make)
     payload = {"command": command_line(), "machine": machine_info(), "per_class": args.per_class, "seeds": seeds,
