@@ -37,9 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, command_line, format_table, machine_info, write_json
-from _seeds import band, cached_run, first_reach, fmt_reach, parse_seeds, plot_band, reach_interval, run_cache
-from _stats import Interval, mean_interval
+from _common import REPO, command_line, machine_info
+from _seeds import cached_run, parse_seeds, run_cache
 
 from flashjob.demo import DEMO_SPEC
 
@@ -49,13 +48,14 @@ RESULTS = REPO / "bench" / "results"
 # GAN reals from the digits' train split (`builtin: digits-train`): the held-out split is the FD reference only.
 # lambda_ema is explicit in every flash run, so a change to the demo's recipe cannot move the EMA sweep.
 RUNS: dict[str, tuple[dict[str, Any], int, int]] = {
-    "flash-ttur1-k4": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.98}}, 600, 50),
+    "flash-ttur1-k4": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.98}}, 400, 50),
     "flash-ttur2-k4": ({"distill": {"mode": "flash", "ttur": 2, "ema": 0.98}}, 500, 50),
-    "flash-ttur1-k4-noema": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.0}}, 600, 50),
+    "flash-ttur1-k4-noema": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.0}}, 400, 50),
     "flash-ttur1-k4-ema0.9": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.9}}, 600, 50),
     "flash-ttur1-k4-ema0.995": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.995}}, 600, 50),
-    # dmd2 scored densely (every 25 updates) over the range a priced flash run spans (~50-300 dmd2 updates).
-    "dmd2-k4": ({"distill": {"mode": "dmd2"}}, 400, 25),
+    # dmd2 scored densely (every 25 updates) over the range a priced 400-update flash run spans: 0.35 x 400 = 140
+    # dmd2 updates at the measured price (148 at its interval's upper end), 80 at the paper's.
+    "dmd2-k4": ({"distill": {"mode": "dmd2"}}, 200, 25),
     "flash-ttur1-k2": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.98},
                         "schedule": {"num_steps": 2, "dm_steps": None}}, 500, 50),
     "dmd2-k2": ({"distill": {"mode": "dmd2"}, "schedule": {"num_steps": 2, "dm_steps": None}}, 400, 25),
@@ -67,17 +67,6 @@ RUNS: dict[str, tuple[dict[str, Any], int, int]] = {
     "drift-dm999": ({"distill": {"mode": "flash", "ttur": 1, "ema": 0.0},
                      "schedule": {"num_steps": 4, "dm_steps": [999, 749, 499]}}, 600, 50),
 }
-# What each drift run changes, against the no-EMA flash run.
-DRIFT = {"flash-ttur1-k4-noema": "the demo's recipe (GAN on, generator lr 1e-5, DM at 749 and 499)",
-         "drift-nogan": "no GAN (distill.gan_weight 0): is the GAN pulling toward the real digits?",
-         "drift-glr5e-6": "generator lr 5e-6 (half): does the generator overshoot?",
-         "drift-dm999": "DM loss at 999 too: does the unsupervised first step wander?"}
-
-# The EMA sweep (Eq. 11's lambda_ema), flash TTUR 1, K = 4; 0.98 is the demo's value.
-EMA_SWEEP = {"flash-ttur1-k4-noema": 0.0, "flash-ttur1-k4-ema0.9": 0.9, "flash-ttur1-k4": 0.98,
-             "flash-ttur1-k4-ema0.995": 0.995}
-
-
 def _merge(base: dict, over: dict) -> dict:
     out = json.loads(json.dumps(base))
     for k, v in over.items():
@@ -172,249 +161,6 @@ def score_run(name: str, run_dir: Path, spec: dict, ttur: int, ctx: dict, keep: 
     return points
 
 
-def aggregate(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]]:
-    """name -> {seed: run} -> per configuration: bands over seeds (vs updates and vs wall time), final and best FD."""
-    out = {}
-    for name, by_seed in runs.items():
-        any_run = next(iter(by_seed.values()))
-        curves = [r["points"] for r in by_seed.values()]
-        agg = {k: any_run[k] for k in ("K", "ttur", "ema", "mode", "gen_updates")}
-        agg["seeds"] = sorted(by_seed)
-        for key in ("fd_real", "fd_teacher", "accuracy", "diversity"):
-            agg[f"band_{key}"] = band(curves, "gen_updates", key)
-        agg["band_wall_s"] = band(curves, "gen_updates", "wall_s")
-        agg["final"] = {key: mean_interval([c[-1][key] for c in curves]).as_dict()
-                        for key in ("fd_real", "fd_teacher", "accuracy", "diversity", "wall_s")}
-        agg["best_fd_real"] = mean_interval([min(p["fd_real"] for p in c[1:]) for c in curves]).as_dict()
-        out[name] = agg
-    return out
-
-
-# Which spec of `train_step.py --digits-study` (bench/results/train_step_digits.json) prices a run's updates.
-COST_KEY = {"flash-ttur1-k4-noema": "flash-ttur1", "flash-ttur1-k4": "flash-ttur1-ema0.98",
-            "flash-ttur1-k4-ema0.9": "flash-ttur1-ema0.98", "flash-ttur1-k4-ema0.995": "flash-ttur1-ema0.98",
-            "dmd2-k4": "dmd2-ttur5"}
-
-
-def update_costs(path: Path = RESULTS / "train_step_digits.json") -> dict[str, float]:
-    """Run name -> clean seconds per generator update (median, interleaved timing); {} without the file."""
-    if not path.is_file():
-        return {}
-    configs = json.loads(path.read_text())["results"]["digits"]["configs"]
-    return {run: configs[key]["timing"]["s_per_gen_update_median"] for run, key in COST_KEY.items() if key in configs}
-
-
-def compare(runs: dict[str, dict[int, dict]], agg: dict[str, dict],
-            costs: dict[str, float] | None = None) -> list[dict[str, Any]]:
-    """Per K: each flash configuration's cost, per seed, to first reach the converged dmd2 FD (the mean over
-    dmd2's seeds of its final FD), as a % of dmd2's mean whole-run cost; intervals over the flash seeds.
-    Costs: measured training wall time (contended: see bench/README.md), generator updates, and, with `costs`
-    (run -> clean s per generator update), updates priced at the clean per-update cost ("pct_clean")."""
-    costs = costs or {}
-    rows = []
-    for name, by_seed in runs.items():
-        if not name.startswith("flash"):
-            continue
-        k = agg[name]["K"]
-        base = agg.get(f"dmd2-k{k}")
-        if base is None:
-            continue
-        target = base["final"]["fd_real"]["mean"]
-        total_s = base["final"]["wall_s"]["mean"]
-        total_upd = base["gen_updates"]
-        hits = [first_reach(r["points"], "fd_real", target) for r in by_seed.values()]
-        pct = [None if h is None else {"wall": 100 * h["wall_s"] / total_s, "upd": 100 * h["gen_updates"] / total_upd}
-               for h in hits]
-        row = {"run": name, "K": k, "dmd2_converged_fd": base["final"]["fd_real"], "dmd2_wall_s": total_s,
-               "dmd2_gen_updates": total_upd, "flash_best_fd": agg[name]["best_fd_real"],
-               "wall_s": reach_interval(hits, "wall_s"), "gen_updates": reach_interval(hits, "gen_updates"),
-               "pct_wall": reach_interval(pct, "wall"), "pct_gen_updates": reach_interval(pct, "upd")}
-        if name in costs and f"dmd2-k{k}" in costs:
-            ratio = costs[name] / costs[f"dmd2-k{k}"]  # one flash update in dmd2 updates
-            row["update_cost_ratio"] = ratio
-            row["pct_clean"] = reach_interval([None if h is None else {"c": 100 * h["gen_updates"] * ratio / total_upd}
-                                               for h in hits], "c")
-        rows.append(row)
-    return rows
-
-
-def teacher_drift(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]]:
-    """Per drift run, over seeds: FD vs the teacher at its lowest and at the end, the rise between them, and the
-    update where it is lowest; FD vs real at the end (does the fix cost the real-data fit?)."""
-    out = {}
-    for name in DRIFT:
-        if name not in runs:
-            continue
-        curves = [r["points"][1:] for r in runs[name].values()]  # from the first trained checkpoint
-        low = [min(c, key=lambda p: p["fd_teacher"]) for c in curves]
-        out[name] = {"change": DRIFT[name], "seeds": sorted(runs[name]),
-                     "min_fd_teacher": mean_interval([p["fd_teacher"] for p in low]).as_dict(),
-                     "min_at_updates": mean_interval([p["gen_updates"] for p in low]).as_dict(),
-                     "final_fd_teacher": mean_interval([c[-1]["fd_teacher"] for c in curves]).as_dict(),
-                     "rise": mean_interval([c[-1]["fd_teacher"] - p["fd_teacher"] for c, p in zip(curves, low,
-                                                                                                 strict=True)]).as_dict(),
-                     "final_fd_real": mean_interval([c[-1]["fd_real"] for c in curves]).as_dict()}
-    return out
-
-
-FD_THRESHOLDS = (12.0, 10.0, 8.0)
-CURVE_THRESHOLDS = tuple(x / 2 for x in range(32, 11, -1))  # FD vs real 16, 15.5, ..., 6
-
-
-def reach_curves(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """Time-to-threshold curves: per configuration, per FD threshold on CURVE_THRESHOLDS, the interval over
-    seeds of the wall time and of the generator updates to first reach it. A threshold only enters a curve
-    while every seed reaches it, so a mean is never over the fast seeds alone."""
-    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for name, by_seed in runs.items():
-        curves: dict[str, list[dict[str, Any]]] = {"wall_s": [], "gen_updates": []}
-        for th in CURVE_THRESHOLDS:
-            hits = [first_reach(r["points"], "fd_real", th) for r in by_seed.values()]
-            if any(h is None for h in hits):
-                break
-            for field, pts in curves.items():
-                pts.append({"threshold": th, **mean_interval([h[field] for h in hits]).as_dict()})
-        out[name] = curves
-    return out
-
-
-def plot_reach(curves: dict[str, dict[str, list[dict]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, by_field in curves.items():
-        style = "-" if name.startswith("flash") else "--"
-        for ax, field in zip(axes, ("gen_updates", "wall_s"), strict=True):
-            if by_field[field]:
-                plot_band(ax, by_field[field], "threshold", name, style)
-    for ax, what in zip(axes, ("generator updates", "training wall time (s)"), strict=True):
-        ax.set_xlabel("digits-FD vs real (threshold)")
-        ax.set_ylabel(f"{what} to first reach it")
-        ax.invert_xaxis()  # lower FD = harder: to the right
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Time to threshold: mean and 95% interval over seeds (a threshold is drawn while every seed reaches it)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def time_to_reach(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]]:
-    """Per configuration and FD threshold: wall s and generator updates to the first checkpoint at or below it,
-    over seeds (how many reached, and the interval among those)."""
-    out: dict[str, dict[str, Any]] = {}
-    for name, by_seed in runs.items():
-        out[name] = {}
-        for th in FD_THRESHOLDS:
-            hits = [first_reach(r["points"], "fd_real", th) for r in by_seed.values()]
-            out[name][f"{th:g}"] = {"wall_s": reach_interval(hits, "wall_s"),
-                                    "gen_updates": reach_interval(hits, "gen_updates")}
-    return out
-
-
-def plot(agg: dict[str, dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for name, a in agg.items():
-        style = "-" if name.startswith("flash") else "--"
-        wall = [p["mean"] for p in a["band_wall_s"]]
-        for row, key in enumerate(("fd_real", "fd_teacher")):
-            pts = a[f"band_{key}"]
-            plot_band(axes[row][0], pts, "gen_updates", name, style)
-            plot_band(axes[row][1], [{**p, "wall_s": w} for p, w in zip(pts, wall, strict=False)], "wall_s", name, style)
-    for row, what in enumerate(("digits-FD vs real", "digits-FD vs teacher 50-step")):
-        for col, x in enumerate(("generator updates", "training wall time (s), mean over seeds")):
-            ax = axes[row][col]
-            ax.set_yscale("log")
-            ax.set_ylim(bottom=1.0)  # digits-FD stays above 1; a 3-seed band's lower edge can dip toward 0
-            ax.set_xlabel(x)
-            ax.set_ylabel(what)
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{title}: mean and 95% interval over training seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _iv(d: dict, digits: int = 2) -> str:
-    """An interval dict (or a band point, which also carries its x) as 'mean [lo, hi] (n=...)'."""
-    return Interval(**{k: d[k] for k in ("mean", "lo", "hi", "sd", "n")}).fmt(digits)
-
-
-def table(agg: dict[str, dict], cmp: list[dict], reach_at: dict, command: str, per_class: int,
-          drift: dict[str, dict] | None = None) -> str:
-    rows = [[name, a["K"], a["ttur"], a["ema"], a["gen_updates"], _iv(a["final"]["wall_s"], 0), _iv(a["best_fd_real"]),
-             _iv(a["final"]["fd_real"]), _iv(a["final"]["fd_teacher"]), _iv(a["final"]["accuracy"], 3),
-             _iv(a["final"]["diversity"], 2)] for name, a in agg.items()]
-    out = ["# Quality vs cost on the digits teacher", "", f"Command: `{command}`", "",
-           f"N = {10 * per_class} samples per checkpoint; FD vs all 1797 real digits. Every cell: mean "
-           "[95% t-interval] (n = training seeds).", "",
-           format_table(["run", "K", "TTUR", "ema", "gen updates", "train s", "best FD real", "final FD real",
-                         "final FD teacher", "accuracy", "diversity"], rows), "",
-           "## Compute for Flash-DMD to reach converged dmd2's FD (vs real), same K", "",
-           format_table(["flash run", "K", "dmd2 converged FD", "dmd2 whole run", "flash wall s to reach",
-                         "flash gen updates to reach", "% of dmd2 wall (contended)", "% of dmd2 gen updates",
-                         "% of dmd2 compute (clean per-update cost)"],
-                        [[c["run"], c["K"], _iv(c["dmd2_converged_fd"]),
-                          f"{c['dmd2_wall_s']:.0f} s / {c['dmd2_gen_updates']} upd", fmt_reach(c["wall_s"]),
-                          fmt_reach(c["gen_updates"]), fmt_reach(c["pct_wall"], 1), fmt_reach(c["pct_gen_updates"], 1),
-                          fmt_reach(c["pct_clean"], 1) if "pct_clean" in c else "-"]
-                         for c in cmp]), "",
-           "## Generator updates to first reach an FD vs real (among the seeds that reach it)", "",
-           format_table(["run", *[f"FD <= {k}" for k in next(iter(reach_at.values()))]],
-                        [[name, *[fmt_reach(v["gen_updates"]) for v in by.values()]] for name, by in reach_at.items()]),
-           "", "## Training wall time to first reach it (contended: runs shared 2 cores, see bench/README.md)", "",
-           format_table(["run", *[f"FD <= {k}" for k in next(iter(reach_at.values()))]],
-                        [[name, *[fmt_reach(v["wall_s"]) for v in by.values()]] for name, by in reach_at.items()])]
-    ema = [[name, EMA_SWEEP[name], _iv(agg[name]["band_fd_real"][len(agg[name]["band_fd_real"]) // 2]),
-            _iv(agg[name]["final"]["fd_real"]), _iv(agg[name]["final"]["fd_teacher"])]
-           for name in EMA_SWEEP if name in agg]
-    if ema:
-        out += ["", "## EMA injection sweep (flash, TTUR 1, K = 4): FD vs real early (mid-run) and late", "",
-                format_table(["run", "lambda_ema", "FD real, mid-run", "FD real, final", "FD teacher, final"], ema)]
-    if drift:
-        out += ["", "## The teacher drift: FD vs the teacher's 50-step samples, one suspect changed per run", "",
-                format_table(["run", "what it changes", "lowest FD teacher", "at gen update", "final FD teacher",
-                              "rise after the lowest", "final FD real"],
-                             [[name, d["change"], _iv(d["min_fd_teacher"]), _iv(d["min_at_updates"], 0),
-                              _iv(d["final_fd_teacher"]), _iv(d["rise"]), _iv(d["final_fd_real"])]
-                              for name, d in drift.items()])]
-    return "\n".join(out) + "\n"
-
-
-def derive(runs: dict[str, dict[int, dict]]) -> dict[str, Any]:
-    """Everything the tables and plots show, from the per-(configuration, seed) runs alone."""
-    agg = aggregate(runs)
-    return {"runs": runs, "aggregate": agg, "compute_to_match_dmd2": compare(runs, agg, update_costs()),
-            "time_to_reach_fd": time_to_reach(runs), "teacher_drift": teacher_drift(runs),
-            "reach_curves": reach_curves(runs)}
-
-
-def write_outputs(payload: dict[str, Any], out: Path) -> str:
-    write_json(out.with_name(out.name + ".json"), payload)
-    agg = payload["aggregate"]
-    plot({n: a for n, a in agg.items() if n not in DRIFT or n == "flash-ttur1-k4-noema"}, out.with_name(out.name + ".png"),
-         "Flash-DMD vs dmd2 mode on the digits teacher")
-    if "reach_curves" in payload:
-        plot_reach({n: c for n, c in payload["reach_curves"].items() if not n.startswith("drift")},
-                   out.with_name(out.name + "_reach.png"))
-    if any(n in agg for n in DRIFT if n.startswith("drift")):
-        plot({n: agg[n] for n in DRIFT if n in agg}, out.with_name(out.name + "_drift.png"),
-             "The teacher drift: the demo's recipe with one suspect changed")
-    md = table(payload["aggregate"], payload["compute_to_match_dmd2"], payload["time_to_reach_fd"], payload["command"],
-               payload["per_class"], payload.get("teacher_drift"))
-    out.with_name(out.name + ".md").write_text(md)
-    return md
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
@@ -435,6 +181,8 @@ def main() -> None:
     ap.add_argument("--from-json", type=Path, default=None,
                     help="redo the comparison, plot and table from a results JSON this script wrote (no training)")
     args = ap.parse_args()
+    from _qvc_report import derive, write_outputs
+
     if args.from_json is not None:
         payload = json.loads(args.from_json.read_text())
         runs = {name: {int(s): r for s, r in by.items()} for name, by in payload["runs"].items()}
