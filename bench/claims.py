@@ -47,6 +47,7 @@ FLASH_A = ("flash-ttur1-k4-noema", "flash-ttur1-k4")
 COST_KEY = {"flash-ttur1-k4-noema": "flash-ttur1", "flash-ttur1-k4": "flash-ttur1-ema0.98", "dmd2-k4": "dmd2-ttur5"}
 RL_RUNS = ("joint-5to1", "post-train", "all-timesteps", "joint-critics-distill-only", "joint-1to1", "joint-nogan")
 CONTROL = "distill-only"
+FD_LABEL = {"fd_heldout": "FD vs held-out real", "fd_real": "FD vs all real digits"}
 
 
 # ------------------------------------------------------------------------------------------- prices of updates
@@ -213,14 +214,18 @@ def decide(q: dict | None, rl: dict | None, timing: Path = RESULTS / "train_step
                         alt = [sign(at_budget(runs, flash, "dmd2-k4", b, x)) for x in (ratio.lo, ratio.hi)]
                         bounds = f"raw reading at the ratio's bounds: {alt[0]} / {alt[1]}"
                     tag = "flash's whole run" if b == whole * r else f"{b:g} dmd2 updates"
-                    add("a", f"{flash} - dmd2-k4, FD held-out, at {tag} ({label} price: 1 flash update = {r:.3f} "
+                    add("a", f"{flash} - dmd2-k4, {FD_LABEL[fd_key(runs[flash][min(runs[flash])]['points'])]}, at {tag} ({label} price: 1 flash update = {r:.3f} "
                         f"dmd2 updates, flash at {b / r:.0f} updates)", iv, ("reproduced", "not reproduced"),
                         note=bounds)
         if "flash-ttur1-k4" in runs and "flash-ttur1-k4-noema" in runs:
+            any_run = next(iter(runs["flash-ttur1-k4"].values()))
+            label = FD_LABEL[fd_key(any_run["points"])]
+            cfg = any_run.get("reference_guidance")
             for where in ("mid", "final"):
-                add("b", f"lambda_ema 0.98 - 0, FD held-out, {'mid-run' if where == 'mid' else 'at the end'}",
+                add("b", f"lambda_ema 0.98 - 0, {label}, {'mid-run' if where == 'mid' else 'at the end'}",
                     window_diff(runs, "flash-ttur1-k4", "flash-ttur1-k4-noema", where), ("helps", "hurts"))
-            add("b", "lambda_ema 0.98 - 0, FD vs the teacher's 50-step samples at the students' CFG, at the end",
+            add("b", "lambda_ema 0.98 - 0, FD vs the teacher's 50-step samples "
+                f"({'at the students CFG ' + format(cfg, 'g') if cfg else 'at CFG 2, not the students CFG'}), at the end",
                 window_diff(runs, "flash-ttur1-k4", "flash-ttur1-k4-noema", "final", "fd_teacher"),
                 ("nearer the teacher", "further from the teacher"))
     if rl is not None:
@@ -231,13 +236,14 @@ def decide(q: dict | None, rl: dict | None, timing: Path = RESULTS / "train_step
                 claim = "c" if name in ("joint-5to1", "post-train") else "d" if name == "all-timesteps" else "rl"
                 rw = add(claim, f"{name} - no-RL control: reward change", rl_diff(runs, start, name, CONTROL, "reward"),
                          ("lowers the reward", "raises the reward"), hacking_of=name)
-                add(claim, f"{name} - no-RL control: FD change", rl_diff(runs, start, name, CONTROL, fd),
+                add(claim, f"{name} - no-RL control: {FD_LABEL[fd]} change", rl_diff(runs, start, name, CONTROL, fd),
                     ("better FD", "worse FD"), hacking_pair=id(rw))
         if "joint-5to1" in runs and "post-train" in runs:
             for k in ("reward", fd):
-                add("c", f"joint-5to1 - post-train: {k} change", rl_diff(runs, start, "joint-5to1", "post-train", k),
+                add("c", f"joint-5to1 - post-train: {'reward' if k == 'reward' else FD_LABEL[k]} change",
+                    rl_diff(runs, start, "joint-5to1", "post-train", k),
                     ("lower", "higher"))
-            add("c", "post-train stopped at joint-5to1's reward (interpolated) - joint-5to1: FD change",
+            add("c", f"post-train stopped at joint-5to1's reward (interpolated) - joint-5to1: {FD_LABEL[fd]} change",
                 matched_reward(runs, start, "joint-5to1", "post-train", fd), ("post-train early pays less FD",
                                                                               "post-train early pays more FD"))
         if "joint-5to1" in runs and "all-timesteps" in runs:

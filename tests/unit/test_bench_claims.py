@@ -100,7 +100,7 @@ def test_decide_holm_verdicts_with_spread(tmp_path: Path) -> None:
     assert any("paper price" in r["comparison"] for r in a) and any("measured price" in r["comparison"] for r in a)
     assert all("raw reading at the ratio's bounds" in r["note"] for r in a if "measured" in r["comparison"])
     b = {r["comparison"]: r for r in rows if r["claim"] == "b"}
-    assert b["lambda_ema 0.98 - 0, FD held-out, at the end"]["verdict"] == "hurts"  # +5 on every seed
+    assert b["lambda_ema 0.98 - 0, FD vs held-out real, at the end"]["verdict"] == "hurts"  # +5 on every seed
     md = C.table(rows)
     assert "p Holm" in md and "verdict (Holm)" in md
 
@@ -140,7 +140,7 @@ def test_rl_rows_apply_the_hacking_rule_to_every_run() -> None:
     assert by["post-train - no-RL control: reward change"]["verdict"] == "hacks (reward up, FD up)"
     assert by["all-timesteps - no-RL control: reward change"]["verdict"] == "holds (reward up, FD not detectably up)"
     # Matched reward: post-train reaches joint's final reward (+0.7 over the last window of joint ...) early.
-    mr = by["post-train stopped at joint-5to1's reward (interpolated) - joint-5to1: FD change"]
+    mr = by["post-train stopped at joint-5to1's reward (interpolated) - joint-5to1: FD vs all real digits change"]
     assert mr["interval"] is not None and mr["interval"]["n"] == 3
     d = [r for r in rows if r["claim"] == "d"]
     assert {"matched updates", "matched preference pairs (2 vs 3 per update)", "matched training wall time"} <= {
