@@ -187,8 +187,12 @@ def matched_reward(runs: dict[str, dict[int, dict]], start: dict, joint: str, po
 # ------------------------------------------------------------------------------------------------- the table
 
 
-def decide(q: dict | None, rl: dict | None, timing: Path = RESULTS / "train_step_digits.json") -> list[dict[str, Any]]:
+def decide(q: dict | None, rl: dict | None, timing: Path = RESULTS / "train_step_digits.json",
+           earlier: dict | None = None) -> list[dict[str, Any]]:
+    """Every row of the table. q: the held-out study (quality_vs_cost.json); earlier: the study before it (FD vs all
+    digits, teacher reference at CFG 2), whose rows are tagged and belong to the same Holm family."""
     rows: list[dict[str, Any]] = []
+    studies = [(x, tag) for x, tag in ((q, ""), (earlier, "[earlier study] ")) if x is not None]
 
     def add(claim: str, what: str, iv: Interval | None, words: tuple[str, str], **extra: Any) -> dict[str, Any]:
         row = {"claim": claim, "comparison": what, "interval": iv.as_dict() if iv else None,
@@ -196,7 +200,7 @@ def decide(q: dict | None, rl: dict | None, timing: Path = RESULTS / "train_step
         rows.append(row)
         return row
 
-    if q is not None:
+    for q, study in studies:
         runs = _runs(q)
         for flash in FLASH_A:
             if flash not in runs or "dmd2-k4" not in runs:
@@ -214,7 +218,7 @@ def decide(q: dict | None, rl: dict | None, timing: Path = RESULTS / "train_step
                         alt = [sign(at_budget(runs, flash, "dmd2-k4", b, x)) for x in (ratio.lo, ratio.hi)]
                         bounds = f"raw reading at the ratio's bounds: {alt[0]} / {alt[1]}"
                     tag = "flash's whole run" if b == whole * r else f"{b:g} dmd2 updates"
-                    add("a", f"{flash} - dmd2-k4, {FD_LABEL[fd_key(runs[flash][min(runs[flash])]['points'])]}, at {tag} ({label} price: 1 flash update = {r:.3f} "
+                    add("a", study + f"{flash} - dmd2-k4, {FD_LABEL[fd_key(runs[flash][min(runs[flash])]['points'])]}, at {tag} ({label} price: 1 flash update = {r:.3f} "
                         f"dmd2 updates, flash at {b / r:.0f} updates)", iv, ("reproduced", "not reproduced"),
                         note=bounds)
         if "flash-ttur1-k4" in runs and "flash-ttur1-k4-noema" in runs:
@@ -222,9 +226,9 @@ def decide(q: dict | None, rl: dict | None, timing: Path = RESULTS / "train_step
             label = FD_LABEL[fd_key(any_run["points"])]
             cfg = any_run.get("reference_guidance")
             for where in ("mid", "final"):
-                add("b", f"lambda_ema 0.98 - 0, {label}, {'mid-run' if where == 'mid' else 'at the end'}",
+                add("b", study + f"lambda_ema 0.98 - 0, {label}, {'mid-run' if where == 'mid' else 'at the end'}",
                     window_diff(runs, "flash-ttur1-k4", "flash-ttur1-k4-noema", where), ("helps", "hurts"))
-            add("b", "lambda_ema 0.98 - 0, FD vs the teacher's 50-step samples "
+            add("b", study + "lambda_ema 0.98 - 0, FD vs the teacher's 50-step samples "
                 f"({'at the students CFG ' + format(cfg, 'g') if cfg else 'at CFG 2, not the students CFG'}), at the end",
                 window_diff(runs, "flash-ttur1-k4", "flash-ttur1-k4-noema", "final", "fd_teacher"),
                 ("nearer the teacher", "further from the teacher"))
@@ -290,7 +294,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         return Interval(**d).fmt(3) if d else "-"
 
     def p(x: float) -> str:
-        return "-" if math.isnan(x) else f"{x:.3f}" if x >= 0.001 else f"{x:.1e}"
+        return "-" if math.isnan(x) else f"{x:.3g}"
 
     return format_table(["claim", "paired difference over training seeds", "mean [raw 95% interval] (n)", "p",
                          "p Holm", "raw reading", "verdict (Holm)"],
@@ -301,22 +305,30 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quality", type=Path, default=RESULTS / "quality_vs_cost.json")
+    ap.add_argument("--earlier", type=Path, default=RESULTS / "quality_vs_cost_alldigits.json",
+                    help="the study before the held-out split (FD vs all digits); its rows join the family, tagged")
     ap.add_argument("--rl", type=Path, default=RESULTS / "rl_ablation.json")
     ap.add_argument("--timing", type=Path, default=RESULTS / "train_step_digits.json")
     ap.add_argument("--out", type=Path, default=RESULTS / "claims")
     args = ap.parse_args()
     q = json.loads(args.quality.read_text()) if args.quality.is_file() else None
     rl = json.loads(args.rl.read_text()) if args.rl.is_file() else None
-    rows = decide(q, rl, args.timing)
-    seeds = {} if q is None else {n: sorted(int(s) for s in by) for n, by in q["runs"].items()}
+    earlier = json.loads(args.earlier.read_text()) if args.earlier.is_file() else None
+    rows = decide(q, rl, args.timing, earlier)
+    seeds = {f"{tag}{n}": sorted(int(s) for s in by) for x, tag in ((q, ""), (earlier, "[earlier study] "),
+                                                                     (rl, "[RL] ")) if x for n, by in x["runs"].items()}
     md = "\n".join([
         "# The digits claims, decided by paired seed differences, Holm-adjusted across the table", "",
         f"Command: `{command_line()}`", "",
         f"Each row: A minus B per training seed, mean, raw 95% t-interval and p; {len(rows)} rows form one family "
         f"and a verdict needs the Holm-adjusted p < {ALPHA}. Every value is a window of 3 checkpoints (rules in "
         "bench/claims.py).", "",
-        "Seeds per stage-1 run: " + "; ".join(f"{n}: {len(s)} ({','.join(map(str, s))})" for n, s in seeds.items()),
-        "", "## Price of an update", "", cost_table(args.timing), "", table(rows)]) + "\n"
+        "Seeds per run (a row pairs the seeds both of its runs have): "
+        + "; ".join(f"{n}: {len(s)} ({','.join(map(str, s))})" for n, s in seeds.items()), "",
+        "Held-out study: FD vs the 360 held-out real digits, teacher reference at the students' CFG 1. "
+        "[earlier study]: FD vs all 1,797 digits (the evaluator trained on 1,437 of them), teacher reference at "
+        "CFG 2. RL rows: the earlier RL study, FD vs all digits, reward scored by the judge the trained reward was "
+        "fine-tuned from (not an independent judge).", "", "## Price of an update", "", cost_table(args.timing), "", table(rows)]) + "\n"
     write_json(args.out.with_name(args.out.name + ".json"),
                {"command": command_line(), "alpha": ALPHA, "seeds": seeds,
                 "rows": [{k: v for k, v in r.items() if k != "hacking_of"} for r in rows]})

@@ -35,6 +35,7 @@ def test_no_ema_wins_only_with_an_interval_clear_of_zero_over_three_pairs() -> N
 
 
 def test_the_demo_follows_the_rule_on_the_committed_study() -> None:
-    payload = json.loads((RESULTS / "quality_vs_cost.json").read_text())
+    path = RESULTS / "quality_vs_cost.json"  # the held-out study; before its first run, no runs: the rule's tie
+    payload = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
     assert DEMO_SPEC["distill"]["ema"] == D.pick_recipe(payload)["ema"]
     assert DEMO_SPEC["train"]["max_steps"] == 400 and DEMO_SPEC["data"]["builtin"] == "digits-train"
