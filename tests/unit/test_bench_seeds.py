@@ -106,3 +106,17 @@ def test_report_aggregates_windows_and_reach_with_interpolation() -> None:
 def test_report_falls_back_to_fd_vs_all_digits_for_older_runs() -> None:
     runs = {"flash-ttur1-k4": {0: _run("flash-ttur1-k4", 0, [18, 12, 8, 7], 0.5, key="fd_real")}}
     assert R.reach(runs, thresholds=(10.0,))["flash-ttur1-k4"]["10"]["gen_updates"]["mean"] == pytest.approx(150.0)
+
+
+def test_every_study_run_is_a_valid_spec_on_the_train_split() -> None:
+    """The study's specs derive from the demo's: a demo change must not make a row invalid (dmd2 has no EMA)."""
+    import quality_vs_cost as Q
+
+    from trainer.config import parse_spec
+
+    for name in Q.RUNS:
+        spec, ttur, updates = Q.run_spec(name, 1.0, 0)
+        cfg = parse_spec(spec)
+        assert cfg.data.builtin == "digits-train" and updates == Q.RUNS[name][1]
+        assert spec["train"]["checkpoint_every"] == Q.RUNS[name][2] * ttur
+    assert Q.run_spec("dmd2-k4", 1.0, 0)[0]["distill"]["ema"] == 0.0
