@@ -47,6 +47,7 @@ FLASH_A = ("flash-ttur1-k4-noema", "flash-ttur1-k4")
 COST_KEY = {"flash-ttur1-k4-noema": "flash-ttur1", "flash-ttur1-k4": "flash-ttur1-ema0.98", "dmd2-k4": "dmd2-ttur5"}
 RL_RUNS = ("joint-5to1", "post-train", "all-timesteps", "joint-critics-distill-only", "joint-1to1", "joint-nogan")
 CONTROL = "distill-only"
+EMA_SWEEP = {"flash-ttur1-k4-ema0.9": 0.9, "flash-ttur1-k4": 0.98, "flash-ttur1-k4-ema0.995": 0.995}
 FD_LABEL = {"fd_heldout": "FD vs held-out real", "fd_real": "FD vs all real digits"}
 
 
@@ -221,16 +222,18 @@ def decide(q: dict | None, rl: dict | None, timing: Path = RESULTS / "train_step
                     add("a", study + f"{flash} - dmd2-k4, {FD_LABEL[fd_key(runs[flash][min(runs[flash])]['points'])]}, at {tag} ({label} price: 1 flash update = {r:.3f} "
                         f"dmd2 updates, flash at {b / r:.0f} updates)", iv, ("reproduced", "not reproduced"),
                         note=bounds)
-        if "flash-ttur1-k4" in runs and "flash-ttur1-k4-noema" in runs:
-            any_run = next(iter(runs["flash-ttur1-k4"].values()))
+        for name, lam in EMA_SWEEP.items():
+            if name not in runs or "flash-ttur1-k4-noema" not in runs:
+                continue
+            any_run = next(iter(runs[name].values()))
             label = FD_LABEL[fd_key(any_run["points"])]
             cfg = any_run.get("reference_guidance")
             for where in ("mid", "final"):
-                add("b", study + f"lambda_ema 0.98 - 0, {label}, {'mid-run' if where == 'mid' else 'at the end'}",
-                    window_diff(runs, "flash-ttur1-k4", "flash-ttur1-k4-noema", where), ("helps", "hurts"))
-            add("b", study + "lambda_ema 0.98 - 0, FD vs the teacher's 50-step samples "
+                add("b", study + f"lambda_ema {lam} - 0, {label}, {'mid-run' if where == 'mid' else 'at the end'}",
+                    window_diff(runs, name, "flash-ttur1-k4-noema", where), ("helps", "hurts"))
+            add("b", study + f"lambda_ema {lam} - 0, FD vs the teacher's 50-step samples "
                 f"({'at the students CFG ' + format(cfg, 'g') if cfg else 'at CFG 2, not the students CFG'}), at the end",
-                window_diff(runs, "flash-ttur1-k4", "flash-ttur1-k4-noema", "final", "fd_teacher"),
+                window_diff(runs, name, "flash-ttur1-k4-noema", "final", "fd_teacher"),
                 ("nearer the teacher", "further from the teacher"))
     if rl is not None:
         runs, start = _runs(rl), rl["start"]
