@@ -1,27 +1,23 @@
-"""Quality vs training cost on the digits teacher: Flash-DMD (TTUR 1, TTUR 2, an EMA sweep) vs dmd2 mode, K = 4, 2.
+"""Quality vs training cost on the digits teacher: Flash-DMD (TTUR 1 at lambda_ema 0 and 0.98, and other rows) vs
+dmd2 mode, K = 4, FD against held-out real digits.
 
-The paper's headline claim (Tables 1 and 6, Fig. 5-6) at small scale. Every run uses the same teacher
-(the shipped digits teacher), batch and optimiser settings (`flashjob.demo.DEMO_SPEC`); runs differ only
-in what the row names: the mode (flash: Pixel-GAN + EMA injection, hinge; dmd2: latent-head GAN, softplus, no
-EMA), the TTUR, K, and lambda_ema (the EMA sweep: 0, 0.9, 0.98, 0.995). Each configuration is trained once per
-training seed (--seeds); each run is a real `python -m trainer` subprocess; every checkpoint is then scored with
-the digits evaluator on the same labels and per-image seeds: digits-FD vs all 1797 real digits, vs the teacher's
-50-step CFG samples (N = 10 x --per-class of each), prompt accuracy and intra-class diversity. Every figure is a
-mean over seeds with a 95% t-interval (tables) or band (plots).
+The paper's headline claim (Tables 1 and 6, Fig. 5-6) at small scale. Every run uses the shipped digits teacher
+and the demo's batch and optimiser settings (`flashjob.demo.DEMO_SPEC`), reads its GAN reals from the digits'
+train split (`data.builtin: digits-train`), and differs only in what the row names (`RUNS`). Each configuration
+is trained once per training seed (--seeds) as a real `python -m trainer` subprocess; every checkpoint is scored
+on the same labels and per-image seeds (N = 10 x --per-class): digits-FD vs the 360 held-out digits
+(`fd_heldout`) and vs all digits (`fd_real`), FD vs the teacher's 50-step samples at the student's CFG
+(`distill.real_guidance`), precision/recall and density/coverage vs the held-out digits, prompt accuracy and
+intra-class diversity. Each checkpoint's evaluator features are kept in the run folder (features/, not committed).
 
-Cost axes: cumulative generator updates, and cumulative training wall time (the sum of the trainer's own
-`time/step_s`, so checkpointing and scoring are excluded). The dmd2 baseline runs --dmd2-steps generator updates
-(long enough for its FD vs real to plateau: check the plot). "Compute to match converged dmd2": the dmd2 FD is
-the mean over seeds of its final checkpoint's FD; for each seed of a Flash-DMD run, the first checkpoint at or
-below it, as a percentage of dmd2's mean wall time and generator updates for its whole run.
+    python bench/quality_vs_cost.py --runs dmd2-k4 --seeds 0 --per-class 50         # one run (about an hour, loaded)
+    python bench/quality_vs_cost.py --seeds 0 --scale 0.05 --per-class 5 --runs flash-ttur1-k4-noema   # a smoke run
+    python bench/quality_vs_cost.py --cached-only --seeds 0-4 --per-class 50 --runs dmd2-k4,flash-ttur1-k4-noema,flash-ttur1-k4
 
-    python bench/quality_vs_cost.py --seeds 0,1,2                    # the full study (several CPU-hours)
-    python bench/quality_vs_cost.py --seeds 0 --scale 0.05 --per-class 5 --runs flash-ttur1-k4   # a smoke run
-
-Writes bench/results/quality_vs_cost.{json,png,md}. Each (configuration, seed) result is cached as JSON under
-bench/results/runs/quality_vs_cost/ and not run again (delete it to redo one); the training folders live
-under --work. Only each run's last checkpoint is kept after scoring (--keep-checkpoints keeps all);
-bench/rl_ablation.py starts from flash-ttur1-k4-s0's.
+Writes bench/results/quality_vs_cost.{json,png,md} (the report: bench/_qvc_report.py). Each (configuration, seed)
+result is cached as JSON under bench/results/runs/quality_vs_cost_heldout/ and not run again (delete it to redo
+one); a killed run resumes from its last checkpoint under --work. Only each run's last checkpoint is kept after
+scoring (--keep-checkpoints keeps all); bench/rl_ablation.py starts from flash-ttur1-k4-s0's.
 """
 
 from __future__ import annotations
