@@ -142,14 +142,18 @@ def score_run(name: str, run_dir: Path, spec: dict, ttur: int, ctx: dict, keep: 
     reference = ctx["reference"](spec["distill"]["real_guidance"])
     seconds = cumulative_seconds(run_dir)
     points = [{"step": 0, "gen_updates": 0, "wall_s": 0.0, **ctx["init"](timesteps, reference)}]
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    # Only the checkpoint grid: a run stopped by a signal saves an off-grid checkpoint to resume from, which is
+    # not a scored point of every seed.
+    every, last = spec["train"]["checkpoint_every"], spec["train"]["max_steps"]
+    ckpts = [ck for ck in sorted((run_dir / "checkpoints").glob("step-*"))
+             if int(ck.name.split("-")[1]) % every == 0 or int(ck.name.split("-")[1]) == last]
     (run_dir / "features").mkdir(exist_ok=True)
     for ck in ckpts:
         step = int(ck.name.split("-")[1])
         feats = ev.features(student_samples(ck, labels))
         torch.save(feats.half(), run_dir / "features" / f"{ck.name}.pt")
         rep = ev.report_features(feats, labels, reference)
-        points.append({"step": step, "gen_updates": math.ceil(step / ttur), "wall_s": round(seconds[step], 2), **rep})
+        points.append({"step": step, "gen_updates": math.ceil(step / ttur), "wall_s": round(seconds.get(step, math.nan), 2), **rep})
         print(f"[{name}] step {step}: FD held-out {rep['fd_heldout']:.2f}, FD teacher {rep['fd_teacher']:.2f}, "
               f"recall {rep['recall']:.3f}", flush=True)
     if not keep:
