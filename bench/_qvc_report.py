@@ -17,7 +17,7 @@ from _stats import Interval, mean_interval
 from claims import PAPER_RATIO, price_ratio
 
 METRICS = ("fd_heldout", "fd_teacher", "precision", "recall", "density", "coverage", "accuracy", "diversity")
-THRESHOLDS = (16.0, 12.0, 10.0, 8.0)
+THRESHOLDS = (20.0, 18.0, 16.0, 14.0, 12.0)
 CURVE_THRESHOLDS = tuple(x / 2 for x in range(40, 11, -1))  # FD 20, 19.5, ..., 6
 STAGE1 = ("flash-ttur1-k4-noema", "flash-ttur1-k4", "dmd2-k4")
 
@@ -128,6 +128,11 @@ def table(payload: dict) -> str:
     rows = [[name, a["mode"], a["ema"], a["gen_updates"], ",".join(map(str, a["seeds"])),
              *[_iv(a["final"][k], 3 if k in ("precision", "recall", "density", "coverage", "accuracy") else 2)
                for k in cols]] for name, a in agg.items()]
+    for name, t in payload.get("teacher_rows", {}).items():
+        rows.append([name, "-", "-", "-", "-", *[f"{t[k]:.3f}" if k in t else "-" for k in cols]])
+    start = next(iter(next(iter(payload["runs"].values())).values()))["points"][0]
+    rows.append(["teacher as the students' 4-step sampler (update 0)", "-", "-", 0, "-",
+                 *[f"{start[k]:.3f}" if k in start else "-" for k in cols]])
     if fl:
         rows.append([f"real digits (train split, N = {fl['n']}): the floor", "-", "-", "-", "-",
                      *[f"{fl[k]:.3f}" if k in fl else "-" for k in cols]])

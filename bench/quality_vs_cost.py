@@ -162,6 +162,18 @@ def score_run(name: str, run_dir: Path, spec: dict, ttur: int, ctx: dict, keep: 
     return points
 
 
+def teacher_rows(ev: Any, per_class: int, guidance: float = DEMO_SPEC["distill"]["real_guidance"]) -> dict:
+    """The teacher scored like the students, at the students' CFG: 50-step Euler (cached features) and as the
+    students' 4-step sampler (update 0 of every run)."""
+    from trainer.config import ModelSpec
+    from trainer.models import load_teacher
+    from trainer.toy.evaluate import eval_labels, teacher_features
+
+    teacher = load_teacher(ModelSpec(teacher="toy:digits"))
+    feats = teacher_features(teacher, ev, per_class=per_class, guidance=guidance, progress=False)
+    return {f"teacher 50-step, CFG {guidance:g}": ev.report_features(feats, eval_labels(per_class))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
@@ -206,8 +218,10 @@ def main() -> None:
             raise SystemExit(f"--cached-only: no cached runs under {args.runs_dir} for these --runs and --seeds")
         from trainer.toy.evaluate import default_evaluator
 
+        ev = default_evaluator()
         payload = {"command": command_line(), "per_class": args.per_class, "seeds": seeds,
-                   "real_baselines": default_evaluator().real_baselines(), **derive(runs)}
+                   "real_baselines": ev.real_baselines(), "teacher_rows": teacher_rows(ev, args.per_class),
+                   **derive(runs)}
         print(write_outputs(payload, args.out))
         return
 
