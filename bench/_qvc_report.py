@@ -184,7 +184,6 @@ def plot(payload: dict, path: Path) -> None:
         ax.set_xlabel("generator updates")
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("dmd2-equivalent updates (measured price)")
-    axes[-1].set_xlim(0, 420)
     axes[0].legend(fontsize=7)
     fig.suptitle("Flash-DMD vs dmd2 on the digits teacher: mean and 95% interval over seeds")
     fig.tight_layout()
