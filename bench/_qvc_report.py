@@ -83,6 +83,28 @@ def prices(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def match_dmd2(runs: dict[str, dict[int, dict]], price: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per flash configuration: priced updates (measured and paper price) to first reach dmd2's end-of-run FD (the
+    mean over dmd2 seeds of its final 3-checkpoint window), interpolated, as a % of dmd2's whole run."""
+    base = runs.get("dmd2-k4")
+    if not base:
+        return []
+    curves = [r["points"] for r in base.values()]
+    target = sum(_final(c, _fd(c)) for c in curves) / len(curves)
+    total = max(c[-1]["gen_updates"] for c in curves)
+    out = []
+    for name, by_seed in runs.items():
+        if not name.startswith("flash") or name not in price:
+            continue
+        hits = [interp_reach(r["points"], _fd(r["points"]), target, ("gen_updates",)) for r in by_seed.values()]
+        row: dict[str, Any] = {"run": name, "target": target, "dmd2_updates": total, "dmd2_seeds": len(curves)}
+        for label, r in (("measured", price[name]["measured"]["mean"]), ("paper", price[name]["paper"])):
+            row[label] = reach_interval([None if h is None else {"p": 100 * h["gen_updates"] * r / total}
+                                         for h in hits], "p")
+        out.append(row)
+    return out
+
+
 def teacher_drift(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]]:
     """FD vs the teacher's 50-step samples at the students' CFG: its lowest window, the final one and the rise."""
     out = {}
@@ -104,7 +126,9 @@ def teacher_drift(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]]
 
 
 def derive(runs: dict[str, dict[int, dict]]) -> dict[str, Any]:
-    return {"runs": runs, "aggregate": aggregate(runs), "time_to_reach_fd": reach(runs), "prices": prices(runs),
+    price = prices(runs)
+    return {"runs": runs, "aggregate": aggregate(runs), "time_to_reach_fd": reach(runs), "prices": price,
+            "match_dmd2": match_dmd2(runs, price),
             "reach_curves": reach_curves(runs), "teacher_drift": teacher_drift(runs)}
 
 
@@ -147,6 +171,13 @@ def table(payload: dict) -> str:
                 format_table(["run", "measured (interleaved timing): geometric mean [95%] (n = rounds)",
                               "paper's measure (batch x iterations)"],
                              [[n, _iv(p["measured"], 3), f"{p['paper']:g}"] for n, p in payload["prices"].items()]), ""]
+    if payload.get("match_dmd2"):
+        out += ["## Flash's cost to first reach dmd2's end-of-run FD, as % of dmd2's whole run (interpolated)", "",
+                format_table(["flash run", "dmd2 end-of-run FD (window)", "% at the measured price",
+                              "% at the paper's price (batch x iterations)"],
+                             [[m["run"], f"{m['target']:.2f} ({m['dmd2_seeds']} seeds, {m['dmd2_updates']} updates)",
+                               fmt_reach(m["measured"], 1), fmt_reach(m["paper"], 1)] for m in payload["match_dmd2"]]),
+                ""]
     reach_at = payload["time_to_reach_fd"]
     ths = list(next(iter(reach_at.values())))
     out += ["## Generator updates to first reach an FD held-out, interpolated between checkpoints", "",

@@ -120,3 +120,16 @@ def test_every_study_run_is_a_valid_spec_on_the_train_split() -> None:
         assert cfg.data.builtin == "digits-train" and updates == Q.RUNS[name][1]
         assert spec["train"]["checkpoint_every"] == Q.RUNS[name][2] * ttur
     assert Q.run_spec("dmd2-k4", 1.0, 0)[0]["distill"]["ema"] == 0.0
+
+
+def test_match_dmd2_prices_the_interpolated_crossing() -> None:
+    runs = {"dmd2-k4": {0: _run("dmd2-k4", 0, [20, 18, 16, 14, 12], 2.0, ttur=5)},
+            "flash-ttur1-k4": {0: _run("flash-ttur1-k4", 0, [20, 16, 12, 11], 0.5),
+                               1: _run("flash-ttur1-k4", 1, [20, 15, 13, 13], 0.5)}}
+    price = {"flash-ttur1-k4": {"measured": {"mean": 0.5}, "paper": 0.2}}
+    (row,) = R.match_dmd2(runs, price)
+    # dmd2's final window: (16 + 14 + 12) / 3 = 14 over 400 updates. Seed 0 crosses 14 half way between 100 (16)
+    # and 200 (12): 150 updates; seed 1 between 100 (15) and 200 (13): 150. Priced 75 dmd2 updates = 18.75%.
+    assert row["target"] == pytest.approx(14.0) and row["dmd2_updates"] == 400
+    assert row["measured"]["mean"] == pytest.approx(18.75) and row["paper"]["mean"] == pytest.approx(7.5)
+    assert R.match_dmd2({"flash-ttur1-k4": runs["flash-ttur1-k4"]}, price) == []
