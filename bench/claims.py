@@ -216,7 +216,8 @@ def decide(q: dict | None, rl: dict | None, timing: Path = RESULTS / "train_step
                         continue
                     bounds = ""
                     if ratio is not None and not math.isnan(ratio.lo):  # is the reading the same at the ratio's bounds?
-                        alt = [sign(at_budget(runs, flash, "dmd2-k4", b, x)) for x in (ratio.lo, ratio.hi)]
+                        alt = [sign(iv_) if (iv_ := at_budget(runs, flash, "dmd2-k4", b, x)) else "past a run's end"
+                               for x in (ratio.lo, ratio.hi)]
                         bounds = f"raw reading at the ratio's bounds: {alt[0]} / {alt[1]}"
                     tag = "flash's whole run" if b == whole * r else f"{b:g} dmd2 updates"
                     add("a", study + f"{flash} - dmd2-k4, {FD_LABEL[fd_key(runs[flash][min(runs[flash])]['points'])]}, at {tag} ({label} price: 1 flash update = {r:.3f} "
