@@ -81,3 +81,31 @@ def fmt_reach(r: dict[str, Any], digits: int = 0) -> str:
         return f"- (0/{r['of']} seeds)"
     iv = Interval(r["mean"], r["lo"], r["hi"], r["sd"], r["n"])
     return f"{iv.fmt(digits)}, {r['reached']}/{r['of']} seeds"
+
+
+def interp_reach(points: Sequence[dict[str, Any]], key: str, target: float, fields: Sequence[str]) -> dict[str, Any] | None:
+    """Where `key` first falls to `target`, with `fields` (gen_updates, wall_s) linearly interpolated between the
+    last checkpoint above it and the first at or below it (a first checkpoint already below: its own values).
+    Rounding up to the next checkpoint would overstate the cost by up to one checkpoint spacing."""
+    for i in range(1, len(points)):
+        cur = points[i]
+        if cur[key] <= target:
+            prev = points[i - 1]
+            if i == 1 or prev[key] <= target:
+                return {f: cur[f] for f in fields}
+            w = (prev[key] - target) / (prev[key] - cur[key])
+            return {f: prev[f] + w * (cur[f] - prev[f]) for f in fields}
+    return None
+
+
+WINDOW = 3  # trained checkpoints averaged by every windowed figure (the one rule all claims use)
+
+
+def window_at(points: Sequence[dict[str, Any]], field: str, limit: float, key: str, size: int = WINDOW) -> float | None:
+    """The mean of `key` over the `size` trained checkpoints ending at the last one whose `field` is at most
+    `limit` (the update-0 start is never in a window); None when fewer than `size` trained checkpoints qualify.
+    Neighbouring checkpoints of one digits run swing by several FD, so no figure rests on one checkpoint."""
+    done = [p for p in points[1:] if p[field] <= limit + 1e-9]
+    if len(done) < size:
+        return None
+    return sum(p[key] for p in done[-size:]) / size

@@ -1,44 +1,114 @@
-"""The four digits claims of issue #15, decided mechanically from the studies' JSON (no training).
+"""The four digits claims, decided mechanically from the studies' JSON (no training), Holm-adjusted as one family.
 
-    python bench/claims.py      # reads bench/results/{quality_vs_cost,rl_ablation}.json
+    python bench/claims.py      # reads bench/results/{quality_vs_cost,rl_ablation}.json and train_step_digits.json
 
-Every comparison is paired by training seed (the two configurations of a pair share the seed, hence the init and
-the data order) and reported as the mean difference with its 95% t-interval over seeds. A difference decides a
-claim only when its interval excludes 0; otherwise the claim is inconclusive at this many seeds. The rules:
-- (a) Flash-DMD beats DMD2 at equal compute: flash's final FD vs real minus dmd2's FD at the last checkpoint dmd2
-  had reached with no more training wall time (per seed). Reproduced when the interval is below 0, not reproduced
-  when above. Also listed: the % of converged dmd2's cost each flash run needed to match its final FD.
-- (b) EMA injection helps: FD vs real of each lambda_ema > 0 minus lambda_ema = 0, mean of 3 checkpoints mid-run
-  (early) and of the last 3 (late). Helps when below 0, hurts when above.
-- (c) Joint RL raises the reward without hurting FD, post-train RL hacks it: changes from the stage-1 start (mean
-  of the last 3 checkpoints) of joint-5to1 and of post-train minus those of the no-RL control. Joint holds when its
-  reward difference is above 0 and its FD difference is not (interval includes or is below 0); post-train hacks
-  when both its reward and its FD differences are above 0.
-- (d) High-noise RL >= all-timestep RL: joint-5to1 minus all-timesteps, reward and FD changes. Reproduced when
-  the reward difference is above 0 (or includes 0 while the FD difference is below 0), not reproduced when the
-  reward difference is below 0; inconclusive otherwise.
-Also listed, not a claim: the teacher-drift runs minus the demo's recipe (no EMA), FD vs the teacher and vs real
-over the last 3 checkpoints, paired by seed. Writes bench/results/claims.{md,json}.
+Every comparison is paired by training seed (the two configurations share the seed, hence init and data order):
+the mean difference with its 95% t-interval over seeds and the paired t-test's p-value. **Every row of the table
+is one test of one family**: the p-values are Holm-adjusted across all rows (`_stats.holm`), and a verdict needs
+the adjusted p < 0.05; the raw interval and its unadjusted reading stay beside it.
+
+One window rule for every claim (`_seeds.window_at`): a run's value "at" a point is the mean over the 3 trained
+checkpoints ending at the last checkpoint at or before it, never one checkpoint.
+- (a) Flash-DMD beats DMD2 at equal compute: at a budget of B DMD2-equivalent updates, flash's window at
+  B / ratio flash updates minus dmd2's window at B updates, FD vs held-out real. Two prices of one flash update
+  in dmd2 updates: `measured` (clean interleaved timing, `price_ratio`) and `paper` (batch x iterations, the
+  paper's Table 1 measure: one flash iteration per update vs TTUR = 5 for dmd2, so 0.2). Reproduced when below 0.
+- (b) EMA injection helps: lambda_ema 0.98 minus 0 on FD vs held-out real, mid-run and at the end; and the
+  trade it was credited with: FD vs the teacher's 50-step samples at the students' CFG, at the end.
+- (c), (d) and every RL row: the change from the stage-1 start over the last window, minus the no-RL control's.
+  The hacking rule applies to every RL run: reward up and FD up (both adjusted) = "hacks"; reward up and FD not
+  detectably up = "holds"; reward not detectably up = "no reward gain". (c) also compares post-train stopped
+  early (at joint's reward, interpolated) with joint; (d) compares at matched preference pairs and matched wall
+  time as well as at matched updates.
+Writes bench/results/claims.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from _common import REPO, command_line, format_table, write_json
-from _stats import Interval, mean_interval
+from _seeds import interp_reach, window_at
+from _stats import Interval, holm, mean_interval, ratio_interval, t_pvalue
 
 RESULTS = REPO / "bench" / "results"
-TAIL = 3
-FD_WORDS = {"above": "worse FD", "below": "better FD", "includes 0": "no detectable FD change"}
+ALPHA = 0.05
+# DMD2-equivalent generator updates at which (a) is decided (plus flash's whole run): dmd2 is scored every 25
+# updates, so 75 is the first budget with a full 3-checkpoint window.
+BUDGETS = (75, 100, 150)
+PAPER_RATIO = 0.2  # batch x iterations: 1 flash iteration per update against dmd2's TTUR 5
+FLASH_A = ("flash-ttur1-k4-noema", "flash-ttur1-k4")
+# Which spec of `train_step.py --digits-study` prices a run's updates.
+COST_KEY = {"flash-ttur1-k4-noema": "flash-ttur1", "flash-ttur1-k4": "flash-ttur1-ema0.98", "dmd2-k4": "dmd2-ttur5"}
+RL_RUNS = ("joint-5to1", "post-train", "all-timesteps", "joint-critics-distill-only", "joint-1to1", "joint-nogan")
+CONTROL = "distill-only"
+EMA_SWEEP = {"flash-ttur1-k4-ema0.9": 0.9, "flash-ttur1-k4": 0.98, "flash-ttur1-k4-ema0.995": 0.995}
+FD_LABEL = {"fd_heldout": "FD vs held-out real", "fd_real": "FD vs all real digits"}
 
 
-def paired(a: dict[int, float], b: dict[int, float]) -> Interval | None:
-    """Interval of a[seed] - b[seed] over the seeds both have (None with fewer than 2)."""
-    seeds = sorted(set(a) & set(b))
+# ------------------------------------------------------------------------------------------- prices of updates
+
+
+def _config_timings(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())["results"]["digits"]["configs"] if path.is_file() else {}
+
+
+def update_costs(path: Path = RESULTS / "train_step_digits.json") -> dict[str, float]:
+    """Run name -> clean seconds per generator update (median, interleaved timing); {} without the file."""
+    configs = _config_timings(path)
+    return {run: configs[key]["timing"]["s_per_gen_update_median"] for run, key in COST_KEY.items() if key in configs}
+
+
+def price_ratio(flash: str, path: Path = RESULTS / "train_step_digits.json", block: int = 10) -> Interval | None:
+    """One `flash` update in dmd2 updates, with an interval: per interleaved timing round (`block` iterations of
+    each config, so outside load hits both alike), flash's s/update over dmd2's; `_stats.ratio_interval` over the
+    rounds. None without the timing file or its per-iteration times."""
+    configs = _config_timings(path)
+    f, d = configs.get(COST_KEY[flash]), configs.get(COST_KEY["dmd2-k4"])
+    if not f or not d or "iteration_s" not in f or "iteration_s" not in d:
+        return None
+    def per_round(c: dict) -> list[float]:
+        """Seconds per generator update in each interleaved round of config c."""
+        size = c.get("round_iterations", block)
+        it = c["iteration_s"]
+        return [sum(it[r * size:(r + 1) * size]) / (size / c["spec"]["ttur"]) for r in range(len(it) // size)]
+
+    num, den = per_round(f), per_round(d)
+    n = min(len(num), len(den))
+    num, den = num[:n], den[:n]
+    return ratio_interval(num, den)
+
+
+def cost_table(path: Path = RESULTS / "train_step_digits.json") -> str:
+    """The price of each study run's update, and each flash run's ratio to dmd2 with its interval."""
+    costs = update_costs(path)
+    rows = []
+    for run in COST_KEY:
+        if run not in costs:
+            continue
+        r = price_ratio(run, path) if run != "dmd2-k4" else None
+        rows.append([run, COST_KEY[run], f"{costs[run]:.3f}", r.fmt(3) if r else "-",
+                     f"{PAPER_RATIO:g}" if run != "dmd2-k4" else "-"])
+    return format_table(["run", "timed spec", "s per generator update (median)",
+                         "1 update in dmd2 updates, measured: geometric mean [95%] (n = rounds)",
+                         "paper's measure (batch x iterations)"], rows)
+
+
+# ------------------------------------------------------------------------------------------------ comparisons
+
+
+def _runs(payload: dict) -> dict[str, dict[int, dict]]:
+    return {name: {int(s): r for s, r in by.items()} for name, by in payload["runs"].items()}
+
+
+def paired(a: dict[int, float | None], b: dict[int, float | None]) -> Interval | None:
+    """Interval of a[seed] - b[seed] over the seeds where both are defined (None with fewer than 2)."""
+    seeds = sorted(s for s in set(a) & set(b) if a[s] is not None and b[s] is not None)
     return mean_interval([a[s] - b[s] for s in seeds]) if len(seeds) >= 2 else None
 
 
@@ -49,141 +119,223 @@ def sign(iv: Interval | None) -> str:
     return "below" if iv.hi < 0 else "above" if iv.lo > 0 else "includes 0"
 
 
-def _runs(payload: dict) -> dict[str, dict[int, dict]]:
-    return {name: {int(s): r for s, r in by.items()} for name, by in payload["runs"].items()}
+def fd_key(points: list[dict]) -> str:
+    """FD vs held-out real where the study scored it, else (older studies) FD vs all real digits."""
+    return "fd_heldout" if "fd_heldout" in points[-1] else "fd_real"
 
 
-def at(points: list[dict], field: str, limit: float, key: str) -> float:
-    """`key` at the last checkpoint whose `field` (wall_s, gen_updates) is at most `limit` (the start if none)."""
-    done = [p for p in points if p[field] <= limit]
-    return (done[-1] if done else points[0])[key]
+def at_budget(runs: dict[str, dict[int, dict]], flash: str, dmd2: str, budget: float, ratio: float) -> Interval | None:
+    """(a) at `budget` dmd2-equivalent updates: flash's window at budget / ratio updates minus dmd2's at budget.
+    None where a run has not reached the point (its last checkpoint is before it) or has < 2 shared seeds."""
+    def val(by: dict[int, dict], limit: float) -> dict[int, float | None]:
+        out: dict[int, float | None] = {}
+        for s, r in by.items():
+            pts = r["points"]
+            out[s] = window_at(pts, "gen_updates", limit, fd_key(pts)) if pts[-1]["gen_updates"] >= limit - 1e-9 else None
+        return out
+
+    return paired(val(runs[flash], budget / ratio), val(runs[dmd2], budget))
 
 
-def equal_compute(runs: dict[str, dict[int, dict]], flash: str, dmd2: str,
-                  ratio: float | None = None) -> Interval | None:
-    """Per seed: flash's final FD vs real minus dmd2's FD vs real at the same compute: the same measured training
-    wall time, or with `ratio` (one flash update in dmd2 updates, from clean timings) the same priced updates."""
-    f = {s: r["points"][-1] for s, r in runs[flash].items()}
-    field = "wall_s" if ratio is None else "gen_updates"
-    d = {s: at(runs[dmd2][s]["points"], field, f[s][field] * (ratio or 1.0), "fd_real") for s in runs[dmd2] if s in f}
-    return paired({s: p["fd_real"] for s, p in f.items()}, d)
+def window_diff(runs: dict[str, dict[int, dict]], a: str, b: str, where: str, key: str | None = None) -> Interval | None:
+    """a minus b, per seed, of the window at the run's end ("final") or at its middle checkpoint ("mid")."""
+    def val(r: dict) -> float | None:
+        pts = r["points"]
+        limit = pts[-1]["gen_updates"] if where == "final" else pts[1:][len(pts[1:]) // 2]["gen_updates"]
+        return window_at(pts, "gen_updates", limit, key or fd_key(pts))
+
+    return paired({s: val(r) for s, r in runs[a].items()}, {s: val(r) for s, r in runs[b].items()})
 
 
-def window(points: list[dict], where: str, key: str) -> float:
-    """Mean `key` over 3 neighbouring trained checkpoints (the update-0 start excluded): around the middle of the
-    run ("mid") or its last 3 ("final"). Neighbouring checkpoints of one digits run differ by up to ~3 FD, so a
-    single checkpoint would decide on that swing."""
-    trained = points[1:]
-    m = len(trained) // 2
-    pts = trained[max(m - 1, 0):m + 2] if where == "mid" else trained[-TAIL:]
-    return sum(p[key] for p in pts) / len(pts)
+def rl_change(run: dict, start: dict, key: str, field: str = "step", limit: float | None = None) -> float | None:
+    """The window (at `limit` of `field`, default the end) minus the stage-1 start."""
+    pts = [{"step": 0, "wall_s": 0.0, **start}, *run["points"]]
+    v = window_at(pts, field, pts[-1][field] if limit is None else limit, key)
+    return None if v is None else v - start[key]
 
 
-def ema_effect(runs: dict[str, dict[int, dict]], name: str, base: str, where: str) -> Interval | None:
-    """FD vs real of `name` minus `base`, per seed, over 3 checkpoints mid-run or at the end (`window`)."""
-    def pick(r: dict) -> float:
-        return window(r["points"], where, "fd_real")
+def rl_diff(runs: dict[str, dict[int, dict]], start: dict, a: str, b: str, key: str,
+            limit_b: Callable[[dict], tuple[str, float]] | None = None) -> Interval | None:
+    """a's change minus b's, per seed; `limit_b(run a)` -> (field, value) moves b's window (matched pairs/time)."""
+    def b_val(s: int) -> float | None:
+        if s not in runs[b]:
+            return None
+        if limit_b is None:
+            return rl_change(runs[b][s], start, key)
+        field, lim = limit_b(runs[a][s])
+        return rl_change(runs[b][s], start, key, field, lim)
 
-    return paired({s: pick(r) for s, r in runs[name].items()}, {s: pick(r) for s, r in runs[base].items()})
-
-
-def tail_delta(run: dict, start: dict, key: str) -> float:
-    pts = run["points"][-TAIL:]
-    return sum(p[key] for p in pts) / len(pts) - start[key]
-
-
-def rl_effect(runs: dict[str, dict[int, dict]], start: dict, name: str, base: str, key: str) -> Interval | None:
-    return paired({s: tail_delta(r, start, key) for s, r in runs[name].items()},
-                  {s: tail_delta(r, start, key) for s, r in runs[base].items()})
+    return paired({s: rl_change(r, start, key) for s, r in runs[a].items()}, {s: b_val(s) for s in runs[a]})
 
 
-def decide(q: dict | None, rl: dict | None, costs: dict[str, float] | None = None) -> list[dict[str, Any]]:
-    """costs: run name -> clean s per generator update (quality_vs_cost.update_costs)."""
+def matched_reward(runs: dict[str, dict[int, dict]], start: dict, joint: str, post: str, fd: str) -> Interval | None:
+    """Post-train stopped early: per seed, post-train's FD change where its reward first reaches joint's final
+    reward (interpolated between checkpoints), minus joint's final FD change. Below 0: stopped-early post-train
+    pays less FD for the same reward."""
+    diffs: dict[int, float | None] = {}
+    for s, r in runs[post].items():
+        if s not in runs[joint]:
+            continue
+        target = rl_change(runs[joint][s], start, "reward")
+        pts = [{"step": 0, **start}, *r["points"]]
+        neg = [{**p, "neg": -p["reward"]} for p in pts]
+        hit = None if target is None else interp_reach(neg, "neg", -(start["reward"] + target), (fd,))
+        jf = rl_change(runs[joint][s], start, fd)
+        diffs[s] = None if hit is None or jf is None else (hit[fd] - start[fd]) - jf
+    return paired(diffs, dict.fromkeys(diffs, 0.0))
+
+
+# ------------------------------------------------------------------------------------------------- the table
+
+
+def decide(q: dict | None, rl: dict | None, timing: Path = RESULTS / "train_step_digits.json",
+           earlier: dict | None = None) -> list[dict[str, Any]]:
+    """Every row of the table. q: the held-out study (quality_vs_cost.json); earlier: the study before it (FD vs all
+    digits, teacher reference at CFG 2), whose rows are tagged and belong to the same Holm family."""
     rows: list[dict[str, Any]] = []
-    costs = costs or {}
+    studies = [(x, tag) for x, tag in ((q, ""), (earlier, "[earlier study] ")) if x is not None]
 
-    def add(claim: str, what: str, iv: Interval | None, verdict: str) -> None:
-        rows.append({"claim": claim, "comparison": what, "interval": iv.as_dict() if iv else None, "verdict": verdict})
+    def add(claim: str, what: str, iv: Interval | None, words: tuple[str, str], **extra: Any) -> dict[str, Any]:
+        row = {"claim": claim, "comparison": what, "interval": iv.as_dict() if iv else None,
+               "p": t_pvalue(iv) if iv else math.nan, "words": list(words), **extra}
+        rows.append(row)
+        return row
 
-    if q is not None:
+    for q, study in studies:
         runs = _runs(q)
-        for flash in ("flash-ttur1-k4-noema", "flash-ttur1-k4", "flash-ttur2-k4"):
-            if flash in runs and "dmd2-k4" in runs:
-                if flash in costs and "dmd2-k4" in costs:
-                    ratio = costs[flash] / costs["dmd2-k4"]
-                    iv = equal_compute(runs, flash, "dmd2-k4", ratio)
-                    add("a", f"{flash} final FD real - dmd2-k4 FD real at the same compute (updates priced at clean "
-                        f"per-update costs: 1 flash update = {ratio:.2f} dmd2 updates)", iv,
-                        {"below": "reproduced", "above": "not reproduced"}.get(sign(iv), "inconclusive"))
-                iv = equal_compute(runs, flash, "dmd2-k4")
-                add("a", f"{flash} final FD real - dmd2-k4 FD real at the same measured (contended) wall time", iv,
-                    {"below": "reproduced", "above": "not reproduced"}.get(sign(iv), "inconclusive"))
-        for name in ("flash-ttur1-k4-ema0.9", "flash-ttur1-k4", "flash-ttur1-k4-ema0.995"):
-            if name in runs and "flash-ttur1-k4-noema" in runs:
-                for where in ("mid", "final"):
-                    iv = ema_effect(runs, name, "flash-ttur1-k4-noema", where)
-                    add("b", f"{name} - no EMA, FD real {'mid-run' if where == 'mid' else 'at the end'} (3 checkpoints)", iv,
-                        {"below": "helps", "above": "hurts"}.get(sign(iv), "inconclusive"))
-        for name in ("drift-nogan", "drift-glr5e-6", "drift-dm999"):
-            if name in runs and "flash-ttur1-k4-noema" in runs:
-                for key in ("fd_teacher", "fd_real"):
-                    iv = paired({s: window(r["points"], "final", key) for s, r in runs[name].items()},
-                                {s: window(r["points"], "final", key) for s, r in runs["flash-ttur1-k4-noema"].items()})
-                    add("drift", f"{name} - demo recipe (no EMA): {key}, last 3 checkpoints", iv,
-                        FD_WORDS.get(sign(iv), sign(iv)))
+        for flash in FLASH_A:
+            if flash not in runs or "dmd2-k4" not in runs:
+                continue
+            measured = price_ratio(flash, timing)
+            whole = max(p["gen_updates"] for r in runs[flash].values() for p in r["points"])
+            for label, ratio in (("measured", measured), ("paper", None)):
+                r = PAPER_RATIO if ratio is None else ratio.mean
+                for b in [x for x in BUDGETS if x / r < whole] + [whole * r]:
+                    iv = at_budget(runs, flash, "dmd2-k4", b, r)
+                    if iv is None:  # a run stops before the point, or no full window there
+                        continue
+                    bounds = ""
+                    if ratio is not None and not math.isnan(ratio.lo):  # is the reading the same at the ratio's bounds?
+                        alt = [sign(iv_) if (iv_ := at_budget(runs, flash, "dmd2-k4", b, x)) else "past a run's end"
+                               for x in (ratio.lo, ratio.hi)]
+                        bounds = f"raw reading at the ratio's bounds: {alt[0]} / {alt[1]}"
+                    tag = "flash's whole run" if b == whole * r else f"{b:g} dmd2 updates"
+                    add("a", study + f"{flash} - dmd2-k4, {FD_LABEL[fd_key(runs[flash][min(runs[flash])]['points'])]}, at {tag} ({label} price: 1 flash update = {r:.3f} "
+                        f"dmd2 updates, flash at {b / r:.0f} updates)", iv, ("reproduced", "not reproduced"),
+                        note=bounds)
+        for name, lam in EMA_SWEEP.items():
+            if name not in runs or "flash-ttur1-k4-noema" not in runs:
+                continue
+            any_run = next(iter(runs[name].values()))
+            label = FD_LABEL[fd_key(any_run["points"])]
+            cfg = any_run.get("reference_guidance")
+            for where in ("mid", "final"):
+                add("b", study + f"lambda_ema {lam} - 0, {label}, {'mid-run' if where == 'mid' else 'at the end'}",
+                    window_diff(runs, name, "flash-ttur1-k4-noema", where), ("helps", "hurts"))
+            add("b", study + f"lambda_ema {lam} - 0, FD vs the teacher's 50-step samples "
+                f"({'at the students CFG ' + format(cfg, 'g') if cfg else 'at CFG 2, not the students CFG'}), at the end",
+                window_diff(runs, name, "flash-ttur1-k4-noema", "final", "fd_teacher"),
+                ("nearer the teacher", "further from the teacher"))
     if rl is not None:
-        runs, start, control = _runs(rl), rl["start"], "distill-only"
-        if "joint-5to1" in runs and control in runs:
-            r, f = (rl_effect(runs, start, "joint-5to1", control, k) for k in ("reward", "fd_real"))
-            add("c", "joint-5to1 - no-RL control: reward change", r, {"above": "raises", "below": "lowers"}.get(
-                sign(r), "inconclusive"))
-            add("c", "joint-5to1 - no-RL control: FD real change", f, FD_WORDS.get(sign(f), sign(f)))
-        if "post-train" in runs and control in runs:
-            r, f = (rl_effect(runs, start, "post-train", control, k) for k in ("reward", "fd_real"))
-            add("c", "post-train - no-RL control: reward and FD real change", r,
-                "hacks (reward up, FD up)" if sign(r) == "above" and sign(f) == "above" else "inconclusive")
-            add("c", "post-train - no-RL control: FD real change", f, FD_WORDS.get(sign(f), sign(f)))
-        if "joint-5to1" in runs and "post-train" in runs:  # does the distillation turn limit the damage?
-            for k in ("reward", "fd_real"):
-                iv = rl_effect(runs, start, "joint-5to1", "post-train", k)
-                add("c", f"joint-5to1 - post-train: {k} change", iv,
-                    FD_WORDS.get(sign(iv), sign(iv)) if k == "fd_real" else sign(iv))
+        runs, start = _runs(rl), rl["start"]
+        fd = fd_key(next(iter(next(iter(runs.values())).values()))["points"])
+        if CONTROL in runs:
+            for name in [n for n in RL_RUNS if n in runs]:
+                claim = "c" if name in ("joint-5to1", "post-train") else "d" if name == "all-timesteps" else "rl"
+                rw = add(claim, f"{name} - no-RL control: reward change", rl_diff(runs, start, name, CONTROL, "reward"),
+                         ("lowers the reward", "raises the reward"), hacking_of=name)
+                add(claim, f"{name} - no-RL control: {FD_LABEL[fd]} change", rl_diff(runs, start, name, CONTROL, fd),
+                    ("better FD", "worse FD"), hacking_pair=id(rw))
+        if "joint-5to1" in runs and "post-train" in runs:
+            for k in ("reward", fd):
+                add("c", f"joint-5to1 - post-train: {'reward' if k == 'reward' else FD_LABEL[k]} change",
+                    rl_diff(runs, start, "joint-5to1", "post-train", k),
+                    ("lower", "higher"))
+            add("c", f"post-train stopped at joint-5to1's reward (interpolated) - joint-5to1: {FD_LABEL[fd]} change",
+                matched_reward(runs, start, "joint-5to1", "post-train", fd), ("post-train early pays less FD",
+                                                                              "post-train early pays more FD"))
         if "joint-5to1" in runs and "all-timesteps" in runs:
-            r, f = (rl_effect(runs, start, "joint-5to1", "all-timesteps", k) for k in ("reward", "fd_real"))
-            verdict = ("reproduced" if sign(r) == "above" or (sign(r) == "includes 0" and sign(f) == "below")
-                       else "not reproduced" if sign(r) == "below" else "inconclusive")
-            add("d", "joint-5to1 (999, 749) - all-timesteps (999, 749, 499): reward change", r, verdict)
-            add("d", "joint-5to1 - all-timesteps: FD real change", f, FD_WORDS.get(sign(f), sign(f)))
-        if "joint-5to1" in runs and "joint-critics-distill-only" in runs:
-            for k in ("reward", "fd_real"):
-                iv = rl_effect(runs, start, "joint-critics-distill-only", "joint-5to1", k)
-                add("critic_updates", f"distill_only - every: {k} change", iv, sign(iv))
+            pairs = (lambda r: ("step", r["points"][-1]["step"] * 2 / 3), "matched preference pairs (2 vs 3 per update)")
+            wall = (lambda r: ("wall_s", r["points"][-1]["wall_s"]), "matched training wall time")
+            for limit, how in ((None, "matched updates"), pairs, wall):
+                add("d", f"joint-5to1 (999, 749) - all-timesteps (999, 749, 499), {how}: reward change",
+                    rl_diff(runs, start, "joint-5to1", "all-timesteps", "reward", limit),
+                    ("not reproduced", "reproduced"))
+    return adjust(rows)
+
+
+def adjust(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Holm across every row; each row's verdict from its adjusted p, then the hacking rule on RL reward rows."""
+    for row, p_adj in zip(rows, holm([r["p"] for r in rows]), strict=True):
+        iv = row["interval"]
+        row["p_holm"] = p_adj
+        row["raw"] = sign(Interval(**iv)) if iv else "n < 2"
+        if iv is None or math.isnan(p_adj):
+            row["verdict"] = "n < 2"
+        elif p_adj < ALPHA:
+            row["verdict"] = row["words"][0] if iv["mean"] < 0 else row["words"][1]
+        else:
+            row["verdict"] = "inconclusive"
+    by_id = {id(r): r for r in rows}
+    for row in rows:
+        if "hacking_pair" in row:
+            reward = by_id[row.pop("hacking_pair")]
+            reward["verdict"] = hacking_verdict(reward, row)
     return rows
+
+
+def hacking_verdict(reward: dict[str, Any], fd: dict[str, Any]) -> str:
+    """The rule for every RL run vs the control, on Holm-adjusted decisions."""
+    up = reward["verdict"] == reward["words"][1]
+    fd_up = fd["verdict"] == fd["words"][1]
+    if not up:
+        return "no reward gain" if reward["verdict"] != "n < 2" else "n < 2"
+    return "hacks (reward up, FD up)" if fd_up else "holds (reward up, FD not detectably up)"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     def fmt(d: dict | None) -> str:
         return Interval(**d).fmt(3) if d else "-"
 
-    return format_table(["claim", "paired difference over training seeds", "mean [95% interval]", "verdict"],
-                        [[r["claim"], r["comparison"], fmt(r["interval"]), r["verdict"]] for r in rows])
+    def p(x: float) -> str:
+        return "-" if math.isnan(x) else f"{x:.3g}"
+
+    return format_table(["claim", "paired difference over training seeds", "mean [raw 95% interval] (n)", "p",
+                         "p Holm", "raw reading", "verdict (Holm)"],
+                        [[r["claim"], r["comparison"] + (f"; {r['note']}" if r.get("note") else ""),
+                          fmt(r["interval"]), p(r["p"]), p(r["p_holm"]), r["raw"], r["verdict"]] for r in rows])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quality", type=Path, default=RESULTS / "quality_vs_cost.json")
+    ap.add_argument("--earlier", type=Path, default=RESULTS / "quality_vs_cost_alldigits.json",
+                    help="the study before the held-out split (FD vs all digits); its rows join the family, tagged")
     ap.add_argument("--rl", type=Path, default=RESULTS / "rl_ablation.json")
+    ap.add_argument("--timing", type=Path, default=RESULTS / "train_step_digits.json")
     ap.add_argument("--out", type=Path, default=RESULTS / "claims")
     args = ap.parse_args()
     q = json.loads(args.quality.read_text()) if args.quality.is_file() else None
     rl = json.loads(args.rl.read_text()) if args.rl.is_file() else None
-    from quality_vs_cost import update_costs
-
-    rows = decide(q, rl, update_costs())
-    md = "\n".join(["# The digits claims, decided by paired seed differences", "", f"Command: `{command_line()}`", "",
-                    "Each row: configuration A minus B, per training seed, mean and 95% t-interval; a verdict "
-                    "needs the interval to exclude 0 (rules in bench/claims.py).", "", table(rows)]) + "\n"
-    write_json(args.out.with_name(args.out.name + ".json"), {"command": command_line(), "rows": rows})
+    earlier = json.loads(args.earlier.read_text()) if args.earlier.is_file() else None
+    rows = decide(q, rl, args.timing, earlier)
+    seeds = {f"{tag}{n}": sorted(int(s) for s in by) for x, tag in ((q, ""), (earlier, "[earlier study] "),
+                                                                     (rl, "[RL] ")) if x for n, by in x["runs"].items()}
+    md = "\n".join([
+        "# The digits claims, decided by paired seed differences, Holm-adjusted across the table", "",
+        f"Command: `{command_line()}`", "",
+        f"Each row: A minus B per training seed, mean, raw 95% t-interval and p; {len(rows)} rows form one family "
+        f"and a verdict needs the Holm-adjusted p < {ALPHA}. Every value is a window of 3 checkpoints (rules in "
+        "bench/claims.py).", "",
+        "Seeds per run (a row pairs the seeds both of its runs have): "
+        + "; ".join(f"{n}: {len(s)} ({','.join(map(str, s))})" for n, s in seeds.items()), "",
+        "Held-out study: FD vs the 360 held-out real digits, teacher reference at the students' CFG 1. "
+        "[earlier study]: FD vs all 1,797 digits (the evaluator trained on 1,437 of them), teacher reference at "
+        "CFG 2. RL rows: the earlier RL study, FD vs all digits, reward scored by the judge the trained reward was "
+        "fine-tuned from (not an independent judge).", "", "## Price of an update", "", cost_table(args.timing), "", table(rows)]) + "\n"
+    write_json(args.out.with_name(args.out.name + ".json"),
+               {"command": command_line(), "alpha": ALPHA, "seeds": seeds,
+                "rows": [{k: v for k, v in r.items() if k != "hacking_of"} for r in rows]})
     args.out.with_name(args.out.name + ".md").write_text(md)
     print(md)
 

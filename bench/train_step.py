@@ -161,7 +161,8 @@ def digits_study_cfgs() -> dict[str, Any]:
     return {key: parse_spec(run_spec(row, 1.0, 0)[0]) for key, row in names.items()}
 
 
-def time_model(teacher_ref: str, batch: int, iters: int, cfgs: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+def time_model(teacher_ref: str, batch: int, iters: int, cfgs: dict[str, Any] | None = None,
+               equal_updates: bool = False) -> dict[str, dict[str, Any]]:
     """Interleaved timing of every config on one shared teacher (see the module docstring); `cfgs` replaces the
     CONFIGS specs (they must share teacher, data and mixed precision)."""
     import torch
@@ -195,7 +196,10 @@ def time_model(teacher_ref: str, batch: int, iters: int, cfgs: dict[str, Any] | 
     # One round = BLOCK iterations of every config, run cycle by cycle with each config's cycles spread
     # evenly over the round, so a change in outside load hits all configs alike.
     names = list(state)
-    per_round = {n: BLOCK // state[n]["times"].ttur for n in names}
+    # Equal updates: every config makes the same generator updates per round (BLOCK // the largest TTUR), so a
+    # dmd2 update (TTUR iterations) and a flash update are timed side by side in equal numbers.
+    max_ttur = max(state[n]["times"].ttur for n in names)
+    per_round = {n: (BLOCK // max_ttur if equal_updates else BLOCK // state[n]["times"].ttur) for n in names}
     order = sorted(((i + 0.5) / k, n) for n, k in per_round.items() for i in range(k))
     for r in range(math.ceil(iters / BLOCK)):
         for _, name in order:
@@ -206,7 +210,8 @@ def time_model(teacher_ref: str, batch: int, iters: int, cfgs: dict[str, Any] | 
     out = {name: {"spec": spec_summary(s["cfg"]), "build_s": s["build_s"], "warmup_iters": s["warmup_iters"],
                   "warmup_s": s["warmup_s"], "timing": s["times"].summary(),
                   "phase_s_per_gen_update": phase_summary(s["phases"], s["times"]),
-                  "iteration_s": [round(x, 5) for x in s["times"].seconds]} for name, s in state.items()}
+                  "iteration_s": [round(x, 5) for x in s["times"].seconds],
+                  "round_iterations": per_round[name] * s["times"].ttur} for name, s in state.items()}
     state.clear()
     gc.collect()
     return out
@@ -251,7 +256,7 @@ def main() -> None:
         cfgs = digits_study_cfgs()
         first = next(iter(cfgs.values()))
         print(f"[digits] timing {', '.join(cfgs)} (batch {first.train.batch_size})", flush=True)
-        res = time_model(first.model.teacher, first.train.batch_size, args.iters, cfgs)
+        res = time_model(first.model.teacher, first.train.batch_size, args.iters, cfgs, equal_updates=True)
         add_ratios(res)
         results["digits"] = {"teacher": "toy:digits", "configs": res}
     else:

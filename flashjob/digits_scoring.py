@@ -42,20 +42,24 @@ def student_samples(checkpoint: str | Path, labels: Tensor, batch: int = 250) ->
 
 
 def score_run(*, checkpoints: list[dict[str, Any]], student_grid: Tensor, seeds: list[int], per_class: int,
-              student_latency: float, out: Path) -> dict[str, Any]:
+              student_latency: float, out: Path, guidance: float) -> dict[str, Any]:
+    """`guidance`: the CFG the student was distilled with (`distill.real_guidance`). Every teacher row and the FD
+    vs teacher reference are sampled at it, so "FD vs T50" measures distance to the teacher the student learnt."""
     teacher = load_teacher(ModelSpec(teacher="toy:digits"))
     ev = default_evaluator()
-    reference = teacher_reference(teacher, ev, progress=True)
+    reference = teacher_reference(teacher, ev, per_class=per_class, guidance=guidance, progress=True)
     labels = eval_labels(per_class)
     n = len(labels)
     # The teacher's 50-step samples are deterministic and cost more than the rest of scoring together: their
     # features come from the shipped (or cached) file for this teacher + evaluator + sampler settings.
-    t50_features = teacher_features(teacher, ev, per_class=per_class, seed=SEED, progress=True)
-    t4, lat4 = _timed(lambda: generate(teacher, labels, method="renoise", seed=SEED, progress=True), n)
-    d4, latd4 = _timed(lambda: generate(teacher, labels, method="ddim", seed=SEED, progress=True), n)
+    t50_features = teacher_features(teacher, ev, per_class=per_class, guidance=guidance, seed=SEED, progress=True)
+    t4, lat4 = _timed(lambda: generate(teacher, labels, method="renoise", guidance=guidance, seed=SEED,
+                                       progress=True), n)
+    d4, latd4 = _timed(lambda: generate(teacher, labels, method="ddim", guidance=guidance, seed=SEED, progress=True), n)
     grid_labels = torch.arange(10)
     # The grid's ten 50-step images are sampled anyway: they give the row's latency (a batch of 10, not 250).
-    grid50, lat50 = _timed(lambda: generate(teacher, grid_labels, method="euler", steps=50, seed=SEED), 10)
+    grid50, lat50 = _timed(lambda: generate(teacher, grid_labels, method="euler", steps=50, guidance=guidance,
+                                            seed=SEED), 10)
     table = {
         "teacher 50-step CFG": {**ev.report_features(t50_features, labels, reference), "latency_s": lat50,
                                 "latency_batch": 10},
@@ -67,11 +71,12 @@ def score_run(*, checkpoints: list[dict[str, Any]], student_grid: Tensor, seeds:
         rep = ev.report(student_samples(ck["path"], labels), labels, reference)
         fd_over_steps.append({"step": ck["step"], **rep})
     table["student 4-step"] = {**fd_over_steps[-1], "latency_s": student_latency}
-    grid = torch.cat([grid50, generate(teacher, grid_labels, method="renoise", seed=SEED), student_grid])
+    grid = torch.cat([grid50, generate(teacher, grid_labels, method="renoise", guidance=guidance, seed=SEED),
+                      student_grid])
     best_teacher4 = min(table["teacher 4-step DDIM"]["fd_real"], table["teacher 4-step renoise"]["fd_real"])
     return {"table": table, "fd_over_steps": fd_over_steps, "per_class": per_class, "seeds": seeds,
             "student_beats_teacher_4step": table["student 4-step"]["fd_real"] < best_teacher4,
-            "real_baselines": ev.real_baselines(), "_grid": grid}
+            "teacher_guidance": guidance, "real_baselines": ev.real_baselines(), "_grid": grid}
 
 
 GRID_ROWS = ("teacher 50-step CFG", "teacher 4-step", "student 4-step")

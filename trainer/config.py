@@ -115,7 +115,8 @@ class DataSpec(_Strict):
     images: str | None = Field(None, description="folder of images with same-named .txt captions")
     manifest: str | None = Field(None, description="JSONL with {image, caption} per line")
     prompts: str | None = Field(None, description="text file, one prompt per line (no real images)")
-    builtin: Literal["digits"] | None = Field(None, description="a dataset shipped in a package")
+    builtin: Literal["digits", "digits-train"] | None = Field(
+        None, description="a dataset shipped in a package; digits-train: the digits minus the held-out FD reference")
     num_workers: int = Field(0, ge=0, le=64)
     center_crop: bool = True
     random_flip: bool = False

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -142,17 +142,35 @@ class PromptDataset(Dataset):
         return {"caption": self.prompts[i]}
 
 
-class DigitsDataset(Dataset):
-    """sklearn's 8x8 digits (1797 images, shipped in the package), upsampled to R x R RGB."""
+def digits_split(labels: Sequence[int], seed: int = 0, test_frac: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices of the 1797 digits: one stratified split, fixed by `seed`. The digits evaluator
+    trains on the train part and the held-out part is the FD reference, so no scored real digit was seen by the
+    evaluator or by a GAN reading `builtin: digits-train`."""
+    from sklearn.model_selection import train_test_split
 
-    def __init__(self, resolution: int) -> None:
+    idx = np.arange(len(labels))
+    tr, te = train_test_split(idx, test_size=test_frac, random_state=seed, stratify=np.asarray(labels))
+    return np.sort(tr), np.sort(te)
+
+
+class DigitsDataset(Dataset):
+    """sklearn's 8x8 digits (1797 images, shipped in the package), upsampled to R x R RGB; split="train" keeps
+    only `digits_split`'s train part."""
+
+    def __init__(self, resolution: int, split: str | None = None) -> None:
         from sklearn.datasets import load_digits
 
+        if split not in (None, "train"):
+            raise ValueError(f"DigitsDataset split: expected None or 'train', got {split!r}")
         digits = load_digits()
+        images, labels = digits.images, digits.target
+        if split == "train":
+            keep = digits_split(labels.tolist())[0]
+            images, labels = images[keep], labels[keep]
         # Kept at 8x8 and upsampled per item: all 1797 images at 1024^2 would take 22 GB.
-        self.small = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]  # [N, 1, 8, 8] in [0, 1]
+        self.small = torch.from_numpy(images.astype(np.float32) / 16.0)[:, None]  # [N, 1, 8, 8] in [0, 1]
         self.resolution = resolution
-        self.labels = digits.target.tolist()
+        self.labels = labels.tolist()
 
     def image(self, i: int) -> torch.Tensor:
         img = torch.nn.functional.interpolate(self.small[i:i + 1], size=(self.resolution, self.resolution),
@@ -205,8 +223,8 @@ def build_dataset(spec: DataSpec, resolution: int, seed: int = 0) -> Dataset:
         from trainer.datacache import CacheDataset
 
         return CacheDataset(check_opened(spec.cache, "data.cache", runs_ok=True))
-    if spec.builtin == "digits":
-        return DigitsDataset(resolution)
+    if spec.builtin in ("digits", "digits-train"):
+        return DigitsDataset(resolution, split="train" if spec.builtin == "digits-train" else None)
     if spec.prompts:
         path = check_opened(spec.prompts, "data.prompts")
         if not path.is_file():

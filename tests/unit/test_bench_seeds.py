@@ -1,4 +1,4 @@
-"""bench/_seeds.py and the seed aggregation of bench/quality_vs_cost.py, on hand-made runs (no training)."""
+"""bench/_seeds.py and quality_vs_cost's report (bench/_qvc_report.py), on hand-made runs (no training)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,17 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import quality_vs_cost as Q  # noqa: E402
-from _seeds import band, cached_run, fmt_reach, parse_seeds, reach_interval, run_cache  # noqa: E402
+import _qvc_report as R  # noqa: E402
+from _seeds import (  # noqa: E402
+    band,
+    cached_run,
+    fmt_reach,
+    interp_reach,
+    parse_seeds,
+    reach_interval,
+    run_cache,
+    window_at,
+)
 
 
 def test_parse_seeds() -> None:
@@ -49,75 +58,78 @@ def test_reach_interval_counts_the_seeds_that_never_reach() -> None:
     assert fmt_reach(reach_interval([None, None], "s")) == "- (0/2 seeds)"
 
 
-def _run(name: str, seed: int, k: int, fds: list[float], per_update_s: float, ttur: int = 1) -> dict:
-    upd = [0, 100, 200, 300]
-    return {"name": name, "seed": seed, "K": k, "ttur": ttur, "ema": 0.0, "mode": name.split("-")[0],
+def _run(name: str, seed: int, fds: list[float], per_update_s: float, ttur: int = 1, key: str = "fd_heldout") -> dict:
+    upd = [100 * i for i in range(len(fds))]
+    return {"name": name, "seed": seed, "K": 4, "ttur": ttur, "ema": 0.0, "mode": name.split("-")[0],
             "gen_updates": upd[-1], "points": [
-                {"step": u * ttur, "gen_updates": u, "wall_s": u * per_update_s, "fd_real": f, "fd_teacher": f + 1,
-                 "accuracy": 0.99, "diversity": 13.0} for u, f in zip(upd, fds, strict=True)]}
+                {"step": u * ttur, "gen_updates": u, "wall_s": u * per_update_s, key: f, "fd_teacher": f + 1,
+                 "recall": 0.5, "accuracy": 0.99, "diversity": 13.0} for u, f in zip(upd, fds, strict=True)]}
 
 
-def test_quality_vs_cost_compares_each_flash_seed_with_converged_dmd2() -> None:
-    runs = {
-        "flash-ttur1-k4": {0: _run("flash-ttur1-k4", 0, 4, [18, 9, 7, 8], 0.5),
-                           1: _run("flash-ttur1-k4", 1, 4, [18, 12, 9, 7.2], 0.5),
-                           2: _run("flash-ttur1-k4", 2, 4, [18, 11, 10, 9.5], 0.5)},
-        "dmd2-k4": {0: _run("dmd2-k4", 0, 4, [18, 12, 9, 7.0], 2.0, ttur=5),
-                    1: _run("dmd2-k4", 1, 4, [18, 11, 9, 7.6], 2.0, ttur=5)},
-    }
-    agg = Q.aggregate(runs)
-    assert agg["dmd2-k4"]["final"]["fd_real"]["mean"] == pytest.approx(7.3)
-    assert agg["flash-ttur1-k4"]["best_fd_real"]["mean"] == pytest.approx((7 + 7.2 + 9.5) / 3)
-    (row,) = Q.compare(runs, agg)
-    # Target 7.3: seed 0 reaches it at 200 updates (100 s), seed 1 at 300 (150 s), seed 2 never.
-    assert (row["wall_s"]["reached"], row["wall_s"]["of"]) == (2, 3)
-    assert row["gen_updates"]["mean"] == 250.0
-    # dmd2's whole run: 300 updates, 600 s; so 100 s and 150 s are 16.7% and 25%.
-    assert row["pct_wall"]["mean"] == pytest.approx((100 / 6 + 25) / 2)
-    reach = Q.time_to_reach(runs)
-    assert reach["flash-ttur1-k4"]["10"]["wall_s"]["reached"] == 3  # seed 2: 11, then 10 at 200 updates
-    assert reach["flash-ttur1-k4"]["8"]["gen_updates"]["reached"] == 2
-    md = Q.table(agg, [row], reach, "cmd", per_class=150)
-    assert "N = 1500" in md and "2/3 seeds" in md
-    # Priced at clean per-update costs (a flash update = half a dmd2 update): 200 and 300 updates are 100 and 150
-    # dmd2 updates, 33.3% and 50% of dmd2's 300.
-    (priced,) = Q.compare(runs, agg, {"flash-ttur1-k4": 1.0, "dmd2-k4": 2.0})
-    assert priced["update_cost_ratio"] == 0.5
-    assert priced["pct_clean"]["mean"] == pytest.approx((100 / 3 + 50) / 2) and priced["pct_clean"]["reached"] == 2
-    assert "pct_clean" not in row
+def test_interp_reach_interpolates_between_the_checkpoints_around_the_crossing() -> None:
+    pts = [{"u": 0, "fd": 20.0}, {"u": 100, "fd": 12.0}, {"u": 200, "fd": 8.0}, {"u": 300, "fd": 9.0}]
+    # 10 lies half way between 12 (u 100) and 8 (u 200): 150, not the 200 the next checkpoint would give.
+    assert interp_reach(pts, "fd", 10.0, ("u",)) == {"u": 150.0}
+    assert interp_reach(pts, "fd", 15.0, ("u",)) == {"u": 100}  # the first trained checkpoint: its own value
+    assert interp_reach(pts, "fd", 7.0, ("u",)) is None
+    # Crossing after a rebound: 9 -> reached first at 200 (from 12), interpolated 3/4 of the way.
+    assert interp_reach(pts, "fd", 9.0, ("u",))["u"] == pytest.approx(175.0)
 
 
-def test_teacher_drift_measures_the_rise_after_each_seeds_lowest_fd_teacher() -> None:
-    def drift_run(name: str, seed: int, fd_teacher: list[float]) -> dict:
-        r = _run(name, seed, 4, [18, 9, 8, 8], 0.5)
-        for p, f in zip(r["points"], fd_teacher, strict=True):
-            p["fd_teacher"] = f
-        return r
-
-    runs = {"flash-ttur1-k4-noema": {0: drift_run("flash-ttur1-k4-noema", 0, [9, 4, 6, 8]),
-                                     1: drift_run("flash-ttur1-k4-noema", 1, [9, 5, 3, 7])},
-            "drift-nogan": {0: drift_run("drift-nogan", 0, [9, 6, 5, 5])},
-            "flash-ttur1-k4": {0: drift_run("flash-ttur1-k4", 0, [1, 1, 1, 1])}}  # not a drift run: left out
-    d = Q.teacher_drift(runs)
-    assert list(d) == ["flash-ttur1-k4-noema", "drift-nogan"]
-    base = d["flash-ttur1-k4-noema"]
-    # Seed 0: lowest 4 at 100 updates, ends at 8 (rise 4); seed 1: lowest 3 at 200, ends at 7 (rise 4). The
-    # update-0 point (the teacher as a 4-step sampler) is not a trained checkpoint and is skipped.
-    assert base["min_fd_teacher"]["mean"] == 3.5 and base["min_at_updates"]["mean"] == 150
-    assert base["rise"]["mean"] == 4.0 and base["rise"]["sd"] == 0.0
-    assert d["drift-nogan"]["rise"]["mean"] == 0.0 and d["drift-nogan"]["final_fd_teacher"]["mean"] == 5.0
-    md = Q.table(Q.aggregate(runs), [], Q.time_to_reach(runs), "cmd", per_class=150, drift=d)
-    assert "The teacher drift" in md and "no GAN" in md
+def test_window_at_needs_three_trained_checkpoints() -> None:
+    pts = [{"u": 25 * i, "fd": f} for i, f in enumerate([99, 1, 2, 3, 4, 5])]  # 99: the start, never in a window
+    assert window_at(pts, "u", 75, "fd") == 2.0  # 25, 50, 75 -> 1, 2, 3
+    assert window_at(pts, "u", 110, "fd") == 3.0  # last <= 110 is 100: 2, 3, 4
+    assert window_at(pts, "u", 60, "fd") is None  # only 25 and 50 qualify
 
 
-def test_reach_curves_stop_where_a_seed_never_gets() -> None:
-    runs = {"flash-ttur1-k4": {0: _run("flash-ttur1-k4", 0, 4, [18, 9, 7, 8], 0.5),
-                               1: _run("flash-ttur1-k4", 1, 4, [18, 12, 9, 7.2], 0.5)}}
-    curves = Q.reach_curves(runs)["flash-ttur1-k4"]
-    ths = [p["threshold"] for p in curves["gen_updates"]]
-    # Both seeds reach every threshold down to 7.5 (seed 0 at 7.0, seed 1 at 7.2); at 7.0 seed 1 never does.
-    assert ths[0] == 16.0 and ths[-1] == 7.5 and 7.0 not in ths
-    at = {p["threshold"]: p for p in curves["gen_updates"]}
-    assert at[12.0]["mean"] == 100.0 and at[12.0]["n"] == 2  # 9 and 12 are both <= 12 at update 100
-    assert at[8.5]["mean"] == 250.0  # seed 0 at 200 (7), seed 1 at 300 (7.2)
-    assert curves["wall_s"][-1]["mean"] == 0.5 * 250.0
+def test_report_aggregates_windows_and_reach_with_interpolation() -> None:
+    runs = {"flash-ttur1-k4-noema": {0: _run("flash-ttur1-k4-noema", 0, [18, 12, 8, 7, 6], 0.5),
+                                     1: _run("flash-ttur1-k4-noema", 1, [18, 14, 10, 9, 8], 0.5)},
+            "dmd2-k4": {0: _run("dmd2-k4", 0, [18, 16, 15, 14], 2.0, ttur=5)}}
+    agg = R.aggregate(runs)
+    # Final window: the last 3 trained checkpoints: seed 0 (8+7+6)/3 = 7, seed 1 9.
+    assert agg["flash-ttur1-k4-noema"]["final"]["fd_heldout"]["mean"] == pytest.approx(8.0)
+    assert agg["flash-ttur1-k4-noema"]["final"]["recall"]["mean"] == 0.5
+    reach = R.reach(runs, thresholds=(10.0,))
+    # seed 0: 12 -> 8 between 100 and 200: 10 at 150; seed 1: 10 at 200 exactly.
+    assert reach["flash-ttur1-k4-noema"]["10"]["gen_updates"]["mean"] == pytest.approx(175.0)
+    assert reach["dmd2-k4"]["10"]["gen_updates"]["reached"] == 0
+    drift = R.teacher_drift(runs)
+    assert drift["flash-ttur1-k4-noema"]["rise"]["mean"] == 0.0  # FD teacher falls monotonically here
+    payload = {"command": "cmd", "per_class": 50, **R.derive(runs),
+               "real_baselines": {"floor": {"500": {"fd_heldout": 5.5, "recall": 0.95}, "1437": {"fd_heldout": 4.0}}}}
+    md = R.table(payload)
+    assert "N = 500" in md and "the floor" in md and "5.500" in md and "Generator updates to first reach" in md
+
+
+def test_report_falls_back_to_fd_vs_all_digits_for_older_runs() -> None:
+    runs = {"flash-ttur1-k4": {0: _run("flash-ttur1-k4", 0, [18, 12, 8, 7], 0.5, key="fd_real")}}
+    assert R.reach(runs, thresholds=(10.0,))["flash-ttur1-k4"]["10"]["gen_updates"]["mean"] == pytest.approx(150.0)
+
+
+def test_every_study_run_is_a_valid_spec_on_the_train_split() -> None:
+    """The study's specs derive from the demo's: a demo change must not make a row invalid (dmd2 has no EMA)."""
+    import quality_vs_cost as Q
+
+    from trainer.config import parse_spec
+
+    for name in Q.RUNS:
+        spec, ttur, updates = Q.run_spec(name, 1.0, 0)
+        cfg = parse_spec(spec)
+        assert cfg.data.builtin == "digits-train" and updates == Q.RUNS[name][1]
+        assert spec["train"]["checkpoint_every"] == Q.RUNS[name][2] * ttur
+    assert Q.run_spec("dmd2-k4", 1.0, 0)[0]["distill"]["ema"] == 0.0
+
+
+def test_match_dmd2_prices_the_interpolated_crossing() -> None:
+    runs = {"dmd2-k4": {0: _run("dmd2-k4", 0, [20, 18, 16, 14, 12], 2.0, ttur=5)},
+            "flash-ttur1-k4": {0: _run("flash-ttur1-k4", 0, [20, 16, 12, 11], 0.5),
+                               1: _run("flash-ttur1-k4", 1, [20, 15, 13, 13], 0.5)}}
+    price = {"flash-ttur1-k4": {"measured": {"mean": 0.5}, "paper": 0.2}}
+    (row,) = R.match_dmd2(runs, price)
+    # dmd2's final window: (16 + 14 + 12) / 3 = 14 over 400 updates. Seed 0 crosses 14 half way between 100 (16)
+    # and 200 (12): 150 updates; seed 1 between 100 (15) and 200 (13): 150. Priced 75 dmd2 updates = 18.75%.
+    assert row["target"] == pytest.approx(14.0) and row["dmd2_updates"] == 400
+    assert row["measured"]["mean"] == pytest.approx(18.75) and row["paper"]["mean"] == pytest.approx(7.5)
+    assert R.match_dmd2({"flash-ttur1-k4": runs["flash-ttur1-k4"]}, price) == []

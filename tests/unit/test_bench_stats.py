@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from _stats import Interval, mean_interval, t_quantile  # noqa: E402
+from _stats import Interval, holm, mean_interval, ratio_interval, t_pvalue, t_quantile  # noqa: E402
 
 
 def test_t_quantiles_are_the_table_values() -> None:
@@ -53,3 +53,32 @@ def test_wilson_interval_by_hand() -> None:
     assert lo == pytest.approx(0.866692, abs=1e-5) and hi == pytest.approx(0.925704, abs=1e-5)
     lo, hi = wilson(0, 10)  # no successes: the interval still has width, unlike the Wald one
     assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.2775, abs=1e-4)
+
+
+def test_holm_against_a_hand_calculation() -> None:
+    # p = 0.01, 0.04, 0.03, 0.005 (m = 4). Sorted: 0.005 x 4 = 0.02; 0.01 x 3 = 0.03; 0.03 x 2 = 0.06; 0.04 x 1 =
+    # 0.04, raised to 0.06 to stay monotone. Back in input order:
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
+    out = holm([0.01, math.nan, 0.02])  # nan is not a test: m = 2
+    assert out[0] == pytest.approx(0.02) and math.isnan(out[1]) and out[2] == pytest.approx(0.02)
+
+
+def test_t_pvalue_matches_the_interval() -> None:
+    iv = mean_interval([6.0, 8.0, 10.0])  # t = 8 / (2 / sqrt 3) = 6.928, df 2: p = 0.0202
+    assert t_pvalue(iv) == pytest.approx(0.0202, abs=1e-4)
+    edge = mean_interval([1.0, 2.0, 3.0, 4.0])  # the 95% interval's edge sits at 0 exactly when p = 0.05
+    shifted = mean_interval([x - edge.lo for x in [1.0, 2.0, 3.0, 4.0]])
+    assert shifted.lo == pytest.approx(0.0, abs=1e-12) and t_pvalue(shifted) == pytest.approx(0.05)
+    assert math.isnan(t_pvalue(mean_interval([1.0])))
+    assert t_pvalue(mean_interval([2.0, 2.0])) == 0.0 and t_pvalue(mean_interval([0.0, 0.0])) == 1.0
+
+
+def test_ratio_interval_is_the_geometric_mean_of_paired_ratios() -> None:
+    iv = ratio_interval([1.0, 4.0], [2.0, 2.0])  # ratios 0.5 and 2: geometric mean 1, log sd ln(4)/sqrt(2)
+    assert iv.mean == pytest.approx(1.0) and iv.sd == pytest.approx(math.log(4) / math.sqrt(2))
+    assert iv.lo * iv.hi == pytest.approx(1.0)  # symmetric in log space
+    with pytest.raises(ValueError):
+        ratio_interval([1.0], [0.0])
+    with pytest.raises(ValueError):
+        ratio_interval([1.0, 2.0], [1.0])

@@ -215,8 +215,91 @@ def test_diversity_of_images_collapse_is_zero(evaluator) -> None:
 def test_report_has_every_metric(evaluator) -> None:
     images, labels = E.real_digits()
     rep = evaluator.report(images[:300], labels[:300], reference=evaluator.real_stats())
-    assert set(rep) == {"accuracy", "fd_real", "diversity", "n", "fd_teacher"}
+    assert set(rep) == {"accuracy", "fd_real", "fd_heldout", "precision", "recall", "density", "coverage",
+                        "diversity", "n", "fd_teacher"}
     assert rep["fd_real"] == pytest.approx(rep["fd_teacher"]) and rep["n"] == 300
+
+
+# ------------------------------------------------------------------------------ held-out split and manifold metrics
+
+
+def test_heldout_split_is_disjoint_stratified_and_the_gan_reals_exclude_it() -> None:
+    from trainer.config import DataSpec
+    from trainer.data import build_dataset
+
+    images, labels = E.real_digits()
+    tr, te = E.split_indices(labels)
+    assert len(tr) + len(te) == 1797 and not set(tr.tolist()) & set(te.tolist()) and len(te) == 360
+    assert torch.bincount(labels[te], minlength=10).min() >= 35  # every digit held out (stratified)
+    train_ds = build_dataset(DataSpec(builtin="digits-train"), 32)
+    assert len(train_ds) == len(tr) and train_ds.labels == labels[tr].tolist()
+    torch.testing.assert_close(train_ds.image(5), images[tr[5]])
+    assert len(build_dataset(DataSpec(builtin="digits"), 32)) == 1797
+
+
+def test_heldout_fd_reference_is_the_360_held_out_digits(evaluator) -> None:
+    images, labels = E.real_digits()
+    _, te = E.split_indices(labels)
+    rep = evaluator.report(images[te], labels[te])
+    assert rep["fd_heldout"] == pytest.approx(0.0, abs=1e-6)  # the reference itself
+    assert rep["precision"] == 1.0 and rep["coverage"] == 1.0
+    base = evaluator.real_baselines(sizes=(500,))
+    assert set(base["floor"]) == {"500", "1437"} and base["floor"]["500"]["fd_heldout"] > base["floor"]["1437"]["fd_heldout"] > 1
+
+
+def test_manifold_metrics_on_a_hand_made_case() -> None:
+    # Real: 4 points on a line at 0, 1, 2, 3 (k = 1: every radius is 1). Fake: 0.5 (inside the balls of 0 and 1),
+    # 10 (outside every ball) and 10.5 (fake radii: 0.5 for both 10 and 10.5, 0.5 for 0.5 -> its nearest fake is
+    # 10, radius 9.5).
+    real = np.array([[0.0], [1.0], [2.0], [3.0]])
+    fake = np.array([[0.5], [10.0], [10.5]])
+    m = E.manifold_metrics(real, fake, k=1)
+    assert m["precision"] == pytest.approx(1 / 3)  # only 0.5 lies in a real ball
+    # Recall: a real point is covered when within a fake ball: 0.5's ball (radius 9.5) holds all four.
+    assert m["recall"] == 1.0
+    # Density: 0.5 lies in 2 real balls (0 and 1), the others in none: 2 / (1 * 3).
+    assert m["density"] == pytest.approx(2 / 3)
+    # Coverage: real balls holding a fake: those of 0 and 1 -> 2 of 4.
+    assert m["coverage"] == 0.5
+    # Mode dropping: fakes copied from one real point keep precision but lose recall and coverage.
+    collapsed = E.manifold_metrics(real, np.array([[0.0], [0.01], [0.02]]), k=1)
+    # (coverage: the balls of 0 and of 1, radius 1, hold them; recall: fake radii are 0.01, so only real 0 is near)
+    assert collapsed["precision"] == 1.0 and collapsed["coverage"] == 0.5 and collapsed["recall"] == 0.25
+    with pytest.raises(ValueError, match="more than k"):
+        E.manifold_metrics(real[:1], fake, k=1)
+
+
+def test_reference_key_holds_the_cfg_so_a_changed_cfg_misses_the_cache(teacher, evaluator, tmp_path, monkeypatch) -> None:
+    k1 = E.reference_key(teacher, evaluator, per_class=2, steps=E.REFERENCE_STEPS, guidance=1.0, seed=0)
+    k2 = E.reference_key(teacher, evaluator, per_class=2, steps=E.REFERENCE_STEPS, guidance=2.0, seed=0)
+    assert k1 != k2
+    calls = []
+
+    def fake_generate(teacher, labels, **kw):
+        calls.append(kw["guidance"])
+        g = torch.Generator().manual_seed(int(kw["guidance"] * 10))
+        return torch.rand((len(labels), 3, 32, 32), generator=g) * 2 - 1
+
+    monkeypatch.setattr(E, "generate", fake_generate)
+    at1 = E.teacher_reference(teacher, evaluator, per_class=2, guidance=1.0, cache_dir=tmp_path, progress=False)
+    E.teacher_reference(teacher, evaluator, per_class=2, guidance=1.0, cache_dir=tmp_path, progress=False)
+    assert calls == [1.0]  # cached
+    at2 = E.teacher_reference(teacher, evaluator, per_class=2, guidance=2.0, cache_dir=tmp_path, progress=False)
+    assert calls == [1.0, 2.0] and not np.allclose(at1[0], at2[0])  # a changed CFG missed the cache
+
+
+def test_copy_report_flags_samples_that_copy_the_held_out_digits() -> None:
+    from trainer.toy.memorisation import copy_report
+
+    g = torch.Generator().manual_seed(0)
+    held = torch.randn(50, 4, generator=g)
+    real = torch.randn(200, 4, generator=g)
+    copies = held[:40] + 1e-3 * torch.randn(40, 4, generator=g)
+    rep = copy_report(copies, copies, real, real, held, held)
+    assert rep["features"]["near_copy_fraction_samples"] == 1.0
+    assert rep["features"]["near_copy_fraction_real"] == pytest.approx(0.05, abs=0.01)
+    fresh = copy_report(real[:100], real[:100], real[100:], real[100:], held, held)
+    assert fresh["pixels"]["near_copy_fraction_samples"] < 0.2
 
 
 # ----------------------------------------------------------------------------------------------- rebuild paths

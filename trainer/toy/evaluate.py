@@ -42,12 +42,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from trainer.data import DigitsDataset, digit_prompt
+from trainer.data import DigitsDataset, digit_prompt, digits_split
 from trainer.toy import EVALUATOR_DIR, RESOLUTION
 
 EVAL_PER_CLASS = 100  # generated samples per digit for FD/diversity: N = 1000
 REFERENCE_STEPS = 50
-DEFAULT_GUIDANCE = 2.0  # the teacher CFG scale for the reference samples; the demo's real_guidance should match
+# The teacher's CFG for its own evaluation (`flashdmd toy eval-teacher`). A student's reference must instead be sampled
+# at the CFG the student was distilled with (`distill.real_guidance`): callers pass it as `guidance`.
+DEFAULT_GUIDANCE = 2.0
+PR_K = 5  # k of the k-NN balls of precision/recall and density/coverage (both papers' default)
 FEATURE_DIM = 64
 WEIGHTS = "model.safetensors"
 
@@ -91,12 +94,10 @@ def _digits(resolution: int) -> DigitsDataset:
 
 
 def split_indices(labels: Tensor, seed: int = 0, test_frac: float = 0.2) -> tuple[Tensor, Tensor]:
-    """A stratified train/test split of the real digits (deterministic in seed)."""
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(labels))
-    tr, te = train_test_split(idx, test_size=test_frac, random_state=seed, stratify=labels.numpy())
-    return torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(te))
+    """A stratified train/held-out split of the real digits (deterministic in seed): `trainer.data.digits_split`,
+    the one split the evaluator, the GAN's reals (`builtin: digits-train`) and the FD reference all use."""
+    tr, te = digits_split(labels.tolist(), seed, test_frac)
+    return torch.from_numpy(tr), torch.from_numpy(te)
 
 
 def augment(x: Tensor, gen: torch.Generator, max_deg: float = 10.0, scale: float = 0.1,
@@ -231,6 +232,41 @@ def diversity_from_features(feats: Tensor, labels: Tensor | Sequence[int]) -> fl
     return float(np.mean(per_class))
 
 
+def _knn_radii(feats: np.ndarray, k: int) -> np.ndarray:
+    """Distance from each row to its k-th nearest other row."""
+    d = np.sqrt(np.maximum(_sq_dists(feats, feats), 0))
+    np.fill_diagonal(d, np.inf)
+    return np.partition(d, k - 1, axis=1)[:, k - 1]
+
+
+def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+
+
+def manifold_metrics(real: Tensor | np.ndarray, fake: Tensor | np.ndarray, k: int = PR_K) -> dict[str, float]:
+    """k-NN manifold metrics of `fake` against `real` features ([N, D] each), so that a better FD can be told
+    apart from fewer modes.
+
+    precision, recall (Kynkaenniemi et al. 2019, Eq. 1-2): the real (fake) manifold is the union of balls around
+    each real (fake) point with radius its distance to its k-th nearest neighbour in the same set; precision is
+    the fraction of fakes inside the real manifold, recall the fraction of reals inside the fake manifold.
+    density, coverage (Naeem et al. 2020, Eq. 3-4): only the real balls; density = sum over fakes of the number
+    of real balls containing them / (k * #fakes) (1 on average for matching distributions, can exceed 1), coverage
+    = the fraction of real balls holding at least one fake. Mode dropping lowers recall and coverage.
+    """
+    r = np.asarray(real.detach().cpu() if isinstance(real, Tensor) else real, dtype=np.float64)
+    f = np.asarray(fake.detach().cpu() if isinstance(fake, Tensor) else fake, dtype=np.float64)
+    if r.shape[0] <= k or f.shape[0] <= k:
+        raise ValueError(f"manifold metrics need more than k={k} real and fake rows, got {r.shape[0]}, {f.shape[0]}")
+    rad_r, rad_f = _knn_radii(r, k), _knn_radii(f, k)
+    d = np.sqrt(np.maximum(_sq_dists(r, f), 0))  # [n_real, n_fake]
+    inside_real = d <= rad_r[:, None]  # fake j inside real ball i
+    return {"precision": float(inside_real.any(0).mean()),
+            "recall": float((d <= rad_f[None, :]).any(1).mean()),
+            "density": float(inside_real.sum() / (k * f.shape[0])),
+            "coverage": float(inside_real.any(1).mean())}
+
+
 class DigitsEvaluator:
     """The trained CNN plus cached real-digit statistics."""
 
@@ -239,6 +275,7 @@ class DigitsEvaluator:
         self.meta = meta or {}
         self.digest = digest or _digest_tensors(model.state_dict())
         self._real: tuple[np.ndarray, np.ndarray] | None = None
+        self._heldout: tuple[Tensor, tuple[np.ndarray, np.ndarray]] | None = None
 
     @classmethod
     def load(cls, path: str | Path = EVALUATOR_DIR) -> DigitsEvaluator:
@@ -273,6 +310,15 @@ class DigitsEvaluator:
             self._real = feature_stats(self.features(real_digits()[0]))
         return self._real
 
+    def heldout(self) -> tuple[Tensor, tuple[np.ndarray, np.ndarray]]:
+        """Features of the held-out real digits (`split_indices`' test part: never seen by this evaluator, nor by
+        a GAN reading `digits-train`) and their (mu, cov): the FD reference of `fd_heldout`."""
+        if self._heldout is None:
+            images, labels = real_digits()
+            f = self.features(images[split_indices(labels)[1]])
+            self._heldout = (f, feature_stats(f))
+        return self._heldout
+
     def fd_real(self, images: Tensor) -> float:
         return fd_from_stats(*feature_stats(self.features(images)), *self.real_stats())
 
@@ -285,9 +331,12 @@ class DigitsEvaluator:
                         reference: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
         """`report` from features [N, 64] this evaluator computed (e.g. cached by `teacher_features`)."""
         stats = feature_stats(feats)
+        held_feats, held_stats = self.heldout()
         out = {
             "accuracy": accuracy_from_logits(self.model.head(feats), labels),
             "fd_real": fd_from_stats(*stats, *self.real_stats()),
+            "fd_heldout": fd_from_stats(*stats, *held_stats),
+            **manifold_metrics(held_feats, feats),
             "diversity": diversity_from_features(feats, labels),
             "n": int(feats.shape[0]),
         }
@@ -295,16 +344,28 @@ class DigitsEvaluator:
             out["fd_teacher"] = fd_from_stats(*stats, *reference)
         return out
 
-    def real_baselines(self, seed: int = 0) -> dict[str, float]:
-        """The real digits scored like samples: the FD noise floor (train vs test split), diversity, accuracy."""
+    def real_baselines(self, seed: int = 0, sizes: Sequence[int] = (500, 1000)) -> dict[str, Any]:
+        """The real digits scored like samples: the FD noise floor (train vs test split), diversity, accuracy.
+
+        `floor`: the train-split digits (never the reference) scored against the held-out ones exactly as samples
+        are, at N = each of `sizes` (random subsets, seed 0) and at all of them: FD's small-sample bias plus the
+        real train/held-out gap. No sampler can be expected below it at that N."""
         images, labels = real_digits()
         tr, te = split_indices(labels, seed)
         f = self.features(images)
+        gen = torch.Generator().manual_seed(0)
+        floor = {}
+        for n in [*[s for s in sizes if s < len(tr)], len(tr)]:
+            pick = tr[torch.randperm(len(tr), generator=gen)[:n]]
+            rep = self.report_features(f[pick], labels[pick])
+            floor[str(n)] = {k: rep[k] for k in ("fd_heldout", "precision", "recall", "density", "coverage",
+                                                  "accuracy", "diversity")}
         return {
             "test_accuracy": accuracy_from_logits(self.model.head(f[te]), labels[te]),
             "fd_train_vs_test": fd(f[tr], f[te]),
             "fd_test_vs_all": fd(f[te], f),
             "diversity": diversity_from_features(f, labels),
+            "floor": floor,
         }
 
 
