@@ -3,6 +3,7 @@ with the traced peak of each preset beside it (bench/results/plan_trace.json).
 
     python bench/plan_tables.py            # plans, and the trace table from the stored traces
     python bench/plan_tables.py --trace    # also re-run the traces (several minutes per preset on 2 cores)
+    python bench/plan_tables.py --trace sdxl-8step   # re-run only the named presets' traces
 
 A stored trace is the JSON line of `python -m trainer.trace PRESET --gpus N --micro-batches M`, kept in
 bench/results/plan_trace/ with the command that made it.
@@ -39,13 +40,16 @@ TRACES = [  # (preset, gpus, traced micro-batches)
 TRACE_DIR = REPO / "bench" / "results" / "plan_trace"
 
 
-def run_traces() -> None:
+def run_traces(only: set[str] | None = None) -> None:
+    """Re-run the stored traces (all, or the presets named in `only`, e.g. {"sdxl-4step"})."""
     import json
     import os
     import subprocess
 
     TRACE_DIR.mkdir(exist_ok=True)
     for preset, gpus, micro in TRACES:
+        if only and Path(preset).stem not in only:
+            continue
         cmd = [sys.executable, "-m", "trainer.trace", preset, "--gpus", str(gpus), "--micro-batches", str(micro)]
         out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True,  # noqa: S603
                              env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -101,8 +105,8 @@ def main() -> None:
         cmd = f"flashdmd plan {preset} --gpus {gpus}" + "".join(f" --set {o}" for o in overrides)
         plan = make_plan(load_spec(REPO / preset, overrides), gpus=gpus, gpu_mem_gib=80)
         parts += [f"## {title}", "", f"`{cmd}`", "", format_plan(plan).replace("# ", "### ", 1), ""]
-    if "--trace" in sys.argv:
-        run_traces()
+    if "--trace" in sys.argv:  # --trace [PRESET ...]: re-run all stored traces, or only the named ones
+        run_traces({a for a in sys.argv[sys.argv.index("--trace") + 1:] if not a.startswith("-")} or None)
     parts += trace_table()
     out = REPO / "bench" / "results" / "plan.md"
     out.write_text("\n".join(parts))

@@ -209,6 +209,7 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
     from trainer.optim import adamw_state_bytes
     from trainer.plan_act import (
         disc_nets,
+        precision_scale,
         sam_graph_bytes,
         text_bytes,
         unet_graph_bytes,
@@ -301,20 +302,21 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
     # gradients already held. A net called twice with grad in one loss (flash: x = G(x_tau) and Eq. 9's G at
     # t_hat) gets a second full set: autograd sums both uses' contributions in buffers before accumulating.
     b, ckpt, accum = t.batch_size, t.gradient_checkpointing, t.grad_accum
-    g_graph = unet_graph_bytes(den_cfg, latent, b, ckpt)
+    act = precision_scale(t.mixed_precision)  # the graph estimates are counted under autocast
+    g_graph = act * unet_graph_bytes(den_cfg, latent, b, ckpt)
     gen_acts = {"generator graphs": 2 * g_graph if use_gan else g_graph}
     if sam_enc is not None:
-        gen_acts["vae decode graph"] = vae_decode_graph_bytes(arch.configs["vae"], latent, b,
-                                                              m.vae_decode_checkpointing)
-        gen_acts["sam encoder graph"] = sam_graph_bytes(sam_enc, list(spec.distill.discriminator.blocks), b,
-                                                        ckpt, m.sam_sdpa)
+        gen_acts["vae decode graph"] = act * vae_decode_graph_bytes(arch.configs["vae"], latent, b,
+                                                                    m.vae_decode_checkpointing)
+        gen_acts["sam encoder graph"] = act * sam_graph_bytes(sam_enc, list(spec.distill.discriminator.blocks), b,
+                                                              ckpt, m.sam_sdpa)
     twice = sam_enc is not None
     phases: dict[str, tuple[dict[str, float], Net, float, int, bool]] = {
         "generator phase": (gen_acts, trainable[0], g_graph, accum, twice),
         "fake-score phase": ({"fake-score graph": g_graph}, trainable[1], g_graph, accum, False)}
     if spec.kind == "rl":
         pairs = (spec.rl.batch_size or b) * len(spec.rl.timesteps)
-        p_graph = unet_graph_bytes(den_cfg, latent, pairs, ckpt)
+        p_graph = act * unet_graph_bytes(den_cfg, latent, pairs, ckpt)
         phases["rl update"] = ({"policy graph (pairs)": p_graph}, trainable[0], p_graph, 1, False)
 
     def grad_bytes(net: Net, micro: int) -> float:

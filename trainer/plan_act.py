@@ -16,6 +16,18 @@ RESNET_K = 10  # tensors of c x s² kept by one resnet block
 TRANSFORMER_K = 32  # ... by one transformer layer (attention + cross-attention + GEGLU 4c feed-forward)
 VAE_RESNET_K = 12  # the VAE runs fp32 weights under autocast: its group norms keep fp32 tensors
 SAM_MLP_K = 16  # a ViT block's norms, qkv (3C), attention output, MLP (4C, GELU, 4C)
+# The K above are counted under autocast (bf16/fp16): conv/linear outputs in 2 B, the norms' and SiLUs' outputs in
+# fp32 (autocast runs group/layer norm in fp32), plus the 2 B copy autocast casts for each conv/linear input.
+# Without autocast (train.mixed_precision "no") every saved tensor is 4 B but those cast copies are gone, so a
+# graph grows by less than 2x. The trace measures the ratio (trainer/trace.py, tiny-sdxl, batch 4): 1.595 for
+# the UNet alone (distill.gan_weight=0: 19.31 / 12.11 MB of activations at the generator phase's peak) and 1.593
+# for the whole generator phase with the VAE decode and SAM (39.95 / 25.08 MiB).
+FP32_OVER_AUTOCAST = 1.59
+
+
+def precision_scale(mixed_precision: str) -> float:
+    """Factor on the autocast-counted graph bytes above for a run's train.mixed_precision."""
+    return 1.0 if mixed_precision in ("bf16", "fp16") else FP32_OVER_AUTOCAST
 
 
 def _units(cfg: dict[str, Any], latent: int) -> list[tuple[float, float]]:
