@@ -16,7 +16,8 @@ What the trace cannot follow, and how the result accounts for it (listed in the 
 - CPU AdamW (single-tensor) vs the GPU's fused kernel: both update in place, temporaries of one tensor at most;
 - attention: CPU fake tensors dispatch SDPA to the CPU flash kernel, the GPU to flash / memory-efficient
   kernels; both keep the output and a log-sum-exp, not the score matrix (a few MiB of workspace differ);
-- long accumulation: see `accumulation` in trainer/trace_accum.py.
+- long accumulation: `--micro-batches M` traces M micro-batches; after the second, each further one adds only
+  the tensors kept across the accumulation, which the CLI adds for the rest of train.grad_accum.
 """
 
 from __future__ import annotations
