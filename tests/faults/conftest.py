@@ -8,39 +8,13 @@ unresponsive database is a local listener that accepts and never answers (faultk
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))  # servicekit, appkit
 
-import redis  # noqa: E402
-from servicekit import REDIS_URL, SESSION_TAG, fresh_pg_database  # noqa: E402
+import servicekit  # noqa: E402
 
-from api import migrate  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    with fresh_pg_database() as url:
-        migrate.upgrade(url)
-        yield url
-
-
-@pytest.fixture(scope="session")
-def redis_client() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    yield client
-    for key in client.scan_iter(match=f"*{SESSION_TAG}*", count=1000):
-        client.delete(key)
-    client.close()
-
-
-@pytest.fixture(scope="session")
-def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("roots")
-    out = {name: base / name for name in ("models", "data", "outside", "storage", "home")}
-    for path in out.values():
-        path.mkdir()
-    return out
+# The service tier's session fixtures: a fresh database, tagged Redis keys, the roots.
+database_url = servicekit.database_url
+redis_client = servicekit.redis_client
+roots = servicekit.roots

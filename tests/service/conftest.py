@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 import redis
+import servicekit
 from fastapi.testclient import TestClient
-from servicekit import REDIS_URL, SESSION_TAG, fresh_pg_database, make_settings
+from servicekit import make_settings
 
 from api import migrate
 from api.auth import create_token
@@ -23,31 +24,10 @@ from api.db import make_engine, make_sessionmaker
 from api.main import create_app
 from api.settings import Settings
 
-
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    with fresh_pg_database() as url:
-        migrate.upgrade(url)
-        yield url
-
-
-@pytest.fixture(scope="session")
-def redis_client() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    yield client
-    # Only this session's keys: other test sessions may share the database number.
-    for key in client.scan_iter(match=f"*{SESSION_TAG}*", count=1000):
-        client.delete(key)
-    client.close()
-
-
-@pytest.fixture(scope="session")
-def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("roots")
-    out = {name: base / name for name in ("models", "data", "outside", "storage", "home")}
-    for path in out.values():
-        path.mkdir()
-    return out
+# The session fixtures the fault tier shares (servicekit): a fresh database, tagged Redis keys, the roots.
+database_url = servicekit.database_url
+redis_client = servicekit.redis_client
+roots = servicekit.roots
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
+import redis
 from sqlalchemy import make_url
 
+from api import migrate
 from api.settings import Settings
 
 PG_ADMIN_URL = os.environ.get("FLASHDMD_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -163,4 +166,31 @@ def burst(post: Callable[..., Any], calls: list[tuple[dict[str, str], dict[str, 
         t.start()
     for t in threads:
         t.join(120)
+    return out
+
+
+# The session fixtures the service and fault tiers share (each conftest imports them by name).
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    with fresh_pg_database() as url:
+        migrate.upgrade(url)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_client() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL)
+    yield client
+    # Only this session's keys: other test sessions may share the database number.
+    for key in client.scan_iter(match=f"*{SESSION_TAG}*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("roots")
+    out = {name: base / name for name in ("models", "data", "outside", "storage", "home")}
+    for path in out.values():
+        path.mkdir()
     return out
