@@ -11,7 +11,7 @@ from typing import Any
 
 from _common import REPO
 
-ARCH_DIR = REPO / "trainer" / "arch"  # the configs `flashdmd plan` ships (trainer.plan.ARCH_DIR)
+ARCH_DIR = REPO / "trainer" / "arch"  # the configs `flashdmd plan` ships (trainer.plan_nets.ARCH_DIR)
 SAM_VIT_L: dict[str, Any] = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, window_size=14,
                                  global_attn_indexes=(5, 11, 17, 23), out_chans=256)
 # --dry-run: the same architectures, narrow (the UNet keeps its 3 levels, the VAE its 8x, SAM its 24 blocks).

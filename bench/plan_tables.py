@@ -35,7 +35,7 @@ TRACES = [  # (preset, gpus, traced micro-batches)
     ("presets/sdxl-4step.yaml", 1, 2),
     ("presets/sdxl-4step-8gpu.yaml", 8, 2),
     ("presets/sdxl-rl-4step.yaml", 1, 1),
-    ("presets/sdxl-8step.yaml", 8, 1),
+    ("presets/sdxl-8step.yaml", 8, 2),
 ]
 TRACE_DIR = REPO / "bench" / "results" / "plan_trace"
 

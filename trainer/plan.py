@@ -1,4 +1,4 @@
-"""`flashdmd plan`: the per-GPU memory budget of a job spec, counted on the meta device (issue #10 §2).
+"""`flashdmd plan`: the per-GPU memory budget of a job spec, counted on the meta device.
 
 Parameters are counted from the teacher's real configs (only the `config.json` files are read; networks are
 built under `accelerate.init_empty_weights`, so no weights are loaded or allocated). Bytes follow what the
@@ -20,143 +20,19 @@ trainer does with each network:
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from trainer.errors import InputError
+from trainer.plan_nets import Arch, Net, count, latent_head_net, load_arch, lora_params
 
 GIB = 2.0**30
-ARCH_DIR = Path(__file__).parent / "arch"
-# Hub ids whose architecture ships with the package (configs only), used when the hub is unreachable.
-KNOWN_ARCH = {"stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base"}
 CUDA_CONTEXT_GIB = 0.6  # CUDA context + cuBLAS/cuDNN workspaces: not in torch's counters
 # Peak reserved / peak allocated of torch's caching allocator. The only measurement of the flash trainer on a
 # GPU: 108.80 / 89.22 GiB = 1.22 (H200, SDXL stage 1, foreach AdamW, bench/results/train_step_gpu.json, run of
 # 2026-11-26, result "flash-ttur1"); dmd2 measured 90.27 / 84.56 = 1.07 in the same run. The plan takes the
 # flash figure, the larger one.
 RESERVED_RATIO = 1.22
-
-
-# -------------------------------------------------------------------- configs and meta networks
-def _teacher_folder(ref: str, revision: str | None = None) -> Path:
-    """A folder with model_index.json and the component configs: local, tiny, hub cache, shipped, or hub."""
-    from trainer.models import is_local_path, resolve_teacher
-
-    if ref.startswith(("tiny:", "toy:")) or is_local_path(ref):
-        return Path(resolve_teacher(ref))
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(ref, "model_index.json", revision=revision)
-        if isinstance(cached, str):
-            return Path(cached).parent
-    except Exception:  # a malformed id: fall through to the other sources  # noqa: S110
-        pass
-    if ref in KNOWN_ARCH:
-        return ARCH_DIR / KNOWN_ARCH[ref]
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(ref, revision=revision, allow_patterns=["*.json"]))
-    except Exception as err:
-        raise InputError(f"model.teacher: cannot read the configs of {ref!r} for the plan: "
-                         f"{type(err).__name__}: {err}") from None
-
-
-def _read(folder: Path, name: str) -> dict[str, Any] | None:
-    for rel in (f"{name}/config.json", f"{name}/scheduler_config.json"):
-        p = folder / rel
-        if p.is_file():
-            return json.loads(p.read_text())
-    return None
-
-
-@dataclass
-class Net:
-    """One network's parameter tensors (element counts) and which of them train."""
-
-    name: str
-    sizes: list[int]
-    trainable: list[int] = field(default_factory=list)
-    buffers: int = 0  # elements of floating-point buffers (spectral-norm u/v, ...)
-
-    @property
-    def params(self) -> int:
-        return sum(self.sizes)
-
-    @property
-    def trainable_params(self) -> int:
-        return sum(self.trainable)
-
-
-def count(name: str, module: Any, trainable: bool = False) -> Net:
-    sizes = [p.numel() for p in module.parameters()]
-    buffers = sum(b.numel() for b in module.buffers() if b.is_floating_point())
-    return Net(name, sizes, list(sizes) if trainable else [], buffers)
-
-
-@dataclass
-class Arch:
-    family: str
-    folder: Path
-    configs: dict[str, dict[str, Any]]
-    nets: dict[str, Any]  # meta-device modules
-
-    @property
-    def denoiser(self) -> Any:
-        return self.nets.get("unet") or self.nets["transformer"]
-
-
-def load_arch(ref: str, revision: str | None = None) -> Arch:
-    """The teacher's networks on the meta device, from its config files only."""
-    import diffusers
-    import transformers
-    from accelerate import init_empty_weights
-
-    from trainer.models import PIPELINE_FAMILY
-
-    folder = _teacher_folder(ref, revision)
-    index = json.loads((folder / "model_index.json").read_text())
-    family = PIPELINE_FAMILY.get(index.get("_class_name", ""))
-    if family is None:
-        raise InputError(f"model.teacher: unsupported pipeline {index.get('_class_name')!r} for the plan")
-    configs, nets = {}, {}
-    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        entry = index.get(name)
-        cfg = _read(folder, name)
-        if not entry or not entry[0] or cfg is None:
-            continue
-        lib, cls_name = entry
-        configs[name] = cfg
-        with init_empty_weights():
-            if lib == "diffusers":
-                nets[name] = getattr(diffusers, cls_name).from_config(cfg)
-            else:
-                cls = getattr(transformers, cls_name)
-                nets[name] = cls(cls.config_class(**{k: v for k, v in cfg.items() if not k.startswith("_")}))
-    return Arch(family, folder, configs, nets)
-
-
-def lora_params(denoiser: Any, rank: int, targets: list[str]) -> list[int]:
-    """LoRA adapter sizes: r x (in + out) per targeted Linear, as peft adds them (A: r x in, B: out x r)."""
-    from torch import nn
-
-    sizes = []
-    for name, m in denoiser.named_modules():
-        if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
-            sizes += [rank * m.in_features, m.out_features * rank]
-    return sizes
-
-
-def _latent_head_net(arch: Arch, latent_size: int) -> Net:
-    from trainer.gan import LatentHead
-
-    den = arch.denoiser
-    channels = int(den.config.block_out_channels[-1])
-    spatial = latent_size // 2 ** (len(den.config.block_out_channels) - 1)
-    return count("latent_head", LatentHead(channels, spatial), trainable=True)
 
 
 # -------------------------------------------------------------------- the budget
@@ -251,7 +127,7 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
         sam, heads, sam_enc = disc_nets(spec)
         trainable.append(heads)
     elif use_gan:
-        trainable.append(_latent_head_net(arch, latent))
+        trainable.append(latent_head_net(arch, latent))
     # FSDP shards the two denoisers only; the D heads / latent head stay DDP replicas (trainer/distill.py).
     split = {net.name: (shard if net.name in ("generator", "fake_score") else 1) for net in trainable}
     ddp_nets = [net for net in trainable if n > 1 and split[net.name] == 1]
@@ -306,7 +182,7 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
     g_graph = act * unet_graph_bytes(den_cfg, latent, b, ckpt)
     gen_acts = {"generator graphs": 2 * g_graph if use_gan else g_graph}
     if sam_enc is not None:
-        gen_acts["vae decode graph"] = act * vae_decode_graph_bytes(arch.configs["vae"], latent, b,
+        gen_acts["vae decode graph"] = precision_scale(t.mixed_precision, vae=True) * vae_decode_graph_bytes(arch.configs["vae"], latent, b,
                                                                     m.vae_decode_checkpointing)
         gen_acts["sam encoder graph"] = act * sam_graph_bytes(sam_enc, list(spec.distill.discriminator.blocks), b,
                                                               ckpt, m.sam_sdpa)
@@ -326,11 +202,17 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
             return 4.0 * net.trainable_params  # FSDP2 accumulates unsharded until the synchronising micro-batch
         return 4.0 * net.trainable_params / split[net.name]
 
+    def second_set(net: Net, two: bool) -> float:
+        # A net used twice in one loss with grad (Eq. 9): autograd sums both uses' contributions in buffers of
+        # the whole net before accumulating. FSDP2 converts a unit's gradient as its backward ends, so the sum
+        # stays per unit (the trace of sdxl-4step-8gpu shows no second set).
+        return 4.0 * net.trainable_params if two and split[net.name] == 1 else 0.0
+
     def phase_bytes(acts: dict[str, float], net: Net, own: float, micro: int, two: bool) -> float:
         grads = grad_bytes(net, micro)
         if micro == 1:
             return max(sum(acts.values()), grads + own)
-        return grads + max(sum(acts.values()), (4.0 * net.trainable_params if two else 0.0) + own)
+        return grads + max(sum(acts.values()), second_set(net, two) + own)
 
     name, (acts, net, own, micro, two) = max(phases.items(), key=lambda kv: phase_bytes(*kv[1]))
     peak = phase_bytes(acts, net, own, micro, two)
@@ -341,7 +223,7 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
                         f"{note}, in the {name}", "peak"))
     for comp, nbytes in acts.items():
         rows.append(Row(f"activations: {comp}", 0, nbytes, f"estimate, batch {b} at {res}²", "peak"))
-    if micro > 1 and two and 4.0 * net.trainable_params + own > sum(acts.values()):
+    if micro > 1 and second_set(net, two) and second_set(net, two) + own > sum(acts.values()):
         rows.append(Row(f"{net.name} gradient buffers", net.trainable_params, 4.0 * net.trainable_params,
                         "fp32: the two uses' contributions, summed before they accumulate", "peak"))
     # Held through the whole iteration (Distiller.step builds every micro-batch first): the real images, the
@@ -355,9 +237,8 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
                     + (", real images, decoded fakes" if sam_enc is not None else ""), "peak"))
     peak += kept
     if shard > 1:
-        units = shard_units(den)
-        gather, gnote = fsdp_gather_bytes(units, 2 if bf16 else 4)
-        rows.append(Row("FSDP unsharded units", 0, gather, gnote, "peak"))
+        gather, gnote = fsdp_gather_bytes(net.params if split[net.name] > 1 else 0, shard_units(den), 2 if bf16 else 4)
+        rows.append(Row("FSDP unsharded (gathered) weights", 0, gather, gnote, "peak"))
         peak += gather
     title = (f"{spec.name or spec.kind} ({spec.kind}, {arch.family}) on {n} GPU{'s' if n > 1 else ''} x "
              f"{gpu_mem_gib:g} GiB, sharding {t.sharding}, {t.mixed_precision}, optimizer {kind}, "

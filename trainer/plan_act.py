@@ -14,7 +14,12 @@ from typing import Any
 BF16 = 2
 RESNET_K = 10  # tensors of c x s² kept by one resnet block
 TRANSFORMER_K = 32  # ... by one transformer layer (attention + cross-attention + GEGLU 4c feed-forward)
-VAE_RESNET_K = 12  # the VAE runs fp32 weights under autocast: its group norms keep fp32 tensors
+# Tensors of c x s² one VAE decoder resnet keeps (fp32 weights under autocast: its group norms keep fp32 tensors).
+# Taught by the trace (trainer.trace_fake.PeakTracker on fake tensors, SDXL's VAE decoding 128² latents to 1024²,
+# batch 1, under bf16 autocast, backward to the latent): 4.24 GiB with memory.vae_decode_checkpointing, 11.96
+# GiB without. K = 8 gives 4.22 / 12.81 (the checkpointed path the presets use within 0.5%); the former 12 gave
+# 5.22 / 18.4.
+VAE_RESNET_K = 8
 SAM_MLP_K = 16  # a ViT block's norms, qkv (3C), attention output, MLP (4C, GELU, 4C)
 # The K above are counted under autocast (bf16/fp16): conv/linear outputs in 2 B, the norms' and SiLUs' outputs in
 # fp32 (autocast runs group/layer norm in fp32), plus the 2 B copy autocast casts for each conv/linear input.
@@ -25,9 +30,17 @@ SAM_MLP_K = 16  # a ViT block's norms, qkv (3C), attention output, MLP (4C, GELU
 FP32_OVER_AUTOCAST = 1.59
 
 
-def precision_scale(mixed_precision: str) -> float:
+# The VAE decoder alone grows by more: its autocast graph already keeps the group norms' fp32 outputs, and without
+# autocast its conv outputs double too. Traced (SDXL's VAE, 1024², batch 1): 8.48 / 4.24 GiB with per-layer
+# checkpointing, 23.23 / 11.96 without.
+VAE_FP32_OVER_AUTOCAST = 2.0
+
+
+def precision_scale(mixed_precision: str, vae: bool = False) -> float:
     """Factor on the autocast-counted graph bytes above for a run's train.mixed_precision."""
-    return 1.0 if mixed_precision in ("bf16", "fp16") else FP32_OVER_AUTOCAST
+    if mixed_precision in ("bf16", "fp16"):
+        return 1.0
+    return VAE_FP32_OVER_AUTOCAST if vae else FP32_OVER_AUTOCAST
 
 
 def _units(cfg: dict[str, Any], latent: int) -> list[tuple[float, float]]:
@@ -128,7 +141,7 @@ def disc_nets(spec: Any) -> tuple[Any, Any, Any]:
     from torch import nn
 
     from trainer.discriminator import _make_head, load_sam_image_encoder
-    from trainer.plan import count
+    from trainer.plan_nets import count
 
     d = spec.distill.discriminator
     with init_empty_weights(include_buffers=True):

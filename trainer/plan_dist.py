@@ -6,11 +6,16 @@ bucket, so the buckets *are* the gradients (no second copy); with it off, backwa
 and copies it into the bucket: twice the gradient memory. The plan models the view (trainer/parallel.py's
 target design) and says so in the row.
 
-FSDP2 (`fully_shard` per unit, trainer.parallel.shard_blocks) holds each unit's parameters sharded; a unit is
-all-gathered for its forward and backward and freed after, with the next unit prefetched. So at any moment one
-unit is unsharded and the next is in flight, both in the parameter dtype of the MixedPrecisionPolicy (bf16
-under bf16 mixed precision, else fp32). In backward the unit also holds its unsharded gradient (param dtype)
-and the reduce-scatter input in the reduce dtype (fp32) until the scatter finishes.
+FSDP2 (`fully_shard` per unit, trainer.parallel.shard_blocks) holds each unit's parameters sharded. A training
+phase keeps its own network gathered for all its micro-batches (trainer.parallel.gathered(through_backward=True):
+one all-gather per unit per phase, not one per forward), so the phase holds one whole unsharded copy of that
+network in the MixedPrecisionPolicy's parameter dtype (bf16 under bf16 mixed precision, else fp32). The other
+denoiser the phase only runs forward (the fake score in the generator's DM loss) is gathered unit by unit and
+resharded after each forward: its largest unit and the prefetched next. Gradients: while accumulating, FSDP2 keeps
+each unit's unsharded gradient in the reduce dtype (fp32) until the synchronising micro-batch (trainer/plan.py
+counts those); the bf16 gradient a unit's backward produces (and the sum of a network's two uses in one loss,
+Eq. 9) is converted unit by unit, so it stays small. The trace of sdxl-4step-8gpu (trainer/trace.py, fake group of
+8) shows exactly this: parameters = shards + frozen nets + one bf16 generator; no second gradient set.
 """
 
 from __future__ import annotations
@@ -37,12 +42,12 @@ def shard_units(denoiser: Any) -> list[int]:
     return sorted(units, reverse=True)
 
 
-def fsdp_gather_bytes(units: list[int], param_bytes: int, reduce_bytes: int = 4) -> tuple[float, str]:
-    """Bytes FSDP2 holds unsharded at the peak of a unit's backward: the unit and the prefetched next unit
-    (param dtype), the unit's unsharded gradient (param dtype) and its reduce-scatter input (reduce dtype)."""
-    u1 = units[0]
-    u2 = units[1] if len(units) > 1 else 0
-    total = param_bytes * (u1 + u2) + (param_bytes + reduce_bytes) * u1
-    note = (f"largest unit {u1 / 1e6:,.1f}M + prefetched next {u2 / 1e6:,.1f}M params at {param_bytes} B, "
-            f"its unsharded grad ({param_bytes} B) and reduce-scatter input ({reduce_bytes} B)")
+def fsdp_gather_bytes(phase_params: int, other_units: list[int], param_bytes: int) -> tuple[float, str]:
+    """Bytes FSDP2 holds unsharded during a training phase: the phase's whole network (gathered once for the
+    phase) and the largest unit of the other denoiser plus its prefetched next (gathered per forward)."""
+    u1 = other_units[0] if other_units else 0
+    u2 = other_units[1] if len(other_units) > 1 else 0
+    total = param_bytes * (phase_params + u1 + u2)
+    note = (f"the phase's network gathered for the phase ({phase_params / 1e6:,.1f}M params) + the other "
+            f"denoiser's largest unit {u1 / 1e6:,.1f}M and the prefetched next {u2 / 1e6:,.1f}M, at {param_bytes} B")
     return float(total), note

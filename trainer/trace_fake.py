@@ -172,9 +172,9 @@ def fake_teacher(spec: Any, on_gpu_text: bool) -> Teacher:
     import diffusers
     import transformers
 
-    from trainer.plan import _teacher_folder
+    from trainer.plan_nets import teacher_folder
 
-    folder = _teacher_folder(spec.model.teacher, spec.model.revision)
+    folder = teacher_folder(spec.model.teacher, spec.model.revision)
     index = json.loads((folder / "model_index.json").read_text())
     comps: dict[str, Any] = {}
     for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
@@ -232,10 +232,10 @@ def fake_lrm(teacher: Teacher) -> Any:
 
     import transformers
 
-    from trainer.plan import _teacher_folder
+    from trainer.plan_nets import teacher_folder
     from trainer.reward import LatentRewardModel, LRMText
 
-    folder = _teacher_folder(teacher.ref)
+    folder = teacher_folder(teacher.ref)
     index = json.loads((folder / "model_index.json").read_text())
     encoders = []
     for name in ("text_encoder", "text_encoder_2"):

@@ -34,6 +34,12 @@ def test_the_trace_runs_every_phase_and_sees_a_planted_allocation(tiny_spec):
     assert set(base["phase_peaks"]) >= {"generator phase", "fake-score phase", "discriminator phase"}
     cat = base["by_category"]
     assert cat["Parameter"] > 0 and cat["Optstate"] > 0 and cat["Activation"] > 0
+    # the analytic plan of the same spec agrees with the traced peak (fp32 graphs, VAE decode, SAM, kept tensors)
+    from trainer.config import load_spec
+    from trainer.plan import make_plan
+
+    planned = make_plan(load_spec(tiny_spec)).total()
+    assert abs(planned / base["peak_bytes"] - 1) < 0.05
     planted = _run("trainer.trace", tiny_spec, env={"FLASHDMD_TRACE_PLANT_MIB": "64"})
     # a 64 MiB buffer the generator keeps from its first forward on: the peak moves by exactly that
     assert planted["peak_bytes"] - base["peak_bytes"] == 64 * MIB
