@@ -213,13 +213,22 @@ def trace(spec: Any, gpus: int | None = None, micro_batches: int | None = None) 
             for group in getattr(opt, "optimizer", opt).param_groups:
                 shapes = [p.numel() for p in group["params"]]
                 opt_swap += adamw_state_bytes(shapes, spec.optim.optimizer) - adamw_state_bytes(shapes, "adamw")
-    total = peak.get("Total", 0) + opt_swap
+    # DDP's Reducer allocates its flat gradient buckets in C++ when the network is wrapped, before the tracker
+    # starts, and the gradients are views into them (gradient_as_bucket_view): held all run, so counted here.
+    buckets = sum(p.numel() * p.element_size() for net in (d.generator_w, d.fake_w, d.disc_w, d.latent_head_w)
+                  if isinstance(net, torch.nn.parallel.DistributedDataParallel)
+                  for p in net.parameters() if p.requires_grad)
+    total = peak.get("Total", 0) + opt_swap + buckets
     notes = [f"traced on {world} rank(s){' (fake process group, rank 0)' if world > 1 else ''}, "
              f"{n_micro} micro-batch(es) of {t.batch_size}"]
     if opt_swap:
         notes.append(f"optimiser states: bitsandbytes' 8-bit AdamW allocates them in a CUDA kernel; the trace ran "
                      f"fp32 AdamW and swapped its states for the 8-bit sizes ({opt_swap / GIB:+.2f} GiB)")
-    return {"peak_bytes": total, "by_category": {**peak, "Optstate (8-bit swap)": opt_swap},
+    if buckets:
+        notes.append(f"DDP gradient buckets ({buckets / GIB:.2f} GiB): allocated by the Reducer in C++ when the "
+                     "networks are wrapped, before the tracker starts; counted from the wrapped parameters")
+    return {"peak_bytes": total, "by_category": {**peak, "Optstate (8-bit swap)": opt_swap,
+                                                  "DDP gradient buckets (counted)": buckets},
             "peak_phase": tracker.peak_phase, "phase_peaks": tracker.phase_peaks, "world": world,
             "micro_batches": n_micro, "sharded": sharded, "opt_swap_bytes": opt_swap, "notes": notes,
             "seconds": time.perf_counter() - t0,

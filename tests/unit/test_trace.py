@@ -55,3 +55,16 @@ def test_tracker_correction_pins_the_optimiser_state_of_a_sharded_stack():
         assert got["measured"]["optim_at_peak"] == want == got["measured"]["optim_held"]
         assert got["measured"]["params"] == got["expected"]["params"]
         assert got["measured"]["grads_after_step"] == got["expected"]["grads"]
+
+
+def test_a_ddp_trace_counts_the_reducers_gradient_buckets(tiny_spec):
+    # rank 0 of a fake group of 2: every trainable net is DDP-wrapped, and its Reducer's buckets (allocated in C++
+    # before the tracker starts) are counted from the wrapped parameters, as the plan counts them from the config
+    from trainer.config import load_spec
+    from trainer.plan import make_plan
+
+    got = _run("trainer.trace", tiny_spec, "--gpus", "2")
+    buckets = got["by_category"]["DDP gradient buckets (counted)"]
+    planned = sum(v for k, v in make_plan(load_spec(tiny_spec), gpus=2).figures().items() if "DDP gradient buckets" in k)
+    assert buckets == planned > 0
+    assert any("DDP gradient buckets" in n for n in got["notes"])
