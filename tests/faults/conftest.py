@@ -18,3 +18,4 @@ import servicekit  # noqa: E402
 database_url = servicekit.database_url
 redis_client = servicekit.redis_client
 roots = servicekit.roots
+no_jobs_left_waiting = servicekit.no_jobs_left_waiting  # autouse

@@ -28,6 +28,7 @@ from api.settings import Settings
 database_url = servicekit.database_url
 redis_client = servicekit.redis_client
 roots = servicekit.roots
+no_jobs_left_waiting = servicekit.no_jobs_left_waiting  # autouse
 
 
 @pytest.fixture(scope="session")

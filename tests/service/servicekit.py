@@ -20,6 +20,7 @@ import redis
 from sqlalchemy import make_url
 
 from api import migrate
+from api.models import ACTIVE, WAITING
 from api.settings import Settings
 
 PG_ADMIN_URL = os.environ.get("FLASHDMD_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -185,6 +186,20 @@ def redis_client() -> Iterator[redis.Redis]:
     for key in client.scan_iter(match=f"*{SESSION_TAG}*", count=1000):
         client.delete(key)
     client.close()
+
+
+@pytest.fixture(autouse=True)
+def no_jobs_left_waiting(database_url: str) -> Iterator[None]:
+    """After each test, end every job it left unfinished in the shared database.
+
+    A worker that starts re-sends every waiting job its pool can run (api/reaper.py resend_waiting), and in one
+    shared test database that is every job an earlier test queued with no worker: a later test's worker would
+    train them all, one after another, before its own job (which made one test take many minutes in CI).
+    """
+    yield
+    plain = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute("UPDATE jobs SET status = 'cancelled' WHERE status = ANY(%s)", (list(WAITING + ACTIVE),))
 
 
 @pytest.fixture(scope="session")
