@@ -32,8 +32,10 @@ def main() -> None:
     wrapped = wrap(acc, net, "ddp")
     wrapped(x).square().mean().backward()
     grown = rss() - before
-    print(json.dumps({"rank": acc.process_index, "param_mib": net.weight.numel() * 4 / MiB,
-                      "grown_mib": grown / MiB}), flush=True)
+    row = json.dumps({"rank": acc.process_index, "param_mib": net.weight.numel() * 4 / MiB, "grown_mib": grown / MiB})
+    # One write(2) of the whole line: both ranks share the launcher's stdout pipe, and print() may write the
+    # text and its newline separately, so two ranks' lines could join into one (writes < PIPE_BUF are atomic).
+    os.write(1, (row + "\n").encode())
     acc.wait_for_everyone()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def test_a_ddp_backward_adds_one_gradient_copy_not_two(dist_env):
     res = subprocess.run([*accelerate_cmd(2), str(probe)], cwd=REPO, env=dist_env, capture_output=True,
                          text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(obj) for obj in re.findall(r"\{[^{}]*\}", res.stdout)]
     assert sorted(r["rank"] for r in rows) == [0, 1]
     for r in rows:
         assert r["param_mib"] == 256
