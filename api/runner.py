@@ -30,6 +30,7 @@ from api.proc import drain_marker, kill_job_processes, output_tail, signal_group
 from api.settings import Settings
 from api.workers import Capacity, worker_capacity
 from trainer.config import SpecError, num_processes, parse_spec
+from trainer.errors import OUT_OF_MEMORY, Failure, from_log, job_error
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,28 @@ def roots_env(settings: Settings) -> dict[str, str]:
     return {"FLASHDMD_ALLOWED_DATA_ROOTS": json.dumps([str(p) for p in settings.allowed_data_roots]),
             "FLASHDMD_ALLOWED_MODEL_ROOTS": json.dumps([str(p) for p in settings.allowed_model_roots]),
             "FLASHDMD_RUN_ROOT": str(settings.run_root)}
+
+
+def plan_note(spec: Any) -> str:
+    """" (`flashdmd plan` predicts N GiB per GPU ...)" beside an out-of-memory error, when it is cheap: the plan
+    reads only the teacher's configs, so it runs for a local teacher or one in the hub cache (never a download)."""
+    from trainer.hub import in_cache, parse_hub_ref
+
+    model = getattr(spec, "model", None)
+    if model is None:
+        return ""
+    ref = parse_hub_ref(model.teacher)
+    if ref is not None and not in_cache(ref.repo_id, "model_index.json", model.revision):
+        return ""
+    try:
+        from trainer.plan import make_plan
+
+        plan = make_plan(spec)
+    except Exception:  # a note, not the error: an eval spec, an unknown architecture
+        log.debug("no memory plan for the out-of-memory note", exc_info=True)
+        return ""
+    return (f" (`flashdmd plan` predicts {plan.needed_gib:.1f} GiB per GPU on {plan.gpus} GPU(s); "
+            "run it to see which rows to shrink)")
 
 
 def worker_name() -> str:
@@ -109,6 +132,7 @@ class Attempt:
         self.cancel_requested = False
         self.draining = False  # the worker is shutting down: stop at a checkpoint and requeue
         self._cpu_clock = sysinfo.CpuClock()
+        self.spec: Any = None  # the parsed spec, once run() has it (the out-of-memory note plans it)
 
     def _owned(self) -> list[Any]:
         return [Job.id == self.claim.job_id, Job.attempt == self.claim.attempt, Job.status.in_(ACTIVE)]
@@ -116,7 +140,7 @@ class Attempt:
     def run(self) -> None:
         job_id = self.claim.job_id
         try:
-            spec = parse_spec(self.claim.spec)
+            spec = self.spec = parse_spec(self.claim.spec)
         except SpecError as err:  # validated at submission; only a spec from an older version can fail here
             self._finish("failed", "invalid_spec", str(err))
             return
@@ -271,14 +295,13 @@ class Attempt:
             return "recovering", None, None
         if code == EXIT_STOPPED or cancelled:
             return "cancelled", None, None
-        detail = output_tail(self.log_path)
-        if failure and failure.get("message"):
-            return "failed", str(failure.get("code") or "trainer_failed"), str(failure["message"])
-        if code == EXIT_BAD_INPUT:
-            return "failed", "invalid_input", detail or "the trainer rejected its input"
-        what = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        return "failed", "trainer_failed", f"the trainer {what}\n{detail}".strip()
-
+        if failure and failure.get("message"):  # the trainer's own record: a code and a one-line cause
+            err = job_error(str(failure.get("code") or ""), str(failure["message"]))
+        else:  # it died before it could write one (a kill, an import error): its exit code and last error line
+            err = from_log(code, output_tail(self.log_path), bad_input_exit=EXIT_BAD_INPUT)
+        if err.code == OUT_OF_MEMORY and self.spec is not None:
+            err = Failure(err.code, err.message + plan_note(self.spec))
+        return "failed", err.code, err.message
     def _reap_processes(self) -> None:
         """Nothing of this attempt may outlive it: its process group, and ranks in sessions of their own."""
         if self.proc is not None:

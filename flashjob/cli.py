@@ -76,6 +76,7 @@ def train_command(spec: Path, overrides: tuple[str, ...], run_dir: Path | None, 
         code = _run(run_job, cfg, run_dir, resume, resolved, JsonlSink)
     except InputError as err:
         click.echo(f"error: {err}", err=True)
+        _record_failure(run_dir, err)
         sys.exit(EXIT_BAD_INPUT)
     except TrainingError as err:
         click.echo(f"error: training failed: {err}", err=True)
@@ -84,6 +85,21 @@ def train_command(spec: Path, overrides: tuple[str, ...], run_dir: Path | None, 
         click.echo(f"stopped on request at step {stop.step}; resume with --resume", err=True)
         sys.exit(EXIT_STOPPED)
     sys.exit(code)
+
+
+def _record_failure(run_dir: Path, err: Exception) -> None:
+    """The run's `failed` event with its code and one-line cause (trainer/errors.py classify): what the service
+    shows as the job's error, instead of the end of this process's log."""
+    import os
+
+    from trainer.errors import classify
+    from trainer.sink import JsonlSink
+
+    failure = classify(err)
+    sink = JsonlSink(run_dir, enabled=os.environ.get("RANK", "0") == "0")
+    sink.log_event("failed", failure.message, code=failure.code, message=failure.message, step=0,
+                   last_checkpoint=None)
+    sink.close()
 
 
 def _run(train, cfg, run_dir: Path, resume: bool, resolved: dict, sink_cls) -> int:  # noqa: ANN001

@@ -11,11 +11,12 @@ and the reward model; inference/ (the scorers) imports it, never the other way r
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from trainer.errors import InputError
+from trainer.errors import InputError, ModelUnreachable
 from trainer.spec_limits import HUB_REF, is_hub_ref
 
 
@@ -40,6 +41,71 @@ def parse_hub_ref(value: str) -> HubRef | None:
     m = HUB_REF.match(value)
     assert m is not None  # is_hub_ref matched
     return HubRef(m["repo"], m["path"].lstrip("/") or None, m["revision"])
+
+
+PROBE_TIMEOUT = 3.0  # seconds to open a TCP connection to the hub: a reachable hub answers in well under one
+
+
+def hub_host() -> tuple[str, int]:
+    """The host and port huggingface_hub talks to (HF_ENDPOINT, a mirror, or huggingface.co)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached right now (offline mode, no DNS, refused, timed out), or None if it can.
+
+    One TCP connection, not a request: huggingface_hub retries a failed request five times with backoff
+    (about 40 s), so a run without network would otherwise spend that long before saying so.
+    """
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    host, port = hub_host()
+    try:
+        socket.create_connection((host, port), timeout=PROBE_TIMEOUT).close()
+    except OSError as err:
+        return f"cannot connect to {host}:{port} ({err.strerror or type(err).__name__})"
+    return None
+
+
+def in_cache(repo_id: str, filename: str, revision: str | None = None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)
+    except ValueError:  # a malformed id or revision: not in any cache
+        return False
+
+
+def check_hub_model(value: str, field: str, *, revision: str | None = None,
+                    probe_file: str = "model_index.json") -> bool:
+    """Whether `value`, a hub id, must be read from the hub cache only (the hub cannot be reached; the loader
+    then passes local_files_only=True rather than retrying); False for a local path or a reachable hub.
+    Fails at once, naming `field` and the host, when it is neither cached nor reachable."""
+    ref = parse_hub_ref(value)
+    if ref is None:
+        return False
+    why = hub_unreachable()
+    if why is None:
+        return False
+    if in_cache(ref.repo_id, probe_file, revision or ref.revision):
+        return True
+    raise unreachable_error(field, value, why)
+
+
+def unreachable_error(field: str, value: str, why: str) -> ModelUnreachable:
+    from huggingface_hub import constants
+
+    host = hub_host()[0]
+    return ModelUnreachable(f"{field}: cannot resolve hub id {value!r}: {why} and it is not in the hub cache "
+                            f"({constants.HF_HUB_CACHE}); download it where {host} is reachable (`hf download`), "
+                            "or give a local path", host=host)
 
 
 def _why(err: Exception, ref: HubRef) -> str:
@@ -70,15 +136,20 @@ def resolve_weights(value: str, field: str, *, want: Literal["file", "folder"],
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
 
+    # Unreachable (offline mode, no network): the cache only, at once, instead of five retries with backoff.
+    unreachable = hub_unreachable()
+    cached_only = {"local_files_only": True} if unreachable else {}
     try:
         if want == "file" and ref.path:
-            return Path(hf_hub_download(ref.repo_id, ref.path, revision=ref.revision))
+            return Path(hf_hub_download(ref.repo_id, ref.path, revision=ref.revision, **cached_only))
         if want == "folder":
             patterns = [f"{ref.path}/*", f"{ref.path}/**"] if ref.path else None
         else:  # only the weights files: a repo may also hold big files of other kinds
             patterns = [f"*{s}" for s in suffixes] or None
-        root = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns))
+        root = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns, **cached_only))
     except (EntryNotFoundError, HfHubHTTPError, HFValidationError, OSError, ValueError) as err:
+        if unreachable and not isinstance(err, HFValidationError):
+            raise unreachable_error(field, value, unreachable) from None
         raise InputError(f"{field}: cannot resolve hub id {value!r}: {_why(err, ref)}") from None
     if want == "folder":
         folder = root / ref.path if ref.path else root

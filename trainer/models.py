@@ -85,14 +85,14 @@ def resolve_teacher(ref: str) -> str:
     return ref
 
 
-def detect_family(ref: str, revision: str | None = None) -> str:
+def detect_family(ref: str, revision: str | None = None, *, cached_only: bool = False) -> str:
     from diffusers import DiffusionPipeline
 
     try:
         if os.path.isdir(ref):
             index = json.loads((Path(ref) / "model_index.json").read_text())
         else:
-            index = DiffusionPipeline.load_config(ref, revision=revision)
+            index = DiffusionPipeline.load_config(ref, revision=revision, local_files_only=cached_only)
     except Exception as err:  # hub errors come in many types; the message is what matters
         raise InputError(f"model.teacher: cannot read {ref!r}: {err.__class__.__name__}: {err}") from None
     cls = index.get("_class_name", "")
@@ -198,10 +198,16 @@ class Teacher:
 
 
 def load_teacher(spec: ModelSpec, device: torch.device | str = "cpu", shift: float | None = None) -> Teacher:
+    from trainer.hub import check_hub_model
+
     ref = resolve_teacher(spec.teacher)
-    family = detect_family(ref, spec.revision) if spec.family == "auto" else spec.family
+    # A hub id with the hub unreachable: the cache at once, or a model_unreachable error, not 40 s of retries.
+    cached_only = check_hub_model(ref, "model.teacher", revision=spec.revision)
+    family = detect_family(ref, spec.revision, cached_only=cached_only) if spec.family == "auto" else spec.family
     cls = pipeline_class(family)
-    kwargs = {"revision": spec.revision} if spec.revision else {}
+    kwargs: dict[str, object] = {"revision": spec.revision} if spec.revision else {}
+    if cached_only:
+        kwargs["local_files_only"] = True
     if family == "sd15":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
