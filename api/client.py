@@ -1,11 +1,13 @@
 """A small HTTP client of the jobs API, for `flashdmd jobs` (api/client_cli.py).
 
 It speaks only the REST contract (DESIGN §5) over httpx and imports nothing of the service, so it works
-against any flashdmd server: the embedded `flashdmd up` by default, or FLASHDMD_URL with FLASHDMD_TOKEN.
+against any flashdmd server: the embedded `flashdmd up` by default (found through the service file it writes in
+its data dir), or FLASHDMD_URL with FLASHDMD_TOKEN.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -18,6 +20,9 @@ import httpx
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_DATA_DIR = "~/.flashdmd"
 TOKEN_FILE = "token"
+# What a running `flashdmd up` writes in its data dir (api/embedded.py): {"url", "token_file", "pid"}, mode 0600,
+# removed when it stops. With it, `--data-dir` (or FLASHDMD_DATA_DIR) alone finds a service on any port.
+SERVICE_FILE = "service.json"
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -36,13 +41,42 @@ class ClientError(Exception):
         return "\n".join(lines)
 
 
-def embedded_token(env: Mapping[str, str]) -> str | None:
-    """The token `flashdmd up` saved in its data dir (FLASHDMD_DATA_DIR or ~/.flashdmd), if it is there."""
-    path = Path(env.get("FLASHDMD_DATA_DIR") or DEFAULT_DATA_DIR).expanduser() / TOKEN_FILE
+def embedded_token(data_dir: Path) -> str | None:
+    """The token `flashdmd up` saved in its data dir, if it is there."""
     try:
-        return path.read_text().strip() or None
+        return (data_dir / TOKEN_FILE).read_text().strip() or None
     except OSError:  # not there, or not ours to read: the caller says how to pass a token instead
         return None
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive (and its token file will not be readable anyway)
+        return True
+    return True
+
+
+def embedded_service(data_dir: Path) -> tuple[str | None, str | None]:
+    """(url, token) of the `flashdmd up` serving from `data_dir`, from the SERVICE_FILE it wrote there; (None,
+    None) when there is none, or it was left by a process that is gone (killed before it could remove it)."""
+    try:
+        info = json.loads((data_dir / SERVICE_FILE).read_text())
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(info, dict) or not _alive(info.get("pid")) or not isinstance(info.get("url"), str):
+        return None, None
+    token = None
+    if isinstance(info.get("token_file"), str):
+        try:
+            token = Path(info["token_file"]).read_text().strip() or None
+        except OSError:
+            token = None
+    return info["url"], token
 
 
 @dataclass(frozen=True)
@@ -51,16 +85,19 @@ class Target:
     token: str
 
 
-def resolve_target(url: str | None, token: str | None, env: Mapping[str, str] | None = None) -> Target:
-    """URL and token: the options (which click fills from FLASHDMD_URL/FLASHDMD_TOKEN), else the embedded ones."""
+def resolve_target(url: str | None, token: str | None, env: Mapping[str, str] | None = None,
+                   data_dir: Path | None = None) -> Target:
+    """URL and token: the options (which click fills from FLASHDMD_URL/FLASHDMD_TOKEN) win; else what the
+    `flashdmd up` serving from the data dir (--data-dir, FLASHDMD_DATA_DIR or ~/.flashdmd) wrote there."""
     env = os.environ if env is None else env
-    token = token or embedded_token(env)
+    folder = Path(data_dir or env.get("FLASHDMD_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
+    found_url, found_token = embedded_service(folder)
+    token = token or found_token or embedded_token(folder)
     if not token:
-        data_dir = env.get("FLASHDMD_DATA_DIR") or DEFAULT_DATA_DIR
         raise ClientError(
             "no API token: set FLASHDMD_TOKEN or pass --token (`flashdmd up` prints one and keeps it in "
-            f"{data_dir}/{TOKEN_FILE}; `flashdmd token create` makes another)", code="unauthorized")
-    return Target(url=(url or DEFAULT_URL).rstrip("/"), token=token)
+            f"{folder}/{TOKEN_FILE}; `flashdmd token create` makes another)", code="unauthorized")
+    return Target(url=(url or found_url or DEFAULT_URL).rstrip("/"), token=token)
 
 
 def _error(response: httpx.Response) -> ClientError:

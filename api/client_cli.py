@@ -1,7 +1,8 @@
 """`flashdmd jobs ...`: submit, list, show, follow, logs, cancel and resume jobs from a terminal.
 
 Talks to FLASHDMD_URL with FLASHDMD_TOKEN (or --url/--token); without them, to the embedded `flashdmd up`
-on this machine (http://127.0.0.1:8000 and the token it saved in FLASHDMD_DATA_DIR or ~/.flashdmd).
+serving from --data-dir (FLASHDMD_DATA_DIR, default ~/.flashdmd): the URL and token it wrote in that data dir's
+service.json, else http://127.0.0.1:8000 and the token saved there.
 
 Exit codes: 0 done (for `follow`: the job succeeded), 1 the job failed, 2 the server refused the request
 or could not be reached (its message and the fields it names are printed, no traceback), 3 the job was
@@ -47,25 +48,29 @@ class JobsGroup(click.Group):
 
 @click.group("jobs", cls=JobsGroup)
 @click.option("--url", envvar="FLASHDMD_URL", default=None, show_envvar=True,
-              help="the API (default: the embedded `flashdmd up`, http://127.0.0.1:8000)")
+              help="the API (default: the `flashdmd up` serving from --data-dir, else http://127.0.0.1:8000)")
 @click.option("--token", envvar="FLASHDMD_TOKEN", default=None, show_envvar=True,
               help="bearer token (default: the one `flashdmd up` saved in its data dir)")
+@click.option("--data-dir", envvar="FLASHDMD_DATA_DIR", default=None, show_envvar=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="find the `flashdmd up` serving from this data dir: its URL and token (default ~/.flashdmd)")
 @click.pass_context
-def jobs_group(ctx: click.Context, url: str | None, token: str | None) -> None:
+def jobs_group(ctx: click.Context, url: str | None, token: str | None, data_dir: Path | None) -> None:
     """Jobs from the terminal: submit, list, show, follow, logs, cancel, resume."""
-    ctx.obj = Connection(ctx, url, token)
+    ctx.obj = Connection(ctx, url, token, data_dir)
 
 
 class Connection:
     """The client, made on first use: `flashdmd jobs submit --help` must work without a token."""
 
-    def __init__(self, ctx: click.Context, url: str | None, token: str | None) -> None:
-        self.ctx, self.url, self.token = ctx, url, token
+    def __init__(self, ctx: click.Context, url: str | None, token: str | None, data_dir: Path | None = None) -> None:
+        self.ctx, self.url, self.token, self.data_dir = ctx, url, token, data_dir
         self._client: JobsClient | None = None
 
     def client(self) -> JobsClient:
         if self._client is None:
-            self._client = self.ctx.with_resource(JobsClient(resolve_target(self.url, self.token)))
+            target = resolve_target(self.url, self.token, data_dir=self.data_dir)
+            self._client = self.ctx.with_resource(JobsClient(target))
         return self._client
 
 

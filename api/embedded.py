@@ -7,9 +7,12 @@ process running the very same `flashdmd worker` as production does.
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +25,7 @@ from sqlalchemy import make_url
 
 from api import migrate
 from api.auth import TokenError, create_token, ensure_token, find_token
+from api.client import SERVICE_FILE
 from api.db import make_engine, make_sessionmaker
 from api.proc import die_with_parent
 from api.settings import Settings
@@ -119,7 +123,56 @@ class WorkerChild:
         self.proc.wait()
 
 
+def port_in_use(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on (another service holds it, say), or None if it can. Checked before
+    anything starts, so the user reads it here and not in a log, and no service file points at someone else."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is already in use (another `flashdmd up`?)"
+            return f"cannot listen on {host}:{port}: {err.strerror or err}"
+    return None
+
+
+def client_url(host: str, port: int) -> str:
+    """The URL a client on this machine uses: a wildcard host is reached through loopback."""
+    if host in ("0.0.0.0", ""):  # noqa: S104 - a comparison, not a bind
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def write_service_file(data_dir: Path, *, url: str, token_file: str | None) -> Path:
+    """DATA_DIR/service.json: where this `up` listens and where its token is (never the token itself; None when
+    it came from FLASHDMD_TOKEN), so `flashdmd jobs --data-dir DIR` finds it on any port. 0600, written whole."""
+    path = data_dir / SERVICE_FILE
+    tmp = path.with_name(f".{SERVICE_FILE}.{os.getpid()}")
+    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"url": url, "token_file": token_file, "pid": os.getpid(), "started_at": time.time()}, f)
+    os.replace(tmp, path)
+    return path
+
+
+def remove_service_file(data_dir: Path) -> None:
+    """Remove the service file if it is still this process's (a later `up` on the same data dir may own it)."""
+    path = data_dir / SERVICE_FILE
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def run_embedded(*, host: str, port: int, data_dir: Path | None) -> None:
+    busy = port_in_use(host, port)
+    if busy:
+        raise click.ClickException(f"{busy}; pick another with --port")
     if data_dir is not None:
         # Through the environment, so that the worker child builds the same Settings.
         os.environ["FLASHDMD_DATA_DIR"] = str(data_dir.expanduser().absolute())
@@ -146,7 +199,8 @@ def run_embedded(*, host: str, port: int, data_dir: Path | None) -> None:
 
     worker = WorkerChild()
     worker.start()
-    url = f"http://{host}:{port}"
+    url = client_url(host, port)
+    write_service_file(settings.data_dir, url=url, token_file=None if source == "FLASHDMD_TOKEN" else source)
     click.echo(f"flashdmd is up at {url} (docs: {url}/docs); data in {settings.data_dir}", err=True)
     if source == "FLASHDMD_TOKEN":  # the user's own secret: not echoed to the terminal or logs
         click.echo("token: the one in FLASHDMD_TOKEN", err=True)
@@ -156,4 +210,5 @@ def run_embedded(*, host: str, port: int, data_dir: Path | None) -> None:
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info", **uvicorn_options(settings))
     finally:
+        remove_service_file(settings.data_dir)
         worker.stop()

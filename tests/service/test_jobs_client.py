@@ -8,7 +8,11 @@ real worker so that `follow` sees a job succeed and another fail.
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +27,7 @@ from servicekit import WorkerProcess, make_settings, queue_name, settings_env, t
 
 from api.auth import create_token
 from api.cli import cli
-from api.client import JobsClient, Target
+from api.client import JobsClient, Target, resolve_target
 from api.client_cli import follow
 from api.main import create_app
 from api.settings import Settings
@@ -185,7 +189,8 @@ def test_logs_prints_the_trainer_log_from_an_offset(served: Served, tmp_path: Pa
 
 @pytest.mark.slow
 def test_follow_exits_0_on_success_and_1_on_failure(served: Served, tmp_path: Path) -> None:
-    worker = WorkerProcess(settings_env(served.settings), tmp_path / "worker.log").start()
+    # HF_HUB_OFFLINE: the hub-id job below must fail at once with model_unreachable, network or not.
+    worker = WorkerProcess({**settings_env(served.settings), "HF_HUB_OFFLINE": "1"}, tmp_path / "worker.log").start()
     try:
         spec = tiny_spec(max_steps=2, checkpoint_every=2, sample_every=2, report_to=["tensorboard"])
         ok = served.jobs("submit", str(_spec_file(tmp_path, spec)), "--follow")
@@ -196,6 +201,17 @@ def test_follow_exits_0_on_success_and_1_on_failure(served: Served, tmp_path: Pa
         # train.report_to through the service: the trainer wrote its TensorBoard events in the run dir.
         assert list((served.settings.run_dir(job_id) / "trackers").rglob("events.out.tfevents.*"))
 
+        # A hub teacher that cannot be fetched: one line with its code and the field, in --follow and in show.
+        hub = served.jobs("submit", str(_spec_file(tmp_path, {**spec, "model": {"teacher": "someorg/not-a-model"}},
+                                                   "hub.yaml")), "--follow")
+        assert hub.exit_code == 1, (hub.output, worker.log()[-3000:])
+        hub_id = hub.stdout.strip()
+        line = f"job {hub_id} failed: model_unreachable: model.teacher: cannot resolve hub id 'someorg/not-a-model'"
+        assert line in hub.stderr and "Retrying" not in hub.stderr, hub.stderr
+        error = served.http().get(f"/jobs/{hub_id}").json()["error"]
+        assert error["code"] == "model_unreachable" and "\n" not in error["message"], error
+        assert error["message"] in served.jobs("show", hub_id).stdout
+
         if importlib.util.find_spec("wandb") is not None:
             pytest.skip("wandb is installed here: the missing-extra failure cannot happen")
         bad = served.jobs("submit", str(_spec_file(tmp_path, {**spec, "train": {**spec["train"],
@@ -204,3 +220,22 @@ def test_follow_exits_0_on_success_and_1_on_failure(served: Served, tmp_path: Pa
         assert "failed: invalid_input" in bad.stderr and "pip install 'flashdmd[wandb]'" in bad.stderr
     finally:
         worker.stop()
+
+
+def test_the_data_dir_alone_finds_the_service_and_skips_a_stale_file(served: Served, tmp_path: Path) -> None:
+    """service.json (what `flashdmd up` writes) gives URL and token; one left by a dead process is ignored."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "kept-token").write_text(served.token + "\n")
+    live = {"url": served.url, "token_file": str(data / "kept-token"), "pid": os.getpid()}
+    (data / "service.json").write_text(json.dumps(live))
+    unset = {"FLASHDMD_URL": None, "FLASHDMD_TOKEN": None, "FLASHDMD_DATA_DIR": None}
+    found = CliRunner().invoke(cli, ["jobs", "--data-dir", str(data), "list", "--json"], env=unset)
+    assert found.exit_code == 0, found.output
+    assert resolve_target(None, "explicit", env={}, data_dir=data) == Target(served.url, "explicit")
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (data / "service.json").write_text(json.dumps({**live, "pid": gone.pid}))
+    (data / "token").write_text("saved-token\n")
+    assert resolve_target(None, None, env={}, data_dir=data) == Target("http://127.0.0.1:8000", "saved-token")
