@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -28,34 +29,60 @@ from tqdm.auto import tqdm
 from trainer.toy import TEACHER_DIR
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
-# The student recipe on the digits teacher: 400 steps of Flash-DMD, TTUR 1. lambda_ema is what the pre-registered
-# rule of bench/README.md ("The demo's recipe: a rule fixed before the runs") picks from the held-out study
-# (`python bench/demo_recipe.py --pick`): lambda_ema 0 only if it is lower on FD vs held-out real with a paired
-# interval clear of 0 over >= 3 seeds; otherwise the paper's 0.98. tests/unit/test_bench_demo_recipe.py checks that
-# this spec follows the rule on the committed study.
-DEMO_SPEC: dict[str, Any] = {
-    "kind": "distill",
-    "name": "digits-flash-4step",
-    "model": {"teacher": "toy:digits"},
-    "data": {"builtin": "digits-train"},  # the held-out digits stay the FD reference only
-    "schedule": {"num_steps": 4, "dm_steps": [749, 499]},
-    "distill": {"mode": "flash", "real_guidance": 1.0, "ema": 0.0,
-                "discriminator": {"backbone": "tiny", "head_channels": 32}},
-    "optim": {"generator": {"lr": 1e-5}, "fake_score": {"lr": 1e-4},
-              "discriminator": {"lr": 1e-4, "betas": [0.0, 0.99]}},
-    "train": {"max_steps": 400, "batch_size": 16, "mixed_precision": "no", "checkpoint_every": 100,
-              "sample_every": 100, "num_samples": 10, "keep_last": 10},
-}
+# The student recipe on the digits teacher lives in presets/digits-4step.yaml, one source for the demo, `flashdmd
+# train` and `flashdmd jobs submit`. Its lambda_ema is what the pre-registered rule of bench/README.md ("The demo's
+# recipe: a rule fixed before the runs") picks from the held-out study (`python bench/demo_recipe.py --pick`):
+# lambda_ema 0 only if it is lower on FD vs held-out real with a paired interval clear of 0 over >= 3 seeds;
+# otherwise the paper's 0.98. tests/unit/test_bench_demo_recipe.py checks that this spec follows the rule.
+DEMO_PRESET = Path(__file__).resolve().parents[1] / "presets" / "digits-4step.yaml"
+
+
+def load_demo_spec(path: Path = DEMO_PRESET) -> dict[str, Any]:
+    import yaml
+
+    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(spec, dict):
+        raise click.ClickException(f"{path}: the demo's preset must be a mapping")
+    return spec
+
+
+DEMO_SPEC: dict[str, Any] = load_demo_spec()
+DEFAULT_PORT = 8765
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the service binds it
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def choose_port(port: int) -> int:
+    """`port`, or, when something else holds it (another service, an earlier demo still serving), a free one:
+    the demo talks only to the service it started, never to whatever answers on the default port."""
+    if port_free(port):
+        return port
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        free = sock.getsockname()[1]
+    click.echo(f"port {port} is in use (another service?); the demo's service takes port {free} instead")
+    return free
 
 
 class Service:
     """`flashdmd up` as a child process; stopped on exit unless the user keeps it."""
 
     def __init__(self, port: int, data_dir: Path) -> None:
+        self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.log = open(data_dir / "service.log", "ab")  # noqa: SIM115 - lives as long as the service
+        self.log_path = data_dir / "service.log"
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the service
+        self._log_start = self.log.tell()
         # One client at a time: serve each /generate at once and compute only its own row, the lowest latency
         # per request (the CPU's batching defaults pad every call to max_batch rows and wait 10 ms for company,
         # which pays off only with concurrent clients; bench/generate_overhead.py measured 125 -> 63 ms p50).
@@ -65,21 +92,47 @@ class Service:
         self.proc = subprocess.Popen([sys.executable, "-m", "api", "up", "--host", "127.0.0.1", "--port", str(port),
                                       "--data-dir", str(data_dir)], stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
+    def _cause(self) -> str:
+        """The service's own last words (e.g. `Error: port 8765 ... is already in use`), not just the log's name."""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(self._log_start)
+                lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            lines = []
+        errors = [ln for ln in lines if ln.lower().startswith(("error", "critical"))]
+        return (errors or lines or ["(no output)"])[-1]
+
     def wait_ready(self, timeout: float = 180.0) -> str:
+        """Its token, once it answers /healthz. URL and token come from the service file *this* child wrote (its
+        pid), so a token from another service on the same data dir is never used."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise click.ClickException(f"the service exited ({self.proc.returncode}); see "
-                                           f"{self.data_dir / 'service.log'}")
+                raise click.ClickException(f"the service on port {self.port} exited ({self.proc.returncode}): "
+                                           f"{self._cause()} (full log: {self.log_path})")
+            token = self._token()
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200 and (self.data_dir / "token").exists():
-                    token = os.environ.get("FLASHDMD_TOKEN") or (self.data_dir / "token").read_text().strip()
-                    if token:
-                        return token
+                if token and httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return token
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise click.ClickException(f"the service did not answer /healthz within {timeout:.0f} s")
+        raise click.ClickException(f"the service did not answer {self.url}/healthz within {timeout:.0f} s "
+                                   f"(last log line: {self._cause()})")
+
+    def _token(self) -> str | None:
+        try:
+            info = json.loads((self.data_dir / "service.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(info, dict) or info.get("pid") != self.proc.pid:
+            return None
+        if not info.get("token_file"):  # the service took FLASHDMD_TOKEN from this environment
+            return os.environ.get("FLASHDMD_TOKEN")
+        with contextlib.suppress(OSError):
+            return Path(info["token_file"]).read_text().strip() or None
+        return None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -89,6 +142,19 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.log.close()
+
+
+def closing_lines(*, url: str, token: str, job_id: str, data_dir: Path, keep_serving: bool) -> list[str]:
+    """What the demo leaves on screen: how to reach the service while it runs, or, when it is about to stop
+    (--no-serve), only what stays true: how to serve the job again and find it."""
+    if not keep_serving:
+        return [f"the service stops with the demo (--no-serve); serve job {job_id} again with "
+                f"`flashdmd up --data-dir {data_dir}`, then `flashdmd jobs --data-dir {data_dir} show {job_id}`"]
+    return [f"service: {url}   token: {token}   dashboard: {url}/ui#/jobs/{job_id}",
+            f'try: curl -s -X POST {url}/generate -H "Authorization: Bearer {token}" '
+            f'-H "Content-Type: application/json" -d \'{{"job": "{job_id}", "prompt": '
+            f'"a handwritten digit seven", "seed": 1}}\' -o seven.png',
+            "the service keeps running; press Ctrl+C to stop it"]
 
 
 def _check(resp: httpx.Response) -> Any:
@@ -151,7 +217,7 @@ def run_demo(*, out: Path, steps: int | None, quick: bool, port: int, data_dir: 
     if steps:
         every = max(steps // 6, 1)
         spec["train"].update(max_steps=steps, checkpoint_every=every, sample_every=every)
-    service = Service(port, (data_dir or out / "service").absolute())
+    service = Service(choose_port(port), (data_dir or out / "service").absolute())
     try:
         click.echo(f"starting the embedded service on {service.url} ...")
         token = service.wait_ready()
@@ -182,12 +248,10 @@ def run_demo(*, out: Path, steps: int | None, quick: bool, port: int, data_dir: 
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         _print_table(summary)
         click.echo(f"\nwrote {out}/grid.png, {out}/curves.png, {out}/summary.json")
-        click.echo(f"service: {service.url}   token: {token}   dashboard: {service.url}/ui#/jobs/{job['id']}")
-        click.echo(f'try: curl -s -X POST {service.url}/generate -H "Authorization: Bearer {token}" '
-                   f'-H "Content-Type: application/json" -d \'{{"job": "{job["id"]}", "prompt": '
-                   f'"a handwritten digit seven", "seed": 1}}\' -o seven.png')
+        for line in closing_lines(url=service.url, token=token, job_id=job["id"], data_dir=service.data_dir,
+                                  keep_serving=keep_serving):
+            click.echo(line)
         if keep_serving:
-            click.echo("the service keeps running; press Ctrl+C to stop it")
             with contextlib.suppress(KeyboardInterrupt):
                 service.proc.wait()
         return summary
@@ -228,7 +292,8 @@ def _print_table(summary: dict) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True)
 @click.option("--steps", type=int, default=None, help="distillation steps (default 400)")
 @click.option("--quick", is_flag=True, help="a short run (60 steps, smaller evaluation) to try the plumbing")
-@click.option("--port", type=int, default=8765, show_default=True)
+@click.option("--port", type=int, default=DEFAULT_PORT, show_default=True,
+              help="the embedded service's port; a free one is taken if it is in use")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="the embedded service's data (default OUT/service)")
 @click.option("--serve/--no-serve", "keep_serving", default=None,
