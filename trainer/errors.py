@@ -58,8 +58,11 @@ class Failure:
 
 
 def one_line(text: str) -> str:
-    """`text` on one line: its non-empty lines joined by "; ", capped at MAX_MESSAGE characters."""
-    line = "; ".join(part.strip() for part in text.splitlines() if part.strip())
+    """`text` on one line: its non-empty lines joined by "; " (" " after a colon), at most MAX_MESSAGE chars."""
+    line = ""
+    for part in (p.strip() for p in text.splitlines()):
+        if part:  # a heading ending in ":" runs on into its first item; the items are separated by "; "
+            line += part if not line else (" " if line.endswith(":") else "; ") + part
     return line if len(line) <= MAX_MESSAGE else line[: MAX_MESSAGE - 1] + "…"
 
 
@@ -96,7 +99,9 @@ def from_log(exit_code: int, tail: str, *, bad_input_exit: int) -> Failure:
     """The failure of a trainer that wrote no `failed` event, from its exit code and the end of its log: the
     last `error: ...` line (what flashjob/cli.py prints), else the last line of a traceback."""
     lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
-    errors = [ln[len("error: "):] for ln in lines if ln.startswith("error: ")]
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("error: ")]
+    # The last error with the lines it printed below it (an invalid spec lists its fields there).
+    errors = ["\n".join([lines[starts[-1]][len("error: "):], *lines[starts[-1] + 1:]])] if starts else []
     if exit_code == bad_input_exit:
         return Failure(INVALID_INPUT, one_line(errors[-1] if errors else "the trainer rejected its input"))
     what = f"killed by signal {-exit_code}" if exit_code < 0 else f"exited with code {exit_code}"

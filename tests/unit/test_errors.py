@@ -73,6 +73,9 @@ def test_each_code_from_an_exit_and_a_log_tail() -> None:
            "error: model.teacher: cannot load 'x'\n"
     assert from_log(2, tail, bad_input_exit=2) == Failure(INVALID_INPUT, "model.teacher: cannot load 'x'")
     assert from_log(2, "", bad_input_exit=2) == Failure(INVALID_INPUT, "the trainer rejected its input")
+    spec_error = "error: invalid spec /r/spec.json:\n  train.max_steps: must be > 0\n  data: required\n"
+    assert from_log(2, "W warn\n" + spec_error, bad_input_exit=2) == Failure(
+        INVALID_INPUT, "invalid spec /r/spec.json: train.max_steps: must be > 0; data: required")
     traceback = "Traceback (most recent call last):\n  File x\ntorch.OutOfMemoryError: CUDA out of memory. Tried"
     assert from_log(1, traceback, bad_input_exit=2) == Failure(OUT_OF_MEMORY, "torch.OutOfMemoryError: CUDA out of memory")
     killed = from_log(-9, "step 3\n", bad_input_exit=2)
@@ -122,3 +125,16 @@ def test_a_trainer_run_with_an_unreachable_teacher_ends_fast_with_one_line(tmp_p
     assert data["code"] == MODEL_UNREACHABLE and "\n" not in data["message"]
     assert data["message"].startswith("model.teacher: cannot resolve hub id 'someorg/not-a-model': HF_HUB_OFFLINE")
     assert job_error(data["code"], data["message"]) == Failure(MODEL_UNREACHABLE, data["message"])
+
+
+def test_an_out_of_memory_error_carries_the_plan_figure() -> None:
+    """The runner adds `flashdmd plan`'s figure when it is cheap (a local or cached teacher), nothing otherwise."""
+    from api.runner import plan_note
+    from trainer.config import parse_spec
+
+    spec = parse_spec({"kind": "distill", "model": {"teacher": "tiny:sdxl"}, "data": {"builtin": "digits"},
+                       "distill": {"discriminator": {"backbone": "tiny"}}})
+    note = plan_note(spec)
+    assert note.startswith(" (`flashdmd plan` predicts ") and "GiB per GPU on 1 GPU(s)" in note, note
+    hub = parse_spec({"kind": "distill", "model": {"teacher": "someorg/not-cached"}, "data": {"builtin": "digits"}})
+    assert plan_note(hub) == ""
