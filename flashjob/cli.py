@@ -96,7 +96,10 @@ def _record_failure(run_dir: Path, err: Exception) -> None:
     from trainer.sink import JsonlSink
 
     failure = classify(err)
-    sink = JsonlSink(run_dir, enabled=os.environ.get("RANK", "0") == "0")
+    try:
+        sink = JsonlSink(run_dir, enabled=os.environ.get("RANK", "0") == "0")
+    except OSError:  # the run dir itself is the problem: the message on stderr is all there is
+        return
     sink.log_event("failed", failure.message, code=failure.code, message=failure.message, step=0,
                    last_checkpoint=None)
     sink.close()
