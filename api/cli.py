@@ -1,47 +1,107 @@
-"""The `flashdmd` command. Sub-commands import their heavy modules lazily."""
+"""The `flashdmd` command.
+
+Sub-commands owned by other packages load lazily (`LazyGroup`): `flashdmd --help`, `flashdmd jobs ...` and
+`flashdmd token ...` are a REST client and a database tool, and must not pay seconds of torch, diffusers and
+transformers imports that only training, sampling and export need. The commands defined here import their
+heavy modules inside their bodies.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
-
-from api.client_cli import jobs_group
-from flashjob.cli import eval_command, train_command
-from flashjob.demo import demo_command
-from flashjob.rollout_reward import main as rollout_reward_command
-from inference.cli import export_command, generate_command
-from trainer.plan_cli import plan_command
-from trainer.prepare_cli import data_group
-from trainer.toy.cli import toy_group
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from api.settings import Settings
 
+# name -> ("module:attribute", the command's one-line help). The only place that names where a sub-command
+# lives; the help is listed by `flashdmd --help` without importing the module (a unit test keeps it equal to
+# the command's own docstring).
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("flashjob.cli:train_command",
+              "Distil a teacher into a few-step generator with Flash-DMD (or the dmd2 baseline)."),
+    "eval": ("flashjob.cli:eval_command", "Score checkpoints with a `kind: eval` spec (digits evaluator, or "
+             "CLIP/PickScore/HPSv2/ImageReward/FID)."),
+    "generate": ("inference.cli:generate_command", "Generate images with a trained few-step generator."),
+    "export": ("inference.cli:export_command", "Export a checkpoint as a diffusers folder, UNet safetensors, or "
+               "LoRA (diffusers or kohya keys)."),
+    "demo": ("flashjob.demo:demo_command", "Distil the shipped digits teacher into a 4-step student through the "
+             "embedded service, and score it."),
+    "toy": ("trainer.toy.cli:toy_group", "The digits toy: a small SDXL-format teacher and a digits evaluator, "
+            "trained by our code."),
+    "data": ("trainer.prepare_cli:data_group", "Training data: encode a source once into a latent + "
+             "text-embedding cache (`data.cache`)."),
+    "plan": ("trainer.plan_cli:plan_command", "Print the per-GPU memory budget of SPEC by component, counted on "
+             "the meta device (no weights loaded),\n    and the expected wall time, GPU-hours and cost of its "
+             "max_steps."),
+    "jobs": ("api.client_cli:jobs_group", "Jobs from the terminal: submit, list, show, follow, logs, cancel, "
+             "resume."),
+}
+# Commands added to a lazily loaded group when it loads: the rollout reward samples checkpoints through
+# inference/, so trainer's toy group cannot import it itself.
+LAZY_SUBCOMMANDS: dict[str, dict[str, str]] = {
+    "toy": {"train-rollout-reward": "flashjob.rollout_reward:main"},
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+def _load(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+class LazyGroup(click.Group):
+    """A group whose `lazy` commands are imported by `get_command`, when (and only when) one is invoked."""
+
+    def __init__(self, *args: Any, lazy: dict[str, tuple[str, str]] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands or cmd_name not in self.lazy:
+            return super().get_command(ctx, cmd_name)
+        command = _load(self.lazy[cmd_name][0])
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{self.lazy[cmd_name][0]} is not a click command")
+        for name, target in LAZY_SUBCOMMANDS.get(cmd_name, {}).items():
+            if isinstance(command, click.Group) and name not in command.commands:
+                command.add_command(_load(target), name)
+        self.add_command(command, cmd_name)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """click's listing, with the help of commands not yet loaded taken from the table (no import)."""
+        names = self.list_commands(ctx)
+        if not names:
+            return
+        limit = formatter.width - 6 - max(len(n) for n in names)
+        rows = []
+        for name in names:
+            command = self.commands.get(name)
+            if command is not None:
+                if not command.hidden:
+                    rows.append((name, command.get_short_help_str(limit)))
+            else:
+                # click's own shortening, on a stand-in that carries only the help text.
+                rows.append((name, click.Command(name, help=self.lazy[name][1]).get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, lazy=LAZY_COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="flashdmd")
 def cli() -> None:
     """Flash-DMD: distil, tune, evaluate, export and serve few-step diffusion generators."""
-
-
-cli.add_command(train_command)
-cli.add_command(eval_command)
-cli.add_command(generate_command)
-cli.add_command(export_command)
-cli.add_command(demo_command)
-# flashjob/rollout_reward.py samples checkpoints through inference/, so trainer's toy group cannot import it itself.
-toy_group.add_command(rollout_reward_command, "train-rollout-reward")
-cli.add_command(toy_group)
-cli.add_command(data_group)  # trainer/prepare_cli.py: `flashdmd data prepare`
-cli.add_command(plan_command)  # trainer/plan_cli.py: the per-GPU memory budget of a spec
-cli.add_command(jobs_group)  # api/client_cli.py: `flashdmd jobs ...`, an HTTP client of a running service
 
 
 @cli.command("up")
