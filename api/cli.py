@@ -100,8 +100,16 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, lazy=LAZY_COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="flashdmd")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Flash-DMD: distil, tune, evaluate, export and serve few-step diffusion generators."""
+    # `flashdmd generate --job ID` (inference/cli.py, RUN_DIR_META) finds a job's run directory through this:
+    # the storage root is the service's setting, and inference/ does not import api/.
+    ctx.meta["flashdmd.run_dir"] = _run_dir
+
+
+def _run_dir(job: str) -> Path:
+    return _settings().run_dir(job)
 
 
 @cli.command("up")

@@ -8,9 +8,11 @@ the data dir) and production (Postgres and Redis), so the code path is the same.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -28,13 +30,43 @@ def _split_paths(value: Any) -> Any:
     return [p for p in text.replace(os.pathsep, ",").split(",") if p.strip()]
 
 
-def parse_shape(text: str) -> tuple[int, int, int]:
-    """A warm-up shape: WIDTHxHEIGHT or WIDTHxHEIGHTxBATCH -> (width, height, batch)."""
+log = logging.getLogger(__name__)
+# Names that still work for one release; each maps to the setting that replaces it.
+DEPRECATED = {"FLASHDMD_GENERATE_WARM_SIZES": "FLASHDMD_GENERATE_WARM_SHAPES",
+              "FLASHDMD_GENERATE_WARM_BATCHES": "FLASHDMD_GENERATE_WARM_SHAPES"}
+
+
+class WarmShape(NamedTuple):
+    """One warm-up shape. None: the checkpoint's training size, or (batch) the service's default batches."""
+
+    width: int | None
+    height: int | None
+    batch: int | None
+
+
+def parse_shape(text: str, setting: str = "FLASHDMD_GENERATE_WARM_SHAPES") -> WarmShape:
+    """WIDTHxHEIGHT or WIDTHxHEIGHTxBATCH (a batch left out is None)."""
     parts = text.strip().lower().split("x")
     if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"FLASHDMD_GENERATE_WARM_SHAPES: {text!r} is not WIDTHxHEIGHT or WIDTHxHEIGHTxBATCH")
+        raise ValueError(f"{setting}: {text!r} is not WIDTHxHEIGHT or WIDTHxHEIGHTxBATCH")
     width, height, *batch = (int(p) for p in parts)
-    return width, height, batch[0] if batch else 1
+    return WarmShape(width, height, batch[0] if batch else None)
+
+
+def _legacy_warm_shapes(sizes: str | None, batches: str | None) -> list[WarmShape]:
+    """FLASHDMD_GENERATE_WARM_SIZES x WARM_BATCHES (deprecated) as warm shapes: every size at every batch."""
+    sized = [parse_shape(t, "FLASHDMD_GENERATE_WARM_SIZES") for t in (sizes or "").split(",") if t.strip()]
+    if any(s.batch is not None for s in sized):
+        raise ValueError("FLASHDMD_GENERATE_WARM_SIZES takes WIDTHxHEIGHT only (FLASHDMD_GENERATE_WARM_SHAPES "
+                         "takes a batch)")
+    counts: list[int | None] = []
+    for part in (batches or "").split(","):
+        if part.strip():
+            if not part.strip().isdigit() or int(part) < 1:
+                raise ValueError(f"FLASHDMD_GENERATE_WARM_BATCHES: {part.strip()!r} is not a positive integer")
+            counts.append(int(part))
+    return [WarmShape(s.width, s.height, b) for s in sized or [WarmShape(None, None, None)] for b in counts or [None]
+            if s.width is not None or b is not None]
 
 
 PathList = Annotated[list[Path], NoDecode]
@@ -138,9 +170,37 @@ class Settings(BaseSettings):
     generate_warm: StrList = Field(default_factory=list, description="checkpoints (absolute paths or job ids) the "
                                    "inference role loads and runs once per warm shape before /readyz says ready")
     generate_warm_shapes: StrList = Field(default_factory=list, description="WIDTHxHEIGHT or WIDTHxHEIGHTxBATCH, "
-                                          "one warm-up sampler call each (default: the checkpoint's own size, 1)")
+                                          "comma-separated: the sizes and batches warmed (and compiled) when a "
+                                          "pipeline loads, and one warm-up sampler call each on the inference role "
+                                          "(default: the checkpoint's own size; batches max_batch with a fixed "
+                                          "batch, else 1 and max_batch)")
     generate_warm_retry_seconds: float = Field(10.0, gt=0, description="retry a failed warm-up after this long "
                                                "(a checkpoint may still be copying onto the volume)")
+    # -- POST /generate: admission, request bounds and dynamic batching (api/routes/generate.py) --
+    generate_max_concurrency: int = Field(1, ge=1, description="generations running at once (1 per GPU)")
+    # max_concurrency + max_queue must hold a full batch per slot, or the batcher can never fill one: the default
+    # 16 admits 17 requests for 1 slot of max_batch 8 (a warning at start names an inconsistent setting).
+    generate_max_queue: int = Field(16, ge=0, description="requests waiting for a slot; more get 503")
+    generate_queue_timeout_seconds: float = Field(60.0, gt=0, description="longest wait for a slot, then 503")
+    generate_retry_after_seconds: int = Field(5, ge=1, description="Retry-After of /generate's 503s")
+    generate_max_images: int = Field(4, ge=1, le=64, description="num_images one request may ask for")
+    generate_max_prompt_chars: int = Field(2000, ge=1, description="longest prompt")
+    generate_max_side: int = Field(2048, ge=16, description="pixels, per side")
+    generate_max_pixels: int = Field(4 * 1024 * 1024, ge=256, description="num_images x width x height per request")
+    generate_cache_bytes: int = Field(8 * 2**30, ge=1, description="memory budget of the loaded-pipeline cache "
+                                      "on the CPU")
+    generate_device: str | None = Field(None, description="default: cuda if available, else cpu")
+    generate_dtype: Literal["fp32", "fp16", "bf16"] | None = Field(
+        None, description="generator and text-encoder dtype (default: bf16 on cuda, fp32 on cpu)")
+    # Dynamic batching (api/batcher.py): concurrent requests with the same checkpoint, size, steps and guidance
+    # share one sampler call. max_batch 1 turns it off.
+    generate_max_batch: int = Field(8, ge=1, le=64, description="images per sampler call")
+    generate_max_wait_ms: float = Field(10.0, ge=0, le=10_000,
+                                        description="how long a request waits for others to share its call")
+    generate_fixed_batch: bool | None = Field(
+        None, description="pad every sampler call to max_batch rows, so an image's bytes never depend on the "
+                          "requests it was batched with (default: on for the CPU; on GPUs the rows agree to a "
+                          "tolerance and padding would cost latency at low load)")
     # -- Serving options of /generate (issue 12; inference/serving.py ServingOptions). Unset: the checkpoint's
     # serving.json (what `flashdmd export` wrote), then the device's default. --
     generate_vae_dtype: Literal["fp32", "fp16", "bf16"] | None = Field(
@@ -156,10 +216,11 @@ class Settings(BaseSettings):
     generate_vae: Literal["full", "tiny"] | None = Field(
         None, description="full: the checkpoint's VAE; tiny: diffusers AutoencoderTiny from generate_tiny_vae_path")
     generate_tiny_vae_path: Path | None = Field(None, description="a local AutoencoderTiny folder (vae=tiny)")
-    generate_warm_sizes: str | None = Field(None, description="WIDTHxHEIGHT,... warmed (and compiled) at "
-                                            "warm-up (default: the checkpoint's resolution)")
-    generate_warm_batches: str | None = Field(None, description="rows per sampler call warmed, e.g. 1,4,8 "
-                                              "(default: max_batch with a fixed batch, else 1 and max_batch)")
+    generate_warm_sizes: str | None = Field(None, description="deprecated: "
+                                            "FLASHDMD_GENERATE_WARM_SHAPES (WIDTHxHEIGHT,...; every size at every "
+                                            "WARM_BATCHES entry)")
+    generate_warm_batches: str | None = Field(None, description="deprecated: "
+                                              "FLASHDMD_GENERATE_WARM_SHAPES (rows per call, e.g. 1,4,8)")
     generate_fixed_rows: int | None = Field(
         None, ge=1, le=64, description="rows per sampler call when the batch is fixed (the CPU): a lone request "
         "pays for this many rows and a batch goes in calls of this many (default: generate_max_batch; 1 is "
@@ -209,10 +270,21 @@ class Settings(BaseSettings):
             raise ValueError("FLASHDMD_ROLE=control forwards /generate: set FLASHDMD_INFERENCE_URL")
         for shape in self.generate_warm_shapes:
             parse_shape(shape)
+        _legacy_warm_shapes(self.generate_warm_sizes, self.generate_warm_batches)
+        for old, new in DEPRECATED.items():
+            if getattr(self, old.removeprefix("FLASHDMD_").lower()) is not None:
+                message = f"{old} is deprecated and goes in the next release: use {new} (docs/settings.md)"
+                warnings.warn(message, DeprecationWarning, stacklevel=2)
+                log.warning(message)
         if self.stale_after_seconds < 2 * self.heartbeat_seconds:
             raise ValueError("FLASHDMD_STALE_AFTER_SECONDS must be at least twice FLASHDMD_HEARTBEAT_SECONDS")
         self.__dict__.update(updates)
         return self
+
+    def warm_shapes(self) -> list[WarmShape]:
+        """FLASHDMD_GENERATE_WARM_SHAPES, then what the deprecated WARM_SIZES x WARM_BATCHES name."""
+        shapes = [s if isinstance(s, tuple) else parse_shape(s) for s in self.generate_warm_shapes]
+        return shapes + _legacy_warm_shapes(self.generate_warm_sizes, self.generate_warm_batches)
 
     @property
     def run_root(self) -> Path:

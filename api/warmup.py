@@ -24,9 +24,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from api import crud
+from api.generate_plan import BatchKey, GenerationPlan, Row
+from api.generate_runtime import Runtime
 from api.models import Job
-from api.routes.generate import BatchKey, Runtime
-from api.settings import Settings, parse_shape
+from api.settings import Settings
 from trainer.roots import under_root
 
 log = logging.getLogger(__name__)
@@ -71,36 +72,36 @@ class Warmup:
             f" ({len(self.errors)} failed with {', '.join(failed)}; retrying, see the server log)" if failed else "")
 
     def keys(self, ref: str, rt: Runtime, sessions: sessionmaker[Session]) -> list[tuple[BatchKey, int]]:
-        """(batch key, rows) of each warm call for one checkpoint (in a worker thread: it reads files)."""
+        """(batch key, rows) of each warm call for one checkpoint (in a worker thread: it reads files): one per
+        FLASHDMD_GENERATE_WARM_SHAPES entry, or the checkpoint's own size with one row."""
         from inference.checkpoint import CheckpointInfo
 
         info = CheckpointInfo.load(_checkpoint(ref, sessions, self.settings))
-        shapes = [parse_shape(s) for s in self.settings.generate_warm_shapes] or [(None, None, 1)]
+        timesteps = tuple(info.timesteps_for(None))
         out: list[tuple[BatchKey, int]] = []
-        for width, height, batch in shapes:
+        for width, height, batch in self.settings.warm_shapes() or [(None, None, 1)]:
             size = info.check_size(width, height, rt.settings.generate_max_side)
-            out.append(((str(info.path), size[0], size[1], None, 1.0, None), batch))
+            out.append((GenerationPlan(info, timesteps, *size, work=0.0).key(), batch or 1))
         return out
 
-    def compile_and_warm(self, ref: str, rt: Runtime, sessions: sessionmaker[Session]) -> dict:
+    def compile_and_warm(self, key: BatchKey, rt: Runtime) -> dict:
         """The pipeline's own warm-up (inference.serving.warm_up, in a worker thread): every shape of its serving
-        options (FLASHDMD_GENERATE_WARM_SIZES x WARM_BATCHES, or the checkpoint's serving.json) is sampled
-        once; with FLASHDMD_GENERATE_COMPILE this compiles them and saves the compile cache to disk, so the
-        next pod start loads the kernels instead of compiling (issue 12)."""
+        options (FLASHDMD_GENERATE_WARM_SHAPES, or the checkpoint's serving.json) is sampled once; with
+        FLASHDMD_GENERATE_COMPILE this compiles them and saves the compile cache to disk, so the next pod start
+        loads the kernels instead of compiling (issue 12)."""
         from inference.serving import warm_up
 
-        pipe = rt.cache().get(str(_checkpoint(ref, sessions, self.settings)))
-        return warm_up(pipe)
+        return warm_up(rt.pipeline(key.checkpoint))
 
     async def warm_one(self, ref: str, rt: Runtime, sessions: sessionmaker[Session]) -> int:
         """Load one checkpoint, warm its pipeline's shapes, then run one route-level sampler call per
-        FLASHDMD_GENERATE_WARM_SHAPES entry (through the batcher, as requests run); the number of calls."""
-        report = await run_in_threadpool(self.compile_and_warm, ref, rt, sessions)
+        warm shape (through the batcher, as requests run); the number of calls."""
+        calls = await run_in_threadpool(self.keys, ref, rt, sessions)
+        report = await run_in_threadpool(self.compile_and_warm, calls[0][0], rt)
         log.info("warm-up of %s: %d shapes in %.1f s (compile %s, cache %s)", ref, len(report["shapes"]),
                  report["total_s"], report["compile"], report["cache_loaded"] or "not loaded")
-        calls = await run_in_threadpool(self.keys, ref, rt, sessions)
         for key, batch in calls:
-            await rt.batcher.submit(key, [(WARM_PROMPT, seed) for seed in range(batch)])
+            await rt.batcher.submit(key, [Row(WARM_PROMPT, seed) for seed in range(batch)])
         return len(report["shapes"]) + len(calls)
 
     async def run(self, rt: Runtime, sessions: sessionmaker[Session]) -> None:

@@ -30,8 +30,8 @@ class CacheStats:
 
 
 class PipelineCache(Generic[T]):
-    def __init__(self, budget_bytes: int, load: Callable[[Hashable], T], size: Callable[[T], int],
-                 estimate: Callable[[Hashable], int] | None = None) -> None:
+    def __init__(self, budget_bytes: int, load: Callable[[object], T], size: Callable[[T], int],
+                 estimate: Callable[[object], int] | None = None) -> None:
         if budget_bytes <= 0:
             raise ValueError("budget_bytes must be positive")
         self.budget = budget_bytes
@@ -54,7 +54,9 @@ class PipelineCache(Generic[T]):
         with self._lock:
             return sum(n for _, n in self._entries.values())
 
-    def get(self, key: Hashable) -> T:
+    def get(self, key: Hashable, source: object = None) -> T:
+        """The entry of `key`, loaded on a miss. `load` and `estimate` get `source` when one is given (e.g. a
+        checkpoint's already-read info, so a load does not read it again), else the key."""
         hit = self._hit(key)
         if hit is not None:
             return hit
@@ -65,11 +67,11 @@ class PipelineCache(Generic[T]):
             if hit is not None:
                 return hit
             if self._estimate is not None:
-                guess = int(self._estimate(key))
+                guess = int(self._estimate(key if source is None else source))
                 with self._lock:
                     self._make_room(guess)
             try:
-                value = self._load(key)
+                value = self._load(key if source is None else source)
                 nbytes = int(self._size(value))
             finally:
                 with self._lock:

@@ -3,24 +3,30 @@
 Exit codes: 0 done, 2 bad input (unknown checkpoint, steps the checkpoint was not trained
 for, bad size or format), 1 anything else. torch is imported only once the arguments are
 known to be good, so `--help` and usage errors answer at once.
+
+`generate --job ID` needs the service's storage root, which inference/ does not know: the `flashdmd` group
+(api/cli.py) puts a job-id -> run-directory function in the click context's meta under `RUN_DIR_META`.
 """
 
 from __future__ import annotations
 
 import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from inference.checkpoint import LORA_FORMATS, CheckpointError, CheckpointInfo, resolve_checkpoint_dir
 from inference.hub_push import PushError, check_repo_id
+from inference.serving import ServingError, ServingOptions, setting_name
 
 if TYPE_CHECKING:
     from inference.hub_card import CardInputs
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+RUN_DIR_META = "flashdmd.run_dir"
 SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
@@ -33,9 +39,11 @@ def _checkpoint(checkpoint: Path | None, job: str | None) -> CheckpointInfo:
     if (checkpoint is None) == (job is None):
         _fail("give exactly one of --checkpoint PATH or --job ID")
     if job is not None:
-        from api.settings import Settings  # the job's run directory lives under the service's storage root
-
-        checkpoint = Settings().run_dir(job)
+        run_dir: Callable[[str], Path] | None = click.get_current_context().meta.get(RUN_DIR_META)
+        if run_dir is None:
+            _fail("--job needs the service's storage root: run it as `flashdmd generate --job ID`")
+        assert run_dir is not None
+        checkpoint = run_dir(job)
         if not checkpoint.is_dir():
             _fail(f"job {job}: no run directory at {checkpoint}")
     assert checkpoint is not None
@@ -105,16 +113,48 @@ def generate_command(checkpoint: Path | None, job: str | None, prompt: str, nega
         click.echo(f"{path}\tseed={s}")
 
 
-def _pairs(items: tuple[str, ...]) -> dict[str, str | bool]:
-    out: dict[str, str | bool] = {}
+BOOL_WORDS = {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}
+
+
+def _sizes(text: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for part in text.split(","):
+        w, sep, h = part.strip().lower().partition("x")
+        if part.strip() and (not sep or not w.isdigit() or not h.isdigit()):
+            raise ServingError(f"{part.strip()!r} is not WIDTHxHEIGHT", setting_name("warm_sizes"))
+        if part.strip():
+            out.append((int(w), int(h)))
+    return tuple(out)
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise ServingError(f"{text!r} is not a comma-separated list of integers",
+                           setting_name("warm_batches")) from None
+
+
+def serving_options(items: tuple[str, ...]) -> ServingOptions:
+    """`--serving KEY=VALUE` flags as typed serving options (sizes "1024x1024,768x1344", batches "1,4,8")."""
+    kw: dict[str, Any] = {}
     for item in items:
-        key, sep, value = item.partition("=")
+        key, sep, value = (x.strip() for x in item.partition("="))
         if not sep:
             _fail(f"--serving {item!r}: expected KEY=VALUE")
-        low = value.strip().lower()
-        out[key.strip()] = {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}.get(
-            low, value) if key.strip() in ("compile", "fuse_qkv", "channels_last") else value
-    return out
+        if not value:
+            continue
+        if key in ("compile", "fuse_qkv", "channels_last"):
+            kw[key] = BOOL_WORDS.get(value.lower(), value)
+        elif key == "warm_sizes":
+            kw[key] = _sizes(value)
+        elif key == "warm_batches":
+            kw[key] = _batches(value)
+        elif key in ("compile_cache_dir", "tiny_vae_path"):
+            kw[key] = Path(value).expanduser()
+        else:
+            kw[key] = value
+    return ServingOptions(**kw)
 
 
 @click.command("export")
@@ -135,12 +175,10 @@ def _pairs(items: tuple[str, ...]) -> dict[str, str | bool]:
 def export_command(checkpoint: Path, fmt: str, output: Path | None, dtype: str, push_repo: str | None,
                    private: bool, token: str | None, eval_json: Path | None, serving: tuple[str, ...]) -> None:
     """Export a checkpoint as a diffusers folder, UNet safetensors, or LoRA (diffusers or kohya keys)."""
-    from inference.serving import ServingError, ServingOptions
-
     if push_repo is None and (private or token or eval_json):
         _fail("--private, --token and --eval only apply with --push-to-hub")
     try:
-        options = ServingOptions.from_strings(**_pairs(serving))
+        options = serving_options(serving)
         options.check(cuda=True)
     except (ServingError, TypeError) as err:
         _fail(f"--serving: {err}")

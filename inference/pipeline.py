@@ -151,9 +151,9 @@ class FewStepPipeline:
         return to_uint8(self.decode(self.latents(prompts, seeds, **kw))).numpy()  # type: ignore[arg-type]
 
     @torch.no_grad()
-    def generate_rows(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int | None, width: int,
+    def generate_rows(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int | None = None, width: int,
                       height: int, guidance: float = 1.0, negative_prompt: str | None = None,
-                      pad_to: int | None = None) -> np.ndarray:
+                      pad_to: int | None = None, timesteps: Sequence[int] | None = None) -> np.ndarray:
         """uint8 images [B, H, W, 3] whose bytes do not depend on which other rows share the call.
 
         The serving batcher merges requests, so a row must come out the same whoever its neighbours are.
@@ -164,17 +164,18 @@ class FewStepPipeline:
         encoded alone, the generator always sees `pad_to` rows (the last row repeated; its copies are
         dropped; more rows go in several calls of `pad_to`), and the VAE decodes one image per call. With
         compile on and no `pad_to`, rows are padded up to the nearest warmed batch, so the compiled graphs
-        cover every call at a warmed size.
+        cover every call at a warmed size. `timesteps`, when the caller has resolved them already (the
+        service's GenerationPlan), replace `steps`.
         """
         n = len(prompts)
         if n != len(seeds) or n == 0 or (pad_to is not None and pad_to < 1):
             raise ValueError(f"{n} prompts, {len(seeds)} seeds, pad_to={pad_to}")
+        ts = list(timesteps) if timesteps is not None else self.info.timesteps_for(steps)
         if pad_to is not None and n > pad_to:  # calls of pad_to rows each: every row still sees one shape
-            return np.concatenate([self.generate_rows(prompts[i:i + pad_to], seeds[i:i + pad_to], steps=steps,
-                                                      width=width, height=height, guidance=guidance,
-                                                      negative_prompt=negative_prompt, pad_to=pad_to)
+            return np.concatenate([self.generate_rows(prompts[i:i + pad_to], seeds[i:i + pad_to], width=width,
+                                                      height=height, guidance=guidance,
+                                                      negative_prompt=negative_prompt, pad_to=pad_to, timesteps=ts)
                                    for i in range(0, n, pad_to)])
-        ts = self.info.timesteps_for(steps)
         total = pad_to or (self.bucket(n, width, height) if guidance == 1.0 else None) or n
         rows = list(prompts) + [prompts[-1]] * (total - n)
         row_seeds = list(seeds) + [seeds[-1]] * (total - n)

@@ -12,21 +12,25 @@ compile cache folder, the tiny VAE folder) never travel in serving.json.
     cache_budget_bytes(device, cpu_bytes, gpu_fraction)             the pipeline LRU's budget
 
 Impossible combinations raise `ServingError`, whose `setting` names the environment variable to fix.
+The options arrive typed (the service builds them from its settings, the CLI from its flags): this module
+reads no environment. `warm_up` takes anything shaped like a `FewStepPipeline` (`Warmable`), so this module
+and inference/pipeline.py, which applies the options, do not import each other.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
-    from inference.pipeline import FewStepPipeline
+    from inference.checkpoint import CheckpointInfo
 
 SERVING_FILE = "serving.json"
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
@@ -43,6 +47,23 @@ class ServingError(ValueError):
     def __init__(self, message: str, setting: str) -> None:
         super().__init__(f"{setting}: {message}")
         self.setting = setting
+
+
+class Warmable(Protocol):
+    """What `warm_up` needs of a pipeline (inference.pipeline.FewStepPipeline)."""
+
+    info: CheckpointInfo
+    options: ServingOptions
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def size(self, width: int | None, height: int | None) -> tuple[int, int]: ...
+
+    def add_warm(self, shapes: Sequence[tuple[int, int, int]]) -> None: ...
+
+    def generate_rows(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int | None = None, width: int,
+                      height: int, pad_to: int | None = None) -> np.ndarray: ...
 
 
 def setting_name(field: str) -> str:
@@ -147,51 +168,10 @@ class ServingOptions:
         path.write_text(json.dumps(self.portable(), indent=2, sort_keys=True))
         return path
 
-    @classmethod
-    def from_strings(cls, **raw: str | bool | Path | None) -> ServingOptions:
-        """From setting values as the environment spells them: sizes "1024x1024,768x1344", batches "1,4,8"."""
-        kw: dict[str, Any] = {k: v for k, v in raw.items() if v is not None and v != ""}
-        if "warm_sizes" in kw:
-            kw["warm_sizes"] = _parse_sizes(str(kw["warm_sizes"]))
-        if "warm_batches" in kw:
-            try:
-                kw["warm_batches"] = tuple(int(b) for b in str(kw["warm_batches"]).split(",") if b.strip())
-            except ValueError:
-                raise ServingError(f"{kw['warm_batches']!r} is not a comma-separated list of integers",
-                                   setting_name("warm_batches")) from None
-        for key in LOCAL_FIELDS:
-            if key in kw:
-                kw[key] = Path(str(kw[key])).expanduser()
-        return cls(**kw)
-
-    @classmethod
-    def from_settings(cls, *sources: object) -> ServingOptions:
-        """From objects with `generate_<field>` attributes (api Settings, GenerateSettings): the first set wins."""
-        raw: dict[str, Any] = {}
-        for f in fields(cls):
-            for src in sources:
-                value = getattr(src, f"generate_{f.name}", None)
-                if value is not None:
-                    raw[f.name] = value
-                    break
-        return cls.from_strings(**raw)
-
     def warm_shapes(self, resolution: int) -> list[tuple[int, int, int]]:
         """(batch, width, height) for every warm batch at every warm size (default size: `resolution`²)."""
         sizes = self.warm_sizes or ((resolution, resolution),)
         return [(b, w, h) for w, h in sizes for b in sorted(set(self.warm_batches or (1,)))]
-
-
-def _parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
-    out = []
-    for part in text.split(","):
-        if not part.strip():
-            continue
-        w, sep, h = part.strip().lower().partition("x")
-        if not sep or not w.isdigit() or not h.isdigit():
-            raise ServingError(f"{part.strip()!r} is not WIDTHxHEIGHT", setting_name("warm_sizes"))
-        out.append((int(w), int(h)))
-    return tuple(out)
 
 
 def cache_budget_bytes(device: str | torch.device, cpu_bytes: int, gpu_fraction: float,
@@ -271,18 +251,17 @@ def apply_options(net: torch.nn.Module, vae: torch.nn.Module, opts: ServingOptio
 
 
 def use_compile_cache(folder: Path) -> Path | None:
-    """Point inductor's on-disk caches at `folder` (created) and load any saved compile artifacts into them.
+    """Load the compile artifacts saved in `folder` (created) into inductor's caches, if there are any.
 
-    Inductor reads its cache location only from TORCHINDUCTOR_CACHE_DIR, so it is set for this process
-    (before the first compile, or it has no effect on graphs already built). The artifacts file is torch's
-    portable "mega-cache" of a previous warm-up: copied with the folder to a fresh machine or image, it fills
-    the local caches, so a restart skips inductor's code generation and kernel builds.
+    The artifacts file is torch's portable "mega-cache" of a previous warm-up: copied with the folder to a fresh
+    machine or image, it fills the local caches, so a restart skips inductor's code generation and kernel
+    builds. Where inductor keeps its own on-disk cache is process-wide (TORCHINDUCTOR_CACHE_DIR): the process
+    entry decides that (the service points it at this same folder, api/generate_runtime.py), not this library.
     Returns the artifacts file that was loaded, if any.
     """
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.absolute())
     artifacts = folder / ARTIFACTS_FILE
     if artifacts.is_file():
         torch.compiler.load_cache_artifacts(artifacts.read_bytes())
@@ -304,7 +283,7 @@ def save_compile_cache(folder: Path) -> Path | None:
     return path
 
 
-def warm_up(pipeline: FewStepPipeline, options: ServingOptions | None = None) -> dict[str, Any]:
+def warm_up(pipeline: Warmable, options: ServingOptions | None = None) -> dict[str, Any]:
     """Sample every warm shape once, so the first real request pays no compile, allocation or kernel selection.
 
     With compile on, this is when the denoiser is compiled, once per (batch, size); from the on-disk cache
@@ -352,7 +331,7 @@ def _cache_counters() -> dict[str, int]:
             if "cache_hit" in k or "cache_miss" in k}
 
 
-def _sync(pipeline: FewStepPipeline) -> None:
+def _sync(pipeline: Warmable) -> None:
     if pipeline.device.type == "cuda":
         import torch
 

@@ -15,8 +15,9 @@ threads, never on the event loop; loaded pipelines live in an LRU cache bounded 
 the CPU and by `generate_gpu_memory_fraction` of the GPU on cuda, built with the serving options
 (inference/serving.py: dtype, fused QKV, channels-last, compile, VAE choice; FLASHDMD_GENERATE_*).
 
-torch and the inference code are imported on the first request, so the API starts
-(and serves /jobs) without loading them.
+The checkpoint, steps and size are resolved once, at validation, into a `GenerationPlan` (api/generate_plan.py)
+whose `BatchKey` travels through the batcher to the sampler call. torch and the inference code are imported
+on the first request (api/generate_runtime.py), so the API starts (and serves /jobs) without loading them.
 """
 
 from __future__ import annotations
@@ -26,23 +27,23 @@ import base64
 import logging
 import os
 import secrets
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Request, Response
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from api import crud, generate_cost, generate_deadline
-from api.batcher import Batcher, QueueTimeout
-from api.deps import CurrentToken, SettingsDep
+from api.batcher import QueueTimeout
+from api.deps import CurrentToken
 from api.errors import APIError
 from api.generate_limits import Busy, Limiter, RateLimited
-from api.observability import GenerateMetrics
+from api.generate_plan import GenerationPlan, Row
+from api.generate_runtime import Runtime, runtime
 from api.schemas import ErrorBody
-from api.schemas_generate import GeneratedImage, GenerateRequest, GenerateResponse, GenerateSettings
+from api.schemas_generate import GeneratedImage, GenerateRequest, GenerateResponse
 from api.settings import Settings
 from trainer.roots import under_root
 
@@ -50,111 +51,8 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 errors = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 429, 503)}
-__all__ = ["Busy", "Limiter", "RateLimited", "router", "runtime"]
+__all__ = ["Busy", "Limiter", "RateLimited", "Runtime", "router", "runtime"]
 router = APIRouter(tags=["generate"], responses=errors)  # type: ignore[arg-type]
-
-
-Row = tuple[str, int]  # (prompt, seed): one image of a request
-# (checkpoint folder, width, height, steps as asked, guidance, negative prompt): what one sampler call shares.
-BatchKey = tuple[str, int, int, int | None, float, str | None]
-
-
-class Runtime:
-    """Per-app state: the limiter, the batcher, and the pipeline cache (built in a worker thread on first use,
-    as it imports torch)."""
-
-    def __init__(self, gs: GenerateSettings, settings: Settings, metrics: GenerateMetrics | None = None) -> None:
-        self.settings = gs
-        self.app_settings = settings
-        self.limiter = Limiter(gs.generate_max_concurrency, gs.generate_max_queue,
-                               gs.generate_queue_timeout_seconds, gs.generate_retry_after_seconds,
-                               owner_share=settings.generate_owner_share,
-                               per_minute=settings.generate_rate_per_minute, burst=settings.generate_rate_burst,
-                               work_capacity=settings.generate_max_work * gs.generate_max_concurrency)
-        if gs.generate_max_concurrency + gs.generate_max_queue < gs.generate_max_concurrency * gs.generate_max_batch:
-            log.warning("FLASHDMD_GENERATE_MAX_QUEUE=%d admits fewer requests than one full batch (%d) per slot: "
-                        "the batcher can never fill a batch", gs.generate_max_queue, gs.generate_max_batch)
-        self._cache: Any = None
-        self._lock = threading.Lock()
-        self.batcher: Batcher[Row, Any] = Batcher(self._sample, max_batch=gs.generate_max_batch,
-                                                  max_wait=gs.generate_max_wait_ms / 1000.0,
-                                                  workers=gs.generate_max_concurrency, metrics=metrics)
-        if metrics is not None:
-            metrics.cache.stats = self._cache_stats
-
-    def _cache_stats(self) -> tuple[int, int]:
-        cache = self._cache
-        return (0, 0) if cache is None else (cache.stats.hits, cache.stats.loads)
-
-    def _sample(self, key: Any, rows: list[Row]) -> list[Any]:
-        """One sampler call (in a worker thread): uint8 images [H, W, 3], one per row, in order."""
-        path, width, height, steps, guidance, negative = key
-        pipe = self.cache().get(path)
-        fixed = self.settings.generate_fixed_batch
-        if fixed is None:
-            fixed = pipe.device.type == "cpu"  # see FewStepPipeline.generate_rows
-        generate_deadline.install(pipe)
-        # The wall-clock limit starts with the call (loading is bounded by the cache, not by this).
-        with generate_deadline.deadline(self.app_settings.generate_call_timeout_seconds):
-            images = pipe.generate_rows([p for p, _ in rows], [s for _, s in rows], steps=steps, width=width,
-                                        height=height, guidance=guidance, negative_prompt=negative,
-                                        pad_to=self.fixed_rows() if fixed else None)
-        return list(images)
-
-    def fixed_rows(self) -> int:
-        rows = self.app_settings.generate_fixed_rows
-        return self.settings.generate_max_batch if rows is None else min(rows, self.settings.generate_max_batch)
-
-    def serving_options(self, device: str) -> Any:
-        """The operator's serving options (inference.serving.ServingOptions); unset fields fall back to the
-        checkpoint's serving.json and then the device's defaults when a pipeline loads. Raises ServingError
-        (naming the FLASHDMD_GENERATE_* setting) for an impossible combination."""
-        from dataclasses import replace
-
-        from inference.serving import ServingOptions
-
-        s = self.app_settings
-        options = ServingOptions.from_settings(s, self.settings)
-        if options.compile_cache_dir is None:
-            options = replace(options, compile_cache_dir=s.data_dir / "compile-cache")
-        options.check(device.startswith("cuda"))
-        return options
-
-    def cache(self) -> Any:
-        with self._lock:
-            if self._cache is None:
-                import torch
-
-                from inference.cache import PipelineCache
-                from inference.checkpoint import CheckpointInfo
-                from inference.pipeline import estimate_bytes, load_pipeline
-                from inference.serving import ServingOptions, cache_budget_bytes, torch_dtype
-
-                gs = self.settings
-                device = gs.generate_device or ("cuda" if torch.cuda.is_available() else "cpu")
-                options = self.serving_options(device)
-                fixed = gs.generate_fixed_batch if gs.generate_fixed_batch is not None else device == "cpu"
-                # Every call has max_batch rows with a fixed batch; else lone requests and full batches matter.
-                warm = (self.fixed_rows(),) if fixed else (1, gs.generate_max_batch)
-                defaults = ServingOptions(warm_batches=warm)
-                dtype = torch_dtype(options.dtype or ("bf16" if device.startswith("cuda") else "fp32"))
-                self._cache = PipelineCache(
-                    cache_budget_bytes(device, gs.generate_cache_bytes, self.app_settings.generate_gpu_memory_fraction),
-                    lambda path: load_pipeline(Path(str(path)), device=device, options=options,
-                                               service_defaults=defaults),
-                    lambda pipe: pipe.nbytes,
-                    estimate=lambda path: estimate_bytes(CheckpointInfo.load(Path(str(path))), dtype))
-            return self._cache
-
-
-def runtime(app: FastAPI) -> Runtime:
-    # Created in the event loop with no await in between, so two first requests cannot both create one.
-    rt = getattr(app.state, "generate_runtime", None)
-    if rt is None:
-        gs = getattr(app.state, "generate_settings", None) or GenerateSettings()
-        obs = getattr(app.state, "observability", None)
-        rt = app.state.generate_runtime = Runtime(gs, app.state.settings, obs.generate if obs else None)
-    return rt
 
 
 async def _hold(fn: Callable[[], T]) -> T:
@@ -222,9 +120,9 @@ def _checkpoint_dir(body: GenerateRequest, session: Session, token: Any, setting
     return Path(found)
 
 
-def _validate(body: GenerateRequest, gs: GenerateSettings, sessions: sessionmaker[Session], token: Any,
-              settings: Settings) -> tuple[Any, list[int], tuple[int, int], float]:
-    """Everything about the request that can be checked without weights: (info, timesteps, (w, h)).
+def _validate(body: GenerateRequest, settings: Settings, sessions: sessionmaker[Session],
+              token: Any) -> GenerationPlan:
+    """Everything about the request that can be checked without weights, resolved once into its plan.
 
     Runs in one short read-only session that is closed before any model work starts, so a
     generation never holds a database transaction (on SQLite that held the write lock).
@@ -235,43 +133,40 @@ def _validate(body: GenerateRequest, gs: GenerateSettings, sessions: sessionmake
         path = _checkpoint_dir(body, session, token, settings)
     try:
         info = CheckpointInfo.load(path)
-        ts = info.timesteps_for(body.steps)
-        size = info.check_size(body.width, body.height, gs.generate_max_side)
+        ts = tuple(info.timesteps_for(body.steps))
+        width, height = info.check_size(body.width, body.height, settings.generate_max_side)
     except CheckpointError as err:
         raise _invalid(f"{err.field}: {err}", err.field) from None
-    if body.num_images * size[0] * size[1] > gs.generate_max_pixels:
-        raise _invalid(f"num_images: {body.num_images} images of {size[0]}x{size[1]} exceed the "
-                       f"{gs.generate_max_pixels} pixels one request may ask for", "num_images")
-    work = generate_cost.estimate(num_images=body.num_images, width=size[0], height=size[1], steps=len(ts),
+    if body.num_images * width * height > settings.generate_max_pixels:
+        raise _invalid(f"num_images: {body.num_images} images of {width}x{height} exceed the "
+                       f"{settings.generate_max_pixels} pixels one request may ask for", "num_images")
+    work = generate_cost.estimate(num_images=body.num_images, width=width, height=height, steps=len(ts),
                                   resolution=info.resolution, default_steps=len(info.timesteps))
     if work.units > settings.generate_max_work:
         raise _invalid(work.describe(settings.generate_max_work), *work.fields)
-    return info, ts, size, work.units
+    return GenerationPlan(info, ts, width, height, work.units, body.guidance_scale, body.negative_prompt)
 
 
 @router.post("/generate", response_model=GenerateResponse, responses={200: {"content": {
     "image/png": {}, "image/jpeg": {}, "image/webp": {}}, "description": "one image: its bytes, with X-Seed and "
     "X-Checkpoint headers; several: JSON with base64 images and their seeds"}})
-async def generate(body: GenerateRequest, request: Request, token: CurrentToken, settings: SettingsDep) -> Any:
+async def generate(body: GenerateRequest, request: Request, token: CurrentToken) -> Any:
     """Generate images with a checkpoint's K-step sampler. The same seed gives the same bytes."""
     rt = runtime(request.app)
-    gs = rt.settings
+    settings = rt.settings
     if (body.checkpoint is None) == (body.job is None):
         raise _invalid("give exactly one of checkpoint or job", "checkpoint", "job")
-    if len(body.prompt) > gs.generate_max_prompt_chars:
-        raise _invalid(f"prompt: longer than {gs.generate_max_prompt_chars} characters", "prompt")
+    if len(body.prompt) > settings.generate_max_prompt_chars:
+        raise _invalid(f"prompt: longer than {settings.generate_max_prompt_chars} characters", "prompt")
     if body.negative_prompt and body.guidance_scale <= 1.0:
         raise _invalid("negative_prompt: has no effect without guidance_scale > 1 (the generator runs without "
                        "CFG)", "negative_prompt")
-    if body.num_images > gs.generate_max_images:
-        raise _invalid(f"num_images: at most {gs.generate_max_images}", "num_images")
+    if body.num_images > settings.generate_max_images:
+        raise _invalid(f"num_images: at most {settings.generate_max_images}", "num_images")
     sessions = request.app.state.read_sessionmaker
-    info, _, (width, height), work = await run_in_threadpool(_validate, body, gs, sessions, token, settings)
+    plan = await run_in_threadpool(_validate, body, settings, sessions, token)
     seed = secrets.randbits(31) if body.seed is None else body.seed
     seeds = [seed + i for i in range(body.num_images)]
-
-    key: BatchKey = (str(info.path), width, height, body.steps, body.guidance_scale,
-                     body.negative_prompt if body.guidance_scale != 1.0 else None)
 
     def encode(images: list[Any]) -> list[bytes]:
         from inference.images import encode_image
@@ -283,14 +178,14 @@ async def generate(body: GenerateRequest, request: Request, token: CurrentToken,
 
     limiter = rt.limiter
     try:
-        async with limiter.place(token.id, work):
+        async with limiter.place(token.id, plan.work):
             try:
-                images = await rt.batcher.submit(key, [(body.prompt, s) for s in seeds], limiter.timeout)
+                images = await rt.batcher.submit(plan.key(), [Row(body.prompt, s) for s in seeds], limiter.timeout)
             except QueueTimeout:
                 raise limiter.busy(f"no generation slot within {limiter.timeout:g} s") from None
     except generate_deadline.GenerationTimeout as err:  # the call was stopped; its slot is already free
         raise APIError("generation_timeout", f"{err} (FLASHDMD_GENERATE_CALL_TIMEOUT_SECONDS); ask for less work",
-                       headers={"Retry-After": str(gs.generate_retry_after_seconds)}) from None
+                       headers={"Retry-After": str(settings.generate_retry_after_seconds)}) from None
     except CheckpointError as err:  # e.g. the teacher the checkpoint names cannot be loaded
         raise _invalid(f"{err.field}: {err}", err.field) from None
     except ServingError as err:
@@ -299,13 +194,14 @@ async def generate(body: GenerateRequest, request: Request, token: CurrentToken,
         if err.setting == "serving.json":
             raise _invalid(f"checkpoint: {err}", "checkpoint") from None
         raise APIError("not_ready", f"generation is misconfigured on this server ({err})",
-                       headers={"Retry-After": str(gs.generate_retry_after_seconds)}) from None
+                       headers={"Retry-After": str(settings.generate_retry_after_seconds)}) from None
     encoded = await _hold(lambda: encode(images))
-    steps = len(info.timesteps_for(body.steps))
+    name = plan.checkpoint.id
     if len(encoded) == 1:
         return Response(encoded[0], media_type=MEDIA_TYPES[body.format],
-                        headers={"X-Seed": str(seed), "X-Checkpoint": info.id, "X-Steps": str(steps)})
+                        headers={"X-Seed": str(seed), "X-Checkpoint": name, "X-Steps": str(plan.steps)})
     b64 = await run_in_threadpool(lambda: [base64.b64encode(e).decode("ascii") for e in encoded])
-    return GenerateResponse(checkpoint=info.id, steps=steps, width=width, height=height, format=body.format,
+    return GenerateResponse(checkpoint=name, steps=plan.steps, width=plan.width, height=plan.height,
+                            format=body.format,
                             images=[GeneratedImage(seed=s, media_type=MEDIA_TYPES[body.format], data=d)
                                     for s, d in zip(seeds, b64, strict=True)])

@@ -19,7 +19,6 @@ from api.auth import create_token
 from api.generate_limits import Limiter
 from api.main import create_app
 from api.routes.generate import runtime
-from api.schemas_generate import GenerateSettings
 from inference.testing import make_checkpoint
 from trainer.tiny import tiny_pipeline_dir
 
@@ -39,10 +38,10 @@ def checkpoints(roots, tmp_path_factory) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def app_client(settings) -> Iterator[TestClient]:
     # The per-token rate and share are tested elsewhere; here one token sends every burst.
-    app = create_app(settings.model_copy(update={"generate_rate_burst": 1000, "generate_owner_share": 1.0}))
-    app.state.generate_settings = GenerateSettings(
-        generate_max_batch=MAX_BATCH, generate_max_wait_ms=600, generate_max_concurrency=1, generate_max_queue=16,
-        generate_device="cpu")
+    app = create_app(settings.model_copy(update={
+        "generate_rate_burst": 1000, "generate_owner_share": 1.0, "generate_max_batch": MAX_BATCH,
+        "generate_max_wait_ms": 600, "generate_max_concurrency": 1, "generate_max_queue": 16,
+        "generate_device": "cpu"}))
     with TestClient(app) as client:
         yield client
 

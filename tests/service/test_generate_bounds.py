@@ -17,7 +17,6 @@ from api.batcher import Batcher
 from api.generate_limits import Limiter, RateLimited
 from api.main import create_app
 from api.routes.generate import Runtime, runtime
-from api.schemas_generate import GenerateSettings
 from inference.testing import make_checkpoint
 from trainer.tiny import tiny_pipeline_dir
 
@@ -58,7 +57,7 @@ def test_a_sampler_call_past_its_wall_clock_limit_is_stopped_and_frees_its_slot(
         assert stopped.json()["error"]["code"] == "generation_timeout" and "retry-after" in stopped.headers
         rt = runtime(client.app)
         assert rt.limiter.admitted == 0 and rt.batcher.queued == 0  # nothing held on to the slot
-        rt.app_settings = settings.model_copy(update={"generate_call_timeout_seconds": 60.0})
+        rt.settings = settings.model_copy(update={"generate_call_timeout_seconds": 60.0})
         assert _post(client, auth, checkpoint).status_code == 200  # the slot serves the next request
 
 
@@ -100,8 +99,8 @@ def test_one_request_never_holds_more_than_one_sampler_slot() -> None:
 
 def test_default_admission_holds_a_full_batch_per_slot(database_url, roots) -> None:
     """Six concurrent clients at the defaults got 503: 1 slot + 4 waiting could never fill a batch of 8."""
-    gs = GenerateSettings()
-    rt = Runtime(gs, make_settings(database_url, roots))
+    gs = make_settings(database_url, roots)
+    rt = Runtime(gs)
 
     async def scenario() -> int:
         async with contextlib.AsyncExitStack() as stack:

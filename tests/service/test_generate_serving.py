@@ -16,7 +16,6 @@ from servicekit import burst
 from api.auth import create_token
 from api.main import create_app
 from api.routes.generate import runtime
-from api.schemas_generate import GenerateSettings
 from inference.serving import ServingError
 from inference.testing import make_checkpoint
 from trainer.tiny import tiny_pipeline_dir
@@ -34,10 +33,9 @@ def checkpoint(roots, tmp_path_factory) -> str:
 def app_client(settings) -> Iterator[TestClient]:
     app = create_app(settings.model_copy(update={
         "generate_rate_burst": 1000, "generate_owner_share": 1.0, "generate_fixed_rows": 2,
-        "generate_fuse_qkv": True, "generate_warm_batches": "2"}))
-    app.state.generate_settings = GenerateSettings(
-        generate_max_batch=4, generate_max_wait_ms=600, generate_max_concurrency=1, generate_max_queue=16,
-        generate_device="cpu")
+        "generate_fuse_qkv": True, "generate_warm_batches": "2",
+        "generate_max_batch": 4, "generate_max_wait_ms": 600, "generate_max_concurrency": 1, "generate_max_queue": 16,
+        "generate_device": "cpu"}))
     with TestClient(app) as client:
         yield client
 
@@ -68,20 +66,20 @@ def test_fixed_rows_keep_each_requests_bytes_and_settings_reach_the_pipeline(app
 
 def test_an_impossible_serving_setting_is_named(app_client, settings):
     rt = runtime(app_client.app)
-    rt.app_settings = settings.model_copy(update={"generate_vae": "tiny"})
+    rt.settings = settings.model_copy(update={"generate_vae": "tiny"})
     try:
         with pytest.raises(ServingError) as err:
             rt.serving_options("cpu")
         assert err.value.setting == "FLASHDMD_GENERATE_TINY_VAE_PATH"
     finally:
-        rt.app_settings = app_client.app.state.settings
+        rt.settings = app_client.app.state.settings
 
 
 def test_a_misconfigured_server_answers_503_naming_the_setting(settings, headers, checkpoint):
     # The pipeline cache is built at the first request: an impossible FLASHDMD_GENERATE_* combination then
     # surfaces as a 503 naming the setting (the server's state), never a 500 with a traceback.
-    app = create_app(settings.model_copy(update={"generate_vae": "tiny", "generate_rate_burst": 1000}))
-    app.state.generate_settings = GenerateSettings(generate_device="cpu", generate_max_wait_ms=0)
+    app = create_app(settings.model_copy(update={"generate_vae": "tiny", "generate_rate_burst": 1000,
+                                                 "generate_device": "cpu", "generate_max_wait_ms": 0}))
     with TestClient(app) as client:
         res = client.post("/generate", json={"checkpoint": checkpoint, "prompt": "a", "seed": 1}, headers=headers)
     assert res.status_code == 503, res.text

@@ -32,13 +32,12 @@ from api.cli import cli
 from api.ingest import RunIngestor
 from api.main import create_app
 from api.observability import LatencyMiddleware, Observability
-from api.schemas_generate import GenerateSettings
 from inference.testing import make_checkpoint
 from trainer.sink import JsonlSink
 from trainer.tiny import tiny_pipeline_dir
 
 pytestmark = pytest.mark.service
-GS = GenerateSettings(generate_device="cpu", generate_max_batch=2, generate_max_wait_ms=5)
+GS = {"generate_device": "cpu", "generate_max_batch": 2, "generate_max_wait_ms": 5}
 
 
 def _listener() -> socket.socket:
@@ -55,8 +54,7 @@ def _url(sock: socket.socket) -> str:
 @contextlib.contextmanager
 def inference_server(settings: Any) -> Iterator[str]:
     """`flashdmd serve --role inference`'s app under uvicorn in a thread; yields its base URL."""
-    app = create_app(settings.model_copy(update={"role": "inference"}))
-    app.state.generate_settings = GS
+    app = create_app(settings.model_copy(update={"role": "inference", **GS}))
     sock = _listener()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

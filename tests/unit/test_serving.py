@@ -102,25 +102,34 @@ def test_impossible_combinations_and_bad_values_name_the_setting():
         with pytest.raises(ServingError) as err:
             options.resolved("cpu")
         assert err.value.setting == setting and setting in str(err.value)
+    from inference.cli import serving_options
+
     with pytest.raises(ServingError, match="WIDTHxHEIGHT"):
-        ServingOptions.from_strings(warm_sizes="1024")
+        serving_options(("warm_sizes=1024",))
 
 
-def test_settings_strings_parse_into_options():
-    class Env:  # what api.settings.Settings holds after reading FLASHDMD_GENERATE_*
-        generate_warm_sizes = "1024x1024, 768x1344"
-        generate_warm_batches = "1,4,8"
-        generate_compile = True
-        generate_dtype = None
+def test_settings_parse_into_typed_options(monkeypatch, tmp_path):
+    from api.generate_runtime import serving_options
+    from api.settings import Settings
 
-    class Route:
-        generate_dtype = "bf16"
-
-    opts = ServingOptions.from_settings(Env(), Route())
+    # The deprecated pair still works for one release (sizes x batches), with a warning naming WARM_SHAPES.
+    for name, value in {"FLASHDMD_GENERATE_WARM_SIZES": "1024x1024, 768x1344", "FLASHDMD_GENERATE_WARM_BATCHES":
+                        "1,4,8", "FLASHDMD_GENERATE_COMPILE": "true", "FLASHDMD_GENERATE_DTYPE": "bf16"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.warns(DeprecationWarning, match="FLASHDMD_GENERATE_WARM_SHAPES"):
+        settings = Settings(data_dir=tmp_path)
+    opts = serving_options(settings, "cpu")
     assert opts.warm_sizes == ((1024, 1024), (768, 1344)) and opts.warm_batches == (1, 4, 8)
     assert opts.compile is True and opts.dtype == "bf16" and opts.fuse_qkv is None
     assert opts.warm_shapes(512) == [(1, 1024, 1024), (4, 1024, 1024), (8, 1024, 1024), (1, 768, 1344),
                                      (4, 768, 1344), (8, 768, 1344)]
+    # The one grammar says the same in one variable.
+    monkeypatch.delenv("FLASHDMD_GENERATE_WARM_SIZES")
+    monkeypatch.delenv("FLASHDMD_GENERATE_WARM_BATCHES")
+    monkeypatch.setenv("FLASHDMD_GENERATE_WARM_SHAPES", "1024x1024x1,1024x1024x4,768x1344x8")
+    again = serving_options(Settings(data_dir=tmp_path), "cpu")
+    assert (again.warm_sizes, again.warm_batches) == (opts.warm_sizes, opts.warm_batches)
+    assert again.compile_cache_dir == tmp_path / "compile-cache"
 
 
 def test_serving_json_round_trips_through_export_and_load(ckpt, plain, tmp_path):
