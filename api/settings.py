@@ -80,11 +80,12 @@ class Settings(BaseSettings):
     database_url: str = Field("", description="default: sqlite:///<data_dir>/flashdmd.db")
     broker_url: str = Field("", description="default: filesystem:// (a folder under data_dir)")
     storage_root: Path | None = Field(None, description="runs live in <storage_root>/jobs/<id>/")
-    allowed_model_roots: PathList = Field(default_factory=list)
-    allowed_data_roots: PathList = Field(default_factory=list)
+    allowed_model_roots: PathList = Field(default_factory=list, description="folders (comma- or colon-separated, "
+                                          "or a JSON list) whose teachers and checkpoints specs and /generate may read")
+    allowed_data_roots: PathList = Field(default_factory=list, description="folders whose datasets specs may read")
 
     token: str | None = Field(None, description="bootstrap token for `flashdmd up`")
-    token_prefix: str = "fdmd_"
+    token_prefix: str = Field("fdmd_", description="prefix of the tokens `flashdmd token create` makes")
 
     queue: str = Field("train", description="prefix of the Celery queues: pool P consumes <queue>-<P>")
     # Pools and routing (api/workers.py, deploy/README.md "Pools and routing").
@@ -93,19 +94,24 @@ class Settings(BaseSettings):
     worker_gpus: int | None = Field(None, ge=0, description="this worker's GPUs (default: torch's count)")
     worker_processes: int | None = Field(None, ge=1, le=1024, description="processes one job may run "
                                          "here: default 1 on a CPU worker, the GPU count on a GPU worker")
-    heartbeat_seconds: float = Field(10.0, gt=0)
-    stale_after_seconds: float = Field(60.0, gt=0)
-    cancel_grace_seconds: float = Field(60.0, ge=0)
+    heartbeat_seconds: float = Field(10.0, gt=0, description="how often a worker heartbeats its running job")
+    stale_after_seconds: float = Field(60.0, gt=0, description="a job whose heartbeat is older is recovered "
+                                       "by the reaper (at least twice heartbeat_seconds)")
+    cancel_grace_seconds: float = Field(60.0, ge=0, description="after a cancel, how long the trainer may take "
+                                        "to checkpoint before SIGTERM, then SIGKILL")
     reaper_interval_seconds: float = Field(10.0, ge=0, description="0 turns the API's reaper thread off")
     max_recoveries: int = Field(3, ge=0, description="requeues after a lost worker before the job fails")
     # Redis redelivers an unacked (acks_late) message after this long, even while the first copy still runs.
     # The atomic claim makes such a copy a no-op, and the reaper (not redelivery) recovers lost workers,
     # so this only bounds how long a message taken by a worker that died before claiming waits.
-    visibility_timeout_seconds: int = Field(3600, ge=60)
-    ingest_poll_seconds: float = Field(0.5, gt=0)
+    visibility_timeout_seconds: int = Field(3600, ge=60, description="Redis redelivers an unacknowledged task "
+                                            "after this long")
+    ingest_poll_seconds: float = Field(0.5, gt=0, description="how often the worker moves a run's metrics and "
+                                       "events into the database")
     stream_poll_seconds: float = Field(1.0, gt=0, le=60, description="how often GET /jobs/{id}/stream reads the "
                                        "database for news (one short read session per poll)")
-    accelerate_config: Path | None = None
+    accelerate_config: Path | None = Field(None, description="an accelerate config file for the "
+                                           "trainer's `accelerate launch` (unset: --multi_gpu)")
 
     # Quotas (issue 11): what one token may hold at once. Checked at POST /jobs.
     max_active_jobs_per_owner: int = Field(
@@ -132,9 +138,11 @@ class Settings(BaseSettings):
     db_pool_timeout_seconds: float = Field(4.0, gt=0, description="longest wait for a pooled connection")
     # The worker's writes (metrics ingest, heartbeats) are not latency-critical: they may wait longer than a
     # request, and a failure there is retried on the next poll anyway.
-    worker_db_statement_timeout_ms: int = Field(60_000, ge=0)
-    worker_db_lock_timeout_ms: int = Field(30_000, ge=0)
-    worker_sqlite_busy_timeout_ms: int = Field(30_000, ge=0)
+    worker_db_statement_timeout_ms: int = Field(60_000, ge=0, description="Postgres statement_timeout on the "
+                                                "worker's connections")
+    worker_db_lock_timeout_ms: int = Field(30_000, ge=0, description="Postgres lock_timeout on the worker's "
+                                           "connections")
+    worker_sqlite_busy_timeout_ms: int = Field(30_000, ge=0, description="the worker's wait for SQLite's write lock")
     redispatch_after_seconds: float = Field(
         300.0, gt=0, description="a job still queued this long after its task was sent, and not claimed, is sent "
         "again (the broker may have lost the message); the atomic claim makes extra copies no-ops")
@@ -164,7 +172,8 @@ class Settings(BaseSettings):
                                       "that the control plane forwards POST /generate to; unset: in-process")
     inference_timeout_seconds: float = Field(120.0, gt=0, description="longest wait for the inference service's "
                                              "answer (it queues up to generate_queue_timeout_seconds itself)")
-    inference_connect_timeout_seconds: float = Field(5.0, gt=0)
+    inference_connect_timeout_seconds: float = Field(5.0, gt=0, description="longest wait to connect to the "
+                                                     "inference service")
     inference_max_connections: int = Field(100, ge=1, description="pooled connections to the inference service")
     inference_retry_after_seconds: int = Field(5, ge=1, description="Retry-After when the inference tier is down")
     generate_warm: StrList = Field(default_factory=list, description="checkpoints (absolute paths or job ids) the "
