@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
@@ -84,7 +85,7 @@ class Warmup:
             out.append((GenerationPlan(info, timesteps, *size, work=0.0).key(), batch or 1))
         return out
 
-    def compile_and_warm(self, key: BatchKey, rt: Runtime) -> dict:
+    def compile_and_warm(self, key: BatchKey, rt: Runtime) -> dict[str, Any]:
         """The pipeline's own warm-up (inference.serving.warm_up, in a worker thread): every shape of its serving
         options (FLASHDMD_GENERATE_WARM_SHAPES, or the checkpoint's serving.json) is sampled once; with
         FLASHDMD_GENERATE_COMPILE this compiles them and saves the compile cache to disk, so the next pod start
