@@ -15,6 +15,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from inference.lora import read_lora
 from inference.serving import ServingOptions, apply_options, dtype_name, load_tiny_vae, torch_dtype
 from trainer.models import Cond, Teacher, pipeline_class
 from trainer.sampling import sample, to_uint8
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 DEFAULT_MAX_SIDE = 4096
 # Encoded prompts kept per pipeline. Serving sees the same prompts again and again (the demo's ten digits,
@@ -211,7 +215,7 @@ def _load_denoiser(info: CheckpointInfo) -> nn.Module:
     return cls.from_pretrained(info.path / info.generator)
 
 
-def _fuse_lora(pipe, info: CheckpointInfo) -> None:  # noqa: ANN001
+def _fuse_lora(pipe: DiffusionPipeline, info: CheckpointInfo) -> None:
     """Load the checkpoint's LoRA with its real alpha, merge it into the weights and drop the adapter."""
     state, metadata = read_lora(info)
     cls = type(pipe)
