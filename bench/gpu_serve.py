@@ -253,8 +253,13 @@ def report(results: dict[str, Any], gpu: str | None) -> str:
 
 
 def child_main(args: argparse.Namespace) -> None:
+    import os
+
     from inference.serving import warm_up
 
+    # Inductor's cache folder is process-wide: a serving process sets it before its first compile (as the API's
+    # pipeline loader does), so the second child finds the first one's kernels.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(args.child_warm).absolute())
     pipe = serving(Path(args.root), args.device, args.dry_run, Path(args.child_warm), **COMPILED)
     out = warm_up(pipe)
     print(json.dumps(out))
