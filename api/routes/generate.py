@@ -50,7 +50,7 @@ from trainer.roots import under_root
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-errors = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 429, 503)}
+errors = {code: {"model": ErrorBody} for code in (401, 404, 406, 409, 413, 422, 429, 503)}
 __all__ = ["Busy", "Limiter", "RateLimited", "Runtime", "router", "runtime"]
 router = APIRouter(tags=["generate"], responses=errors)  # type: ignore[arg-type]
 
@@ -63,6 +63,41 @@ async def _hold(fn: Callable[[], T]) -> T:
     except asyncio.CancelledError:
         await asyncio.wait([task])
         raise
+
+
+def _answer_as_json(accept: str | None, media_type: str, num_images: int) -> bool:
+    """Content negotiation: JSON (base64 images) or the image's bytes. Without a preference (no Accept, `*/*`, or
+    equal weights) one image comes back as bytes and several as JSON, as before negotiation existed; several
+    images cannot be one image body, so asking only for an image type then is a 406 naming `num_images`."""
+    weights = {"json": -1.0, "image": -1.0}
+    for part in (accept or "").split(","):
+        kind, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        kind = kind.lower()
+        if kind in ("application/json", "application/*"):
+            weights["json"] = max(weights["json"], q)
+        elif kind in (media_type, "image/*"):
+            weights["image"] = max(weights["image"], q)
+        elif kind == "*/*":
+            weights["json"], weights["image"] = max(weights["json"], q * 0.999), max(weights["image"], q * 0.999)
+    if not accept or weights["json"] == weights["image"] and weights["json"] > 0:
+        return num_images > 1
+    if max(weights.values()) <= 0:
+        raise APIError("not_acceptable", f"Accept: this endpoint answers {media_type} (one image) or "
+                       "application/json", 406, fields=["num_images"])
+    if num_images > 1:
+        if weights["json"] > 0:
+            return True
+        raise APIError("not_acceptable", f"num_images: {num_images} images come back as application/json only; "
+                       "send Accept: application/json or ask for one image", 406, fields=["num_images"])
+    return weights["json"] > weights["image"]
 
 
 def _invalid(message: str, *fields: str) -> APIError:
@@ -148,8 +183,9 @@ def _validate(body: GenerateRequest, settings: Settings, sessions: sessionmaker[
 
 
 @router.post("/generate", response_model=GenerateResponse, responses={200: {"content": {
-    "image/png": {}, "image/jpeg": {}, "image/webp": {}}, "description": "one image: its bytes, with X-Seed and "
-    "X-Checkpoint headers; several: JSON with base64 images and their seeds"}})
+    "image/png": {}, "image/jpeg": {}, "image/webp": {}}, "description": "By `Accept`: `image/png` (or the "
+    "requested format's type) gives one image's bytes with X-Seed and X-Checkpoint headers; `application/json` "
+    "gives base64 images and their seeds. Without a preference: bytes for one image, JSON for several."}})
 async def generate(body: GenerateRequest, request: Request, token: CurrentToken) -> Any:
     """Generate images with a checkpoint's K-step sampler. The same seed gives the same bytes."""
     rt = runtime(request.app)
@@ -163,6 +199,7 @@ async def generate(body: GenerateRequest, request: Request, token: CurrentToken)
                        "CFG)", "negative_prompt")
     if body.num_images > settings.generate_max_images:
         raise _invalid(f"num_images: at most {settings.generate_max_images}", "num_images")
+    as_json = _answer_as_json(request.headers.get("accept"), MEDIA_TYPES[body.format], body.num_images)
     sessions = request.app.state.read_sessionmaker
     plan = await run_in_threadpool(_validate, body, settings, sessions, token)
     seed = secrets.randbits(31) if body.seed is None else body.seed
@@ -197,7 +234,7 @@ async def generate(body: GenerateRequest, request: Request, token: CurrentToken)
                        headers={"Retry-After": str(settings.generate_retry_after_seconds)}) from None
     encoded = await _hold(lambda: encode(images))
     name = plan.checkpoint.id
-    if len(encoded) == 1:
+    if not as_json:
         return Response(encoded[0], media_type=MEDIA_TYPES[body.format],
                         headers={"X-Seed": str(seed), "X-Checkpoint": name, "X-Steps": str(plan.steps)})
     b64 = await run_in_threadpool(lambda: [base64.b64encode(e).decode("ascii") for e in encoded])

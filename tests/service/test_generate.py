@@ -87,6 +87,28 @@ def test_several_images_come_back_as_json_with_seeds(client, owner, job):
     assert single.content == datas[1], "an image depends on its seed only, not on the batch"
 
 
+def test_accept_picks_bytes_or_json_and_the_default_is_unchanged(client, owner, job):
+    def post(accept: str | None, n: int):  # noqa: ANN202
+        headers = {**owner, **({"Accept": accept} if accept is not None else {})}
+        return client.post("/generate", json={"prompt": "a handwritten digit seven", "job": job, "seed": 9,
+                                              "num_images": n}, headers=headers)
+
+    raw = post("image/png", 1)
+    assert raw.headers["content-type"] == "image/png" and raw.headers["x-seed"] == "9"
+    as_json = post("application/json", 1)  # one image as JSON: what a script that always parses JSON wants
+    assert as_json.headers["content-type"] == "application/json"
+    assert base64.b64decode(as_json.json()["images"][0]["data"]) == raw.content
+    # Without a preference (httpx and curl send */*): bytes for one image, JSON for several, as before.
+    assert post("*/*", 1).headers["content-type"] == "image/png"
+    assert post("*/*", 2).headers["content-type"] == "application/json"
+    assert post("image/png, application/json;q=0.5", 2).headers["content-type"] == "application/json"
+    assert post("application/json;q=0.2, image/*", 1).headers["content-type"] == "image/png"
+    several = post("image/png", 2)  # two images cannot be one PNG body
+    assert several.status_code == 406 and several.json()["error"]["fields"] == ["num_images"]
+    nothing = post("text/html", 1)
+    assert nothing.status_code == 406 and "application/json" in nothing.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("body, fields", [
     ({"steps": 3}, ["steps"]),
     ({"width": 33}, ["width"]),
