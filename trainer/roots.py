@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from trainer.errors import InputError
+from trainer.spec_limits import is_hub_ref
 
 ENV = "FLASHDMD_ALLOWED_DATA_ROOTS"
 MODEL_ENV = "FLASHDMD_ALLOWED_MODEL_ROOTS"
@@ -67,6 +68,21 @@ def check_opened(path: str | os.PathLike[str], field: str, *, kind: Literal["dat
     if not under_root(real, roots):
         raise InputError(f"{field}: {str(path)!r} {OUTSIDE if kind == 'data' else 'is not under the allowed model roots'}")
     return Path(real)
+
+
+BUILTIN = ("tiny:", "toy:")  # built-in models (trainer/models.py resolve_teacher): no file a spec can name
+
+
+def opened_model(value: str, field: str, *, runs_ok: bool = False) -> str:
+    """What a loader opens for a spec field naming model weights (model.teacher, rl.reward.path,
+    distill.discriminator.checkpoint, eval.scorers[].path): a builtin or a hub reference unchanged, as at
+    submit (api/spec_paths.py); any other value, as its realpath once `check_opened` finds it under the
+    model roots. A relative hub-shaped value that exists is then the job's own file (the trainer runs in its
+    run directory), which is how submit judges it too."""
+    expanded = os.path.expanduser(value)
+    if value.startswith(BUILTIN) or (not os.path.isabs(expanded) and is_hub_ref(value)):
+        return value
+    return str(check_opened(expanded, field, kind="model", runs_ok=runs_ok))
 
 
 def check_data_file(path: Path, where: str) -> None:
