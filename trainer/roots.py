@@ -96,11 +96,12 @@ BUILTIN = ("tiny:", "toy:")  # built-in models (trainer/models.py resolve_teache
 def opened_model(value: str, field: str, *, runs_ok: bool = False) -> str:
     """What a loader opens for a spec field naming model weights (model.teacher, rl.reward.path,
     distill.discriminator.checkpoint, eval.scorers[].path): a builtin or a hub reference unchanged, as at
-    submit (api/spec_paths.py); any other value, as its realpath once `check_opened` finds it under the
-    model roots. A relative hub-shaped value that exists is then the job's own file (the trainer runs in its
-    run directory), which is how submit judges it too."""
+    submit (api/spec_paths.py), and so is a name that is no local path (the loader asks the hub for it); a
+    local path, as its realpath once `check_opened` finds it under the model roots. A relative hub-shaped
+    value that exists is the job's own file (the trainer runs in its run directory), as submit judges it."""
     expanded = os.path.expanduser(value)
-    if value.startswith(BUILTIN) or (not os.path.isabs(expanded) and is_hub_ref(value)):
+    local = value.startswith(("/", "./", "../", "~")) or os.path.exists(value)  # as the loaders decide it
+    if value.startswith(BUILTIN) or not local or (not os.path.isabs(expanded) and is_hub_ref(value)):
         return value
     return str(check_opened(expanded, field, kind="model", runs_ok=runs_ok))
 

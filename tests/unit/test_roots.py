@@ -28,8 +28,8 @@ def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-def test_builtins_and_hub_references_pass_unchanged(models: Path) -> None:
-    for value in ("tiny:sdxl", "toy:digits", "org/name", "org/name/sam_vit_b.pth@main"):
+def test_builtins_hub_references_and_non_local_names_pass_unchanged(models: Path) -> None:
+    for value in ("tiny:sdxl", "toy:digits", "org/name", "org/name/sam_vit_b.pth@main", "no-such-local-name"):
         assert opened_model(value, "model.teacher") == value
 
 
