@@ -70,7 +70,6 @@ def _locations(spec: dict[str, Any], path: tuple[str, ...]) -> list[tuple[dict[s
 
 
 under_roots = under_root  # the one "path under root" check, shared with the trainer (trainer/roots.py)
-_under = under_root
 
 
 def resolve_location(value: str, *, roots: list[Path], hub_ok: bool, tiny_ok: bool,
@@ -86,13 +85,13 @@ def resolve_location(value: str, *, roots: list[Path], hub_ok: bool, tiny_ok: bo
     if "\x00" in expanded or not os.path.isabs(expanded):
         return None
     real = os.path.realpath(expanded)
-    return real if _under(real, roots) else None
+    return real if under_roots(real, roots) else None
 
 
 def _own_run(path: str, *, settings: Settings, owns_job: Callable[[str], bool]) -> bool:
     """Under <storage_root>/jobs/<id>/ of a job the caller owns (another owner's jobs stay invisible)."""
     run_root = os.path.realpath(settings.run_root)
-    if not _under(path, [Path(run_root)]) or path == run_root:
+    if not under_roots(path, [Path(run_root)]) or path == run_root:
         return False
     return owns_job(Path(os.path.relpath(path, run_root)).parts[0])
 

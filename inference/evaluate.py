@@ -34,7 +34,7 @@ def checkpoints_to_score(ref: str, steps: str | list[int]) -> list[Path]:
     from inference.checkpoint import CheckpointError, resolve_checkpoint_dir
     from trainer.checkpoint import checkpoint_dirs
 
-    root = Path(ref).expanduser()
+    root = check_opened(ref, "eval.checkpoint", kind="model", runs_ok=True)  # again, after realpath
     if (root / "meta.json").is_file():
         if steps not in ("latest", "all"):
             raise InputError(f"eval.steps: {root} is one checkpoint; steps lists apply to a run directory")

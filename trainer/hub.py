@@ -3,8 +3,9 @@
 A hub reference is `org/name[/path/in/repo][@revision]` (trainer/spec_limits.py HUB_REF). It is fetched
 with huggingface_hub, so its cache (`HF_HUB_CACHE`), offline mode (`HF_HUB_OFFLINE=1`), mirror
 (`HF_ENDPOINT`) and token all apply; those are huggingface_hub's settings, read by it, not by us. A value
-that looks local (absolute, ./, ../, ~, or an existing path) is returned as a path unchanged, so each
-loader keeps its own checks and messages for local files. Lives in trainer/ because the trainer loads SAM
+that looks local (absolute, ./, ../, ~, or an existing path) is returned as a path, its realpath once it
+is found under the model roots (trainer/roots.py opened_model), so each loader keeps its own checks and
+messages for local files. Lives in trainer/ because the trainer loads SAM
 and the reward model; inference/ (the scorers) imports it, never the other way round.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from trainer.errors import InputError, ModelUnreachable
+from trainer.roots import opened_model
 from trainer.spec_limits import HUB_REF, is_hub_ref
 
 
@@ -131,8 +133,8 @@ def resolve_weights(value: str, field: str, *, want: Literal["file", "folder"],
     Errors are InputError naming `field`, e.g. "distill.discriminator.checkpoint: ...".
     """
     ref = parse_hub_ref(value)
-    if ref is None:
-        return Path(value).expanduser()
+    if ref is None:  # a local path: checked again where it is opened, after realpath (trainer/roots.py)
+        return Path(opened_model(value, field))
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
 

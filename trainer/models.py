@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from trainer.config import ModelSpec
 from trainer.errors import InputError
+from trainer.roots import opened_model
 from trainer.schedules import Parameterisation, parameterisation_for
 
 PIPELINE_FAMILY = {
@@ -200,7 +201,9 @@ class Teacher:
 def load_teacher(spec: ModelSpec, device: torch.device | str = "cpu", shift: float | None = None) -> Teacher:
     from trainer.hub import check_hub_model
 
-    ref = resolve_teacher(spec.teacher)
+    # A local folder is checked again here, after realpath, and its realpath is what gets read: a folder
+    # swapped for a symlink after submit must not lead outside the model roots (trainer/roots.py).
+    ref = resolve_teacher(opened_model(spec.teacher, "model.teacher"))
     # A hub id with the hub unreachable: the cache at once, or a model_unreachable error, not 40 s of retries.
     cached_only = check_hub_model(ref, "model.teacher", revision=spec.revision)
     family = detect_family(ref, spec.revision, cached_only=cached_only) if spec.family == "auto" else spec.family

@@ -36,6 +36,7 @@ from trainer.models import Teacher, load_teacher, predict_x0
 from trainer.optim import check_runtime
 from trainer.parallel import main_process_first, start_training
 from trainer.reward import LatentRewardModel, PixelReward, RewardModel, load_lrm, pixel_scorer
+from trainer.roots import check_opened
 from trainer.sink import Sink
 from trainer.textcache import prepare_text_cache
 from trainer.trackers import finish_trackers, tracked_sink
@@ -44,7 +45,7 @@ from trainer.validation import ValidationPlan, plan_validation, render_validatio
 
 def resolve_init(ref: str) -> Path:
     """A stage-1 checkpoint folder (with meta.json), or a run directory whose latest checkpoint is used."""
-    path = Path(ref).expanduser()
+    path = check_opened(ref, "rl.init_from", kind="model", runs_ok=True)  # again, after realpath
     if not path.is_dir():
         raise InputError(f"rl.init_from: no such folder: {path}")
     if (path / "meta.json").is_file():

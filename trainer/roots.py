@@ -2,8 +2,9 @@
 
 The API checks a spec's paths at submit (api/spec_paths.py, api/routes/generate.py), but a file, a symlink
 or a folder on the way can be swapped between submit and open, and a big manifest is only checked here.
-So the trainer checks each path again, after realpath, where it opens it (`check_opened`). Both sides call
-`under_root`; this module imports nothing heavy (no torch, nothing of api/), so the API can import it.
+So the trainer checks each path again, after realpath, where it opens it (`check_opened`; `opened_model`
+for fields that may also be a builtin or a hub id, which name no local file). Both sides call `under_root`;
+this module imports nothing heavy (no torch, nothing of api/), so the API can import it.
 
 The worker hands the trainer its roots through the environment it spawns it with (api/runner.py):
 FLASHDMD_ALLOWED_DATA_ROOTS, FLASHDMD_ALLOWED_MODEL_ROOTS and FLASHDMD_RUN_ROOT. This module is the one
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from trainer.errors import InputError
+from trainer.spec_limits import is_hub_ref
 
 ENV = "FLASHDMD_ALLOWED_DATA_ROOTS"
 MODEL_ENV = "FLASHDMD_ALLOWED_MODEL_ROOTS"
@@ -53,20 +55,55 @@ def allowed_data_roots() -> list[str] | None:
     return _roots(ENV)
 
 
+def _named_run(spelled: str, run_root: str) -> str | None:
+    """The run directory <run_root>/<job> that a spec value names as spelled (no realpath), or None.
+
+    The service stores each path as the realpath it checked at submit, and accepts one under the run root only
+    in a run directory of the caller's own jobs (api/spec_paths.py), so that directory is the caller's."""
+    parts = Path(spelled).parts
+    if not os.path.isabs(spelled) or ".." in parts or not under_root(spelled, [run_root]) or spelled == run_root:
+        return None
+    return os.path.join(run_root, Path(os.path.relpath(spelled, run_root)).parts[0])
+
+
 def check_opened(path: str | os.PathLike[str], field: str, *, kind: Literal["data", "model"] = "data",
                  runs_ok: bool = False) -> Path:
     """The realpath to open, after checking it lies under the allowed roots of `kind` (or, with `runs_ok`,
-    under the run root); InputError naming `field` otherwise. Open what this returns, not the spelling
-    given: a link swapped in after this check is then not followed."""
-    real = os.path.realpath(os.path.expanduser(os.fspath(path)))
+    in the run directory the value names); InputError naming `field` otherwise. Open what this returns, not
+    the spelling given: a link swapped in after this check is then not followed.
+
+    Inside the run root only the run directory the value itself names passes, whatever roots also cover it
+    (as at submit): a folder swapped for a link into another owner's run directory is refused."""
+    spelled = os.path.expanduser(os.fspath(path))
+    real = os.path.realpath(spelled)
     roots = _roots(ENV if kind == "data" else MODEL_ENV)
     if roots is None:
         return Path(real)
-    if runs_ok and (run_root := os.environ.get(RUN_ROOT_ENV)):
-        roots.append(os.path.realpath(run_root))
-    if not under_root(real, roots):
+    run_root = os.environ.get(RUN_ROOT_ENV)
+    if run_root and under_root(real, [rr := os.path.realpath(run_root)]):
+        named = _named_run(spelled, rr)
+        ok = named is not None and under_root(real, [named]) and (runs_ok or under_root(real, roots))
+    else:
+        ok = under_root(real, roots)
+    if not ok:
         raise InputError(f"{field}: {str(path)!r} {OUTSIDE if kind == 'data' else 'is not under the allowed model roots'}")
     return Path(real)
+
+
+BUILTIN = ("tiny:", "toy:")  # built-in models (trainer/models.py resolve_teacher): no file a spec can name
+
+
+def opened_model(value: str, field: str, *, runs_ok: bool = False) -> str:
+    """What a loader opens for a spec field naming model weights (model.teacher, rl.reward.path,
+    distill.discriminator.checkpoint, eval.scorers[].path): a builtin or a hub reference unchanged, as at
+    submit (api/spec_paths.py), and so is a name that is no local path (the loader asks the hub for it); a
+    local path, as its realpath once `check_opened` finds it under the model roots. A relative hub-shaped
+    value that exists is the job's own file (the trainer runs in its run directory), as submit judges it."""
+    expanded = os.path.expanduser(value)
+    local = value.startswith(("/", "./", "../", "~")) or os.path.exists(value)  # as the loaders decide it
+    if value.startswith(BUILTIN) or not local or (not os.path.isabs(expanded) and is_hub_ref(value)):
+        return value
+    return str(check_opened(expanded, field, kind="model", runs_ok=runs_ok))
 
 
 def check_data_file(path: Path, where: str) -> None:

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from trainer.errors import InputError
-from trainer.roots import check_data_file
+from trainer.roots import check_data_file, check_opened
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_COLUMNS = ("caption", "text", "txt", "prompt")
@@ -226,7 +226,7 @@ def _expand(pattern: str) -> list[str]:
 
 def open_source(ref: str) -> Source:
     """SOURCE -> a Source, by what it names (see the module docstring)."""
-    path = Path(ref).expanduser()
+    path = check_opened(ref, "prepare.source")  # again, after realpath: its files and lines are checked below
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():  # a DatasetDict: its train split (or its only one)
             splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
