@@ -29,8 +29,8 @@ from api.models import ACTIVE, WAITING, Job
 from api.proc import drain_marker, kill_job_processes, output_tail, signal_group, spawn, trainer_command
 from api.settings import Settings
 from api.workers import Capacity, worker_capacity
-from trainer.config import SpecError, num_processes, parse_spec
 from trainer.errors import OUT_OF_MEMORY, Failure, from_log, job_error
+from trainer.spec import SpecError, num_processes, parse_spec
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 
 from api.models import Job
 from inference.checkpoint import export_formats
-from trainer.config import DistillJob, RLJob
-from trainer.eval_spec import EvalJob
-from trainer.prepare_spec import PrepareJob
+from trainer.spec import DistillJob, EvalJob, PrepareJob, RLJob
 
 T = TypeVar("T")
 

@@ -178,11 +178,11 @@ def tiny_worker(rank: int, world: int, port: int, overrides: list[str], mode: st
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from trainer.config import load_spec
     from trainer.data import build_dataset, sharded_batches
     from trainer.distill import Distiller
     from trainer.models import load_teacher
     from trainer.parallel import make_accelerator
+    from trainer.spec import load_spec
 
     cfg = load_spec(REPO / "presets" / "tiny-sdxl.yaml", ["train.sharding=fsdp", *overrides])
     acc = make_accelerator(cfg.train.mixed_precision)
@@ -274,7 +274,7 @@ def main() -> None:
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--steps", type=int, default=3, help="tiny: iterations counted after the warm-up")
     args = ap.parse_args()
-    from trainer.config import load_spec
+    from trainer.spec import load_spec
 
     results: dict[str, Any] = {"command": "python " + " ".join([f"bench/{Path(__file__).name}", *sys.argv[1:]]),
                                "torch": torch.__version__, "rows": []}

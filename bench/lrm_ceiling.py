@@ -64,9 +64,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from trainer.config import ModelSpec
     from trainer.data import DigitsDataset, digit_prompt
     from trainer.models import load_teacher
+    from trainer.spec import ModelSpec
     from trainer.toy import HERE, TEACHER_DIR
     from trainer.toy.reward import degrade, encode_pairs, make_pairs, split
 

@@ -165,8 +165,8 @@ def score_run(name: str, run_dir: Path, spec: dict, ttur: int, ctx: dict, keep: 
 def teacher_rows(ev: Any, per_class: int, guidance: float = DEMO_SPEC["distill"]["real_guidance"]) -> dict:
     """The teacher scored like the students, at the students' CFG: 50-step Euler (cached features) and as the
     students' 4-step sampler (update 0 of every run)."""
-    from trainer.config import ModelSpec
     from trainer.models import load_teacher
+    from trainer.spec import ModelSpec
     from trainer.toy.evaluate import eval_labels, teacher_features
 
     teacher = load_teacher(ModelSpec(teacher="toy:digits"))
@@ -227,8 +227,8 @@ def main() -> None:
 
     import torch
 
-    from trainer.config import ModelSpec, parse_spec
     from trainer.models import load_teacher
+    from trainer.spec import ModelSpec, parse_spec
     from trainer.toy.evaluate import default_evaluator, eval_labels, generate, teacher_reference
 
     torch.set_num_threads(args.threads)

@@ -316,10 +316,10 @@ def main() -> None:
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    from trainer.config import ModelSpec, parse_spec
     from trainer.models import load_teacher
     from trainer.reward import load_lrm
     from trainer.rl_loop import resolve_init
+    from trainer.spec import ModelSpec, parse_spec
     from trainer.toy.evaluate import default_evaluator, eval_labels, teacher_reference
 
     torch.set_num_threads(args.threads)

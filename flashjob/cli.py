@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from trainer.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, cpu_threads
-from trainer.config import SpecError, load_spec
+from trainer.spec import SpecError, load_spec
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "EXIT_STOPPED", "eval_command", "main", "run_job",
            "train_command"]

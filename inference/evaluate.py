@@ -24,9 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer.errors import InputError, StopRequested
-from trainer.eval_spec import EvalJob
 from trainer.roots import check_opened
 from trainer.sink import Sink
+from trainer.spec import EvalJob
 
 
 def checkpoints_to_score(ref: str, steps: str | list[int]) -> list[Path]:
@@ -86,9 +86,9 @@ class DigitsProtocol:
     """The digits evaluator's metrics; the teacher-50 reference statistics come from the shipped cache."""
 
     def __init__(self, per_class: int) -> None:
-        from trainer.config import ModelSpec
         from trainer.data import digit_prompt
         from trainer.models import load_teacher
+        from trainer.spec import ModelSpec
         from trainer.toy.evaluate import default_evaluator, eval_labels, teacher_reference
 
         self.labels = eval_labels(per_class)

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.errors import InputError
-from trainer.eval_spec import ScorerSpec
 from trainer.hub import resolve_weights
 from trainer.roots import check_opened
+from trainer.spec import ScorerSpec
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

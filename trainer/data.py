@@ -26,9 +26,9 @@ from trainer.buckets import (
     to_float,
     to_uint8,
 )
-from trainer.config import BucketSpec, DataSpec
 from trainer.errors import InputError
 from trainer.roots import check_data_file, check_opened
+from trainer.spec import BucketSpec, DataSpec
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

@@ -19,7 +19,6 @@ import os
 import torch
 from torch import Tensor, nn
 
-from trainer.config import DEFAULT_REAL_GUIDANCE, DistillJob
 from trainer.errors import InputError
 from trainer.gan import LatentHead, mid_features
 from trainer.losses import GAN_LOSSES, diffusion_loss, dm_loss, ema_inject_, matching_parameters
@@ -29,6 +28,7 @@ from trainer.optim import build_optimizer
 from trainer.parallel import agree_any, clip_grad_norm, gathered, no_sync, wrap
 from trainer.rng import Gen, SampleRNG, mix_seed, randint, randn, shared_choice
 from trainer.schedules import backward_simulate, rollout_to_clean, sample_dm_timesteps
+from trainer.spec import DEFAULT_REAL_GUIDANCE, DistillJob
 from trainer.updates import Micro, Update, cat_rng, frozen, mean_logs
 
 # Test hook: "RANK:STEP[,RANK:STEP...]" makes the generator loss infinite on that rank at that step, to test

@@ -26,13 +26,13 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
-from trainer.config import DistillJob
 from trainer.data import build_dataset, sharded_batches
 from trainer.errors import StopRequested, TrainingError
 from trainer.models import load_teacher
 from trainer.optim import check_runtime
 from trainer.parallel import agree_any, gathered, main_process_first, make_accelerator, start_training
 from trainer.sink import Sink
+from trainer.spec import DistillJob
 from trainer.textcache import prepare_text_cache
 from trainer.trackers import accelerator_kwargs, finish_trackers, tracked_sink
 from trainer.validation import plan_validation, render_validation

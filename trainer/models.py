@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from trainer.config import ModelSpec
 from trainer.errors import InputError
 from trainer.roots import opened_model
 from trainer.schedules import Parameterisation, parameterisation_for
+from trainer.spec import ModelSpec
 
 PIPELINE_FAMILY = {
     "StableDiffusionXLPipeline": "sdxl",

@@ -132,10 +132,10 @@ def train_lrm(lrm: LatentRewardModel, batches: Iterator[dict], param: Parameteri
 def main(base: str, pairs_path: Path, out: Path, init: Path | None, steps: int, batch_size: int, lr: float,
          resolution: int | None, vfe_scale: float, seed: int) -> None:
     """Train a Latent Reward Model on (prompt, winner image, loser image) pairs."""
-    from trainer.config import ModelSpec
     from trainer.data import infinite_batches
     from trainer.models import load_teacher
     from trainer.reward import load_lrm, save_lrm
+    from trainer.spec import ModelSpec
 
     try:
         pairs = read_pairs(pairs_path)

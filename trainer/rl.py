@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from trainer.config import RLJob
 from trainer.distill import Distiller
 from trainer.losses import dpo_loss, gaussian_log_density
 from trainer.models import Cond, predict_x0
@@ -34,6 +33,7 @@ from trainer.parallel import agree_any, gathered
 from trainer.reward import RewardModel
 from trainer.rng import Gen, randint, randn
 from trainer.schedules import Parameterisation
+from trainer.spec import RLJob
 
 Denoise = Callable[[Tensor, Tensor], Tensor]  # (z_t [B, C, H, W], t [B]) -> x0 [B, C, H, W]
 

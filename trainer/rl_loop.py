@@ -26,7 +26,6 @@ from trainer.checkpoint import (
     save_checkpoint,
     truncate_metrics,
 )
-from trainer.config import RewardSpec, RLJob
 from trainer.data import build_dataset, sharded_batches
 from trainer.errors import InputError, StopRequested
 from trainer.hub import resolve_weights
@@ -38,6 +37,7 @@ from trainer.parallel import main_process_first, start_training
 from trainer.reward import LatentRewardModel, PixelReward, RewardModel, load_lrm, pixel_scorer
 from trainer.roots import check_opened
 from trainer.sink import Sink
+from trainer.spec import RewardSpec, RLJob
 from trainer.textcache import prepare_text_cache
 from trainer.trackers import finish_trackers, tracked_sink
 from trainer.validation import ValidationPlan, plan_validation, render_validation

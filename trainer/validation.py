@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trainer.config import TrainSpec
 from trainer.errors import InputError
 from trainer.models import Cond, Teacher
 from trainer.roots import check_opened
 from trainer.sampling import sample, to_uint8
 from trainer.schedules import Parameterisation
-from trainer.spec_limits import VALIDATION_MAX_IMAGES, VALIDATION_MAX_PROMPT_CHARS, VALIDATION_MAX_PROMPTS
+from trainer.spec import TrainSpec
+from trainer.spec.limits import VALIDATION_MAX_IMAGES, VALIDATION_MAX_PROMPT_CHARS, VALIDATION_MAX_PROMPTS
 
 # Images per sampler call: bounds activation memory for a 256-image grid. The images do not depend on it.
 CHUNK = 16

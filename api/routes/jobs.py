@@ -28,8 +28,8 @@ from api.schemas import (
 )
 from api.settings import Settings
 from api.spec_paths import check_spec_paths
-from trainer.config import SpecError, parse_spec, total_steps
-from trainer.spec_limits import INT32_MAX
+from trainer.spec import SpecError, parse_spec, total_steps
+from trainer.spec.limits import INT32_MAX
 
 JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
 errors = {code: {"model": ErrorBody} for code in (401, 404, 409, 422)}

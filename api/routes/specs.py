@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import CurrentToken
 from api.errors import APIError
 from api.routes.jobs import errors
-from trainer.spec_limits import load_yaml
+from trainer.spec.limits import load_yaml
 
 router = APIRouter(prefix="/specs", tags=["jobs"], responses=errors)  # type: ignore[arg-type]
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")

@@ -17,9 +17,9 @@ import pytest
 from servicekit import TINY_SPEC
 
 from api.runner import roots_env
-from trainer.config import DataSpec
 from trainer.data import build_dataset
 from trainer.errors import InputError
+from trainer.spec import DataSpec
 
 pytestmark = pytest.mark.service
 SECRET = "another user's prompt\n"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import parse_spec
 from trainer.data import DigitsDataset
+from trainer.spec import parse_spec
 from trainer.tiny import tiny_pipeline_dir
 
 

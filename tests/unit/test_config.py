@@ -1,4 +1,4 @@
-"""Unit tests for trainer/config.py (the pydantic job spec) and the `python -m trainer` CLI front."""
+"""Unit tests for trainer/spec/ (the pydantic job spec) and the `python -m trainer` CLI front."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from trainer.config import SpecError, apply_overrides, default_timesteps, load_spec, parse_spec
+from trainer.spec import SpecError, apply_overrides, default_timesteps, load_spec, parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO / "presets").glob("*.yaml"))
@@ -411,7 +411,7 @@ def test_bounds_at_the_edge_are_accepted() -> None:
 def test_builtin_name_lists_match_the_trainer() -> None:
     from trainer.discriminator import _SAM_VARIANTS
     from trainer.reward import PIXEL_SCORERS
-    from trainer.spec_limits import PIXEL_SCORER_NAMES, SAM_DEPTH, TINY_FAMILIES
+    from trainer.spec.limits import PIXEL_SCORER_NAMES, SAM_DEPTH, TINY_FAMILIES
     from trainer.tiny import FAMILIES
 
     assert TINY_FAMILIES == FAMILIES

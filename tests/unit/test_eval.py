@@ -13,10 +13,9 @@ from inference.evaluate import checkpoints_to_score, read_prompts, run_eval
 from inference.scorers import IMAGEREWARD_MEAN, IMAGEREWARD_STD, Preprocess, build_scorer, to_uint8
 from inference.testing import make_checkpoint
 from inference.tiny_scorers import tiny_clip_dir, tiny_fid_detector, tiny_imagereward_dir
-from trainer.config import SpecError, parse_spec, total_steps
 from trainer.errors import InputError
-from trainer.eval_spec import ScorerSpec
 from trainer.sink import JsonlSink
+from trainer.spec import ScorerSpec, SpecError, parse_spec, total_steps
 from trainer.toy import TEACHER_DIR
 
 PROMPTS = ["a handwritten digit one", "a photo of a cat", "a red dog", "the digit two", "a dog"]

@@ -6,7 +6,6 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from trainer.config import SpecError, parse_spec
 from trainer.errors import InputError
 from trainer.optim import (
     adamw_state_bytes,
@@ -15,6 +14,7 @@ from trainer.optim import (
     optimizer_state_bytes,
     runtime_problem,
 )
+from trainer.spec import SpecError, parse_spec
 
 SPEC = {"model": {"teacher": "tiny:sdxl"}, "data": {"builtin": "digits"}}
 

@@ -35,8 +35,8 @@ def test_the_trace_runs_every_phase_and_sees_a_planted_allocation(tiny_spec):
     cat = base["by_category"]
     assert cat["Parameter"] > 0 and cat["Optstate"] > 0 and cat["Activation"] > 0
     # the analytic plan of the same spec agrees with the traced peak (fp32 graphs, VAE decode, SAM, kept tensors)
-    from trainer.config import load_spec
     from trainer.plan import make_plan
+    from trainer.spec import load_spec
 
     planned = make_plan(load_spec(tiny_spec)).total()
     assert abs(planned / base["peak_bytes"] - 1) < 0.05
@@ -60,8 +60,8 @@ def test_tracker_correction_pins_the_optimiser_state_of_a_sharded_stack():
 def test_a_ddp_trace_counts_the_reducers_gradient_buckets(tiny_spec):
     # rank 0 of a fake group of 2: every trainable net is DDP-wrapped, and its Reducer's buckets (allocated in C++
     # before the tracker starts) are counted from the wrapped parameters, as the plan counts them from the config
-    from trainer.config import load_spec
     from trainer.plan import make_plan
+    from trainer.spec import load_spec
 
     got = _run("trainer.trace", tiny_spec, "--gpus", "2")
     buckets = got["by_category"]["DDP gradient buckets (counted)"]

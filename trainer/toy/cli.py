@@ -96,9 +96,9 @@ def eval_teacher_command(teacher: Path, evaluator: Path, guidance: float | None,
                          grid: Path | None, json_out: Path | None, reference_dir: Path | None,
                          threads: int | None) -> None:
     """Score the teacher's 50-step CFG samples and its own 4-step samplers with the digits evaluator."""
-    from trainer.config import ModelSpec
     from trainer.errors import InputError
     from trainer.models import load_teacher
+    from trainer.spec import ModelSpec
     from trainer.toy import evaluate as E
 
     _threads(threads)

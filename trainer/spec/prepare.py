@@ -1,7 +1,6 @@
-"""The `kind: prepare` job spec (issue #14): encode a data source once into a cache that `data.cache` reads.
+"""The `kind: prepare` job spec: encode a data source once into a cache that `data.cache` reads.
 
-Kept apart from trainer/config.py (which it extends through `parse_spec`), like trainer/eval_spec.py; it imports
-only pydantic, so the API validates prepare specs without torch.
+Like the rest of trainer/spec/, this imports only pydantic, so the API validates prepare specs without torch.
 """
 
 from __future__ import annotations
@@ -10,11 +9,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from trainer.config import BucketSpec, ModelSpec, _Strict
-from trainer.spec_limits import SEED_MAX
+from trainer.spec.base import Strict
+from trainer.spec.data import BucketSpec
+from trainer.spec.limits import SEED_MAX
+from trainer.spec.model import ModelSpec
 
 
-class PrepareSpec(_Strict):
+class PrepareSpec(Strict):
     source: str = Field(min_length=1, description="an image folder, a .jsonl, webdataset .tar shards (a glob or "
                         "brace pattern), a datasets save_to_disk folder or .parquet files")
     output: str | None = Field(None, description="the cache folder; default RUN_DIR/cache")
@@ -24,7 +25,7 @@ class PrepareSpec(_Strict):
     shard_size: int = Field(1024, ge=1, le=1_000_000, description="source images per cache shard (resume unit)")
 
 
-class PrepareJob(_Strict):
+class PrepareJob(Strict):
     kind: Literal["prepare"] = "prepare"
     name: str | None = Field(None, max_length=200)
     model: ModelSpec

@@ -1,7 +1,7 @@
-"""Limits of the job spec (issue 11): bounds the database and the trainer can take, names of built-ins, and
-the YAML reading that lets strict spec models still take hand-written YAML.
+"""Limits of the job spec: bounds the database and the trainer can take, names of built-ins, and the YAML
+reading that lets strict spec models still take hand-written YAML.
 
-Imports only the standard library and yaml (no torch), like trainer/config.py, which applies these.
+Imports only the standard library and yaml (no torch), like the rest of trainer/spec/, which applies these.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-# Bounds that every stored number must respect (issue 11). Step counts land in 32-bit columns (jobs.total_steps,
+# Bounds that every stored number must respect. Step counts land in 32-bit columns (jobs.total_steps,
 # metrics/checkpoints/samples.step), so they stay below 2^31; seeds are multiplied by ~10^6 and offset before
 # they reach torch.Generator.manual_seed (trainer/data.py, inference/evaluate.py), and numpy takes < 2^32.
 INT32_MAX = 2**31 - 1

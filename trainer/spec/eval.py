@@ -1,7 +1,6 @@
-"""The `kind: eval` job spec (issue #5): score a checkpoint with the digits evaluator or the COCO-10k protocol.
+"""The `kind: eval` job spec: score a checkpoint with the digits evaluator or the COCO-10k protocol.
 
-Kept apart from trainer/config.py (which it extends through `parse_spec`) so each module stays small; like it,
-this imports only pydantic, so the API validates eval specs without torch.
+Like the rest of trainer/spec/, this imports only pydantic, so the API validates eval specs without torch.
 """
 
 from __future__ import annotations
@@ -10,13 +9,13 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from trainer.config import _Strict
-from trainer.spec_limits import INT32_MAX, SEED_MAX
+from trainer.spec.base import Strict
+from trainer.spec.limits import INT32_MAX, SEED_MAX
 
 ScorerKind = Literal["clip", "pickscore", "hpsv2", "imagereward", "fid"]
 
 
-class ScorerSpec(_Strict):
+class ScorerSpec(Strict):
     """One pluggable scorer, loaded from weights the user supplies, local or on the hub (inference/scorers.py)."""
 
     kind: ScorerKind
@@ -42,7 +41,7 @@ class ScorerSpec(_Strict):
         return self.name or self.kind
 
 
-class EvalSpec(_Strict):
+class EvalSpec(Strict):
     checkpoint: str | None = Field(None, description="a step-* checkpoint folder or a run directory")
     job: str | None = Field(None, max_length=64, description="service only: a job of yours; the API sets "
                             "eval.checkpoint to its run directory")
@@ -78,7 +77,7 @@ class EvalSpec(_Strict):
         return self
 
 
-class EvalJob(_Strict):
+class EvalJob(Strict):
     kind: Literal["eval"] = "eval"
     name: str | None = Field(None, max_length=200)
     eval: EvalSpec
