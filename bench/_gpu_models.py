@@ -99,7 +99,7 @@ def random_sam_discriminator(dry: bool) -> Iterator[None]:
 def random_batches(batch: int, resolution: int) -> Iterator[dict]:
     import torch
 
-    from trainer.data import digit_prompt
+    from trainer.toy.prompts import digit_prompt
 
     g = torch.Generator().manual_seed(0)
     for i in range(10**9):

@@ -143,7 +143,7 @@ def kept_bytes(cfg: Any, teacher: Any) -> int:
     """Upper bound on the bytes one micro-batch keeps for a whole `Distiller.step` (module docstring): its real
     images, its conditioning and the unconditional one (embeddings, pooled, time ids), the generator's x and
     the decoded fake, each counted in fp32."""
-    from trainer.data import digit_prompt
+    from trainer.toy.prompts import digit_prompt
 
     b, res = cfg.train.batch_size, teacher.resolution
     cond = teacher.encode([digit_prompt(0)] * b)  # a cached caption when memory.text_cache is on
@@ -159,13 +159,13 @@ def run_config(name: str, args: argparse.Namespace, device: str, folder: Path, t
     """Build and measure one config; `save(out)` is called after each measured step with what is known so far."""
     import torch
 
-    from trainer.data import digit_prompt
     from trainer.distill import Distiller
     from trainer.loop import _accelerator
     from trainer.memory import reward_for_training
     from trainer.optim import check_runtime
     from trainer.plan import load_arch, make_plan
     from trainer.textcache import build_text_cache, use_text_cache
+    from trainer.toy.prompts import digit_prompt
 
     cuda = device == "cuda"
     sync: Callable[[], None] = torch.cuda.synchronize if cuda else (lambda: None)

@@ -64,10 +64,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from trainer.data import DigitsDataset, digit_prompt
+    from trainer.data import DigitsDataset
     from trainer.models import load_teacher
     from trainer.spec import ModelSpec
     from trainer.toy import HERE, TEACHER_DIR
+    from trainer.toy.prompts import digit_prompt
     from trainer.toy.reward import degrade, encode_pairs, make_pairs, split
 
     teacher = load_teacher(ModelSpec(teacher=str(TEACHER_DIR)))

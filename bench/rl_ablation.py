@@ -107,7 +107,7 @@ def score_checkpoint(ck: Path, ctx: dict) -> dict[str, float]:
 
     from flashjob.digits_scoring import SEED
     from inference.pipeline import load_pipeline
-    from trainer.data import digit_prompt
+    from trainer.toy.prompts import digit_prompt
 
     pipe = load_pipeline(ck)
     labels, rewards, images = ctx["labels"], [], []
@@ -130,7 +130,8 @@ def real_digits_reward(teacher, lrm, labels) -> float:  # noqa: ANN001
     """The LRM's reward (t = 0) of real digits with the same labels: the top of the scale for this reward."""
     import torch
 
-    from trainer.data import DigitsDataset, digit_prompt
+    from trainer.data import DigitsDataset
+    from trainer.toy.prompts import digit_prompt
 
     ds = DigitsDataset(teacher.resolution)
     real = torch.tensor(ds.labels)

@@ -185,7 +185,7 @@ def student_images(client: httpx.Client, job_id: str, seeds: list[int]):  # noqa
     import torch
     from PIL import Image
 
-    from trainer.data import digit_prompt
+    from trainer.toy.prompts import digit_prompt
 
     # One call first: the service loads the checkpoint into its cache; latency is measured warm.
     _check(client.post("/generate", json={"job": job_id, "prompt": digit_prompt(0), "seed": 0}))

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainer.data import digit_prompt
 from trainer.models import load_teacher
 from trainer.spec import ModelSpec
 from trainer.toy.evaluate import default_evaluator, eval_labels, generate, teacher_features, teacher_reference
+from trainer.toy.prompts import digit_prompt
 
 SEED = 0
 

@@ -55,7 +55,7 @@ def time_samplers(checkpoint: str | Path, *, batch: int = BATCH, single: int = 1
         # The HTTP line's baseline: the very pipeline call /generate makes (one prompt, one seed, the checkpoint's
         # own sampler), in-process. The toy sampler above also embeds labels and runs its own loop, so it is not
         # what a request pays for (it came out slower than a whole warm request).
-        from trainer.data import digit_prompt
+        from trainer.toy.prompts import digit_prompt
 
         student.generate([digit_prompt(0)], [0])
         rows["student 4-step"]["service_batch1_s"] = statistics.median(
@@ -65,7 +65,7 @@ def time_samplers(checkpoint: str | Path, *, batch: int = BATCH, single: int = 1
 
 def http_seconds(url: str, token: str, job_id: str, requests: int = 10) -> float:
     """Median seconds of a warm single-image POST /generate (two calls first: load and warm-up)."""
-    from trainer.data import digit_prompt
+    from trainer.toy.prompts import digit_prompt
 
     times = []
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120) as client:

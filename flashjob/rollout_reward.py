@@ -33,10 +33,11 @@ import click
 import torch
 from torch import Tensor
 
-from trainer.data import DigitsDataset, digit_prompt
+from trainer.data import DigitsDataset
 from trainer.reward import LatentRewardModel, load_lrm, lrm_pair_loss, save_lrm
 from trainer.reward_train import LRM_TIMESTEPS, lrm_pair_step
 from trainer.schedules import Parameterisation
+from trainer.toy.prompts import digit_prompt
 from trainer.toy.reward import batches, encode_pairs, make_pairs, pair_accuracy, split
 
 Denoise = Callable[[Tensor, Tensor, Tensor], Tensor]  # (z_t [N, C, H, W], t [N], prompt rows [N]) -> x0

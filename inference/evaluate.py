@@ -86,10 +86,10 @@ class DigitsProtocol:
     """The digits evaluator's metrics; the teacher-50 reference statistics come from the shipped cache."""
 
     def __init__(self, per_class: int) -> None:
-        from trainer.data import digit_prompt
         from trainer.models import load_teacher
         from trainer.spec import ModelSpec
         from trainer.toy.evaluate import default_evaluator, eval_labels, teacher_reference
+        from trainer.toy.prompts import digit_prompt
 
         self.labels = eval_labels(per_class)
         self.prompts = [digit_prompt(int(c)) for c in self.labels]

@@ -29,13 +29,9 @@ from trainer.buckets import (
 from trainer.errors import InputError
 from trainer.roots import check_data_file, check_opened
 from trainer.spec import BucketSpec, DataSpec
+from trainer.toy.prompts import digit_prompt
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
-def digit_prompt(label: int) -> str:
-    return f"a handwritten digit {DIGIT_WORDS[label]}"
 
 
 def to_tensor(img: Image.Image, resolution: int, center_crop: bool = True) -> torch.Tensor:

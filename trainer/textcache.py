@@ -36,6 +36,7 @@ from torch import Tensor
 
 from trainer.errors import InputError
 from trainer.models import Cond, Teacher
+from trainer.toy.prompts import digit_prompt
 
 FORMAT, VERSION = "flashdmd-cache", 1
 # How Teacher.encode builds the conditioning (DESIGN §4: SDXL = penultimate states of both encoders
@@ -186,8 +187,6 @@ def dataset_captions(ds: Any) -> list[str]:
     if hasattr(ds, "items"):  # PairDataset: (path, caption)
         return [c for _, c in ds.items]
     if hasattr(ds, "labels"):  # DigitsDataset
-        from trainer.data import digit_prompt
-
         return [digit_prompt(int(lbl)) for lbl in ds.labels]
     return [ds[i]["caption"] for i in range(len(ds))]
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from flashjob.rollout_reward import candidate_values, rollout_accuracy, rollout_pairs
-from trainer.data import digit_prompt
 from trainer.schedules import EpsDDPM
+from trainer.toy.prompts import digit_prompt
 
 S = [999, 749, 499, 249]
 PARAM = EpsDDPM(torch.linspace(0.99, 0.01, 1000, dtype=torch.float64))  # abar_t, falling with t

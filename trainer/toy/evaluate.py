@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from trainer.data import DigitsDataset, digit_prompt, digits_split
+from trainer.data import DigitsDataset, digits_split
 from trainer.toy import EVALUATOR_DIR, RESOLUTION
+from trainer.toy.prompts import digit_prompt
 
 EVAL_PER_CLASS = 100  # generated samples per digit for FD/diversity: N = 1000
 REFERENCE_STEPS = 50

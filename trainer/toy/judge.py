@@ -58,7 +58,7 @@ class IndependentJudge:
 
 def _pairs(images: Tensor, labels: Tensor, n: int, gen: torch.Generator) -> dict[str, Tensor]:
     """`reward.make_pairs` with "label" the prompted digit (make_pairs' own "label" is the preference target)."""
-    from trainer.data import digit_prompt
+    from trainer.toy.prompts import digit_prompt
     from trainer.toy.reward import make_pairs
 
     pairs = make_pairs(images, labels, n, gen)

@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.data import DigitsDataset, digit_prompt
+from trainer.data import DigitsDataset
 from trainer.reward import LatentRewardModel, save_lrm
 from trainer.reward_train import LRM_TIMESTEPS, train_lrm
+from trainer.toy.prompts import digit_prompt
 
 LOSER_KINDS = ("wrong_class", "blur", "noise", "erase")
 EVAL_TIMESTEPS = (1, 249, 499, 749, 999)

@@ -53,8 +53,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from trainer.data import DIGIT_WORDS, DigitsDataset, digit_prompt
+from trainer.data import DigitsDataset
 from trainer.toy import RESOLUTION
+from trainer.toy.prompts import DIGIT_WORDS, digit_prompt
 
 VAE_CHANNELS = (8, 16, 32)  # three blocks -> VAE factor 4 (32 px images, 8x8 latents)
 LATENT_CHANNELS = 4
