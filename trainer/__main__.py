@@ -1,6 +1,7 @@
-"""`python -m trainer SPEC ...`: an alias of the process entry `python -m flashjob` (kept for existing launch
-commands, e.g. api/proc.py). This script is never imported, so it adds no import edge from trainer/ upwards."""
+"""`python -m trainer SPEC ...` (and `accelerate launch -m trainer SPEC ...`): the trainer's kinds (distill, rl,
+prepare) through the same command as `python -m flashjob` (trainer/entry.py). `kind: eval` samples through
+inference/, above the trainer, so it runs under `python -m flashjob` only."""
 
-from flashjob.cli import main
+from trainer.entry import job_command, run_trainer_job
 
-main()
+job_command(run_trainer_job)(prog_name="python -m trainer")
