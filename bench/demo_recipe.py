@@ -108,7 +108,8 @@ def train(spec: dict, run_dir: Path, threads: int) -> float:
 
 def score(run_dir: Path, per_class: int) -> list[dict[str, Any]]:
     from flashjob.digits_scoring import student_samples
-    from trainer.toy.evaluate import default_evaluator, eval_labels
+    from trainer.toy.evaluate import default_evaluator
+    from trainer.toy.teacher_sampling import eval_labels
 
     ev, labels = default_evaluator(), eval_labels(per_class)
     points = []

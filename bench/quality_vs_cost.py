@@ -167,7 +167,8 @@ def teacher_rows(ev: Any, per_class: int, guidance: float = DEMO_SPEC["distill"]
     students' 4-step sampler (update 0 of every run)."""
     from trainer.models import load_teacher
     from trainer.spec import ModelSpec
-    from trainer.toy.evaluate import eval_labels, teacher_features
+    from trainer.toy.reference import teacher_features
+    from trainer.toy.teacher_sampling import eval_labels
 
     teacher = load_teacher(ModelSpec(teacher="toy:digits"))
     feats = teacher_features(teacher, ev, per_class=per_class, guidance=guidance, progress=False)
@@ -229,7 +230,9 @@ def main() -> None:
 
     from trainer.models import load_teacher
     from trainer.spec import ModelSpec, parse_spec
-    from trainer.toy.evaluate import default_evaluator, eval_labels, generate, teacher_reference
+    from trainer.toy.evaluate import default_evaluator
+    from trainer.toy.reference import teacher_reference
+    from trainer.toy.teacher_sampling import eval_labels, generate
 
     torch.set_num_threads(args.threads)
     from diffusers.utils import logging as diffusers_logging

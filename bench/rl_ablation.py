@@ -321,7 +321,9 @@ def main() -> None:
     from trainer.reward import load_lrm
     from trainer.rl_loop import resolve_init
     from trainer.spec import ModelSpec, parse_spec
-    from trainer.toy.evaluate import default_evaluator, eval_labels, teacher_reference
+    from trainer.toy.evaluate import default_evaluator
+    from trainer.toy.reference import teacher_reference
+    from trainer.toy.teacher_sampling import eval_labels
 
     torch.set_num_threads(args.threads)
     diffusers_logging.disable_progress_bar()

@@ -16,8 +16,10 @@ from torch import Tensor
 
 from trainer.models import load_teacher
 from trainer.spec import ModelSpec
-from trainer.toy.evaluate import default_evaluator, eval_labels, generate, teacher_features, teacher_reference
+from trainer.toy.evaluate import default_evaluator
 from trainer.toy.prompts import digit_prompt
+from trainer.toy.reference import teacher_features, teacher_reference
+from trainer.toy.teacher_sampling import eval_labels, generate
 
 SEED = 0
 

@@ -1,7 +1,7 @@
 """The demo's latency, like for like (issue 12): teacher and student through one sampler function and one batch,
 and the HTTP path's overhead on a line of its own.
 
-Every row goes through `trainer.toy.evaluate.generate` (the trainer's `sample` loop plus a VAE decode) on the
+Every row goes through `trainer.toy.teacher_sampling.generate` (the trainer's `sample` loop plus a VAE decode) on the
 same labels and seeds at the same batch size; the student runs as its own `Teacher` (the checkpoint's
 generator in the teacher's pipeline), without CFG and on its trained timesteps, as /generate samples it. The
 HTTP line is a warm single-image POST /generate (median) minus the same image sampled locally at batch 1:
@@ -34,7 +34,7 @@ def time_samplers(checkpoint: str | Path, *, batch: int = BATCH, single: int = 1
     from inference.pipeline import load_pipeline
     from trainer.models import load_teacher
     from trainer.spec import ModelSpec
-    from trainer.toy.evaluate import generate
+    from trainer.toy.teacher_sampling import generate
 
     teacher = load_teacher(ModelSpec(teacher="toy:digits"))
     student = load_pipeline(checkpoint)

@@ -88,8 +88,10 @@ class DigitsProtocol:
     def __init__(self, per_class: int) -> None:
         from trainer.models import load_teacher
         from trainer.spec import ModelSpec
-        from trainer.toy.evaluate import default_evaluator, eval_labels, teacher_reference
+        from trainer.toy.evaluate import default_evaluator
         from trainer.toy.prompts import digit_prompt
+        from trainer.toy.reference import teacher_reference
+        from trainer.toy.teacher_sampling import eval_labels
 
         self.labels = eval_labels(per_class)
         self.prompts = [digit_prompt(int(c)) for c in self.labels]

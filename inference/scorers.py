@@ -249,7 +249,7 @@ class FIDScorer:
         return self.net(to_uint8(images).to(self.device), return_features=True).double().cpu()
 
     def _reference(self, ref: Path) -> tuple[np.ndarray, np.ndarray]:
-        from trainer.toy.evaluate import feature_stats
+        from trainer.toy.metrics import feature_stats
 
         if ref.is_file() and ref.suffix == ".npz":
             with np.load(ref) as st:
@@ -277,7 +277,7 @@ class FIDScorer:
         self.features = []
 
     def result(self) -> dict[str, float]:
-        from trainer.toy.evaluate import fd_from_stats, feature_stats
+        from trainer.toy.metrics import fd_from_stats, feature_stats
 
         if sum(len(f) for f in self.features) < 2:
             return {}

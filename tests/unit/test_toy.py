@@ -14,6 +14,9 @@ from trainer.models import load_teacher
 from trainer.spec import ModelSpec
 from trainer.toy import EVALUATOR_DIR, TEACHER_DIR
 from trainer.toy import evaluate as E
+from trainer.toy import metrics as M
+from trainer.toy import reference as R
+from trainer.toy import teacher_sampling as TS
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +66,7 @@ def test_shipped_teacher_loads_through_load_teacher(teacher) -> None:
 
 def test_shipped_teacher_samples_digits_in_our_loop(teacher, evaluator) -> None:
     labels = torch.arange(10)
-    imgs = E.generate(teacher, labels, method="ddim", timesteps=[999, 749, 499, 249], guidance=E.DEFAULT_GUIDANCE)
+    imgs = TS.generate(teacher, labels, method="ddim", timesteps=[999, 749, 499, 249], guidance=TS.DEFAULT_GUIDANCE)
     assert imgs.shape == (10, 3, 32, 32) and torch.isfinite(imgs).all()
     # Even 4 DDIM steps of the trained teacher give mostly the prompted digits (random weights give ~10%).
     assert evaluator.accuracy(imgs, labels) >= 0.6
@@ -89,38 +92,38 @@ def test_shipped_evaluator_held_out_accuracy(evaluator) -> None:
 
 def test_shipped_reference_matches_shipped_teacher_and_evaluator(teacher, evaluator) -> None:
     """The teacher-50 statistics in the package belong to the shipped weights (no regeneration needed)."""
-    key = E.reference_key(teacher, evaluator, per_class=E.EVAL_PER_CLASS, steps=E.REFERENCE_STEPS,
-                          guidance=E.DEFAULT_GUIDANCE, seed=0)
-    assert (EVALUATOR_DIR / "reference" / f"teacher{E.REFERENCE_STEPS}-{key}.safetensors").is_file()
+    key = R.reference_key(teacher, evaluator, per_class=TS.EVAL_PER_CLASS, steps=R.REFERENCE_STEPS,
+                          guidance=TS.DEFAULT_GUIDANCE, seed=0)
+    assert (EVALUATOR_DIR / "reference" / f"teacher{R.REFERENCE_STEPS}-{key}.safetensors").is_file()
 
 
 def test_shipped_teacher_features_match_a_recomputed_subset(teacher, evaluator, tmp_path, monkeypatch) -> None:
     """The teacher-50 features `flashdmd demo` scores from are what sampling the shipped teacher gives: the first
     ten (digits 0-9, seeds 0-9) recomputed here agree with the shipped file, which answered without sampling."""
-    real_generate = E.generate
+    real_generate = TS.generate
 
     def no_sampling(*a, **k):
         raise AssertionError("the shipped features should have answered")
 
-    monkeypatch.setattr(E, "generate", no_sampling)
-    shipped = E.teacher_features(teacher, evaluator, per_class=50, cache_dir=tmp_path)
+    monkeypatch.setattr(R, "generate", no_sampling)
+    shipped = R.teacher_features(teacher, evaluator, per_class=50, cache_dir=tmp_path)
     assert shipped.shape == (500, E.FEATURE_DIM)
-    again = evaluator.features(real_generate(teacher, torch.arange(10), method="euler", steps=E.REFERENCE_STEPS,
-                                             guidance=E.DEFAULT_GUIDANCE, seed=0))
+    again = evaluator.features(real_generate(teacher, torch.arange(10), method="euler", steps=R.REFERENCE_STEPS,
+                                             guidance=TS.DEFAULT_GUIDANCE, seed=0))
     torch.testing.assert_close(again, shipped[:10], atol=1e-3, rtol=1e-3)
     assert not list(tmp_path.iterdir())  # nothing was generated or cached
 
 
 def test_teacher_features_are_invalidated_by_a_changed_teacher(evaluator, tmp_path, monkeypatch) -> None:
     changed = load_teacher(ModelSpec(teacher=str(TEACHER_DIR)))
-    shipped_key = E.features_key(changed, evaluator, steps=E.REFERENCE_STEPS, guidance=E.DEFAULT_GUIDANCE, seed=0)
+    shipped_key = R.features_key(changed, evaluator, steps=R.REFERENCE_STEPS, guidance=TS.DEFAULT_GUIDANCE, seed=0)
     with torch.no_grad():
         next(changed.denoiser.parameters()).view(-1)[0] += 1e-3
-    key = E.features_key(changed, evaluator, steps=E.REFERENCE_STEPS, guidance=E.DEFAULT_GUIDANCE, seed=0)
+    key = R.features_key(changed, evaluator, steps=R.REFERENCE_STEPS, guidance=TS.DEFAULT_GUIDANCE, seed=0)
     assert key != shipped_key
     # Other sampler settings are other keys too.
-    assert E.features_key(changed, evaluator, steps=20, guidance=E.DEFAULT_GUIDANCE, seed=0) != key
-    assert E.features_key(changed, evaluator, steps=E.REFERENCE_STEPS, guidance=3.0, seed=0) != key
+    assert R.features_key(changed, evaluator, steps=20, guidance=TS.DEFAULT_GUIDANCE, seed=0) != key
+    assert R.features_key(changed, evaluator, steps=R.REFERENCE_STEPS, guidance=3.0, seed=0) != key
     calls = []
 
     def fake_generate(teacher, labels, **kw):
@@ -128,13 +131,13 @@ def test_teacher_features_are_invalidated_by_a_changed_teacher(evaluator, tmp_pa
         g = torch.Generator().manual_seed(len(labels))
         return torch.rand((len(labels), 3, 32, 32), generator=g) * 2 - 1
 
-    monkeypatch.setattr(E, "generate", fake_generate)
-    first = E.teacher_features(changed, evaluator, per_class=3, cache_dir=tmp_path, progress=False)
-    assert calls == [30] and (tmp_path / f"features{E.REFERENCE_STEPS}-{key}.safetensors").is_file()
-    torch.testing.assert_close(E.teacher_features(changed, evaluator, per_class=3, cache_dir=tmp_path), first)
-    torch.testing.assert_close(E.teacher_features(changed, evaluator, per_class=2, cache_dir=tmp_path), first[:20])
+    monkeypatch.setattr(R, "generate", fake_generate)
+    first = R.teacher_features(changed, evaluator, per_class=3, cache_dir=tmp_path, progress=False)
+    assert calls == [30] and (tmp_path / f"features{R.REFERENCE_STEPS}-{key}.safetensors").is_file()
+    torch.testing.assert_close(R.teacher_features(changed, evaluator, per_class=3, cache_dir=tmp_path), first)
+    torch.testing.assert_close(R.teacher_features(changed, evaluator, per_class=2, cache_dir=tmp_path), first[:20])
     assert calls == [30]  # both answered from the cache (a smaller N is a prefix)
-    E.teacher_features(changed, evaluator, per_class=4, cache_dir=tmp_path, progress=False)
+    R.teacher_features(changed, evaluator, per_class=4, cache_dir=tmp_path, progress=False)
     assert calls == [30, 40]  # more rows than cached: sampled again
 
 
@@ -153,30 +156,30 @@ def test_fd_of_gaussians_matches_closed_form() -> None:
     a = mu1 + np.sqrt(var1) * rng.standard_normal((n, d))
     b = mu2 + np.sqrt(var2) * rng.standard_normal((n, d))
     expected = _diag_fd(mu1, var1, mu2, var2)
-    assert E.fd(a, b) == pytest.approx(expected, rel=0.03, abs=0.02)
+    assert M.fd(a, b) == pytest.approx(expected, rel=0.03, abs=0.02)
     # Exact statistics give the exact value, also for torch input.
-    assert E.fd_from_stats(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(expected, rel=1e-10)
-    assert E.fd(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(E.fd(a, b), rel=1e-9)
+    assert M.fd_from_stats(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(expected, rel=1e-10)
+    assert M.fd(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(M.fd(a, b), rel=1e-9)
 
 
 def test_fd_is_zero_on_itself_symmetric_and_agrees_with_scipy() -> None:
     rng = np.random.default_rng(1)
     x = rng.standard_normal((500, 10)) @ rng.standard_normal((10, 10))
     y = rng.standard_normal((400, 10)) @ rng.standard_normal((10, 10)) + 0.5
-    assert E.fd(x, x) == pytest.approx(0.0, abs=1e-8)
-    assert E.fd(x, y) == pytest.approx(E.fd(y, x), rel=1e-8)
+    assert M.fd(x, x) == pytest.approx(0.0, abs=1e-8)
+    assert M.fd(x, y) == pytest.approx(M.fd(y, x), rel=1e-8)
     scipy_linalg = pytest.importorskip("scipy.linalg")
-    m1, c1 = E.feature_stats(x)
-    m2, c2 = E.feature_stats(y)
+    m1, c1 = M.feature_stats(x)
+    m2, c2 = M.feature_stats(y)
     root = scipy_linalg.sqrtm(c1 @ c2).real
     ref = ((m1 - m2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * np.trace(root)
-    assert E.fd(x, y) == pytest.approx(ref, rel=1e-6)
+    assert M.fd(x, y) == pytest.approx(ref, rel=1e-6)
 
 
 def test_fd_handles_rank_deficient_features() -> None:
     x = np.zeros((50, 4))
     x[:, 0] = np.arange(50)  # three constant (zero-variance) dims
-    assert math.isfinite(E.fd(x, x + 1.0)) and E.fd(x, x + 1.0) == pytest.approx(4.0, rel=1e-6)
+    assert math.isfinite(M.fd(x, x + 1.0)) and M.fd(x, x + 1.0) == pytest.approx(4.0, rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------- accuracy / diversity
@@ -188,16 +191,16 @@ def test_accuracy_on_real_and_mislabelled_digits(evaluator) -> None:
     x, y = images[test[:100]], labels[test[:100]]
     assert E.accuracy(x, y, evaluator) >= 0.95
     assert E.accuracy(x, (y + 1) % 10, evaluator) <= 0.05
-    assert E.accuracy_from_logits(torch.tensor([[0.0, 1.0], [2.0, 1.0], [0.0, 3.0]]), [1, 1, 1]) == pytest.approx(2 / 3)
+    assert M.accuracy_from_logits(torch.tensor([[0.0, 1.0], [2.0, 1.0], [0.0, 3.0]]), [1, 1, 1]) == pytest.approx(2 / 3)
 
 
 def test_diversity_on_hand_made_features() -> None:
     # class 0: points 0, 3 (distance 3); class 1: a 3-4-5 right triangle -> mean pair distance (3+4+5)/3 = 4.
     feats = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 0.0], [3.0, 0.0], [0.0, 4.0], [9.0, 9.0]])
     labels = torch.tensor([0, 0, 1, 1, 1, 2])  # class 2 has one sample and is skipped
-    assert E.diversity_from_features(feats, labels) == pytest.approx((3.0 + 4.0) / 2)
+    assert M.diversity_from_features(feats, labels) == pytest.approx((3.0 + 4.0) / 2)
     with pytest.raises(ValueError):
-        E.diversity_from_features(feats[:1], labels[:1])
+        M.diversity_from_features(feats[:1], labels[:1])
 
 
 def test_diversity_of_images_collapse_is_zero(evaluator) -> None:
@@ -253,7 +256,7 @@ def test_manifold_metrics_on_a_hand_made_case() -> None:
     # 10, radius 9.5).
     real = np.array([[0.0], [1.0], [2.0], [3.0]])
     fake = np.array([[0.5], [10.0], [10.5]])
-    m = E.manifold_metrics(real, fake, k=1)
+    m = M.manifold_metrics(real, fake, k=1)
     assert m["precision"] == pytest.approx(1 / 3)  # only 0.5 lies in a real ball
     # Recall: a real point is covered when within a fake ball: 0.5's ball (radius 9.5) holds all four.
     assert m["recall"] == 1.0
@@ -262,16 +265,16 @@ def test_manifold_metrics_on_a_hand_made_case() -> None:
     # Coverage: real balls holding a fake: those of 0 and 1 -> 2 of 4.
     assert m["coverage"] == 0.5
     # Mode dropping: fakes copied from one real point keep precision but lose recall and coverage.
-    collapsed = E.manifold_metrics(real, np.array([[0.0], [0.01], [0.02]]), k=1)
+    collapsed = M.manifold_metrics(real, np.array([[0.0], [0.01], [0.02]]), k=1)
     # (coverage: the balls of 0 and of 1, radius 1, hold them; recall: fake radii are 0.01, so only real 0 is near)
     assert collapsed["precision"] == 1.0 and collapsed["coverage"] == 0.5 and collapsed["recall"] == 0.25
     with pytest.raises(ValueError, match="more than k"):
-        E.manifold_metrics(real[:1], fake, k=1)
+        M.manifold_metrics(real[:1], fake, k=1)
 
 
 def test_reference_key_holds_the_cfg_so_a_changed_cfg_misses_the_cache(teacher, evaluator, tmp_path, monkeypatch) -> None:
-    k1 = E.reference_key(teacher, evaluator, per_class=2, steps=E.REFERENCE_STEPS, guidance=1.0, seed=0)
-    k2 = E.reference_key(teacher, evaluator, per_class=2, steps=E.REFERENCE_STEPS, guidance=2.0, seed=0)
+    k1 = R.reference_key(teacher, evaluator, per_class=2, steps=R.REFERENCE_STEPS, guidance=1.0, seed=0)
+    k2 = R.reference_key(teacher, evaluator, per_class=2, steps=R.REFERENCE_STEPS, guidance=2.0, seed=0)
     assert k1 != k2
     calls = []
 
@@ -280,11 +283,11 @@ def test_reference_key_holds_the_cfg_so_a_changed_cfg_misses_the_cache(teacher, 
         g = torch.Generator().manual_seed(int(kw["guidance"] * 10))
         return torch.rand((len(labels), 3, 32, 32), generator=g) * 2 - 1
 
-    monkeypatch.setattr(E, "generate", fake_generate)
-    at1 = E.teacher_reference(teacher, evaluator, per_class=2, guidance=1.0, cache_dir=tmp_path, progress=False)
-    E.teacher_reference(teacher, evaluator, per_class=2, guidance=1.0, cache_dir=tmp_path, progress=False)
+    monkeypatch.setattr(R, "generate", fake_generate)
+    at1 = R.teacher_reference(teacher, evaluator, per_class=2, guidance=1.0, cache_dir=tmp_path, progress=False)
+    R.teacher_reference(teacher, evaluator, per_class=2, guidance=1.0, cache_dir=tmp_path, progress=False)
     assert calls == [1.0]  # cached
-    at2 = E.teacher_reference(teacher, evaluator, per_class=2, guidance=2.0, cache_dir=tmp_path, progress=False)
+    at2 = R.teacher_reference(teacher, evaluator, per_class=2, guidance=2.0, cache_dir=tmp_path, progress=False)
     assert calls == [1.0, 2.0] and not np.allclose(at1[0], at2[0])  # a changed CFG missed the cache
 
 
@@ -307,7 +310,8 @@ def test_copy_report_flags_samples_that_copy_the_held_out_digits() -> None:
 
 def test_train_teacher_smoke(tmp_path) -> None:
     """The rebuild path end to end, a few steps: a loadable pipeline folder with provenance."""
-    from trainer.toy.teacher import Recipe, train_teacher
+    from trainer.toy.teacher import train_teacher
+    from trainer.toy.teacher_train import Recipe
 
     out = tmp_path / "teacher"
     recipe = Recipe(vae_steps=2, vae_batch=4, steps=2, batch=4, subset=64, eval_samples=8)

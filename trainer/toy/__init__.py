@@ -2,10 +2,15 @@
 
 - `trainer.toy.teacher`: trains a tiny AutoencoderKL, two tiny CLIP text encoders and a text_time UNet on
   sklearn's digits (upsampled to 32x32 RGB) and saves a `StableDiffusionXLPipeline` folder. The trained folder
-  ships in the repo at `TEACHER_DIR`; `flashdmd toy train-teacher` rebuilds it.
+  ships in the repo at `TEACHER_DIR`; `flashdmd toy train-teacher` rebuilds it. Its components are built in
+  `teacher_nets`, trained in `teacher_train`.
 - `trainer.toy.evaluate`: a small digits CNN (shipped at `EVALUATOR_DIR`; `flashdmd toy train-evaluator` rebuilds
-  it) and the metrics on its features: prompt-adherence accuracy, digits-FD against real digits and against the
-  teacher's 50-step CFG samples, and intra-class diversity.
+  it) and the metrics of a sample set on its features (`metrics`): prompt-adherence accuracy, digits-FD against
+  real digits and against the teacher's 50-step CFG samples (`reference`, cached), and intra-class diversity.
+- `trainer.toy.teacher_sampling`: the teacher's samplers for those metrics (euler, ddim, renoise).
+- `trainer.toy.prompts`: the digits' captions, shared by the dataset, the text cache and the demo.
+- `trainer.toy.reward`, `judge`, `memorisation`: the toy latent reward model, its independent judge, and the
+  memorisation check.
 - `trainer.toy.cli`: the `flashdmd toy` click group.
 
 See `trainer/toy/README.md` for the commands and seeds that made the shipped files, and the measured numbers.

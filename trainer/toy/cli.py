@@ -45,7 +45,8 @@ def toy_group() -> None:
 def train_teacher_command(out: Path, seed: int, steps: int | None, minutes: float | None, vae_steps: int | None,
                           threads: int | None, quiet: bool) -> None:
     """Train the digits teacher (VAE 3-5 min, then UNet + text encoders 12-19 min on one busy core) and save it."""
-    from trainer.toy.teacher import Recipe, train_teacher
+    from trainer.toy.teacher import train_teacher
+    from trainer.toy.teacher_train import Recipe
 
     recipe = Recipe(seed=seed, threads=threads)
     if steps is not None:
@@ -100,28 +101,30 @@ def eval_teacher_command(teacher: Path, evaluator: Path, guidance: float | None,
     from trainer.models import load_teacher
     from trainer.spec import ModelSpec
     from trainer.toy import evaluate as E
+    from trainer.toy import reference as R
+    from trainer.toy import teacher_sampling as TS
 
     _threads(threads)
-    guidance = E.DEFAULT_GUIDANCE if guidance is None else guidance
-    per_class = per_class or E.EVAL_PER_CLASS
+    guidance = TS.DEFAULT_GUIDANCE if guidance is None else guidance
+    per_class = per_class or TS.EVAL_PER_CLASS
     try:
         t = load_teacher(ModelSpec(teacher=str(teacher)))
     except InputError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
     ev = E.DigitsEvaluator.load(evaluator)
-    labels = E.eval_labels(per_class)
+    labels = TS.eval_labels(per_class)
     results: dict[str, dict] = {"real": ev.real_baselines()}
     samples, ref = {}, None
-    for name, kw in [("teacher_euler50", dict(method="euler", steps=E.REFERENCE_STEPS)),
+    for name, kw in [("teacher_euler50", dict(method="euler", steps=R.REFERENCE_STEPS)),
                      ("teacher_renoise4", dict(method="renoise")), ("teacher_ddim4", dict(method="ddim"))]:
-        imgs = E.generate(t, labels, guidance=guidance, seed=seed, progress=True, **kw)
+        imgs = TS.generate(t, labels, guidance=guidance, seed=seed, progress=True, **kw)
         samples[name] = imgs
         if ref is None:  # the 50-step samples are the reference's samples: store their statistics
-            ref = E.teacher_reference(t, ev, per_class=per_class, guidance=guidance, seed=seed,
+            ref = R.teacher_reference(t, ev, per_class=per_class, guidance=guidance, seed=seed,
                                       cache_dir=reference_dir, samples=imgs)
             # Their features too: `flashdmd demo` and the benchmarks score the teacher-50 row from them.
-            E.teacher_features(t, ev, per_class=per_class, guidance=guidance, seed=seed, cache_dir=reference_dir,
+            R.teacher_features(t, ev, per_class=per_class, guidance=guidance, seed=seed, cache_dir=reference_dir,
                                samples=imgs)
         results[name] = ev.report(imgs, labels, reference=ref)
         click.echo(f"{name}: {json.dumps(results[name])}", err=True)

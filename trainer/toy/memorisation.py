@@ -44,7 +44,8 @@ def teacher_copy_check(per_class: int = 100, guidance: float = 1.0, seed: int = 
     """The teacher's 50-step samples (CFG `guidance`) vs train-split digits, both measured to the held-out digits."""
     from trainer.models import load_teacher
     from trainer.spec import ModelSpec
-    from trainer.toy.evaluate import default_evaluator, eval_labels, generate, real_digits, split_indices
+    from trainer.toy.evaluate import default_evaluator, real_digits, split_indices
+    from trainer.toy.teacher_sampling import eval_labels, generate
 
     ev = default_evaluator()
     teacher = load_teacher(ModelSpec(teacher="toy:digits"))
