@@ -66,16 +66,10 @@ def resolve_teacher(ref: str) -> str:
         if family not in ("sdxl", "sd15", "sd3"):
             raise InputError(f"model.teacher: unknown tiny family {family!r} (sdxl, sd15, sd3)")
         return str(tiny_pipeline_dir(family))
-    if ref.startswith("toy:"):
-        name = ref.split(":", 1)[1]
-        if name != "digits":
-            raise InputError(f"model.teacher: unknown toy model {name!r} (digits)")
-        from trainer.toy import TEACHER_DIR
+    if ref.startswith("toy:"):  # the teachers trainer/toy ships (the digits demo's): it owns their names
+        from trainer.toy import toy_teacher_dir
 
-        if not (TEACHER_DIR / "model_index.json").is_file():
-            raise InputError(f"model.teacher: the digits teacher is missing at {TEACHER_DIR}; "
-                             "rebuild it with `flashdmd toy train-teacher`")
-        return str(TEACHER_DIR)
+        return str(toy_teacher_dir(ref.split(":", 1)[1]))
     if is_local_path(ref):
         path = Path(ref).expanduser()
         if not path.is_dir():

@@ -11,13 +11,15 @@ from typing import Any
 
 import yaml
 
+from trainer.toy import TOY_TEACHERS
+
 # Bounds that every stored number must respect. Step counts land in 32-bit columns (jobs.total_steps,
 # metrics/checkpoints/samples.step), so they stay below 2^31; seeds are multiplied by ~10^6 and offset before
 # they reach torch.Generator.manual_seed (trainer/data.py, inference/evaluate.py), and numpy takes < 2^32.
 INT32_MAX = 2**31 - 1
 SEED_MAX = 2**32 - 1
 TINY_FAMILIES = ("sdxl", "sd15", "sd3")  # trainer/tiny.py FAMILIES (a unit test keeps them equal)
-TOY_MODELS = ("digits",)  # trainer/models.py resolve_teacher
+TOY_MODELS = tuple(TOY_TEACHERS)  # the teachers trainer/toy ships
 PIXEL_SCORER_NAMES = ("brightness", "contrast")  # trainer/reward.py PIXEL_SCORERS
 # Encoder depth per SAM backbone (trainer/discriminator.py): a head on block >= depth fails only in the worker.
 SAM_DEPTH: dict[str, int] = {"vit_b": 12, "vit_l": 24, "vit_h": 32, "tiny": 4}

@@ -23,4 +23,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TEACHER_DIR = HERE / "digits_teacher"  # the shipped StableDiffusionXLPipeline folder
 EVALUATOR_DIR = HERE / "digits_evaluator"  # the shipped CNN weights and the teacher-50 reference statistics
+TOY_TEACHERS = {"digits": TEACHER_DIR}  # `toy:<name>` teachers this package ships
+
+
+def toy_teacher_dir(name: str) -> Path:
+    """The folder of the shipped `toy:<name>` teacher, with errors a spec author can act on."""
+    from trainer.errors import InputError
+
+    if name not in TOY_TEACHERS:
+        raise InputError(f"model.teacher: unknown toy model {name!r} ({', '.join(TOY_TEACHERS)})")
+    folder = TOY_TEACHERS[name]
+    if not (folder / "model_index.json").is_file():
+        raise InputError(f"model.teacher: the {name} teacher is missing at {folder}; "
+                         f"rebuild it with `flashdmd toy train-teacher`")
+    return folder
+
+
 RESOLUTION = 32  # pixels; the shipped teacher's default (VAE factor 4 -> 8x8x4 latents)
