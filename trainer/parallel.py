@@ -37,6 +37,8 @@ from trainer.hooks import DEFAULT_STARTUP_TIMEOUT_S, DEFAULT_TIMEOUT_S
 
 if TYPE_CHECKING:
     from accelerate import Accelerator, PartialState
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
 # The timeouts the process group was given (seconds), for the messages of a collective that timed out:
 # `init_state` records the start-up one, `start_training` the training one.
@@ -179,7 +181,7 @@ def shard_blocks(net: nn.Module) -> list[nn.Module]:
     return units
 
 
-def mp_policy(mixed_precision: str):  # noqa: ANN201
+def mp_policy(mixed_precision: str) -> MixedPrecisionPolicy:
     """FSDP2's mixed precision under bf16: gather the weights in bf16 (half the bytes, and the dtype autocast
     computes in anyway) and reduce-scatter the gradients in fp32 (sums of 8+ ranks' bf16 gradients lose
     precision). Otherwise fp32 throughout: fp16 keeps fp32 weights for its GradScaler, as DDP does."""
@@ -190,7 +192,7 @@ def mp_policy(mixed_precision: str):  # noqa: ANN201
     return MixedPrecisionPolicy()
 
 
-def fully_shard_net(net: nn.Module, mixed_precision: str = "no", mesh=None) -> nn.Module:  # noqa: ANN001
+def fully_shard_net(net: nn.Module, mixed_precision: str = "no", mesh: DeviceMesh | None = None) -> nn.Module:
     """FSDP2: shard each unit of `shard_blocks`, then the root (its own small layers are one more unit).
 
     Units reshard after forward (only one unit's full weights live at a time); the root keeps its few
