@@ -88,9 +88,11 @@ def timed(fn: Any) -> tuple[float, float]:
 
 def data_path_seconds(distiller: Any, batches: Any, n: int) -> list[tuple[float, float]]:
     """Per micro-batch: load + text conditioning + real latents (what a step spends on data)."""
+    from trainer.micro import real_latents
+
     def one() -> None:
         (mb,) = next(batches)
-        distiller.real_latents(distiller._micro(mb, 0, 0, 0))
+        real_latents(distiller.teacher, distiller.micro_batches(mb, 0)[0])
 
     return [timed(one) for _ in range(n)]
 

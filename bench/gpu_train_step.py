@@ -246,7 +246,7 @@ def run_config(name: str, args: argparse.Namespace, device: str, folder: Path, t
                     dt = measured(lambda: distiller.step(next(batches), step))[0]
                     turn = step % cfg.distill.ttur == 0
                 else:
-                    dt = measured(lambda: trainer.step(list(next(batches)["caption"]), step, lambda: next(batches)))[0]
+                    dt = measured(lambda: trainer.step((list(next(batches)["caption"]), lambda: next(batches)), step))[0]
                     turn = step % cfg.rl.ratio == 0  # a cycle: ratio RL updates, the last with a distillation turn
                 if timed:
                     times.seconds.append(dt)

@@ -23,13 +23,14 @@ __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "EXIT_STOPPED", "eval_com
            "train_command"]
 
 
-def run_job(cfg: Any, sink: Any, *, run_dir: Path, resume: bool = False) -> int:
-    """Dispatch a spec by kind: eval (score checkpoints, through inference/), else the trainer's kinds."""
+def run_job(cfg: Any, sink: Any, *, run_dir: Path, resume: bool = False, hooks: Any = None) -> int:
+    """Dispatch a spec by kind: eval (score checkpoints, through inference/), else the trainer's kinds (with
+    the timeouts and test hooks the entry read, trainer/hooks.py)."""
     if cfg.kind == "eval":
         from inference.evaluate import run_eval
 
         return run_eval(cfg, sink, run_dir=run_dir, resume=resume)
-    return run_trainer_job(cfg, sink, run_dir=run_dir, resume=resume)
+    return run_trainer_job(cfg, sink, run_dir=run_dir, resume=resume, hooks=hooks)
 
 
 train_command = job_command(run_job, (*TRAINER_KINDS, "eval"))

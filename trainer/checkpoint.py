@@ -14,16 +14,22 @@ crash never leaves a half-written `step-*` folder; old ones are rotated away.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from trainer.sink import METRICS_FILE, Sink
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from trainer.method import Method
+    from trainer.spec import DistillJob
 
 CKPT_DIR = "checkpoints"
 
@@ -48,7 +54,7 @@ def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: v.cpu().contiguous() for n, v in state.items()}
 
 
-def _export_generator(distiller, out: Path) -> str:  # noqa: ANN001
+def _export_generator(distiller: Method, out: Path) -> str:
     t = distiller.teacher
     gen = distiller.generator
     if distiller.cfg.model.lora is None:
@@ -67,20 +73,11 @@ def _export_generator(distiller, out: Path) -> str:  # noqa: ANN001
     return "lora"
 
 
-# Test hook (tests/dist): seconds rank 0 sleeps before writing a checkpoint's files, standing in for an
-# SDXL checkpoint that outlasts a launcher's default 30 s SIGTERM window. Not for production use.
-SLOW_HOOK = "FLASHDMD_TEST_SLOW_CHECKPOINT_S"
-
-
-def _slow_hook() -> None:
-    delay = float(os.environ.get(SLOW_HOOK, "0") or 0)
-    if delay > 0:
-        time.sleep(delay)
-
-
-def save_checkpoint(run_dir: Path, step: int, distiller, acc, cfg, sink: Sink) -> Path | None:  # noqa: ANN001
+def save_checkpoint(run_dir: Path, step: int, distiller: Method, acc: Accelerator, cfg: DistillJob, sink: Sink, *,
+                    sidecars: dict[str, dict] | None = None, slow_s: float = 0.0) -> Path | None:
     """Every rank joins (optimiser state and, under FSDP, weight shards are collective); rank 0 writes the
-    model files and meta.json, then renames the folder into place."""
+    model files, meta.json and the method's `sidecars` (file name -> JSON, e.g. stage 2's rl.json), then
+    renames the folder into place. slow_s: the test hook of trainer/hooks.py (a slow SDXL checkpoint)."""
     root = Path(run_dir) / CKPT_DIR
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -97,7 +94,8 @@ def save_checkpoint(run_dir: Path, step: int, distiller, acc, cfg, sink: Sink) -
     else:
         acc.save_state(str(tmp / "state"))  # optimisers + scaler + RNG (accelerate writes them per process)
     if acc.is_main_process:
-        _slow_hook()
+        if slow_s > 0:
+            time.sleep(slow_s)
         if full is None:
             for name, mod in distiller.trainable_modules().items():
                 save_file(trainable_state(mod), str(tmp / "trainable" / f"{name}.safetensors"))
@@ -113,6 +111,8 @@ def save_checkpoint(run_dir: Path, step: int, distiller, acc, cfg, sink: Sink) -
                 "shift": getattr(t.param, "shift", None), "lora": cfg.model.lora.model_dump() if cfg.model.lora else None,
                 "sharding": "fsdp" if full is not None else "none", "num_processes": acc.num_processes}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        for name, content in (sidecars or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in checkpoint_dirs(run_dir)[: -cfg.train.keep_last]:
@@ -139,7 +139,7 @@ def load_trainable(module: nn.Module, path: Path, device: torch.device | str) ->
                 targets[n].copy_(v)
 
 
-def load_checkpoint(ckpt: Path, distiller, acc) -> int:  # noqa: ANN001
+def load_checkpoint(ckpt: Path, distiller: Method, acc: Accelerator) -> int:
     """Restore the trainable weights, the optimisers and RNG; returns the checkpoint's step."""
     from trainer.sharded import SHARDED_DIR, load_sharded
 

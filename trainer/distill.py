@@ -8,36 +8,39 @@
 A step takes `train.grad_accum` micro-batches: each phase accumulates its gradients over all of them (no
 all-reduce until the last) before its one optimiser step, so a step sees world x grad_accum x batch_size
 samples, exactly like one process with that batch (noise is keyed by the global sample index, trainer/rng.py).
-Each phase is a method so the tests can check the wiring phase by phase; distributed seams: trainer/parallel.py.
+One micro-batch is the case grad_accum = 1 of the same path; the tests call the phases as training does.
+Stage 1's training method for the loop is trainer/distill_method.py; distributed seams: trainer/parallel.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from trainer.errors import InputError
 from trainer.gan import LatentHead, mid_features
 from trainer.losses import GAN_LOSSES, diffusion_loss, dm_loss, ema_inject_, matching_parameters
-from trainer.micro import make_micro, real_latents
+from trainer.micro import latent_shape, make_micro
+from trainer.micro import real_latents as micro_real_latents
 from trainer.models import Cond, Teacher, copy_trainable_, predict, predict_x0, teacher_x0, trainable_copy
 from trainer.optim import build_optimizer
-from trainer.parallel import agree_any, clip_grad_norm, gathered, no_sync, wrap
+from trainer.parallel import gathered, no_sync, wrap
 from trainer.rng import Gen, SampleRNG, mix_seed, randint, randn, shared_choice
 from trainer.schedules import backward_simulate, rollout_to_clean, sample_dm_timesteps
 from trainer.spec import DEFAULT_REAL_GUIDANCE, DistillJob
-from trainer.updates import Micro, Update, cat_rng, frozen, mean_logs
+from trainer.updates import Micro, Update, cat_rng, finish_update, frozen, mean_logs
 
-# Test hook: "RANK:STEP[,RANK:STEP...]" makes the generator loss infinite on that rank at that step, to test
-# that every rank skips the update together (tests/dist). Not for production use.
-NONFINITE_HOOK = "FLASHDMD_TEST_NONFINITE"
-
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 class Distiller:
-    def __init__(self, cfg: DistillJob, teacher: Teacher, accelerator) -> None:  # noqa: ANN001
+    """Stage 1's networks and Alg. 1's phases. nonfinite_at: {(rank, step)} whose generator loss is made
+    infinite (the test hook of trainer/hooks.py: every rank must skip that update together)."""
+
+    def __init__(self, cfg: DistillJob, teacher: Teacher, accelerator: Accelerator, *,
+                 nonfinite_at: frozenset[tuple[int, int]] = frozenset()) -> None:
         self.cfg, self.teacher, self.acc = cfg, teacher, accelerator
         self.device = accelerator.device
         self.param = teacher.param
@@ -70,11 +73,9 @@ class Distiller:
         elif self.use_gan:
             self.latent_head = self._build_latent_head().to(self.device)
         # The wrapped networks: called once per micro-batch by their own loss (trainer/parallel.py). FSDP
-        # shards the two denoisers; the small D heads / latent head stay DDP replicas.
+        # shards the two denoisers; the small D heads / latent head stay DDP replicas. The spec allows fsdp
+        # for full-weight stage 1 only (trainer/spec DistillJob).
         self.sharded = cfg.train.sharding == "fsdp" and accelerator.num_processes > 1
-        if self.sharded and cfg.model.lora is not None:
-            raise InputError("train.sharding: fsdp shards full-weight training; a LoRA run fits without it "
-                             "(use train.sharding: ddp)")
         sharding = cfg.train.sharding
         self.generator_w = wrap(accelerator, self.generator, sharding)
         self.fake_w = wrap(accelerator, self.fake, sharding)
@@ -89,11 +90,10 @@ class Distiller:
         self.opt_g, self.opt_f = accelerator.prepare(self.opt_g, self.opt_f)
         if self.opt_d is not None:
             self.opt_d = accelerator.prepare(self.opt_d)
-        hook = os.environ.get(NONFINITE_HOOK, "")
-        self._poison = {tuple(int(v) for v in item.split(":")) for item in hook.split(",") if item.strip()}
+        self._poison = nonfinite_at
 
     # ---------------------------------------------------------------- setup helpers
-    def _adamw(self, params, spec) -> torch.optim.Optimizer:  # noqa: ANN001
+    def _adamw(self, params: Any, spec: Any) -> torch.optim.Optimizer:
         return build_optimizer(params, spec, self.cfg.optim.optimizer, self.cfg.optim.adamw8bit_backend)
 
     def _build_latent_head(self) -> LatentHead:
@@ -157,34 +157,6 @@ class Distiller:
     def backward(self, loss: Tensor, scale: float = 1.0) -> None:
         self.acc.backward(loss * scale if scale != 1.0 else loss)
 
-    def finish(self, params: list[Tensor], opt: torch.optim.Optimizer, loss_finite: bool) -> Update:
-        """After the (accumulated) backward: agree, unscale, clip, step -- or skip on every rank together.
-
-        The skip decision is agreed across ranks (a non-finite loss on any rank; the grad norm is computed
-        from the already-synchronised gradients, so it is the same everywhere). With a GradScaler (fp16) a
-        skipped step still calls `scaler.update()`, so the scale drops and the next unscale is legal.
-        """
-        (any_nonfinite,) = agree_any(self.acc, not loss_finite)
-        scaler = self.acc.scaler
-        if scaler is not None:
-            scaler.unscale_(getattr(opt, "optimizer", opt))
-        clip = self.cfg.optim.grad_clip or float("inf")
-        norm = clip_grad_norm(params, clip)
-        if any_nonfinite or not torch.isfinite(torch.tensor(norm)):
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.update()
-            return Update(False, norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return Update(True, norm)
-
-    def _apply(self, loss: Tensor, params: list[Tensor], opt: torch.optim.Optimizer) -> Update:
-        """One micro-batch: backward + finish (used by stage 2 and the unit tests)."""
-        opt.zero_grad(set_to_none=True)
-        self.backward(loss)
-        return self.finish(params, opt, bool(torch.isfinite(loss)))
-
     # ---------------------------------------------------------------- Alg. 1 phases
     def dm_term(self, x: Tensor, cond: Cond, uncond: Cond, gen: Gen) -> tuple[Tensor, dict]:
         """Eq. (4) on the generator output x (DMD2's normalisation; teacher with CFG, fake score without)."""
@@ -197,15 +169,6 @@ class Distiller:
             with self.acc.autocast():
                 x0_real = teacher_x0(self.teacher.denoiser, x_t, t, cond, self.param, self.real_guidance, uncond)
         return dm_loss(x, x0_real.float(), x0_fake.float())
-
-    def generator_update(self, x: Tensor, k: int, cond: Cond, uncond: Cond, gen: Gen) -> tuple[dict, Tensor | None]:
-        """Alg. 1 lines 12-19 for one micro-batch (grad_accum 1). Returns logs and (flash) fakes for D."""
-        self.opt_g.zero_grad(set_to_none=True)
-        with self.frozen_critics():
-            loss, logs, fake_img = self.generator_loss(x, k, cond, uncond, gen)
-            self.backward(loss)
-        logs.update(self.generator_step(bool(torch.isfinite(loss))))
-        return logs, fake_img
 
     def frozen_critics(self) -> contextlib.AbstractContextManager:
         """The other networks stay frozen through G's loss *and its backward*: with gradient checkpointing
@@ -229,6 +192,10 @@ class Distiller:
             yield
         finally:
             heads.train()
+
+    def finish(self, params: list[Tensor], opt: torch.optim.Optimizer, loss_finite: bool) -> Update:
+        """After the (accumulated) backward: agree, unscale, clip, step -- or skip on every rank together."""
+        return finish_update(self.acc, params, opt, loss_finite, self.cfg.optim.grad_clip)
 
     def generator_step(self, loss_finite: bool) -> dict[str, float]:
         upd = self.finish([p for p in self.generator.parameters() if p.requires_grad], self.opt_g, loss_finite)
@@ -302,13 +269,6 @@ class Distiller:
         params = [p for p in self.fake.parameters() if p.requires_grad]
         return params + (list(self.latent_head.parameters()) if self.latent_head is not None else [])
 
-    def fake_score_update(self, x: Tensor, cond: Cond, gen: Gen,
-                          real_latents: Tensor | None = None, real_cond: Cond | None = None) -> dict:
-        loss, logs = self.fake_score_loss(x, cond, gen, real_latents, real_cond)
-        upd = self._apply(loss, self.fake_params(), self.opt_f)
-        logs.update({"grad_norm/fake_score": upd.grad_norm, "skipped/fake_score": float(not upd.applied)})
-        return logs
-
     def discriminator_loss(self, real_images: Tensor, fake_images: Tensor) -> tuple[Tensor, dict]:
         """Alg. 1 lines 25-26: hinge (or Eq. 10 logistic) loss; only the heads omega move."""
         b = real_images.shape[0]
@@ -316,12 +276,6 @@ class Distiller:
             logits = self.disc_w(torch.cat([real_images.to(self.device), fake_images.detach().to(self.device)]),
                                  grad_through_encoder=False)
         return self.d_loss(logits[:b].float(), logits[b:].float())
-
-    def discriminator_update(self, real_images: Tensor, fake_images: Tensor) -> dict:
-        loss, logs = self.discriminator_loss(real_images, fake_images)
-        upd = self._apply(loss, list(self.disc.trainable_parameters()), self.opt_d)
-        logs.update({"grad_norm/discriminator": upd.grad_norm, "skipped/discriminator": float(not upd.applied)})
-        return logs
 
     def decoded_fake(self, x: Tensor, k: int, cond: Cond, gen: Gen) -> Tensor:
         """Off generator turns, D still needs fakes: the same Eq. (8)-(9) path, without grad."""
@@ -333,19 +287,11 @@ class Distiller:
                 return self.teacher.decode(x0_hat).clamp(-1, 1)
 
     # ---------------------------------------------------------------- one iteration
-    def _micro(self, batch: dict, step: int, m: int, salt: int) -> Micro:
-        rng = self.sample_rng(step, 2 + salt, m, len(batch["caption"]))
-        return make_micro(self.teacher, batch, rng, self.device, self.latent_head is not None)
-
-    def latent_shape(self, mb: Micro) -> tuple[int, int, int, int]:
-        """The generator's latent shape for one micro-batch: its bucket's size, else the training resolution."""
-        if mb.size is None:
-            return self.teacher.latent_shape(len(mb.rng))
-        f = self.teacher.vae_scale
-        return (len(mb.rng), self.teacher.latent_channels, mb.size[0] // f, mb.size[1] // f)
-
-    def real_latents(self, mb: Micro) -> Tensor:
-        return real_latents(self.teacher, mb)
+    def micro_batches(self, batch: dict | list[dict], step: int, salt: int = 0) -> list[Micro]:
+        """This rank's micro-batches of one step (a dict: grad_accum 1), each with its per-sample randomness."""
+        batches = batch if isinstance(batch, list) else [batch]
+        return [make_micro(self.teacher, mb, self.sample_rng(step, 2 + salt, m, len(mb["caption"])), self.device,
+                           self.latent_head is not None) for m, mb in enumerate(batches)]
 
     def step(self, batch: dict | list[dict], step: int, *, train_generator: bool | None = None,
              salt: int = 0) -> dict[str, float]:
@@ -354,7 +300,7 @@ class Distiller:
         train_generator: None follows TTUR (step % ttur == 0); stage 2's critic-only iterations pass False.
         salt: keeps the randomness of stage 2's extra iterations apart from the distillation turns'.
         """
-        micro = [self._micro(mb, step, m, salt) for m, mb in enumerate(batch if isinstance(batch, list) else [batch])]
+        micro = self.micro_batches(batch, step, salt)
         self.set_learning_rates(step)
         generator_turn = step % self.cfg.distill.ttur == 0 if train_generator is None else train_generator
         k = self.pick_step(step, generator_turn)
@@ -383,7 +329,7 @@ class Distiller:
         n, xs, fakes, rows, finite = len(micro), [], [], [], True
         for m, mb in enumerate(micro):
             x_in = backward_simulate(lambda z, t, c=mb.cond: self.gen_x0(z, t, c),
-                                     self.randn(self.latent_shape(mb), mb.rng),
+                                     self.randn(latent_shape(self.teacher, mb), mb.rng),
                                      self.S, k, self.param, mb.rng)
             if not generator_turn:
                 with torch.no_grad():
@@ -416,7 +362,7 @@ class Distiller:
         for m, (mb, x) in enumerate(zip(micro, xs, strict=True)):
             real_latents = None
             if mb.real is not None and self.latent_head is not None:
-                real_latents = self.real_latents(mb)
+                real_latents = micro_real_latents(self.teacher, mb)
             with no_sync(self.acc, self.fake_w, self.latent_head_w, enabled=m + 1 < n):
                 loss, row = self.fake_score_loss(x, mb.cond, mb.rng, real_latents,
                                                  mb.cond if real_latents is not None else None)
@@ -444,4 +390,3 @@ class Distiller:
         upd = self.finish(list(self.disc.trainable_parameters()), self.opt_d, finite)
         return {**mean_logs(rows), "grad_norm/discriminator": upd.grad_norm,
                 "skipped/discriminator": float(not upd.applied)}
-

@@ -17,29 +17,33 @@ from typing import Any, Protocol
 
 import click
 
-from trainer.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, cpu_threads
+from trainer.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, cpu_threads, hooks_from_env
+from trainer.hooks import Hooks
 from trainer.spec import SpecError, load_spec
 
 TRAINER_KINDS = ("distill", "rl", "prepare")
 
 
 class RunJob(Protocol):
-    def __call__(self, cfg: Any, sink: Any, *, run_dir: Path, resume: bool = False) -> int: ...
+    def __call__(self, cfg: Any, sink: Any, *, run_dir: Path, resume: bool = False,
+                 hooks: Hooks | None = None) -> int: ...
 
 
-def run_trainer_job(cfg: Any, sink: Any, *, run_dir: Path, resume: bool = False) -> int:
-    """Dispatch the trainer's kinds: distill (stage 1), rl (stage 2), prepare (the data cache)."""
+def run_trainer_job(cfg: Any, sink: Any, *, run_dir: Path, resume: bool = False, hooks: Hooks | None = None) -> int:
+    """Dispatch the trainer's kinds: distill (stage 1), rl (stage 2), prepare (the data cache). hooks: the
+    timeouts and test hooks of trainer/hooks.py (None: a production run's defaults)."""
+    hooks = hooks or Hooks()
     if cfg.kind == "rl":
         from trainer.rl_loop import train_rl
 
-        return train_rl(cfg, sink, run_dir=run_dir, resume=resume)
+        return train_rl(cfg, sink, run_dir=run_dir, resume=resume, hooks=hooks)
     if cfg.kind == "prepare":
         from trainer.prepare import run_prepare
 
         return run_prepare(cfg, sink, run_dir=run_dir, resume=resume)
     from trainer.loop import train
 
-    return train(cfg, sink, run_dir=run_dir, resume=resume)
+    return train(cfg, sink, run_dir=run_dir, resume=resume, hooks=hooks)
 
 
 def job_command(run_job: RunJob, kinds: tuple[str, ...] = TRAINER_KINDS) -> click.Command:
@@ -123,11 +127,12 @@ def _run(train: RunJob, cfg: Any, run_dir: Path, resume: bool, resolved: dict, s
 
     from trainer.parallel import init_state
 
+    hooks = hooks_from_env()  # the process entry reads the environment once and passes it down
     threads = cpu_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        state = init_state()
+        state = init_state(hooks.startup_timeout_s)
     except RuntimeError as err:  # the rendezvous itself failed: record it (as rank 0 of the launch would)
         import os
 
@@ -144,7 +149,7 @@ def _run(train: RunJob, cfg: Any, run_dir: Path, resume: bool, resolved: dict, s
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
         click.echo(json.dumps(resolved, indent=2), err=True)
     try:
-        train(cfg, sink, run_dir=run_dir, resume=resume)
+        train(cfg, sink, run_dir=run_dir, resume=resume, hooks=hooks)
     finally:
         sink.close()
     return EXIT_OK

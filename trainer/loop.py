@@ -1,4 +1,8 @@
-"""The plain training function: `train(cfg, sink, run_dir=..., resume=...)` (EDM2 style).
+"""The one training loop, `run_loop(cfg, sink, build, run_dir=..., resume=...)` (EDM2's `training_loop` with
+the method passed in): `train` runs it with stage 1 (trainer/distill_method.py), `train_rl` (trainer/rl_loop.py)
+with stage 2. The method does one update per step (trainer/method.py); the loop owns the rest: set-up, resume,
+the started/stopped/finished/failed events, the non-finite guard, progress, logging, trackers, validation
+samples, checkpoints and stop.
 
 Resuming means re-running the same command with `--resume`: the latest complete
 checkpoint under `run_dir/checkpoints/` restores the weights, the optimiser state
@@ -15,46 +19,42 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
-from trainer.data import build_dataset, sharded_batches
+from trainer.data import build_dataset
 from trainer.errors import StopRequested, TrainingError
+from trainer.hooks import Hooks
+from trainer.method import Method, Setup
 from trainer.models import load_teacher
 from trainer.optim import check_runtime
-from trainer.parallel import agree_any, gathered, main_process_first, make_accelerator, start_training
+from trainer.parallel import agree_any, main_process_first, make_accelerator, start_training
 from trainer.sink import Sink
 from trainer.spec import DistillJob
 from trainer.textcache import prepare_text_cache
 from trainer.trackers import accelerator_kwargs, finish_trackers, tracked_sink
-from trainer.validation import plan_validation, render_validation
+from trainer.validation import ValidationPlan, plan_validation
 
-# Test hooks (tests/dist), not for production use. "RANK:STEP": that rank alone requests a stop after that
-# step (as if it alone had seen the STOP file or a SIGTERM); or hangs there (a stuck rank).
-STOP_HOOK = "FLASHDMD_TEST_STOP_AT"
-HANG_HOOK = "FLASHDMD_TEST_HANG_AT"
-# "RANK:SECONDS": that rank sleeps before the teacher load, as a rank 0 downloading SDXL, or a rank slow to
-# start on a loaded host, would.
-SLOW_START_HOOK = "FLASHDMD_TEST_SLOW_START"
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+# A method's builder: from the loop's set-up, the method and the validation plan of its data.
+Build = Callable[[Setup], tuple[Method, ValidationPlan]]
 
 
-def _hook(name: str) -> tuple[int, ...] | None:
-    value = os.environ.get(name, "")
-    return tuple(int(v) for v in value.split(":")) if value else None
-
-
-def _accelerator(cfg: DistillJob, run_dir: Path | None = None):  # noqa: ANN202
+def _accelerator(cfg: DistillJob, run_dir: Path | None = None, startup_timeout_s: float | None = None,
+                 ) -> Accelerator:
     """The run's Accelerator, with the trackers of train.report_to when a run directory is given."""
     tracking = accelerator_kwargs(cfg.train.report_to, run_dir) if run_dir is not None else {}
-    return make_accelerator(cfg.train.mixed_precision, **tracking)
+    return make_accelerator(cfg.train.mixed_precision, startup_timeout_s, **tracking)
 
 
 def data_preprocess(cfg: DistillJob, resolution: int) -> dict:
@@ -106,9 +106,9 @@ class _StopFlag:
 class StopControl:
     """Whether to stop after this step: SIGTERM, the sink (STOP file / cancel), agreed across ranks."""
 
-    def __init__(self, acc, sink: Sink) -> None:  # noqa: ANN001
+    def __init__(self, acc: Accelerator, sink: Sink, hooks: Hooks) -> None:
         self.acc, self.sink, self.flag = acc, sink, _StopFlag()
-        self.hook, self.hang = _hook(STOP_HOOK), _hook(HANG_HOOK)
+        self.hook, self.hang = hooks.stop_at, hooks.hang_at
 
     def requested(self, step: int) -> bool:
         me = (self.acc.process_index, step)
@@ -118,7 +118,7 @@ class StopControl:
         return agree_any(self.acc, local)[0]
 
 
-def amp_logs(acc) -> dict[str, float]:  # noqa: ANN001
+def amp_logs(acc: Accelerator) -> dict[str, float]:
     return {"amp/scale": float(acc.scaler.get_scale())} if acc.scaler is not None else {}
 
 
@@ -141,84 +141,101 @@ def failures_recorded(sink: Sink, progress: Progress) -> Iterator[None]:
         raise
 
 
-def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = False) -> int:
-    """Run Flash-DMD stage 1 until cfg.train.max_steps; returns the last step."""
-    check_runtime(cfg)  # levers this machine cannot run (optim.optimizer: adamw8bit without CUDA) fail here
-    progress = Progress()
-    with failures_recorded(sink, progress):
-        return _train(cfg, sink, Path(run_dir), resume, progress)
-
-
-def _train(cfg: DistillJob, sink: Sink, run_dir: Path, resume: bool, progress: Progress) -> int:
-    from trainer.distill import Distiller
-
-    acc = _accelerator(cfg, run_dir)  # a tracker whose extra is missing fails here, before any model loads
-    torch.manual_seed(cfg.train.seed)
-    slow = _hook(SLOW_START_HOOK)
-    if slow is not None and slow[0] == acc.process_index:
-        time.sleep(slow[1])
-    with main_process_first(acc, "loading the teacher"):  # rank 0 builds/downloads it once; the others read it
-        teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
+def prepare_data(setup: Setup) -> tuple[Any, ValidationPlan]:
+    """The dataset and the validation plan, with the text or data cache attached (both stages)."""
+    cfg, teacher = setup.cfg, setup.teacher
     ds = build_dataset(cfg.data, teacher.resolution, cfg.train.seed)
     plan = plan_validation(cfg.train, ds, teacher)  # train.validation, or num_samples dataset captions
     if cfg.data.cache:  # a `flashdmd data prepare` cache: refused unless made for this teacher and preprocessing
         from trainer.datacache import attach_cache
 
         attach_cache(ds, teacher, data_preprocess(cfg, teacher.resolution))
-    else:
-        prepare_text_cache(cfg, teacher, ds, run_dir, acc, plan.prompts)  # memory.text_cache (trainer/textcache.py)
+    else:  # memory.text_cache (trainer/textcache.py)
+        prepare_text_cache(cfg, teacher, ds, setup.run_dir, setup.acc, plan.prompts)
     skipped = getattr(ds, "skipped", None)
     if skipped:
-        sink.log_event("data_skipped", f"{len(skipped)} unreadable image(s) skipped, e.g. {skipped[0]}",
-                       count=len(skipped), examples=skipped[:20])
-    distiller = Distiller(cfg, teacher, acc)
+        setup.sink.log_event("data_skipped", f"{len(skipped)} unreadable image(s) skipped, e.g. {skipped[0]}",
+                             count=len(skipped), examples=skipped[:20])
+    return ds, plan
+
+
+def _distill(setup: Setup) -> tuple[Method, ValidationPlan]:
+    from trainer.distill_method import DistillMethod
+
+    ds, plan = prepare_data(setup)
+    return DistillMethod(setup, ds), plan
+
+
+def train(cfg: DistillJob, sink: Sink, *, run_dir: str | Path, resume: bool = False,
+          hooks: Hooks = Hooks()) -> int:  # noqa: B008 - frozen, so one shared default is safe
+    """Run Flash-DMD stage 1 until cfg.train.max_steps; returns the last step."""
+    return run_loop(cfg, sink, _distill, run_dir=run_dir, resume=resume, hooks=hooks)
+
+
+def run_loop(cfg: DistillJob, sink: Sink, build: Build, *, run_dir: str | Path, resume: bool = False,
+             hooks: Hooks = Hooks()) -> int:  # noqa: B008 - frozen, so one shared default is safe
+    """Train the method that `build` makes until cfg.train.max_steps; returns the last step."""
+    check_runtime(cfg)  # levers this machine cannot run (optim.optimizer: adamw8bit without CUDA) fail here
+    progress = Progress()
+    with failures_recorded(sink, progress):
+        return _run(cfg, sink, build, Path(run_dir), resume, hooks, progress)
+
+
+def _run(cfg: DistillJob, sink: Sink, build: Build, run_dir: Path, resume: bool, hooks: Hooks,
+         progress: Progress) -> int:
+    # A tracker whose extra is missing fails here, before any model loads.
+    acc = _accelerator(cfg, run_dir, hooks.startup_timeout_s)
+    torch.manual_seed(cfg.train.seed)
+    if hooks.slow_start is not None and hooks.slow_start[0] == acc.process_index:
+        time.sleep(hooks.slow_start[1])
+    with main_process_first(acc, "loading the teacher"):  # rank 0 builds/downloads it once; the others read it
+        teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
+    method, plan = build(Setup(cfg, acc, teacher, sink, run_dir, hooks))
 
     start = 0
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
-        start = load_checkpoint(ckpt, distiller, acc)
+        start = load_checkpoint(ckpt, method, acc)
         if acc.is_main_process:
             truncate_metrics(run_dir, start)
     progress.step = progress.last_saved = start
-    start_training()  # every rank is ready: collectives from here run under the training timeout
-    sink.log_event("started", f"{cfg.distill.mode} distillation from step {start}", step=start,
-                   max_steps=cfg.train.max_steps, resumed=ckpt is not None, family=teacher.family,
-                   num_processes=acc.num_processes, grad_accum=cfg.train.grad_accum, sharding=cfg.train.sharding)
+    start_training(hooks.dist_timeout_s)  # every rank is ready: collectives from here run under the training timeout
+    message, fields = method.started(start)
+    sink.log_event("started", message, step=start, max_steps=cfg.train.max_steps, resumed=ckpt is not None,
+                   family=teacher.family, **fields)
     if start >= cfg.train.max_steps:
         sink.log_event("finished", "nothing to do: already at max_steps", step=start)
         return start
 
     t = cfg.train
-    batches = sharded_batches(ds, t.batch_size, t.seed, rank=acc.process_index, world=acc.num_processes,
-                              accum=t.grad_accum, start=start, num_workers=cfg.data.num_workers)
+    batches = method.batches(start)
     sink = tracked_sink(sink, acc, cfg, run_dir, start=start)  # train.report_to: metrics and grids too
-    stop, guard = StopControl(acc, sink), NonfiniteGuard(t.max_nonfinite)
-    bar = tqdm(total=t.max_steps, initial=start, desc=f"{cfg.distill.mode} K={len(distiller.S)}",
-               disable=not acc.is_main_process, dynamic_ncols=True)
+    stop, guard = StopControl(acc, sink, hooks), NonfiniteGuard(t.max_nonfinite)
+    bar = tqdm(total=t.max_steps, initial=start, desc=method.label, disable=not acc.is_main_process,
+               dynamic_ncols=True)
     step = start
     try:
         while step < t.max_steps:
             t0 = time.perf_counter()
-            logs = distiller.step(next(batches), step)
+            logs = method.step(next(batches), step)
             step = progress.step = step + 1
             guard.observe(logs, step, sink)
             logs.update(amp_logs(acc))
             logs["time/step_s"] = time.perf_counter() - t0
-            logs["lr/generator"] = distiller.opt_g.param_groups[0]["lr"]
-            if step % t.log_every == 0 or step == t.max_steps:
-                sink.log_metrics(step, {k: v for k, v in logs.items() if math.isfinite(v)})
-            bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()
-                             if k in ("loss/dm", "loss/fake_score", "loss/disc", "loss/gen_adv")})
-            bar.update(1)
+            sampled: dict[str, float] = {}
             if plan.due(step, t.max_steps):  # every rank samples (a sharded G needs them all); rank 0 writes
-                with gathered(distiller.generator):  # FSDP: one gather for the K-step sampling, not one per step
-                    paths, _ = render_validation(distiller.generator, teacher, distiller.S, distiller.param, plan,
-                                                 step, run_dir / "samples" if acc.is_main_process else None)
+                paths, sampled = method.sample(plan, step, run_dir / "samples" if acc.is_main_process else None)
+                logs.update(sampled)
                 for path in paths:
                     sink.log_event("sample", f"sample grid at step {step}", step=step, path=str(path))
+            if step % t.log_every == 0 or step == t.max_steps or sampled:  # a sample's metrics are logged
+                sink.log_metrics(step, {k: v for k, v in logs.items() if math.isfinite(v)})
+            bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items() if k in method.progress_keys})
+            bar.update(1)
             requested = stop.requested(step)
             if step % t.checkpoint_every == 0 or step == t.max_steps or requested:
-                save_checkpoint(run_dir, step, distiller, acc, cfg, sink)
+                save_checkpoint(run_dir, step, method, acc, cfg, sink, sidecars=method.checkpoint_meta(),
+                                slow_s=hooks.slow_checkpoint_s)
                 progress.last_saved = step
             if requested:
                 sink.log_event("stopped", f"stopped on request at step {step}", step=step)

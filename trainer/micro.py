@@ -3,6 +3,7 @@ images or cached latent moments, and the bucket size (moved out of trainer/disti
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from trainer.models import Cond, Teacher
@@ -10,7 +11,7 @@ from trainer.rng import SampleRNG, vae_generators
 from trainer.updates import Micro
 
 
-def make_micro(teacher: Teacher, batch: dict, rng: SampleRNG, device, keep_moments: bool) -> Micro:  # noqa: ANN001
+def make_micro(teacher: Teacher, batch: dict, rng: SampleRNG, device: torch.device | str, keep_moments: bool) -> Micro:
     prompts = list(batch["caption"])
     b = len(prompts)
     real = batch.get("image")
@@ -39,3 +40,11 @@ def real_latents(teacher: Teacher, mb: Micro) -> Tensor:
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     return teacher.scale_latents(DiagonalGaussianDistribution(mb.moments).sample(gens))
+
+
+def latent_shape(teacher: Teacher, mb: Micro) -> tuple[int, int, int, int]:
+    """The generator's latent shape for one micro-batch: its bucket's size, else the training resolution."""
+    if mb.size is None:
+        return teacher.latent_shape(len(mb.rng))
+    f = teacher.vae_scale
+    return (len(mb.rng), teacher.latent_channels, mb.size[0] // f, mb.size[1] // f)

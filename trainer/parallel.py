@@ -17,46 +17,46 @@ Design (issue 10):
   add a DDP wrapper on top); their optimisers are.
 - Every control-flow decision goes through `agree_any`, one small all-reduce, so all ranks act together.
 - Start-up (process-group init, the teacher load, caption encoding, network wrapping, resume) runs under
-  `FLASHDMD_STARTUP_TIMEOUT_S` (default 7200 s); `start_training` then sets the training timeout
-  (`FLASHDMD_DIST_TIMEOUT_S`, default 1800 s). A collective that cannot complete fails with a
+  the start-up timeout (`FLASHDMD_STARTUP_TIMEOUT_S`, default 7200 s); `start_training` then sets the training
+  timeout (`FLASHDMD_DIST_TIMEOUT_S`, default 1800 s). The process entry reads both (trainer/hooks.py) and
+  passes them in. A collective that cannot complete fails with a
   TrainingError (or torch's timeout error), which the loop reports as a `failed` event.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-DEFAULT_TIMEOUT_S = 1800
-# Start-up (rank 0 downloads and loads the teacher while the others wait; every rank encodes its part of the
-# captions; the ranks' imports finish at different times on a loaded host) can take far longer than any
-# training collective should. The process group is created with this timeout and switched to the training
-# one by `start_training` once every rank is ready.
-DEFAULT_STARTUP_TIMEOUT_S = 7200
+from trainer.hooks import DEFAULT_STARTUP_TIMEOUT_S, DEFAULT_TIMEOUT_S
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator, PartialState
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
-def dist_timeout() -> timedelta:
-    return timedelta(seconds=float(os.environ.get("FLASHDMD_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
-
-
-def startup_timeout() -> timedelta:
-    return timedelta(seconds=float(os.environ.get("FLASHDMD_STARTUP_TIMEOUT_S", DEFAULT_STARTUP_TIMEOUT_S)))
+# The timeouts the process group was given (seconds), for the messages of a collective that timed out:
+# `init_state` records the start-up one, `start_training` the training one.
+_timeouts = {"startup": DEFAULT_STARTUP_TIMEOUT_S, "train": DEFAULT_TIMEOUT_S}
 
 
 def use_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-def init_state():  # noqa: ANN201
-    """The process group, created once per process (gloo on CPU, NCCL on GPU) with the start-up timeout."""
+def init_state(startup_timeout_s: float | None = None) -> PartialState:
+    """The process group, created once per process (gloo on CPU, NCCL on GPU) with the start-up timeout
+    (None: the one recorded by an earlier call, else the default)."""
     from accelerate import PartialState
 
-    return PartialState(cpu=use_cpu(), timeout=startup_timeout())
+    if startup_timeout_s is not None:
+        _timeouts["startup"] = float(startup_timeout_s)
+    return PartialState(cpu=use_cpu(), timeout=timedelta(seconds=_timeouts["startup"]))
 
 
 def _distributed() -> bool:
@@ -74,11 +74,11 @@ def startup_barrier(what: str) -> None:
         from trainer.errors import TrainingError
 
         raise TrainingError(f"rank {torch.distributed.get_rank()}: the other ranks did not finish {what} within "
-                            f"{startup_timeout().total_seconds():.0f} s (FLASHDMD_STARTUP_TIMEOUT_S): {err}") from None
+                            f"{_timeouts['startup']:.0f} s (FLASHDMD_STARTUP_TIMEOUT_S): {err}") from None
 
 
 @contextlib.contextmanager
-def main_process_first(acc, what: str) -> Iterator[None]:  # noqa: ANN001
+def main_process_first(acc: Accelerator, what: str) -> Iterator[None]:
     """Rank 0 runs the body first (a download, a build), the others then find its result; both waits are
     start-up barriers (accelerate's main_process_first would wait under the training timeout)."""
     if not acc.is_main_process:
@@ -88,15 +88,17 @@ def main_process_first(acc, what: str) -> Iterator[None]:  # noqa: ANN001
         startup_barrier(what)
 
 
-def start_training() -> None:
+def start_training(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Every rank is set up: from here a collective that waits longer than the training timeout fails."""
+    _timeouts["train"] = float(timeout_s)
     if _distributed():
         from torch.distributed.distributed_c10d import _set_pg_timeout
 
-        _set_pg_timeout(dist_timeout())
+        _set_pg_timeout(timedelta(seconds=timeout_s))
 
 
-def make_accelerator(mixed_precision: str, **tracking: object):  # noqa: ANN201
+def make_accelerator(mixed_precision: str, startup_timeout_s: float | None = None,
+                     **tracking: object) -> Accelerator:
     """The run's Accelerator. fp16 on a CPU: fp32 compute (no fp16 autocast there) with a real GradScaler.
 
     Keeping the scaler on the CPU means a CPU run of an fp16 spec exercises the same unscale / skip / update
@@ -105,13 +107,13 @@ def make_accelerator(mixed_precision: str, **tracking: object):  # noqa: ANN201
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    init_state()
+    init_state(startup_timeout_s)
     cpu_fp16 = mixed_precision == "fp16" and use_cpu()
     # gradient_as_bucket_view: each .grad is a view into DDP's all-reduce bucket, not a second copy of every
     # gradient (measured on the CPU: a 256 MiB layer grew by 516 MiB after one backward without it, 256 MiB
     # with it; tests/dist/test_ddp_memory.py).
     ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
-    handlers = [InitProcessGroupKwargs(timeout=startup_timeout()), ddp]
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=_timeouts['startup'])), ddp]
     # tracking: log_with and project_config for train.report_to (trainer/trackers.py accelerator_kwargs)
     acc = Accelerator(cpu=use_cpu(), mixed_precision="no" if cpu_fp16 else mixed_precision, kwargs_handlers=handlers,
                       **tracking)
@@ -179,7 +181,7 @@ def shard_blocks(net: nn.Module) -> list[nn.Module]:
     return units
 
 
-def mp_policy(mixed_precision: str):  # noqa: ANN201
+def mp_policy(mixed_precision: str) -> MixedPrecisionPolicy:
     """FSDP2's mixed precision under bf16: gather the weights in bf16 (half the bytes, and the dtype autocast
     computes in anyway) and reduce-scatter the gradients in fp32 (sums of 8+ ranks' bf16 gradients lose
     precision). Otherwise fp32 throughout: fp16 keeps fp32 weights for its GradScaler, as DDP does."""
@@ -190,7 +192,7 @@ def mp_policy(mixed_precision: str):  # noqa: ANN201
     return MixedPrecisionPolicy()
 
 
-def fully_shard_net(net: nn.Module, mixed_precision: str = "no", mesh=None) -> nn.Module:  # noqa: ANN001
+def fully_shard_net(net: nn.Module, mixed_precision: str = "no", mesh: DeviceMesh | None = None) -> nn.Module:
     """FSDP2: shard each unit of `shard_blocks`, then the root (its own small layers are one more unit).
 
     Units reshard after forward (only one unit's full weights live at a time); the root keeps its few
@@ -241,7 +243,7 @@ def gathered(net: nn.Module | None, *, through_backward: bool = False) -> Iterat
             m.reshard()
 
 
-def wrap(acc, net: nn.Module, sharding: str) -> nn.Module:  # noqa: ANN001
+def wrap(acc: Accelerator, net: nn.Module, sharding: str) -> nn.Module:
     """The network as its owning loss calls it: DDP-prepared (ddp), or sharded in place (fsdp)."""
     if sharding == "fsdp" and acc.num_processes > 1:
         return fully_shard_net(net, acc.mixed_precision)
@@ -249,7 +251,7 @@ def wrap(acc, net: nn.Module, sharding: str) -> nn.Module:  # noqa: ANN001
 
 
 @contextlib.contextmanager
-def no_sync(acc, *nets: nn.Module | None, enabled: bool = True) -> Iterator[None]:  # noqa: ANN001
+def no_sync(acc: Accelerator, *nets: nn.Module | None, enabled: bool = True) -> Iterator[None]:
     """Skip the gradient all-reduce (accumulation micro-batches but the last): DDP's no_sync, FSDP2's flag."""
     if not enabled or acc.num_processes == 1:
         yield
@@ -264,7 +266,7 @@ def no_sync(acc, *nets: nn.Module | None, enabled: bool = True) -> Iterator[None
         yield
 
 
-def agree_any(acc, *flags: bool) -> list[bool]:  # noqa: ANN001
+def agree_any(acc: Accelerator, *flags: bool) -> list[bool]:
     """For each flag: is it set on any rank? One all-reduce (MAX) for all flags; every rank gets the same."""
     if acc.num_processes == 1:
         return [bool(f) for f in flags]
@@ -275,7 +277,7 @@ def agree_any(acc, *flags: bool) -> list[bool]:  # noqa: ANN001
         from trainer.errors import TrainingError
 
         raise TrainingError(f"rank {acc.process_index}: the other ranks did not join a collective within "
-                            f"{dist_timeout().total_seconds():.0f} s (FLASHDMD_DIST_TIMEOUT_S); a rank is stuck "
+                            f"{_timeouts['train']:.0f} s (FLASHDMD_DIST_TIMEOUT_S); a rank is stuck "
                             f"or died: {err}") from None
     return [bool(v) for v in t.tolist()]
 

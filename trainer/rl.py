@@ -10,8 +10,9 @@ One RL update:
      p_w - p_l exceeds a threshold interpolated by the transition std (LPO's "sigma" schedule).
   3. preferenceOptimization (lines 30-31): the DPO loss of Eq. (12)-(13) against a frozen reference G_ref
      (the stage-1 generator) and one update of G with its own AdamW.
-`JointRL.step` alternates: rl.ratio RL updates, then one stage-1 distillation iteration (`Distiller.step`),
-unless rl.joint is false (post-train RL only).
+`JointRL.step((prompts, distill_batch), step)` alternates: rl.ratio RL updates, then one stage-1 distillation
+iteration (`Distiller.step`), unless rl.joint is false (post-train RL only). The loop's stage-2 method
+(trainer/rl_loop.py RLMethod) is a JointRL with its data, events and checkpoint record.
 rl.critic_updates (default every, Alg. 1): on the RL iterations between distillation turns the fake score and
 D still update (lines 20-26) on a distillation batch; distill_only: they update on distillation turns only.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +37,13 @@ from trainer.rng import Gen, randint, randn
 from trainer.schedules import Parameterisation
 from trainer.spec import RLJob
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 Denoise = Callable[[Tensor, Tensor], Tensor]  # (z_t [B, C, H, W], t [B]) -> x0 [B, C, H, W]
+# One stage-2 step's input: the RL prompts, and how to draw a distillation batch (drawn only on the
+# iterations that run a distillation or critic update, so the data order does not depend on the ratio's phase).
+RLBatch = tuple[list[str], Callable[[], dict | list[dict]] | None]
 
 
 # -------------------------------------------------------------------- pure pieces
@@ -174,7 +182,7 @@ def pair_log_probs(pairs: Pairs, x0_theta: Tensor, x0_ref: Tensor,
 class JointRL:
     """Wraps a stage-1 `Distiller` (already initialised from the stage-1 checkpoint) with the RL update."""
 
-    def __init__(self, cfg: RLJob, distiller: Distiller, reward: RewardModel, accelerator) -> None:  # noqa: ANN001
+    def __init__(self, cfg: RLJob, distiller: Distiller, reward: RewardModel, accelerator: Accelerator) -> None:
         self.cfg, self.distiller, self.reward, self.acc = cfg, distiller, reward, accelerator
         self.teacher, self.param, self.S = distiller.teacher, distiller.param, distiller.S
         # p_ref: a frozen copy of G as it is now, i.e. the stage-1 generator.
@@ -245,7 +253,9 @@ class JointRL:
             loss, dpo_logs = dpo_loss(*pair_log_probs(pairs, x0_theta, x0_ref, self.param), beta=rl.beta,
                                       ratio_clip=rl.ratio_clip)
             logs.update(dpo_logs)
-        upd = d._apply(loss, params, self.opt_rl)
+        self.opt_rl.zero_grad(set_to_none=True)  # one loss: the accumulation path of Alg. 1 with n = 1
+        d.backward(loss)
+        upd = d.finish(params, self.opt_rl, bool(torch.isfinite(loss)))
         logs.update({"grad_norm/rl": upd.grad_norm, "skipped/rl": float(not upd.applied),
                      "rl/updated": float(upd.applied)})
         return logs
@@ -259,8 +269,9 @@ class JointRL:
         run every iteration); distill_only -> only on distillation turns. Not in post-train RL (joint false)."""
         return self.cfg.rl.joint and self.cfg.rl.critic_updates == "every" and not self.distill_turn(step)
 
-    def step(self, prompts: list[str], step: int, distill_batch: Callable[[], dict | list[dict]] | None = None,
-             ) -> dict[str, float]:
+    def step(self, batch: RLBatch, step: int) -> dict[str, float]:
+        """One RL update on the prompts, then (on its turns) a distillation or critic-only iteration."""
+        prompts, distill_batch = batch
         logs = self.rl_update(prompts, step)
         turn, critic = self.distill_turn(step), self.critic_turn(step)
         logs["distill_turn"] = float(turn)

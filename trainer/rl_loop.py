@@ -1,4 +1,5 @@
-"""`train_rl(cfg, sink, run_dir=..., resume=...)`: the stage-2 (kind: rl) training function.
+"""`train_rl(cfg, sink, run_dir=..., resume=...)`: the stage-2 (kind: rl) training function, the one loop
+(trainer/loop.py run_loop) with the stage-2 method `RLMethod` (a JointRL, trainer/rl.py).
 
 Initialisation (DESIGN §3): G, the fake score and (when present) the Pixel-GAN heads come from the stage-1
 checkpoint named by `rl.init_from` (a `step-*` folder, or a run directory: its latest checkpoint); p_ref is a
@@ -12,35 +13,28 @@ same command with --resume: p_ref is rebuilt from `rl.init_from`, then the RL ch
 from __future__ import annotations
 
 import json
-import math
-import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from trainer.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    load_trainable,
-    save_checkpoint,
-    truncate_metrics,
-)
-from trainer.data import build_dataset, sharded_batches
-from trainer.errors import InputError, StopRequested
+from trainer.checkpoint import latest_checkpoint, load_trainable
+from trainer.data import sharded_batches
+from trainer.distill import Distiller
+from trainer.errors import InputError
+from trainer.hooks import Hooks
 from trainer.hub import resolve_weights
-from trainer.loop import NonfiniteGuard, Progress, StopControl, _accelerator, amp_logs, failures_recorded
+from trainer.loop import prepare_data, run_loop
 from trainer.memory import reward_for_training
-from trainer.models import Teacher, load_teacher, predict_x0
-from trainer.optim import check_runtime
-from trainer.parallel import main_process_first, start_training
+from trainer.method import Method, Setup
+from trainer.models import Teacher, predict_x0
 from trainer.reward import LatentRewardModel, PixelReward, RewardModel, load_lrm, pixel_scorer
+from trainer.rl import JointRL, RLBatch
 from trainer.roots import check_opened
 from trainer.sink import Sink
 from trainer.spec import RewardSpec, RLJob
-from trainer.textcache import prepare_text_cache
-from trainer.trackers import finish_trackers, tracked_sink
-from trainer.validation import ValidationPlan, plan_validation, render_validation
+from trainer.validation import ValidationPlan, render_validation
 
 
 def resolve_init(ref: str) -> Path:
@@ -57,7 +51,7 @@ def resolve_init(ref: str) -> Path:
     return latest
 
 
-def load_stage1(ckpt: Path, distiller, cfg: RLJob) -> tuple[dict, list[str]]:  # noqa: ANN001
+def load_stage1(ckpt: Path, distiller: Distiller, cfg: RLJob) -> tuple[dict, list[str]]:
     """Copy the stage-1 weights into the distiller's networks; returns (meta, names loaded)."""
     meta = json.loads((ckpt / "meta.json").read_text())
     t = distiller.teacher
@@ -119,114 +113,77 @@ def build_reward(spec: RewardSpec, teacher: Teacher, cfg: RLJob, sink: Sink) -> 
     return lrm.to(teacher.device).requires_grad_(False).eval()
 
 
-@torch.no_grad()
-def sample_and_score(rl, plan: ValidationPlan, step: int, out_dir: Path | None) -> tuple[list[Path], float]:  # noqa: ANN001
-    """The validation grids (as stage 1 writes them, rank 0 only: out_dir given) and the mean reward of the
-    first size's final images."""
-    paths, lat = render_validation(rl.generator, rl.teacher, rl.S, rl.param, plan, step, out_dir)
-    zeros = torch.zeros(lat.shape[0], dtype=torch.long, device=lat.device)
-    return paths, float(rl.reward.score(lat, zeros, plan.prompts).float().mean())
-
-
-def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = False) -> int:
-    """Run stage 2 until cfg.train.max_steps RL updates; returns the last step."""
-    check_runtime(cfg)  # levers this machine cannot run (optim.optimizer: adamw8bit without CUDA) fail here
-    progress = Progress()
-    with failures_recorded(sink, progress):
-        return _train_rl(cfg, sink, Path(run_dir), resume, progress)
-
-
-def _train_rl(cfg: RLJob, sink: Sink, run_dir: Path, resume: bool, progress: Progress) -> int:
-    from trainer.distill import Distiller
-    from trainer.rl import JointRL
-
-    acc = _accelerator(cfg, run_dir)  # a tracker whose extra is missing fails here, before any model loads
-    if cfg.train.sharding == "fsdp" and acc.num_processes > 1:
-        raise InputError("train.sharding: fsdp is not supported in stage 2 yet (p_ref is a copy of G); "
-                         "use train.sharding: ddp")
-    torch.manual_seed(cfg.train.seed)
-    with main_process_first(acc, "loading the teacher"):  # rank 0 builds/downloads it once; the others read it
-        teacher = load_teacher(cfg.model, acc.device, cfg.schedule.shift)
-    reward = reward_for_training(build_reward(cfg.rl.reward, teacher, cfg, sink), cfg, acc)  # memory.reward_bf16
-    ds = build_dataset(cfg.data, teacher.resolution)
-    plan = plan_validation(cfg.train, ds, teacher)  # train.validation, or num_samples dataset captions
-    prepare_text_cache(cfg, teacher, ds, run_dir, acc, plan.prompts)  # memory.text_cache (trainer/textcache.py)
-    distiller = Distiller(cfg, teacher, acc)
-    init = None
+def init_from_stage1(cfg: RLJob, distiller: Distiller, sink: Sink) -> Path | None:
+    """Load rl.init_from into the distiller's networks (or warn that they start from the teacher)."""
     if cfg.rl.init_from is None:
         sink.log_event("warning", "rl.init_from is not set: G, the fake score and p_ref start from the teacher "
                        "(a multi-step model), not from a stage-1 generator; set rl.init_from for real runs",
                        field="rl.init_from")
-    else:
-        init = resolve_init(cfg.rl.init_from)
-        meta, loaded = load_stage1(init, distiller, cfg)
-        if meta.get("teacher") != cfg.model.teacher:
-            sink.log_event("warning", f"rl.init_from was distilled from {meta.get('teacher')!r}, this run's "
-                           f"teacher is {cfg.model.teacher!r}", field="rl.init_from")
-        sink.log_event("init", f"initialised from {init} (step {meta.get('step')})", path=str(init),
-                       networks=loaded)
-    rl = JointRL(cfg, distiller, reward, acc)  # p_ref = the generator as initialised above
+        return None
+    init = resolve_init(cfg.rl.init_from)
+    meta, loaded = load_stage1(init, distiller, cfg)
+    if meta.get("teacher") != cfg.model.teacher:
+        sink.log_event("warning", f"rl.init_from was distilled from {meta.get('teacher')!r}, this run's "
+                       f"teacher is {cfg.model.teacher!r}", field="rl.init_from")
+    sink.log_event("init", f"initialised from {init} (step {meta.get('step')})", path=str(init), networks=loaded)
+    return init
 
-    start = 0
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, rl, acc)
-        if acc.is_main_process:
-            truncate_metrics(run_dir, start)
-    progress.step = progress.last_saved = start
-    start_training()  # every rank is ready: collectives from here run under the training timeout
-    sink.log_event("started", f"joint RL from step {start}", step=start, max_steps=cfg.train.max_steps,
-                   resumed=ckpt is not None, family=teacher.family, rl_timesteps=rl.rl_steps,
-                   joint=cfg.rl.joint, ratio=cfg.rl.ratio, reward=cfg.rl.reward.kind)
-    if start >= cfg.train.max_steps:
-        sink.log_event("finished", "nothing to do: already at max_steps", step=start)
-        return start
 
-    rl_bs, t = cfg.rl.batch_size or cfg.train.batch_size, cfg.train
-    shard = {"rank": acc.process_index, "world": acc.num_processes, "num_workers": cfg.data.num_workers}
-    # Distillation batches consumed before `start`: one per RL step with critic updates every iteration
-    # (joint), else one per distillation turn. RL updates take one prompt batch each (no accumulation).
-    used = start if (cfg.rl.joint and cfg.rl.critic_updates == "every") else start // cfg.rl.ratio
-    prompts_it = sharded_batches(ds, rl_bs, t.seed + 7919, start=start, **shard)
-    distill_it = sharded_batches(ds, t.batch_size, t.seed, accum=t.grad_accum, start=used, **shard)
-    sink = tracked_sink(sink, acc, cfg, run_dir, start=start)  # train.report_to: metrics and grids too
-    stop, guard = StopControl(acc, sink), NonfiniteGuard(t.max_nonfinite)
-    bar = tqdm(total=t.max_steps, initial=start, desc=f"rl K={len(rl.S)}", disable=not acc.is_main_process,
-               dynamic_ncols=True)
-    step = start
-    try:
-        while step < t.max_steps:
-            t0 = time.perf_counter()
-            logs = rl.step(list(next(prompts_it)[0]["caption"]), step, lambda: next(distill_it))
-            step = progress.step = step + 1
-            guard.observe(logs, step, sink)
-            logs.update(amp_logs(acc))
-            logs["time/step_s"] = time.perf_counter() - t0
-            sample_now = plan.due(step, t.max_steps)
-            if sample_now:  # every rank samples (a sharded G needs them all); rank 0 writes
-                paths, logs["eval/reward"] = sample_and_score(rl, plan, step,
-                                                              run_dir / "samples" if acc.is_main_process else None)
-                for path in paths:
-                    sink.log_event("sample", f"sample grid at step {step}", step=step, path=str(path))
-            if step % t.log_every == 0 or step == t.max_steps or sample_now:
-                sink.log_metrics(step, {k: v for k, v in logs.items() if math.isfinite(v)})
-            bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()
-                             if k in ("loss/rl", "rl/kept_frac", "rl/reward_mean", "loss/dm")})
-            bar.update(1)
-            requested = stop.requested(step)
-            if step % t.checkpoint_every == 0 or step == t.max_steps or requested:
-                final = save_checkpoint(run_dir, step, rl, acc, cfg, sink)
-                if acc.is_main_process and final is not None:
-                    (final / "rl.json").write_text(json.dumps({
-                        "kind": "rl", "init_from": str(init) if init else None, "reward": cfg.rl.reward.model_dump(),
-                        "rl_timesteps": rl.rl_steps, "joint": cfg.rl.joint, "ratio": cfg.rl.ratio,
-                        "critic_updates": cfg.rl.critic_updates}, indent=2))
-                progress.last_saved = step
-            if requested:
-                sink.log_event("stopped", f"stopped on request at step {step}", step=step)
-                raise StopRequested(step)
-    finally:
-        bar.close()
-        finish_trackers(acc)
-    sink.log_event("finished", f"finished at step {step}", step=step)
-    return step
+class RLMethod(JointRL):
+    """Stage 2 as a training method of the loop (trainer/method.py). The spec runs it without FSDP
+    (trainer/spec: p_ref is a copy of G), so its checkpoints are never sharded."""
+
+    progress_keys = ("loss/rl", "rl/kept_frac", "rl/reward_mean", "loss/dm")
+    sharded = False
+
+    def __init__(self, setup: Setup, dataset: Any, reward: RewardModel) -> None:
+        cfg = setup.cfg
+        assert isinstance(cfg, RLJob)
+        distiller = Distiller(cfg, setup.teacher, setup.acc, nonfinite_at=setup.hooks.nonfinite_at)
+        self.init = init_from_stage1(cfg, distiller, setup.sink)
+        super().__init__(cfg, distiller, reward, setup.acc)  # p_ref = the generator as initialised above
+        self.dataset, self.label = dataset, f"rl K={len(self.S)}"
+
+    def started(self, start: int) -> tuple[str, dict[str, Any]]:
+        rl = self.cfg.rl
+        return f"joint RL from step {start}", {"rl_timesteps": self.rl_steps, "joint": rl.joint,
+                                               "ratio": rl.ratio, "reward": rl.reward.kind}
+
+    def batches(self, start: int) -> Iterator[RLBatch]:
+        cfg, t = self.cfg, self.cfg.train
+        shard = {"rank": self.acc.process_index, "world": self.acc.num_processes, "num_workers": cfg.data.num_workers}
+        # Distillation batches consumed before `start`: one per RL step with critic updates every iteration
+        # (joint), else one per distillation turn. RL updates take one prompt batch each (no accumulation).
+        used = start if (cfg.rl.joint and cfg.rl.critic_updates == "every") else start // cfg.rl.ratio
+        prompts_it = sharded_batches(self.dataset, cfg.rl.batch_size or t.batch_size, t.seed + 7919, start=start,
+                                     **shard)
+        distill_it = sharded_batches(self.dataset, t.batch_size, t.seed, accum=t.grad_accum, start=used, **shard)
+        return ((list(p[0]["caption"]), lambda: next(distill_it)) for p in prompts_it)
+
+    @torch.no_grad()
+    def sample(self, plan: ValidationPlan, step: int, out_dir: Path | None) -> tuple[list[Path], dict[str, float]]:
+        """The validation grids (as stage 1 writes them) and the mean reward of the first size's final images."""
+        paths, lat = render_validation(self.generator, self.teacher, self.S, self.param, plan, step, out_dir)
+        zeros = torch.zeros(lat.shape[0], dtype=torch.long, device=lat.device)
+        return paths, {"eval/reward": float(self.reward.score(lat, zeros, plan.prompts).float().mean())}
+
+    def checkpoint_meta(self) -> dict[str, dict]:
+        rl = self.cfg.rl
+        return {"rl.json": {"kind": "rl", "init_from": str(self.init) if self.init else None,
+                            "reward": rl.reward.model_dump(), "rl_timesteps": self.rl_steps, "joint": rl.joint,
+                            "ratio": rl.ratio, "critic_updates": rl.critic_updates}}
+
+
+def _rl(setup: Setup) -> tuple[Method, ValidationPlan]:
+    cfg = setup.cfg
+    assert isinstance(cfg, RLJob)
+    # The reward is built before the Distiller's bf16 cast of the teacher touches its weights.
+    reward = reward_for_training(build_reward(cfg.rl.reward, setup.teacher, cfg, setup.sink), cfg, setup.acc)
+    ds, plan = prepare_data(setup)
+    return RLMethod(setup, ds, reward), plan
+
+
+def train_rl(cfg: RLJob, sink: Sink, *, run_dir: str | Path, resume: bool = False,
+             hooks: Hooks = Hooks()) -> int:  # noqa: B008 - frozen, so one shared default is safe
+    """Run stage 2 until cfg.train.max_steps RL updates; returns the last step."""
+    return run_loop(cfg, sink, _rl, run_dir=run_dir, resume=resume, hooks=hooks)

@@ -203,8 +203,7 @@ def trace(spec: Any, gpus: int | None = None, micro_batches: int | None = None) 
             else:
                 _label(tracker, rl, "rl_update", "rl update (rollouts, DPO)")
                 step = run.rl.ratio - 1 if run.rl.joint else 0  # the iteration with the distillation turn
-                rl.step([f"prompt {i}" for i in range(run.rl.batch_size or t.batch_size)], step,
-                        lambda: batches)
+                rl.step(([f"prompt {i}" for i in range(run.rl.batch_size or t.batch_size)], lambda: batches), step)
         peak = tracker.peak()
     # 8-bit AdamW: swap the traced fp32 states for bitsandbytes' sizes (both held all run).
     opt_swap = 0

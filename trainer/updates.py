@@ -1,14 +1,21 @@
-"""Small pieces of one training step: update records, temporary freezing, micro-batch inputs, log averaging."""
+"""Small pieces of one training step: the agreed optimiser step, update records, temporary freezing,
+micro-batch inputs, log averaging."""
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 
 from trainer.models import Cond
+from trainer.parallel import agree_any, clip_grad_norm
 from trainer.rng import Gen, SampleRNG
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 @contextlib.contextmanager
@@ -30,6 +37,29 @@ class Update:
 
     applied: bool
     grad_norm: float
+
+
+def finish_update(acc: Accelerator, params: list[Tensor], opt: torch.optim.Optimizer, loss_finite: bool,
+                  grad_clip: float | None) -> Update:
+    """After the (accumulated) backward: agree, unscale, clip, step -- or skip on every rank together.
+
+    The skip decision is agreed across ranks (a non-finite loss on any rank; the grad norm is computed
+    from the already-synchronised gradients, so it is the same everywhere). With a GradScaler (fp16) a
+    skipped step still calls `scaler.update()`, so the scale drops and the next unscale is legal.
+    """
+    (any_nonfinite,) = agree_any(acc, not loss_finite)
+    scaler = acc.scaler
+    if scaler is not None:
+        scaler.unscale_(getattr(opt, "optimizer", opt))
+    norm = clip_grad_norm(params, grad_clip or float("inf"))
+    if any_nonfinite or not torch.isfinite(torch.tensor(norm)):
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
+        return Update(False, norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return Update(True, norm)
 
 
 @dataclass

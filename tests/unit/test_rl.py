@@ -241,9 +241,9 @@ def test_ratio_alternates_rl_and_distillation(joint, batch):
     turns = [rl.distill_turn(s) for s in range(6)]
     assert turns == [False, True, False, True, False, True]
     f0 = _snap(rl.distiller.fake)
-    logs = rl.step(["a handwritten digit one"], 0, lambda: batch())
+    logs = rl.step((["a handwritten digit one"], lambda: batch()), 0)
     assert logs["distill_turn"] == 0.0 and "loss/dm" not in logs and not _moved(rl.distiller.fake, f0)
-    logs = rl.step(["a handwritten digit one"], 1, lambda: batch())
+    logs = rl.step((["a handwritten digit one"], lambda: batch()), 1)
     assert logs["distill_turn"] == 1.0 and "loss/fake_score" in logs and _moved(rl.distiller.fake, f0)
     post = joint(joint=False)
     assert not any(post.distill_turn(s) for s in range(10)), "post-train RL only: no distillation updates"
@@ -255,7 +255,7 @@ def test_critic_updates_every_moves_the_fake_score_and_d_on_rl_iterations(joint,
     rl = joint(ratio=2)
     assert rl.cfg.rl.critic_updates == "every"
     f0, d0 = _snap(rl.distiller.fake), _snap(rl.distiller.disc.heads)
-    logs = rl.step(["a handwritten digit one"], 0, lambda: batch())
+    logs = rl.step((["a handwritten digit one"], lambda: batch()), 0)
     assert logs["distill_turn"] == 0.0 and "loss/dm" not in logs and "loss/fake_score" in logs
     assert _moved(rl.distiller.fake, f0) and _moved(rl.distiller.disc.heads, d0)
     assert logs["generator_turn"] == 0.0
