@@ -30,3 +30,27 @@ def cpu_threads(available: int | None = None) -> int | None:
 def hooks_from_env() -> Hooks:
     """The collective timeouts and test hooks of trainer/hooks.py, from this process's environment."""
     return parse_hooks(os.environ)
+
+
+def quiet_libraries() -> None:
+    """Keep a run's log to what the run says: progress, events and errors. Library notices that repeat at every
+    start (optional-dependency fallbacks, weight-loading bars, deprecation chatter) go; their errors still show.
+    The log is what the dashboard's log panel and `flashdmd jobs logs` show, so this is done at the source."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name in ("torchao", "torch.utils._pytree", "accelerate", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*requires torchvision.*")
+    warnings.filterwarnings("ignore", message=".*is an Enum subclass.*")
+    try:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+    except ImportError:  # the plan and trace tools run without them
+        return
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from trainer.data import sharded_batches
 from trainer.distill import Distiller
 from trainer.method import Setup
@@ -40,10 +42,11 @@ class DistillMethod(Distiller):
         logs["lr/generator"] = self.opt_g.param_groups[0]["lr"]
         return logs
 
-    def sample(self, plan: ValidationPlan, step: int, out_dir: Path | None) -> tuple[list[Path], dict[str, float]]:
+    def sample(self, plan: ValidationPlan, step: int, out_dir: Path | None,
+               ) -> tuple[list[Path], dict[str, float], torch.Tensor]:
         with gathered(self.generator):  # FSDP: one gather for the K-step sampling, not one per step
-            paths, _ = render_validation(self.generator, self.teacher, self.S, self.param, plan, step, out_dir)
-        return paths, {}
+            paths, lat = render_validation(self.generator, self.teacher, self.S, self.param, plan, step, out_dir)
+        return paths, {}, lat
 
     def checkpoint_meta(self) -> dict[str, dict]:
         return {}

@@ -17,7 +17,15 @@ from typing import Any, Protocol
 
 import click
 
-from trainer.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, cpu_threads, hooks_from_env
+from trainer.cli import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_STOPPED,
+    cpu_threads,
+    hooks_from_env,
+    quiet_libraries,
+)
 from trainer.hooks import Hooks
 from trainer.spec import SpecError, load_spec
 
@@ -128,6 +136,7 @@ def _run(train: RunJob, cfg: Any, run_dir: Path, resume: bool, resolved: dict, s
     from trainer.parallel import init_state
 
     hooks = hooks_from_env()  # the process entry reads the environment once and passes it down
+    quiet_libraries()
     threads = cpu_threads()
     if threads is not None:
         torch.set_num_threads(threads)

@@ -16,7 +16,8 @@ INVALID_INPUT = "invalid_input"  # the spec or its inputs are wrong: fix them an
 MODEL_UNREACHABLE = "model_unreachable"  # a hub id while the hub cannot be reached (offline, no network)
 OUT_OF_MEMORY = "out_of_memory"  # the GPU (or host) ran out of memory: a smaller batch, LoRA, more GPUs
 TRAINER_FAILED = "trainer_failed"  # anything else: a crash, a collective's timeout, non-finite losses
-CODES = (INVALID_INPUT, MODEL_UNREACHABLE, OUT_OF_MEMORY, TRAINER_FAILED)
+COLLAPSED = "collapsed"  # the collapse guard stopped the run (train.guard): a checkpoint before the trip is kept
+CODES = (INVALID_INPUT, MODEL_UNREACHABLE, OUT_OF_MEMORY, TRAINER_FAILED, COLLAPSED)
 MAX_MESSAGE = 500  # one line in a terminal or a table cell; the whole story stays in the run's logs
 
 
@@ -38,6 +39,12 @@ class ModelUnreachable(InputError):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+class Collapsed(TrainingError):
+    """The collapse guard's statistics stayed out of bounds for `patience` validations (train.guard.action stop)."""
+
+    code = COLLAPSED
 
 
 class StopRequested(Exception):

@@ -18,9 +18,18 @@ Images are tensors [N, C, H, W] in [-1, 1], what the teacher's VAE decodes to an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
+
+
+class GuardSpecLike(Protocol):  # trainer.spec.GuardSpec; guard.py stays free of the spec package
+    max_saturation: float
+    max_drift: float
+    min_diversity: float
+    patience: int
+
 
 # A value within this of -1 or +1 counts as saturated: 8-bit PNGs quantise [-1, 1] in steps of 2/255 ~ 0.008,
 # so 0.02 is the 2-3 levels at each end, what a blown-out pixel becomes once saved.
@@ -158,3 +167,13 @@ class Guard:
             if self.streaks[name] >= self.patience:
                 trips.append(Trip(name, values[name], limits[name], self.streaks[name]))
         return trips
+
+
+def from_spec(spec: GuardSpecLike) -> Guard:
+    """The Guard of a run's `train.guard`."""
+    return Guard(Thresholds(spec.max_saturation, spec.max_drift, spec.min_diversity), spec.patience)
+
+
+def health_metrics(guard: Guard, stats: GridStats) -> dict[str, float]:
+    """What the dashboard's health charts show at a validation: the statistics the guard judges."""
+    return {f"health/{name}": value for name, value in guard.relative(stats).items()}

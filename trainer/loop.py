@@ -31,20 +31,24 @@ from tqdm.auto import tqdm
 
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
 from trainer.data import build_dataset
-from trainer.errors import StopRequested, TrainingError
+from trainer.errors import Collapsed, StopRequested, TrainingError
+from trainer.guard import from_spec as guard_from_spec
+from trainer.guard import grid_stats, health_metrics
 from trainer.hooks import Hooks
 from trainer.method import Method, Setup
 from trainer.models import load_teacher
 from trainer.optim import check_runtime
 from trainer.parallel import agree_any, main_process_first, make_accelerator, start_training
 from trainer.sink import Sink
-from trainer.spec import DistillJob
+from trainer.spec import DistillJob, GuardSpec
 from trainer.textcache import prepare_text_cache
 from trainer.trackers import accelerator_kwargs, finish_trackers, tracked_sink
 from trainer.validation import ValidationPlan, plan_validation
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+    from trainer.models import Teacher
 
 # A method's builder: from the loop's set-up, the method and the validation plan of its data.
 Build = Callable[[Setup], tuple[Method, ValidationPlan]]
@@ -122,6 +126,28 @@ def amp_logs(acc: Accelerator) -> dict[str, float]:
     return {"amp/scale": float(acc.scaler.get_scale())} if acc.scaler is not None else {}
 
 
+class CollapseWatch:
+    """train.guard in the loop: the statistics of each validation grid, a `guard` event when one trips, and with
+    `action: stop` the reason to stop. Every rank samples the same cells with the same weights, and the decision
+    is agreed anyway, so all ranks stop together."""
+
+    def __init__(self, spec: GuardSpec, teacher: Teacher, acc: Accelerator, sink: Sink) -> None:
+        self.spec, self.teacher, self.acc, self.sink = spec, teacher, acc, sink
+        self.guard, self.tripped = guard_from_spec(spec), ""
+
+    @torch.no_grad()
+    def observe(self, latents: torch.Tensor, step: int) -> dict[str, float]:
+        images = self.teacher.decode(latents).float()  # the first grid size, as saved (before clipping)
+        stats = grid_stats(images, latents)
+        trips = self.guard.update(stats)
+        for trip in trips:
+            self.sink.log_event("guard", str(trip), step=step, stat=trip.stat, value=trip.value,
+                                threshold=trip.threshold, action=self.spec.action)
+        if agree_any(self.acc, bool(trips) and self.spec.action == "stop")[0]:
+            self.tripped = "; ".join(str(t) for t in trips) or "collapse guard tripped on another rank"
+        return health_metrics(self.guard, stats)
+
+
 class Progress:
     """Where a run is, for its `failed` event: the last step done and the last checkpoint written."""
 
@@ -136,7 +162,7 @@ def failures_recorded(sink: Sink, progress: Progress) -> Iterator[None]:
     try:
         yield
     except (TrainingError, RuntimeError) as err:
-        sink.log_event("failed", str(err), code=type(err).__name__, message=str(err), step=progress.step,
+        sink.log_event("failed", str(err), code=getattr(err, "code", type(err).__name__), message=str(err), step=progress.step,
                        last_checkpoint=progress.last_saved)
         raise
 
@@ -211,6 +237,7 @@ def _run(cfg: DistillJob, sink: Sink, build: Build, run_dir: Path, resume: bool,
     batches = method.batches(start)
     sink = tracked_sink(sink, acc, cfg, run_dir, start=start)  # train.report_to: metrics and grids too
     stop, guard = StopControl(acc, sink, hooks), NonfiniteGuard(t.max_nonfinite)
+    collapse = CollapseWatch(t.guard, teacher, acc, sink) if t.guard.enabled else None
     bar = tqdm(total=t.max_steps, initial=start, desc=method.label, disable=not acc.is_main_process,
                dynamic_ncols=True)
     step = start
@@ -224,7 +251,9 @@ def _run(cfg: DistillJob, sink: Sink, build: Build, run_dir: Path, resume: bool,
             logs["time/step_s"] = time.perf_counter() - t0
             sampled: dict[str, float] = {}
             if plan.due(step, t.max_steps):  # every rank samples (a sharded G needs them all); rank 0 writes
-                paths, sampled = method.sample(plan, step, run_dir / "samples" if acc.is_main_process else None)
+                paths, sampled, latents = method.sample(plan, step,
+                                                        run_dir / "samples" if acc.is_main_process else None)
+                sampled.update(collapse.observe(latents, step) if collapse else {})
                 logs.update(sampled)
                 for path in paths:
                     sink.log_event("sample", f"sample grid at step {step}", step=step, path=str(path))
@@ -240,6 +269,12 @@ def _run(cfg: DistillJob, sink: Sink, build: Build, run_dir: Path, resume: bool,
             if requested:
                 sink.log_event("stopped", f"stopped on request at step {step}", step=step)
                 raise StopRequested(step)
+            if collapse and collapse.tripped:  # after the checkpoint above, so the run can be inspected and resumed
+                if progress.last_saved != step:
+                    save_checkpoint(run_dir, step, method, acc, cfg, sink, sidecars=method.checkpoint_meta(),
+                                    slow_s=hooks.slow_checkpoint_s)
+                    progress.last_saved = step
+                raise Collapsed(collapse.tripped)
     finally:
         bar.close()
         finish_trackers(acc)

@@ -69,8 +69,10 @@ class Method(Protocol):
         """One optimiser update of every network; returns its metrics (`skipped/*` = an update skipped)."""
         ...
 
-    def sample(self, plan: ValidationPlan, step: int, out_dir: Path | None) -> tuple[list[Path], dict[str, float]]:
-        """Validation grids (written by rank 0: out_dir given; every rank joins) and metrics to log with them."""
+    def sample(self, plan: ValidationPlan, step: int, out_dir: Path | None,
+               ) -> tuple[list[Path], dict[str, float], torch.Tensor]:
+        """Validation grids (written by rank 0: out_dir given; every rank joins), metrics to log with them, and the
+        first size's latents (the collapse guard judges them)."""
         ...
 
     def checkpoint_meta(self) -> dict[str, dict]:

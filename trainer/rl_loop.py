@@ -161,11 +161,12 @@ class RLMethod(JointRL):
         return ((list(p[0]["caption"]), lambda: next(distill_it)) for p in prompts_it)
 
     @torch.no_grad()
-    def sample(self, plan: ValidationPlan, step: int, out_dir: Path | None) -> tuple[list[Path], dict[str, float]]:
+    def sample(self, plan: ValidationPlan, step: int, out_dir: Path | None,
+               ) -> tuple[list[Path], dict[str, float], torch.Tensor]:
         """The validation grids (as stage 1 writes them) and the mean reward of the first size's final images."""
         paths, lat = render_validation(self.generator, self.teacher, self.S, self.param, plan, step, out_dir)
         zeros = torch.zeros(lat.shape[0], dtype=torch.long, device=lat.device)
-        return paths, {"eval/reward": float(self.reward.score(lat, zeros, plan.prompts).float().mean())}
+        return paths, {"eval/reward": float(self.reward.score(lat, zeros, plan.prompts).float().mean())}, lat
 
     def checkpoint_meta(self) -> dict[str, dict]:
         rl = self.cfg.rl

@@ -34,6 +34,7 @@ from trainer.spec.model import LoraSpec, ModelSpec
 from trainer.spec.prepare import PrepareJob, PrepareSpec
 from trainer.spec.rl import RL_THRESHOLD_SDXL, RewardSpec, RLJob, RLSpec
 from trainer.spec.train import (
+    GuardSpec,
     MemorySpec,
     OptimizerSpec,
     OptimSpec,
@@ -44,6 +45,7 @@ from trainer.spec.train import (
 )
 
 __all__ = [
+    "GuardSpec",
     "DEFAULT_REAL_GUIDANCE",
     "NUM_TRAIN_TIMESTEPS",
     "RL_THRESHOLD_SDXL",

@@ -131,6 +131,20 @@ class ValidationSpec(Strict):
         return self
 
 
+class GuardSpec(Strict):
+    """The collapse guard (trainer/guard.py): image statistics of each validation grid, an event when one stays
+    out of bounds for `patience` validations in a row, and with `action: stop` a checkpoint and a stop."""
+
+    enabled: bool = False
+    patience: int = Field(3, ge=1, le=1000, description="validations in a row out of bounds before it trips")
+    max_saturation: float = Field(0.75, ge=0.0, le=1.0, description="share of pixel values at the range's ends")
+    max_drift: float = Field(0.3, ge=0.0, le=2.0, description="largest channel-mean change from the first grid")
+    min_diversity: float = Field(0.25, ge=0.0, le=2.0,
+                                 description="mean pairwise latent distance, as a fraction of the first grid's")
+    action: Literal["stop", "warn"] = Field("stop", description="stop: checkpoint and fail with code collapsed; "
+                                            "warn: a `guard` event only")
+
+
 class TrainSpec(Strict):
     max_steps: int = Field(1000, ge=1, le=INT32_MAX, description="loop iterations (one fake-score update each)")
     batch_size: int = Field(1, ge=1, le=4096, description="per process")
@@ -143,6 +157,7 @@ class TrainSpec(Strict):
     num_samples: int = Field(4, ge=1, le=64)
     validation: ValidationSpec | None = Field(
         None, description="prompts/seeds/sizes of the sample grids; null: the first num_samples dataset captions")
+    guard: GuardSpec = Field(default_factory=GuardSpec, description="the collapse guard; off by default")
     keep_last: int = Field(3, ge=1, le=INT32_MAX)
     log_every: int = Field(1, ge=1, le=INT32_MAX)
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
