@@ -125,8 +125,8 @@ def up_command(host: str, port: int, data_dir: Path | None) -> None:
 
 
 @cli.command("serve")
-# Loopback unless configured: a service started by hand for a try-out must not be reachable from the network
-# (issue 11). Containers say `--host 0.0.0.0` explicitly (deploy/, docker-compose.yml), or set FLASHDMD_HOST.
+# Loopback unless configured: a service started by hand for a try-out must not be reachable from the network.
+# Containers say `--host 0.0.0.0` explicitly (deploy/, docker-compose.yml), or set FLASHDMD_HOST.
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="FLASHDMD_HOST",
               help="interface to bind; 0.0.0.0 for every interface (behind a proxy or in a container)")
 @click.option("--port", default=8000, show_default=True, type=int)

@@ -185,7 +185,7 @@ def run_embedded(*, host: str, port: int, data_dir: Path | None) -> None:
             settings = Settings()
     except ValidationError as err:  # e.g. a short FLASHDMD_TOKEN: say so, without a traceback
         raise click.ClickException(f"invalid settings: {err}") from None
-    # All in one process, /generate included (issue 12): a FLASHDMD_ROLE or FLASHDMD_INFERENCE_URL left in the
+    # All in one process, /generate included: a FLASHDMD_ROLE or FLASHDMD_INFERENCE_URL left in the
     # shell from a cluster does not turn `up` into a control plane for a tier that is not there.
     settings = settings.model_copy(update={"role": "all", "inference_url": None})
     secure_data_dir(settings)

@@ -95,7 +95,7 @@ def _api_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 def database_unavailable(retry_after: int) -> APIError:
-    # No error text: it would name hosts, users or file paths (issue 11, finding 10).
+    # No error text: it would name hosts, users or file paths.
     return APIError("database_unavailable", "the database is busy or unavailable; try again later",
                     headers={"Retry-After": str(retry_after)})
 

@@ -1,4 +1,4 @@
-"""The control plane's POST /generate when the inference tier runs elsewhere (issue 12): forward, do not serve.
+"""The control plane's POST /generate when the inference tier runs elsewhere: forward, do not serve.
 
 The edge (api/edge.py) has already authenticated the caller and bounded the body before this route runs, so an
 anonymous request never reaches the GPUs, and the body is validated here with the same pydantic model the

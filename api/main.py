@@ -1,6 +1,6 @@
 """The FastAPI application: `uvicorn --factory api.main:create_app` (or `flashdmd serve` / `flashdmd up`).
 
-`settings.role` picks what one process serves (issue 12, deploy/README.md "Inference tier"): `all` is the whole
+`settings.role` picks what one process serves (deploy/README.md "Inference tier"): `all` is the whole
 API, with /generate in-process unless `inference_url` is set; `control` is the same with /generate always
 forwarded (api/inference_proxy.py); `inference` serves only /generate, /healthz, /readyz (after warm-up,
 api/warmup.py) and /metrics, against the same database for tokens and job ownership, with no broker.
@@ -106,7 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        retry_after=settings.db_retry_after_seconds, public_base_url=settings.public_base_url)
     app.add_middleware(LatencyMiddleware, observability=observability)
     app.include_router(health.router)
-    if not inference:  # the inference role serves /generate and health only (issue 12)
+    if not inference:  # the inference role serves /generate and health only
         app.include_router(jobs.router)
         app.include_router(live.router)
         app.include_router(specs.router)

@@ -38,7 +38,7 @@ class Page(BaseModel, Generic[T]):
     has_more: bool = False
 
 
-# What the OpenAPI schema shows for `spec`: the trainer's job models, by `kind` (issue 11), so that clients
+# What the OpenAPI schema shows for `spec`: the trainer's job models, by `kind`, so that clients
 # can be generated and fuzzers produce specs that get past the first check.
 JobSpecSchema = Annotated[DistillJob | RLJob | EvalJob | PrepareJob, Field(discriminator="kind")]
 

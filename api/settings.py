@@ -113,13 +113,13 @@ class Settings(BaseSettings):
     accelerate_config: Path | None = Field(None, description="an accelerate config file for the "
                                            "trainer's `accelerate launch` (unset: --multi_gpu)")
 
-    # Quotas (issue 11): what one token may hold at once. Checked at POST /jobs.
+    # Quotas: what one token may hold at once. Checked at POST /jobs.
     max_active_jobs_per_owner: int = Field(
         10, ge=0, description="jobs of one token not yet finished (queued, running, recovering...); 0: no limit")
     max_train_steps: int = Field(
         1_000_000, ge=1, le=2**31 - 1, description="the largest train.max_steps a job may ask for")
 
-    # -- Edge limits, database waits and /generate fairness (issue 11, hardening) --
+    # -- Edge limits, database waits and /generate fairness --
     # Bodies are counted while they stream (api/edge.py); every JSON body we accept is a few KB.
     max_body_bytes: int = Field(2**20, ge=1024, description="largest request body; a bigger one gets 413")
     # How long an API request waits for SQLite's write lock before it answers 503 (transactions are short,
@@ -164,7 +164,7 @@ class Settings(BaseSettings):
     generate_call_timeout_seconds: float = Field(60.0, gt=0, description="wall-clock limit of one sampler call; "
                                                  "past it the call stops, frees its slot and its requests get 503")
 
-    # -- The inference tier (issue 12; deploy/README.md "Inference tier") --
+    # -- The inference tier (deploy/README.md "Inference tier") --
     role: Literal["all", "control", "inference"] = Field(
         "all", description="what `flashdmd serve` runs: all = control plane with /generate in-process (or "
         "forwarded when inference_url is set); control = forwards /generate; inference = only /generate and health")
@@ -210,7 +210,7 @@ class Settings(BaseSettings):
         None, description="pad every sampler call to max_batch rows, so an image's bytes never depend on the "
                           "requests it was batched with (default: on for the CPU; on GPUs the rows agree to a "
                           "tolerance and padding would cost latency at low load)")
-    # -- Serving options of /generate (issue 12; inference/serving.py ServingOptions). Unset: the checkpoint's
+    # -- Serving options of /generate (inference/serving.py ServingOptions). Unset: the checkpoint's
     # serving.json (what `flashdmd export` wrote), then the device's default. --
     generate_vae_dtype: Literal["fp32", "fp16", "bf16"] | None = Field(
         None, description="VAE dtype (default: bf16 on cuda, fp32 on cpu; SDXL's VAE overflows in fp16)")

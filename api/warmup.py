@@ -89,7 +89,7 @@ class Warmup:
         """The pipeline's own warm-up (inference.serving.warm_up, in a worker thread): every shape of its serving
         options (FLASHDMD_GENERATE_WARM_SHAPES, or the checkpoint's serving.json) is sampled once; with
         FLASHDMD_GENERATE_COMPILE this compiles them and saves the compile cache to disk, so the next pod start
-        loads the kernels instead of compiling (issue 12)."""
+        loads the kernels instead of compiling."""
         from inference.serving import warm_up
 
         return warm_up(rt.pipeline(key.checkpoint))

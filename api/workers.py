@@ -1,4 +1,4 @@
-"""Jobs land where their GPUs are (issue 10 §4): workers advertise their size, jobs route to a pool that fits.
+"""Jobs land where their GPUs are: workers advertise their size, jobs route to a pool that fits.
 
 - A *pool* is a set of identical workers, named by what one of them offers: `gpu<N>` (N GPUs, so at most
   N processes) or `cpu<N>` (a CPU worker that runs up to N gloo processes, FLASHDMD_WORKER_PROCESSES).

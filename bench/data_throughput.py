@@ -1,4 +1,4 @@
-"""CPU benchmark of the data path (issue #14): prepare images/s, and the per-step data cost from a prepare cache
+"""CPU benchmark of the data path: prepare images/s, and the per-step data cost from a prepare cache
 vs from raw images, on the tiny SDXL teacher with aspect-ratio buckets.
 
     python bench/data_throughput.py --images 64 --steps 8

@@ -1,4 +1,4 @@
-"""Where the fixed cost of one POST /generate request goes (issue 12, "honest latency").
+"""Where the fixed cost of one POST /generate request goes ("honest latency").
 
 Starts a real server per configuration (as bench/serve_load.py does), warms the checkpoint, then sends
 `--requests` single-image requests one after another (no concurrency: the fixed cost, not throughput). The

@@ -1,4 +1,4 @@
-"""GPU serving benchmark (issue 12): each serving option's effect, compile warm-up cold vs from the disk cache,
+"""GPU serving benchmark: each serving option's effect, compile warm-up cold vs from the disk cache,
 and images/s at 16 concurrent clients batched vs unbatched. SDXL architecture, 1024², bf16, K = 4.
 
     python bench/gpu_serve.py --sections compile,options       # in-process sections (~6 min on an H100)

@@ -1,6 +1,6 @@
 """How well can *any* reward model rank the toy LRM's held-out pairs at high noise? A Gaussian oracle bound.
 
-Issue #15 asks for held-out pair accuracy >= 0.75 at t = 999 and >= 0.90 at t = 749, or evidence that the noise
+The study asked for held-out pair accuracy >= 0.75 at t = 999 and >= 0.90 at t = 749, or evidence that the noise
 makes it impossible on digits. The pairs are those of `trainer/toy/reward.py`: winner a real digit of class c,
 loser a real digit of another class or the winner blurred, noised or half-erased; both latents are noised at the
 same t with independent noise, x_t = a_t x0 + s_t eps. At t = 999, a_t^2 = alpha_bar = 0.0047: the clean latent

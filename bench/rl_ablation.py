@@ -45,14 +45,14 @@ from trainer.toy import HERE
 
 JUDGE_DIR = HERE / "digits_reward"  # the reward every checkpoint is scored with (t = 0)
 # The reward stage 2 trains against: the judge fine-tuned on the generator's own candidates at the RL steps
-# (flashjob/rollout_reward.py), which ranks them at 749 and 499 where the judge is near chance (issue #15).
+# (flashjob/rollout_reward.py), which ranks them at 749 and 499 where the judge is near chance.
 ROLLOUT_REWARD_DIR = HERE / "digits_reward_rollout"
 # The held-out study's lambda_ema 0.98 run, seed 0 (its last checkpoint is kept). The committed rl_ablation results
 # started from the earlier study's run of the same name (runs/bench-quality/), scored against all digits.
 DEFAULT_INIT = REPO / "runs" / "bench-heldout" / "flash-ttur1-k4-s0"
 RL_BASE: dict[str, Any] = {
     "kind": "rl",
-    # The stage-1 recipe of the joint runs' distillation turns, as before the demo dropped EMA injection (issue 15).
+    # The stage-1 recipe of the joint runs' distillation turns, as before the demo dropped EMA injection.
     "distill": {"ema": 0.98},
     "rl": {"reward": {"kind": "lrm", "path": str(ROLLOUT_REWARD_DIR)}, "num_candidates": 4, "beta": 500.0,
            "ratio": 5, "joint": True, "batch_size": 8, "optimizer": {"lr": 1e-5}},  # lr: --rl-lr
@@ -65,7 +65,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "all-timesteps": {"rl": {"timesteps": "all"}},
     "joint-nogan": {"distill": {"gan_weight": 0.0}},
     # Alg. 1 runs the fake-score and D updates every iteration (rl.critic_updates: every, the default);
-    # this run updates them on distillation turns only, as the trainer did before issue 10.
+    # this run updates them on distillation turns only, as the trainer once did.
     "joint-critics-distill-only": {"rl": {"critic_updates": "distill_only"}},
     CONTROL: {},  # built by control_spec
 }

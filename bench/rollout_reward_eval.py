@@ -1,4 +1,4 @@
-"""How well each digits reward ranks the generator's own candidates at every RL step (issue #15).
+"""How well each digits reward ranks the generator's own candidates at every RL step.
 
 Fresh held-out groups (a seed the shipped reward never saw), built as stage 2 builds them
 (flashjob/rollout_reward.py: k = 4 candidates at the step after the RL step, each valued by the judge's mean

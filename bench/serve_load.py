@@ -1,4 +1,4 @@
-"""Load benchmark of POST /generate: N concurrent clients, dynamic batching on vs off (issue 12).
+"""Load benchmark of POST /generate: N concurrent clients, dynamic batching on vs off.
 
 Each mode starts a real server (`uvicorn --factory api.main:create_app`, a subprocess on 127.0.0.1 with an
 embedded SQLite database and a filesystem broker), warms the checkpoint with one request, then runs

@@ -1,4 +1,4 @@
-"""The demo's latency, like for like (issue 12): teacher and student through one sampler function and one batch,
+"""The demo's latency, like for like: teacher and student through one sampler function and one batch,
 and the HTTP path's overhead on a line of its own.
 
 Every row goes through `trainer.toy.teacher_sampling.generate` (the trainer's `sample` loop plus a VAE decode) on the

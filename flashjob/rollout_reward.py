@@ -1,4 +1,4 @@
-"""A reward model that ranks the generator's own candidates at the high-noise RL steps (issue #15).
+"""A reward model that ranks the generator's own candidates at the high-noise RL steps.
 
     python -m flashjob.rollout_reward --generator runs/bench-quality/flash-ttur1-k4-s0 \
         --out trainer/toy/digits_reward_rollout

@@ -1,4 +1,4 @@
-"""`kind: eval` jobs: score checkpoints with the digits evaluator or the COCO-10k prompts protocol (issue #5).
+"""`kind: eval` jobs: score checkpoints with the digits evaluator or the COCO-10k prompts protocol.
 
 `run_eval(cfg, sink, run_dir=...)` is what `python -m flashjob <eval spec>` runs (flashjob.cli.run_job dispatches
 on kind), so eval jobs go through the same worker, sink, exit codes and cancel path as training jobs. For each

@@ -1,4 +1,4 @@
-"""The model card and sample images that `flashdmd export --push-to-hub` puts next to an export (issue #14).
+"""The model card and sample images that `flashdmd export --push-to-hub` puts next to an export.
 
 Pure staging, no network: `stage_hub_folder` writes README.md (YAML metadata that the hub indexes, then a
 body with the method, step count, usage, evaluation table, samples and the training spec) and copies the

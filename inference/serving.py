@@ -1,4 +1,4 @@
-"""How a checkpoint is served: dtype, compile, fused QKV, channels-last, VAE choice, warm shapes (issue 12).
+"""How a checkpoint is served: dtype, compile, fused QKV, channels-last, VAE choice, warm shapes.
 
 `ServingOptions` is one typed object; every field is a service setting (`FLASHDMD_GENERATE_<FIELD>`,
 api/settings.py) and `None` means "not set here". Precedence, highest first: what the operator set, the

@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets (issue #14): SDXL's size list or one derived from a pixel budget, assignment by aspect
+"""Aspect-ratio buckets: SDXL's size list or one derived from a pixel budget, assignment by aspect
 ratio, resize-to-cover + crop with SDXL's size/crop conditioning, and a batch sampler whose batches never mix
 buckets.
 

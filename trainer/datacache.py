@@ -1,4 +1,4 @@
-"""The prepare cache (issue #14): VAE latents, pixels and SDXL size/crop ids beside trainer/textcache.py's text.
+"""The prepare cache: VAE latents, pixels and SDXL size/crop ids beside trainer/textcache.py's text.
 
     CACHE/manifest.json   TextCache's manifest ("model", "text") plus
         "latents": {"teacher": {"ref", "key"}, "preprocess": {...}, "source": str, "consumed": int,

@@ -1,4 +1,4 @@
-"""Weights from a local path or a hub id: the one resolver for SAM, reward-model and scorer weights (issue #14).
+"""Weights from a local path or a hub id: the one resolver for SAM, reward-model and scorer weights.
 
 A hub reference is `org/name[/path/in/repo][@revision]` (trainer/spec/limits.py HUB_REF). It is fetched
 with huggingface_hub, so its cache (`HF_HUB_CACHE`), offline mode (`HF_HUB_OFFLINE=1`), mirror

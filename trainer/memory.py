@@ -1,4 +1,4 @@
-"""Memory levers that change how frozen networks run, not what they compute (issue #10 §2).
+"""Memory levers that change how frozen networks run, not what they compute.
 
 Each is switched on by a `memory.*` field of the job spec. Activation checkpointing recomputes the same
 forward (bit-identical); the bf16 casts apply to frozen networks that already ran under bf16 autocast, whose

@@ -3,7 +3,7 @@
 Launch as users do: `accelerate launch --multi_gpu --num_processes N -m trainer SPEC` (GPU or CPU; on a
 machine without CUDA the processes join a gloo group as MULTI_CPU), or `torchrun --nproc_per_node N -m trainer`.
 
-Design (issue 10):
+Design:
 - DDP with several forwards per step. Each network's DDP wrapper is called exactly once per micro-batch, by
   the forward that carries that network's own loss (G: x = G(x_tau); fake score: Eq. 6; D heads: real and fake
   images concatenated into one call). Every other forward (no-grad backward simulation, the frozen fake score

@@ -1,4 +1,4 @@
-"""`flashdmd data prepare SOURCE -o CACHE`: encode a source's images and captions once (issue #14).
+"""`flashdmd data prepare SOURCE -o CACHE`: encode a source's images and captions once.
 
 Every image is fitted to its bucket (trainer/buckets.py), encoded by the teacher's VAE into its posterior
 parameters, and stored with its uint8 pixels and SDXL size/crop ids; every caption is encoded by the text

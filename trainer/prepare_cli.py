@@ -1,4 +1,4 @@
-"""`flashdmd data prepare SOURCE -o CACHE`: the command-line face of trainer/prepare.py (issue #14)."""
+"""`flashdmd data prepare SOURCE -o CACHE`: the command-line face of trainer/prepare.py."""
 
 from __future__ import annotations
 

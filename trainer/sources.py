@@ -1,4 +1,4 @@
-"""Data sources for `flashdmd data prepare` (issue #14): each yields (key, image, caption), shard by shard.
+"""Data sources for `flashdmd data prepare`: each yields (key, image, caption), shard by shard.
 
 - an image folder with same-named `.txt` captions;
 - a JSONL file of {"image": path, "caption": str};

@@ -1,6 +1,6 @@
 """Cached text embeddings: encode each caption once, then train with the text encoders off the GPU.
 
-This is the first section of the prepare cache of issue #14 (`flashdmd data prepare`), not a format of its
+This is the first section of the prepare cache (`flashdmd data prepare`), not a format of its
 own. One cache folder belongs to one model identity and holds content-addressed sections:
 
     CACHE/

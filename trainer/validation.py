@@ -1,4 +1,4 @@
-"""Sample grids from fixed validation prompts and seeds (`train.validation`, issue #14).
+"""Sample grids from fixed validation prompts and seeds (`train.validation`).
 
 Every image's noise comes from its own seed (trainer/sampling.py draws each image from a
 `torch.Generator` seeded with it), so a (prompt, seed, size) cell is the same image whatever

@@ -40,7 +40,7 @@ def readyz(request: Request) -> Response:
     has no broker; it is ready once its warm-up has loaded and run the configured checkpoints, api/warmup.py).
 
     Probes carry no token, so anyone may ask; only a caller with a valid token sees which check
-    failed and why (the reasons name hosts and drivers, issue 11 finding 10).
+    failed and why (the reasons name hosts and drivers).
     """
     checks: dict[str, str] = {}
     try:

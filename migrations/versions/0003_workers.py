@@ -1,4 +1,4 @@
-"""workers: each worker's pool, queue and size, with a heartbeat (routing by GPU count, issue 10 §4).
+"""workers: each worker's pool, queue and size, with a heartbeat (routing by GPU count).
 
 Revision ID: 0003_workers
 Revises: 0002_token_public_id

@@ -1,4 +1,4 @@
-"""In-process checks of the pieces the multi-process runs rely on, and of the method fixes (issue 10 §3)."""
+"""In-process checks of the pieces the multi-process runs rely on, and of the method fixes."""
 
 from __future__ import annotations
 

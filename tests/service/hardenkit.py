@@ -1,4 +1,4 @@
-"""Helpers for the hardening tests (issue 11): the same API on Postgres and on SQLite, and a tiny checkpoint."""
+"""Helpers for the hardening tests: the same API on Postgres and on SQLite, and a tiny checkpoint."""
 
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ def test_health_routes_and_docs_are_open(client, auth) -> None:
     assert client.get("/healthz").json() == {"status": "ok", "checks": {}}
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.text
-    assert ready.json() == {"status": "ok", "checks": {}}  # the reasons only for token holders (issue 11)
+    assert ready.json() == {"status": "ok", "checks": {}}  # the reasons only for token holders
     assert client.get("/readyz", headers=auth).json()["checks"] == {"database": "ok", "migrations": "ok", "broker": "ok"}
     assert client.get("/docs").status_code == 200
     assert "/jobs/{job_id}/metrics" in client.get("/openapi.json").json()["paths"]

@@ -1,4 +1,4 @@
-"""Issue 11, findings 4, 5 and 8: every bad value gets a clean 4xx naming the field, on Postgres and SQLite.
+"""Every bad value gets a clean 4xx naming the field, on Postgres and SQLite.
 
 Each case is a request an attacker or a careless user sent (the ones that broke are marked "broke:"), grouped
 by bad-input class; `BAD_INPUTS` is also what the closing report's table counts.
@@ -197,7 +197,7 @@ def test_bad_path_and_list_values(app: App, owner, job_id: str) -> None:
 
 
 def test_post_jobs_schema_describes_the_job_models(app: App) -> None:
-    """The OpenAPI body of POST /jobs is the real spec (issue 11), so clients can be generated from it."""
+    """The OpenAPI body of POST /jobs is the real spec, so clients can be generated from it."""
     schema = app.client.get("/openapi.json").json()
     components = schema["components"]["schemas"]
     spec = components["JobCreate"]["properties"]["spec"]

@@ -143,7 +143,7 @@ def test_flashdmd_serve_uses_the_production_urls(settings, tmp_path: Path) -> No
                 return None
 
         body = wait_for(ready, 60, interval=0.5, what="flashdmd serve")
-        assert body == {"status": "ok", "checks": {}}  # no token: ready or not, no reasons (issue 11)
+        assert body == {"status": "ok", "checks": {}}  # no token: ready or not, no reasons
         assert httpx.get(f"http://127.0.0.1:{port}/jobs").status_code == 401
     finally:
         serve.send_signal(signal.SIGTERM)

@@ -1,4 +1,4 @@
-"""Issue 11: property-based fuzzing of every operation in the app's own OpenAPI schema.
+"""Property-based fuzzing of every operation in the app's own OpenAPI schema.
 
 Schemathesis generates requests (valid ones from the schema, and schema-violating ones) for each
 operation; they are sent in-process to the app with a real token, and the `{job_id}` paths name a real job

@@ -1,4 +1,4 @@
-"""Dynamic batching of POST /generate (issue 12), against the real app and real tiny SDXL checkpoints.
+"""Dynamic batching of POST /generate, against the real app and real tiny SDXL checkpoints.
 
 The app here batches generously (max_wait 600 ms) so that a burst fired from threads lands in one
 window even on busy CPUs; merging is counted by the app's own batch-size metric, read from /metrics.

@@ -1,4 +1,4 @@
-"""Issue 11, finding 2 and the /generate share of finding 7.
+"""/generate under concurrency: admission, the queue and one token's share of the slots.
 
 The limiter: one token holds at most its share of slots and sends at most its rate; past
 either it gets 429 with Retry-After, on Postgres and on SQLite.

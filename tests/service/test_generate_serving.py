@@ -1,4 +1,4 @@
-"""Serving settings of POST /generate (issue 12) reach the pipeline, and a smaller fixed batch keeps bytes.
+"""Serving settings of POST /generate reach the pipeline, and a smaller fixed batch keeps bytes.
 
 FLASHDMD_GENERATE_FIXED_ROWS lets a lone CPU request pay for fewer rows than max_batch: batches then go in
 calls of that many rows, and a request's bytes must still not depend on who shared its call.

@@ -1,4 +1,4 @@
-"""Issue 11, findings 3 and 10 (and 2's "database is locked"): limits at the edge, and what an outage shows.
+"""Limits at the edge, and what an outage shows.
 
 - the token is checked before the body is read, and a body over the limit gets 413 while it streams;
 - 10 requests with 300 MB bodies leave a real server's RSS where it was;

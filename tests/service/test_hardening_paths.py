@@ -1,4 +1,4 @@
-"""Issue 11, findings 1 and 6: a checkpoint, a manifest line or a data file is reachable only through the
+"""A checkpoint, a manifest line or a data file is reachable only through the
 caller's own job or under an allowed root, after realpath, and the refusal never tells whether a file exists.
 
 Each request is the one that broke, on Postgres and on SQLite.

@@ -1,4 +1,4 @@
-"""The inference tier (issue 12): a real `--role inference` server behind a real control plane.
+"""The inference tier: a real `--role inference` server behind a real control plane.
 
 The inference server is the app of `flashdmd serve --role inference` run by uvicorn in a thread on a socket of
 its own (a real TCP port, so the control plane's httpx client goes over the network as in a cluster); the

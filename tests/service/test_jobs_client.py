@@ -1,4 +1,4 @@
-"""`flashdmd jobs ...` (issue 13) against a real API served over HTTP (uvicorn on Postgres and Redis).
+"""`flashdmd jobs ...` against a real API served over HTTP (uvicorn on Postgres and Redis).
 
 The client is invoked as the user types it (the `flashdmd` click group), with FLASHDMD_URL/FLASHDMD_TOKEN in
 its environment. Jobs stay queued (no worker consumes the queue) except in the slow test, which starts a

@@ -1,4 +1,4 @@
-"""Issue 11, finding 7: per-owner quotas from Settings, on Postgres and SQLite.
+"""Per-owner quotas from Settings, on Postgres and SQLite.
 
 One token posted 500 jobs in 6 s and `max_steps=10^12` was accepted. Now a token holds at most
 FLASHDMD_MAX_ACTIVE_JOBS_PER_OWNER unfinished jobs (409 `quota_exceeded`) and asks for at most

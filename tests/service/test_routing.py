@@ -1,4 +1,4 @@
-"""Jobs land where their GPUs are (issue 10 §4), on Postgres and Redis, and on the embedded SQLite.
+"""Jobs land where their GPUs are, on Postgres and Redis, and on the embedded SQLite.
 
 Workers register their size (api/workers.py); POST /jobs refuses a job no live pool can run with a 422
 on `spec.train.num_processes`, and sends the others to the queue of the smallest pool that fits.

@@ -1,4 +1,4 @@
-"""Issue 11, finding 9: token ids, list and revoke, old tokens after the migration, FLASHDMD_TOKEN length,
+"""Token ids, list and revoke, old tokens after the migration, FLASHDMD_TOKEN length,
 and the embedded data dir's permissions."""
 
 from __future__ import annotations

@@ -346,7 +346,7 @@ def test_cli_missing_file_and_malformed_set_exit_2(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue 11: bounds, finite floats, strict types and submit-time checks
+# Bounds, finite floats, strict types and submit-time checks
 # ---------------------------------------------------------------------------------------------
 
 BAD_VALUES: list[tuple[dict[str, Any], str]] = [

@@ -1,4 +1,4 @@
-"""Static checks of the inference tier's deployment (issue 12): k8s Deployment, Service and HPA, the compose
+"""Static checks of the inference tier's deployment: k8s Deployment, Service and HPA, the compose
 service, and the env that ties the API to it. Like tests/unit/test_deploy.py, nothing here needs a cluster,
 Docker or a GPU; the container commands are parsed by the real `flashdmd` CLI and the probe paths and the
 HPA's metric are checked against the real app, so a renamed route, option or metric fails here.

@@ -61,7 +61,7 @@ def test_plan_counts_on_the_meta_device_and_levers_move_the_budget():
     p0 = make_plan(base, gpus=1, arch=arch)
     f0 = p0.figures()
     assert f0["generator optimiser"] / GIB == pytest.approx(2_567_463_684 * 8 / GIB, rel=1e-3)
-    assert not p0.fits, "full-weight SDXL with fp32 AdamW does not fit 80 GB (issue #10: it peaked at 89 GiB)"
+    assert not p0.fits, "full-weight SDXL with fp32 AdamW does not fit 80 GB (it peaked at 89 GiB on an H200)"
     p8 = make_plan(base.model_copy(update={"optim": base.optim.model_copy(update={"optimizer": "adamw8bit"})}),
                    gpus=1, arch=arch)
     assert p8.figures()["generator optimiser"] == pytest.approx(f0["generator optimiser"] / 4, rel=0.03)

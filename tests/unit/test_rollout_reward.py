@@ -97,7 +97,7 @@ def test_train_rollout_reward_end_to_end_on_a_two_step_generator(tmp_path):
 
 
 def test_shipped_rollout_reward_ranks_candidates_and_still_ranks_clean_digits():
-    """trainer/toy/digits_reward_rollout: its report meets issue #15's bars on the generator's own candidates,
+    """trainer/toy/digits_reward_rollout: its report meets the study's bars on the generator's own candidates,
     with labels an independent valuation reproduces, and it still ranks held-out real-vs-degraded pairs."""
     import json
 

@@ -1,4 +1,4 @@
-"""train.report_to (issue 13): a real TensorBoard event file read back, and the missing-extra error."""
+"""train.report_to: a real TensorBoard event file read back, and the missing-extra error."""
 
 from __future__ import annotations
 

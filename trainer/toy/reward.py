@@ -1,4 +1,4 @@
-"""The toy reward (issue #6, item 5): a noise-aware Latent Reward Model for the digits teacher, trained by our code.
+"""The toy reward: a noise-aware Latent Reward Model for the digits teacher, trained by our code.
 
     python -m trainer.toy.reward --teacher trainer/toy/digits_teacher --out trainer/toy/digits_reward
 
