@@ -9,6 +9,7 @@ blob: URLs, which is how the page shows samples and generated images it fetched 
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +48,38 @@ class _SecuredStatic:
         await self.app(scope, receive, with_headers)
 
 
+def preset_groups(directory: Path = PRESETS_DIR) -> list[tuple[str, str]]:
+    """(group, file stem) in presets/README.md's order: its `## Group (...)` headings and their "- `x.yaml`" items.
+    The README is the one place presets are grouped; the form shows the same groups."""
+    readme = directory / "README.md"
+    out: list[tuple[str, str]] = []
+    group = "Other"
+    for line in readme.read_text().splitlines() if readme.is_file() else []:
+        if line.startswith("## "):
+            group = line[3:].split("(")[0].strip()
+        elif (m := re.match(r"- `([\w.-]+)\.yaml`", line)):
+            out.append((group, m.group(1)))
+    return out
+
+
 @functools.cache
 def presets(directory: Path = PRESETS_DIR) -> dict[str, dict[str, Any]]:
-    """Name -> spec for the New job page: the API's tiny example first, then presets/*.yaml as JSON.
+    """"Group / name" -> spec for the New job page, in presets/README.md's order (the first is the form's
+    default: the digits recipe, real images on a CPU in minutes), the API's tiny smoke test after it.
 
     The editor shows them as JSON (comments are lost); it also takes YAML, which POST /specs/parse translates.
     """
-    found: dict[str, dict[str, Any]] = {"tiny (smoke test, seconds on a CPU)": TINY_SPEC_EXAMPLE}
+    specs: dict[str, dict[str, Any]] = {}
     for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else []:
         spec = yaml.safe_load(path.read_text())
         if isinstance(spec, dict):
-            found[path.stem] = spec
+            specs[path.stem] = spec
+    tiny = ("CPU / tiny (smoke test, seconds)", TINY_SPEC_EXAMPLE)
+    ordered = [(f"{group} / {stem}", specs.pop(stem)) for group, stem in preset_groups(directory) if stem in specs]
+    after = next((i + 1 for i, (name, _) in enumerate(ordered) if name.endswith("/ digits-4step")), 0)
+    ordered.insert(after, tiny)  # right after the digits recipe: the other CPU choice
+    found = dict(ordered)
+    found.update({f"Other / {stem}": spec for stem, spec in specs.items()})
     return found
 
 

@@ -83,7 +83,15 @@ export function newJobPage(root) {
       name.value = source.name ? `${source.name}-2` : "";
       title.textContent = `New job: clone of ${source.name || source.id}`;
     }
-    preset.replaceChildren(...Object.keys(presets).map((n) => h("option", { value: n, selected: n === first }, n)));
+    // "Group / name" keys: one <optgroup> per group, in the server's order (presets/README.md's).
+    const groups = new Map();
+    for (const n of Object.keys(presets)) {
+      const [group, label] = n.includes(" / ") ? n.split(" / ", 2) : ["", n];
+      if (!groups.has(group)) groups.set(group, []);
+      groups.get(group).push(h("option", { value: n, selected: n === first }, label));
+    }
+    preset.replaceChildren(...[...groups].map(([group, options]) =>
+      group ? h("optgroup", { label: group }, options) : options).flat());
     fill();
   }).catch((err) => { error.textContent = `presets: ${err.message}`; });
 

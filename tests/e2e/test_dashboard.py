@@ -148,13 +148,18 @@ def test_dashboard_end_to_end(service, browser, tmp_path: Path) -> None:
 
     # New job: a bad field gets the server's message next to it.
     driver.execute_script("location.hash = '#/new'")
-    _wait(driver, lambda d: '"tiny:sdxl"' in _css(d, "textarea[name=spec]").get_attribute("value"), what="presets")
+    # The default preset is the digits recipe (real images in minutes); this test trains the tiny smoke test.
+    _wait(driver, lambda d: '"toy:digits"' in _css(d, "textarea[name=spec]").get_attribute("value"), what="presets")
+    groups = [g.get_attribute("label") for g in driver.find_elements(By.CSS_SELECTOR, "select[name=preset] optgroup")]
+    assert groups == ["CPU", "One GPU", "Many GPUs", "Eval"]
+    Select(_css(driver, "select[name=preset]")).select_by_value("CPU / tiny (smoke test, seconds)")
+    _wait(driver, lambda d: '"tiny:sdxl"' in _css(d, "textarea[name=spec]").get_attribute("value"), what="tiny")
     _type(driver, "input[name='spec.train.max_steps']", "0")
     _css(driver, "#new-job button[type=submit]").click()
     box = '.field[data-field="spec.train.max_steps"] .field-error'
     message = _wait(driver, lambda d: _css(d, box).text, what="the 422 next to max_steps")
-    presets = httpx.get(f"{base}/ui/presets.json").json()
-    bad = {**next(iter(presets.values())), "train": {**next(iter(presets.values()))["train"], "max_steps": 0}}
+    tiny = httpx.get(f"{base}/ui/presets.json").json()["CPU / tiny (smoke test, seconds)"]
+    bad = {**tiny, "train": {**tiny["train"], "max_steps": 0}}
     server = httpx.post(f"{base}/jobs", json={"spec": bad}, headers={"Authorization": f"Bearer {token}"})
     assert server.status_code == 422 and message == server.json()["error"]["message"], message
     assert not _css(driver, '.field[data-field="spec.model.teacher"] .field-error').text

@@ -218,7 +218,10 @@ def test_ui_is_served_without_a_token_with_the_right_types(client) -> None:
     assert client.get("/ui/static/nope.js").status_code == 404
     assert client.get("/ui/static/..%2F..%2Fedge.py").status_code == 404
     presets = client.get("/ui/presets.json").json()
-    assert next(iter(presets.values()))["model"]["teacher"] == "tiny:sdxl"
+    # The form's default makes real images on a CPU (the digits recipe); the groups follow presets/README.md.
+    assert list(presets)[:2] == ["CPU / digits-4step", "CPU / tiny (smoke test, seconds)"]
+    assert next(iter(presets.values()))["model"]["teacher"] == "toy:digits"
+    assert {name.split(" / ")[0] for name in presets} == {"CPU", "One GPU", "Many GPUs", "Eval"}
     # Only the dashboard is public: its prefix must not open a neighbouring path.
     assert client.get("/uiadmin").status_code == 401
     assert client.get("/jobs").status_code == 401
