@@ -67,7 +67,7 @@ def _unencodable(value: str) -> bool:
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # Validated as a plain mapping here, and then by the trainer's own models (trainer.config.parse_spec) in
+    # Validated as a plain mapping here, and then by the trainer's own models (trainer.spec.parse_spec) in
     # the route, so the API and `flashdmd train` accept exactly the same specs (`kind` defaults to distill)
     # and report errors the same way. The schema still documents those models.
     spec: Annotated[dict[str, Any], PlainValidator(_spec_mapping, json_schema_input_type=JobSpecSchema)] = Field(

@@ -84,11 +84,11 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
     """The per-GPU budget of a validated distill or rl spec on `gpus` GPUs (default train.num_processes)."""
     from trainer.optim import adamw_state_bytes
     from trainer.plan_act import (
+        denoiser_graph_bytes,
         disc_nets,
         precision_scale,
         sam_graph_bytes,
         text_bytes,
-        unet_graph_bytes,
         vae_decode_graph_bytes,
     )
     from trainer.plan_dist import DDP_GRADIENT_AS_BUCKET_VIEW, fsdp_gather_bytes, shard_units
@@ -178,8 +178,9 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
     # gradients already held. A net called twice with grad in one loss (flash: x = G(x_tau) and Eq. 9's G at
     # t_hat) gets a second full set: autograd sums both uses' contributions in buffers before accumulating.
     b, ckpt, accum = t.batch_size, t.gradient_checkpointing, t.grad_accum
-    act = precision_scale(t.mixed_precision)  # the graph estimates are counted under autocast
-    g_graph = act * unet_graph_bytes(den_cfg, latent, b, ckpt)
+    act = precision_scale(t.mixed_precision)  # the UNet and SAM graph estimates are counted under autocast
+    rank = lora.rank if lora is not None else None  # SD3's MMDiT keeps less with LoRA (plan_act.mmdit_graph_bytes)
+    g_graph = denoiser_graph_bytes(den_cfg, latent, b, ckpt, t.mixed_precision, rank)
     gen_acts = {"generator graphs": 2 * g_graph if use_gan else g_graph}
     if sam_enc is not None:
         gen_acts["vae decode graph"] = precision_scale(t.mixed_precision, vae=True) * vae_decode_graph_bytes(arch.configs["vae"], latent, b,
@@ -192,7 +193,7 @@ def make_plan(spec: Any, *, gpus: int | None = None, gpu_mem_gib: float = 80.0, 
         "fake-score phase": ({"fake-score graph": g_graph}, trainable[1], g_graph, accum, False)}
     if spec.kind == "rl":
         pairs = (spec.rl.batch_size or b) * len(spec.rl.timesteps)
-        p_graph = act * unet_graph_bytes(den_cfg, latent, pairs, ckpt)
+        p_graph = denoiser_graph_bytes(den_cfg, latent, pairs, ckpt, t.mixed_precision, rank)
         phases["rl update"] = ({"policy graph (pairs)": p_graph}, trainable[0], p_graph, 1, False)
 
     def grad_bytes(net: Net, micro: int) -> float:

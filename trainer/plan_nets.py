@@ -14,7 +14,8 @@ from trainer.errors import InputError
 
 ARCH_DIR = Path(__file__).parent / "arch"
 # Hub ids whose architecture ships with the package (configs only), used when the hub is unreachable.
-KNOWN_ARCH = {"stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base"}
+KNOWN_ARCH = {"stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base",
+              "stabilityai/stable-diffusion-3-medium-diffusers": "sd3-medium"}
 
 
 def teacher_folder(ref: str, revision: str | None = None) -> Path:
