@@ -88,8 +88,8 @@ def _load_spec(path: Path, overrides: tuple[str, ...]) -> dict[str, Any]:
     """The spec file as `flashdmd train` reads it (YAML or JSON, `--set key=value`); the server validates it."""
     import yaml
 
-    from trainer.spec import SpecError, apply_overrides
-    from trainer.spec.limits import load_yaml
+    from trainer.jobspec import SpecError, apply_overrides
+    from trainer.jobspec.limits import load_yaml
 
     try:
         text = path.read_text(encoding="utf-8")

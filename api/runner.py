@@ -30,7 +30,7 @@ from api.proc import drain_marker, kill_job_processes, output_tail, signal_group
 from api.settings import Settings
 from api.workers import Capacity, worker_capacity
 from trainer.errors import OUT_OF_MEMORY, Failure, from_log, job_error
-from trainer.spec import SpecError, num_processes, parse_spec
+from trainer.jobspec import SpecError, num_processes, parse_spec
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 
 from api.models import Job
 from inference.checkpoint import export_formats
-from trainer.spec import DistillJob, EvalJob, PrepareJob, RLJob
+from trainer.jobspec import DistillJob, EvalJob, PrepareJob, RLJob
 
 T = TypeVar("T")
 
@@ -67,7 +67,7 @@ def _unencodable(value: str) -> bool:
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # Validated as a plain mapping here, and then by the trainer's own models (trainer.spec.parse_spec) in
+    # Validated as a plain mapping here, and then by the trainer's own models (trainer.jobspec.parse_spec) in
     # the route, so the API and `flashdmd train` accept exactly the same specs (`kind` defaults to distill)
     # and report errors the same way. The schema still documents those models.
     spec: Annotated[dict[str, Any], PlainValidator(_spec_mapping, json_schema_input_type=JobSpecSchema)] = Field(

@@ -16,8 +16,8 @@ from typing import Any
 
 from api.errors import APIError
 from api.settings import Settings
+from trainer.jobspec.limits import is_hub_ref
 from trainer.roots import under_root
-from trainer.spec.limits import is_hub_ref
 
 # org/name: one slash, no leading dot, slash or tilde, no "..". A bare name is not accepted as a hub id,
 # so "models" cannot be mistaken for a relative folder (the trainer runs in its run directory anyway).

@@ -51,7 +51,7 @@ def make_folder(root: Path, n: int, seed: int = 0) -> Path:
 
 
 def spec(teacher: str, data: dict, mode: str, batch: int) -> Any:
-    from trainer.spec import parse_spec
+    from trainer.jobspec import parse_spec
 
     return parse_spec({
         "model": {"teacher": teacher}, "data": data,

@@ -180,9 +180,9 @@ def tiny_worker(rank: int, world: int, port: int, overrides: list[str], mode: st
     torch.set_num_threads(1)
     from trainer.data import build_dataset, sharded_batches
     from trainer.distill import Distiller
+    from trainer.jobspec import load_spec
     from trainer.models import load_teacher
     from trainer.parallel import make_accelerator
-    from trainer.spec import load_spec
 
     cfg = load_spec(REPO / "presets" / "tiny-sdxl.yaml", ["train.sharding=fsdp", *overrides])
     acc = make_accelerator(cfg.train.mixed_precision)
@@ -274,7 +274,7 @@ def main() -> None:
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--steps", type=int, default=3, help="tiny: iterations counted after the warm-up")
     args = ap.parse_args()
-    from trainer.spec import load_spec
+    from trainer.jobspec import load_spec
 
     results: dict[str, Any] = {"command": "python " + " ".join([f"bench/{Path(__file__).name}", *sys.argv[1:]]),
                                "torch": torch.__version__, "rows": []}

@@ -14,7 +14,7 @@ torch.cuda.max_memory_allocated/reserved. A config that fails (out of memory, sa
 its peak is where it stopped. The JSON is rewritten after every measured step, so a run stopped from outside
 still leaves what it measured.
 
-Configs (levers are `memory.*` / `optim.*` values, see trainer/spec/):
+Configs (levers are `memory.*` / `optim.*` values, see trainer/jobspec/):
   s1-baseline    flash TTUR 1, no lever (fp32 AdamW, text encoders on the GPU, ...): ~89 GiB, so an 80 GB
                  card records an OOM here
   s1-<lever>     that lever alone: adamw8bit, text-cache, vae-ckpt, sam-sdpa
@@ -100,7 +100,7 @@ def preset_raw(name: str, res: int, batch: int) -> dict[str, Any]:
 def spec_for(name: str, res: int, batch: int, backend: str, cpu: bool = False) -> Any:
     """The config's spec. `backend`: optim.adamw8bit_backend. cpu (--dry-run): adamw stands in for bitsandbytes,
     whose kernels need CUDA (torchao runs on the CPU)."""
-    from trainer.spec import parse_spec
+    from trainer.jobspec import parse_spec
 
     if name in PRESETS:
         raw = preset_raw(name, res, batch)

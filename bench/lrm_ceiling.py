@@ -65,8 +65,8 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from trainer.data import DigitsDataset
+    from trainer.jobspec import ModelSpec
     from trainer.models import load_teacher
-    from trainer.spec import ModelSpec
     from trainer.toy import HERE, TEACHER_DIR
     from trainer.toy.prompts import digit_prompt
     from trainer.toy.reward import degrade, encode_pairs, make_pairs, split

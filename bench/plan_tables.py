@@ -18,8 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from trainer.jobspec import load_spec  # noqa: E402
 from trainer.plan import format_plan, make_plan  # noqa: E402
-from trainer.spec import load_spec  # noqa: E402
 
 CASES = [
     ("presets/sdxl-4step.yaml", 1, [], "Stage 1 on one 80 GB GPU (the preset)"),

@@ -165,8 +165,8 @@ def score_run(name: str, run_dir: Path, spec: dict, ttur: int, ctx: dict, keep: 
 def teacher_rows(ev: Any, per_class: int, guidance: float = DEMO_SPEC["distill"]["real_guidance"]) -> dict:
     """The teacher scored like the students, at the students' CFG: 50-step Euler (cached features) and as the
     students' 4-step sampler (update 0 of every run)."""
+    from trainer.jobspec import ModelSpec
     from trainer.models import load_teacher
-    from trainer.spec import ModelSpec
     from trainer.toy.reference import teacher_features
     from trainer.toy.teacher_sampling import eval_labels
 
@@ -228,8 +228,8 @@ def main() -> None:
 
     import torch
 
+    from trainer.jobspec import ModelSpec, parse_spec
     from trainer.models import load_teacher
-    from trainer.spec import ModelSpec, parse_spec
     from trainer.toy.evaluate import default_evaluator
     from trainer.toy.reference import teacher_reference
     from trainer.toy.teacher_sampling import eval_labels, generate

@@ -317,10 +317,10 @@ def main() -> None:
     import torch
     from diffusers.utils import logging as diffusers_logging
 
+    from trainer.jobspec import ModelSpec, parse_spec
     from trainer.models import load_teacher
     from trainer.reward import load_lrm
     from trainer.rl_loop import resolve_init
-    from trainer.spec import ModelSpec, parse_spec
     from trainer.toy.evaluate import default_evaluator
     from trainer.toy.reference import teacher_reference
     from trainer.toy.teacher_sampling import eval_labels

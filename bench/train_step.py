@@ -155,7 +155,7 @@ def digits_study_cfgs() -> dict[str, Any]:
     """The digits study's own specs (bench/quality_vs_cost.py: the demo's recipe per row), as DistillJobs."""
     from quality_vs_cost import run_spec
 
-    from trainer.spec import parse_spec
+    from trainer.jobspec import parse_spec
 
     names = {"flash-ttur1": "flash-ttur1-k4-noema", "flash-ttur1-ema0.98": "flash-ttur1-k4", BASELINE: "dmd2-k4"}
     return {key: parse_spec(run_spec(row, 1.0, 0)[0]) for key, row in names.items()}

@@ -17,7 +17,7 @@ import click
 
 from trainer.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED
 from trainer.entry import TRAINER_KINDS, job_command, run_trainer_job
-from trainer.spec import SpecError, load_spec
+from trainer.jobspec import SpecError, load_spec
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "EXIT_STOPPED", "eval_command", "main", "run_job",
            "train_command"]

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from trainer.jobspec import ModelSpec
 from trainer.models import load_teacher
-from trainer.spec import ModelSpec
 from trainer.toy.evaluate import default_evaluator
 from trainer.toy.prompts import digit_prompt
 from trainer.toy.reference import teacher_features, teacher_reference

@@ -32,8 +32,8 @@ def _per_image(fn: Any, n: int) -> float:
 def time_samplers(checkpoint: str | Path, *, batch: int = BATCH, single: int = 10) -> dict[str, dict[str, float]]:
     """Seconds per image of the teacher's two samplers and the student's, at `batch` and at batch 1."""
     from inference.pipeline import load_pipeline
+    from trainer.jobspec import ModelSpec
     from trainer.models import load_teacher
-    from trainer.spec import ModelSpec
     from trainer.toy.teacher_sampling import generate
 
     teacher = load_teacher(ModelSpec(teacher="toy:digits"))

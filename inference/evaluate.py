@@ -24,9 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer.errors import InputError, StopRequested
+from trainer.jobspec import EvalJob
 from trainer.roots import check_opened
 from trainer.sink import Sink
-from trainer.spec import EvalJob
 
 
 def checkpoints_to_score(ref: str, steps: str | list[int]) -> list[Path]:
@@ -86,8 +86,8 @@ class DigitsProtocol:
     """The digits evaluator's metrics; the teacher-50 reference statistics come from the shipped cache."""
 
     def __init__(self, per_class: int) -> None:
+        from trainer.jobspec import ModelSpec
         from trainer.models import load_teacher
-        from trainer.spec import ModelSpec
         from trainer.toy.evaluate import default_evaluator
         from trainer.toy.prompts import digit_prompt
         from trainer.toy.reference import teacher_reference

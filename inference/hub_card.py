@@ -19,7 +19,7 @@ import yaml
 
 from inference.checkpoint import CheckpointInfo
 from inference.export import sampler_call
-from trainer.spec.limits import is_hub_ref
+from trainer.jobspec.limits import is_hub_ref
 
 FAMILY_TAGS = {"sdxl": "stable-diffusion-xl", "sd15": "stable-diffusion", "sd3": "stable-diffusion-3"}
 SAMPLE = re.compile(r"^step-(\d+)(?:-\d+x\d+)?\.png$")

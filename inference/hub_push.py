@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.spec.limits import HUB_REF
+from trainer.jobspec.limits import HUB_REF
 
 
 class PushError(Exception):

@@ -37,8 +37,8 @@ from torch import Tensor, nn
 
 from trainer.errors import InputError
 from trainer.hub import resolve_weights
+from trainer.jobspec import ScorerSpec
 from trainer.roots import check_opened
-from trainer.spec import ScorerSpec
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

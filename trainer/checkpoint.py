@@ -28,8 +28,8 @@ from trainer.sink import METRICS_FILE, Sink
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from trainer.jobspec import DistillJob
     from trainer.method import Method
-    from trainer.spec import DistillJob
 
 CKPT_DIR = "checkpoints"
 

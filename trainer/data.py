@@ -27,8 +27,8 @@ from trainer.buckets import (
     to_uint8,
 )
 from trainer.errors import InputError
+from trainer.jobspec import BucketSpec, DataSpec
 from trainer.roots import check_data_file, check_opened
-from trainer.spec import BucketSpec, DataSpec
 from trainer.toy.prompts import digit_prompt
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from trainer.spec import SAM_GLOBAL_BLOCKS
+from trainer.jobspec import SAM_GLOBAL_BLOCKS
 
 # SAM's pixel_mean/std (0..255 RGB) divided by 255: the ImageNet statistics.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -282,7 +282,7 @@ class PixelDiscriminator(nn.Module):
 
 
 def build_discriminator(spec: Any, sdpa: bool = False) -> PixelDiscriminator:
-    """From a `trainer.spec.DiscriminatorSpec` (backbone, checkpoint, blocks, img_size, head_channels).
+    """From a `trainer.jobspec.DiscriminatorSpec` (backbone, checkpoint, blocks, img_size, head_channels).
 
     sdpa: the encoder's attention through F.scaled_dot_product_attention (memory.sam_sdpa).
     """

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.gan import LatentHead, mid_features
+from trainer.jobspec import DEFAULT_REAL_GUIDANCE, DistillJob
 from trainer.losses import GAN_LOSSES, diffusion_loss, dm_loss, ema_inject_, matching_parameters
 from trainer.micro import latent_shape, make_micro
 from trainer.micro import real_latents as micro_real_latents
@@ -29,7 +30,6 @@ from trainer.optim import build_optimizer
 from trainer.parallel import gathered, no_sync, wrap
 from trainer.rng import Gen, SampleRNG, mix_seed, randint, randn, shared_choice
 from trainer.schedules import backward_simulate, rollout_to_clean, sample_dm_timesteps
-from trainer.spec import DEFAULT_REAL_GUIDANCE, DistillJob
 from trainer.updates import Micro, Update, cat_rng, finish_update, frozen, mean_logs
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class Distiller:
             self.latent_head = self._build_latent_head().to(self.device)
         # The wrapped networks: called once per micro-batch by their own loss (trainer/parallel.py). FSDP
         # shards the two denoisers; the small D heads / latent head stay DDP replicas. The spec allows fsdp
-        # for full-weight stage 1 only (trainer/spec DistillJob).
+        # for full-weight stage 1 only (trainer/jobspec DistillJob).
         self.sharded = cfg.train.sharding == "fsdp" and accelerator.num_processes > 1
         sharding = cfg.train.sharding
         self.generator_w = wrap(accelerator, self.generator, sharding)

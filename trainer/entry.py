@@ -27,7 +27,7 @@ from trainer.cli import (
     quiet_libraries,
 )
 from trainer.hooks import Hooks
-from trainer.spec import SpecError, load_spec
+from trainer.jobspec import SpecError, load_spec
 
 TRAINER_KINDS = ("distill", "rl", "prepare")
 

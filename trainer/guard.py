@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 
-class GuardSpecLike(Protocol):  # trainer.spec.GuardSpec; guard.py stays free of the spec package
+class GuardSpecLike(Protocol):  # trainer.jobspec.GuardSpec; guard.py stays free of the spec package
     max_saturation: float
     max_drift: float
     min_diversity: float

@@ -1,6 +1,6 @@
 """Weights from a local path or a hub id: the one resolver for SAM, reward-model and scorer weights.
 
-A hub reference is `org/name[/path/in/repo][@revision]` (trainer/spec/limits.py HUB_REF). It is fetched
+A hub reference is `org/name[/path/in/repo][@revision]` (trainer/jobspec/limits.py HUB_REF). It is fetched
 with huggingface_hub, so its cache (`HF_HUB_CACHE`), offline mode (`HF_HUB_OFFLINE=1`), mirror
 (`HF_ENDPOINT`) and token all apply; those are huggingface_hub's settings, read by it, not by us. A value
 that looks local (absolute, ./, ../, ~, or an existing path) is returned as a path, its realpath once it
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Literal
 
 from trainer.errors import InputError, ModelUnreachable
+from trainer.jobspec.limits import HUB_REF, is_hub_ref
 from trainer.roots import opened_model
-from trainer.spec.limits import HUB_REF, is_hub_ref
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,12 @@ from trainer.errors import Collapsed, StopRequested, TrainingError
 from trainer.guard import from_spec as guard_from_spec
 from trainer.guard import grid_stats, health_metrics
 from trainer.hooks import Hooks
+from trainer.jobspec import DistillJob, GuardSpec
 from trainer.method import Method, Setup
 from trainer.models import load_teacher
 from trainer.optim import check_runtime
 from trainer.parallel import agree_any, main_process_first, make_accelerator, start_training
 from trainer.sink import Sink
-from trainer.spec import DistillJob, GuardSpec
 from trainer.textcache import prepare_text_cache
 from trainer.trackers import accelerator_kwargs, finish_trackers, tracked_sink
 from trainer.validation import ValidationPlan, plan_validation

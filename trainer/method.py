@@ -18,10 +18,10 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from trainer.hooks import Hooks
+    from trainer.jobspec import DistillJob
     from trainer.models import Teacher
     from trainer.schedules import Parameterisation
     from trainer.sink import Sink
-    from trainer.spec import DistillJob
     from trainer.validation import ValidationPlan
 
 

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from trainer.errors import InputError
+from trainer.jobspec import ModelSpec
 from trainer.roots import opened_model
 from trainer.schedules import Parameterisation, parameterisation_for
-from trainer.spec import ModelSpec
 
 PIPELINE_FAMILY = {
     "StableDiffusionXLPipeline": "sdxl",

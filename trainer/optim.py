@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from trainer.errors import InputError
-from trainer.spec import OptimizerSpec
+from trainer.jobspec import OptimizerSpec
 
 # bitsandbytes' defaults (bitsandbytes/optim/optimizer.py): states of smaller tensors stay fp32,
 # and the block-wise quantiser keeps one fp32 absmax per block of 256 elements.
@@ -76,7 +76,7 @@ def runtime_problem(kind: str, *, backend: str = "bitsandbytes", cuda: bool | No
 def check_runtime(cfg: Any) -> None:
     """Refuse, before anything is loaded, a spec whose levers this machine cannot run (InputError, exit 2).
 
-    Spec validation (trainer/spec/) must not import torch, so the checks that need to know the machine
+    Spec validation (trainer/jobspec/) must not import torch, so the checks that need to know the machine
     live here; the trainer CLI and `train()` call this before loading a model.
     """
     optim = getattr(cfg, "optim", None)

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from trainer.spec import SpecError, load_spec
+from trainer.jobspec import SpecError, load_spec
 
 EXIT_BAD_INPUT = 2
 TRACED_MICRO_BATCHES = 2  # longer accumulation: 2 traced, the rest's kept tensors added (see trace_result)

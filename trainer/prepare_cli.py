@@ -39,7 +39,7 @@ def prepare_command(source: str, output: Path, teacher: str, resolution: int | N
     pattern), a datasets save_to_disk folder or .parquet files. Train from it with `data.cache: OUTPUT` and
     the same model.resolution and data.buckets.
     """
-    from trainer.spec import SpecError, parse_spec
+    from trainer.jobspec import SpecError, parse_spec
 
     buckets: dict = {"enabled": bucket_mode != "off", "step": step, "crop": crop, "target_pixels": target_pixels}
     if bucket_mode == "sdxl":

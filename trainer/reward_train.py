@@ -133,9 +133,9 @@ def main(base: str, pairs_path: Path, out: Path, init: Path | None, steps: int, 
          resolution: int | None, vfe_scale: float, seed: int) -> None:
     """Train a Latent Reward Model on (prompt, winner image, loser image) pairs."""
     from trainer.data import infinite_batches
+    from trainer.jobspec import ModelSpec
     from trainer.models import load_teacher
     from trainer.reward import load_lrm, save_lrm
-    from trainer.spec import ModelSpec
 
     try:
         pairs = read_pairs(pairs_path)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.distill import Distiller
+from trainer.jobspec import RLJob
 from trainer.losses import dpo_loss, gaussian_log_density
 from trainer.models import Cond, predict_x0
 from trainer.optim import build_optimizer
@@ -35,7 +36,6 @@ from trainer.parallel import agree_any, gathered
 from trainer.reward import RewardModel
 from trainer.rng import Gen, randint, randn
 from trainer.schedules import Parameterisation
-from trainer.spec import RLJob
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -25,6 +25,7 @@ from trainer.distill import Distiller
 from trainer.errors import InputError
 from trainer.hooks import Hooks
 from trainer.hub import resolve_weights
+from trainer.jobspec import RewardSpec, RLJob
 from trainer.loop import prepare_data, run_loop
 from trainer.memory import reward_for_training
 from trainer.method import Method, Setup
@@ -33,7 +34,6 @@ from trainer.reward import LatentRewardModel, PixelReward, RewardModel, load_lrm
 from trainer.rl import JointRL, RLBatch
 from trainer.roots import check_opened
 from trainer.sink import Sink
-from trainer.spec import RewardSpec, RLJob
 from trainer.validation import ValidationPlan, render_validation
 
 
@@ -131,7 +131,7 @@ def init_from_stage1(cfg: RLJob, distiller: Distiller, sink: Sink) -> Path | Non
 
 class RLMethod(JointRL):
     """Stage 2 as a training method of the loop (trainer/method.py). The spec runs it without FSDP
-    (trainer/spec: p_ref is a copy of G), so its checkpoints are never sharded."""
+    (trainer/jobspec: p_ref is a copy of G), so its checkpoints are never sharded."""
 
     progress_keys = ("loss/rl", "rl/kept_frac", "rl/reward_mean", "loss/dm")
     sharded = False

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from trainer.errors import InputError
-from trainer.spec.limits import is_hub_ref
+from trainer.jobspec.limits import is_hub_ref
 
 ENV = "FLASHDMD_ALLOWED_DATA_ROOTS"
 MODEL_ENV = "FLASHDMD_ALLOWED_MODEL_ROOTS"

@@ -237,7 +237,7 @@ def trace(spec: Any, gpus: int | None = None, micro_batches: int | None = None) 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from trainer.spec import load_spec
+    from trainer.jobspec import load_spec
 
     ap = argparse.ArgumentParser(prog="python -m trainer.trace", description=__doc__.splitlines()[0])
     ap.add_argument("spec")

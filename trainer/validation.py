@@ -23,12 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from trainer.errors import InputError
+from trainer.jobspec import TrainSpec
+from trainer.jobspec.limits import VALIDATION_MAX_IMAGES, VALIDATION_MAX_PROMPT_CHARS, VALIDATION_MAX_PROMPTS
 from trainer.models import Cond, Teacher
 from trainer.roots import check_opened
 from trainer.sampling import sample, to_uint8
 from trainer.schedules import Parameterisation
-from trainer.spec import TrainSpec
-from trainer.spec.limits import VALIDATION_MAX_IMAGES, VALIDATION_MAX_PROMPT_CHARS, VALIDATION_MAX_PROMPTS
 
 # Images per sampler call: bounds activation memory for a 256-image grid. The images do not depend on it.
 CHUNK = 16

@@ -28,13 +28,13 @@ from api.schemas import (
 )
 from api.settings import Settings
 from api.spec_paths import check_spec_paths
-from trainer.spec import SpecError, parse_spec, total_steps
-from trainer.spec.limits import INT32_MAX
+from trainer.jobspec import SpecError, parse_spec, total_steps
+from trainer.jobspec.limits import INT32_MAX
 
 JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
 errors = {code: {"model": ErrorBody} for code in (401, 404, 409, 422)}
 # Every integer a client sends must fit the column it is compared with: SQLite refuses Python ints
-# beyond 64 bits with an OverflowError. Steps are 32-bit (trainer/spec/limits.py INT32_MAX); event ids are 64-bit.
+# beyond 64 bits with an OverflowError. Steps are 32-bit (trainer/jobspec/limits.py INT32_MAX); event ids are 64-bit.
 INT64_MAX = 2**63 - 1
 Step = Annotated[int, Path(ge=0, le=INT32_MAX, description="a training step")]
 # Text that Postgres can compare: no NUL (psycopg refuses it) and at most the column's length.

@@ -31,7 +31,7 @@ from api.models import TERMINAL, ApiToken
 from api.routes.jobs import INT64_MAX, errors
 from api.runner import LOG_FILE
 from api.schemas import EventPublic, JobPublic, MetricPoint
-from trainer.spec.limits import INT32_MAX
+from trainer.jobspec.limits import INT32_MAX
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=errors)  # type: ignore[arg-type]
 

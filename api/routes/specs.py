@@ -1,7 +1,7 @@
 """POST /specs/parse: a YAML spec as the JSON that POST /jobs takes (the dashboard's spec editor, curl users).
 
 YAML is read here, not in the browser: the page ships no YAML library, and the server already reads YAML
-the way `flashdmd train` does (trainer.spec.limits.load_yaml, so `1e-4` is a number in both). The
+the way `flashdmd train` does (trainer.jobspec.limits.load_yaml, so `1e-4` is a number in both). The
 result is only a translation; POST /jobs validates it as for any JSON spec. The translation is strict:
 one document, a mapping, string keys, no anchors or aliases (a few lines of aliases can expand to
 gigabytes of JSON), and only values JSON can carry; every refusal names the field. The edge's body limit
@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import CurrentToken
 from api.errors import APIError
 from api.routes.jobs import errors
-from trainer.spec.limits import load_yaml
+from trainer.jobspec.limits import load_yaml
 
 router = APIRouter(prefix="/specs", tags=["jobs"], responses=errors)  # type: ignore[arg-type]
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")

@@ -21,7 +21,7 @@ def test_two_ranks_train_on_buckets_of_different_sizes(launch, tmp_path):
         Image.new("RGB", (w, h), (60 * i, 120, 200)).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(f"picture {i}")
     from trainer.buckets import BucketBatchSampler
-    from trainer.spec import parse_spec
+    from trainer.jobspec import parse_spec
     from trainer.data import build_dataset
 
     spec = parse_spec({"model": {"teacher": "tiny:sdxl"}, "data": {"images": str(folder), "buckets": {

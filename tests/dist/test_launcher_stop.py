@@ -30,7 +30,7 @@ def _events(run_dir) -> list[dict]:
 
 def test_sigterm_to_the_launcher_drains_to_a_resumable_checkpoint(launch, dist_env, tmp_path, monkeypatch):
     from api.proc import spawn, trainer_command
-    from trainer.spec import load_spec
+    from trainer.jobspec import load_spec
 
     spec = load_spec(REPO / TINY[0], [a for a in TINY[1:] if a != "--set"] + [
         "train.max_steps=200", "train.checkpoint_every=1000", "train.batch_size=2"])

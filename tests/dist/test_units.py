@@ -7,7 +7,7 @@ import torch
 from accelerate import Accelerator
 
 from trainer.checkpoint import load_trainable, trainable_state
-from trainer.spec import parse_spec
+from trainer.jobspec import parse_spec
 from trainer.data import ShardSampler
 from trainer.distill import Distiller
 from trainer.models import load_teacher, predict, teacher_x0

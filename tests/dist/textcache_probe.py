@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from trainer.spec import parse_spec
+from trainer.jobspec import parse_spec
 from trainer.models import load_teacher
 from trainer.parallel import main_process_first, make_accelerator
 from trainer.textcache import build_text_cache

@@ -15,8 +15,8 @@ from PIL import Image
 from api.cli import cli
 from trainer.data import build_dataset, sharded_batches
 from trainer.errors import InputError
+from trainer.jobspec import parse_spec
 from trainer.models import load_teacher
-from trainer.spec import parse_spec
 from trainer.tiny import tiny_pipeline_dir
 
 # (width, height): two wide, two tall, two square images; bucket list derived from 32^2 pixels, step 8.

@@ -19,7 +19,7 @@ from servicekit import TINY_SPEC
 from api.runner import roots_env
 from trainer.data import build_dataset
 from trainer.errors import InputError
-from trainer.spec import DataSpec
+from trainer.jobspec import DataSpec
 
 pytestmark = pytest.mark.service
 SECRET = "another user's prompt\n"
@@ -123,8 +123,8 @@ def _created(client, auth, spec: dict) -> dict:
 
 def test_teacher_folder_swapped_after_submit_is_refused_where_it_is_loaded(client, auth, roots, trainer_env,
                                                                              tmp_path) -> None:
+    from trainer.jobspec import ModelSpec
     from trainer.models import load_teacher
-    from trainer.spec import ModelSpec
     from trainer.tiny import tiny_pipeline_dir
 
     folder = tiny_pipeline_dir("sd15", cache_root=roots["models"] / f"tiny-{tmp_path.name}")

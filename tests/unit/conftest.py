@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.data import DigitsDataset
-from trainer.spec import parse_spec
+from trainer.jobspec import parse_spec
 from trainer.tiny import tiny_pipeline_dir
 
 

@@ -112,7 +112,7 @@ def test_every_study_run_is_a_valid_spec_on_the_train_split() -> None:
     """The study's specs derive from the demo's: a demo change must not make a row invalid (dmd2 has no EMA)."""
     import quality_vs_cost as Q
 
-    from trainer.spec import parse_spec
+    from trainer.jobspec import parse_spec
 
     for name in Q.RUNS:
         spec, ttur, updates = Q.run_spec(name, 1.0, 0)

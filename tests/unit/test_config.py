@@ -1,4 +1,4 @@
-"""Unit tests for trainer/spec/ (the pydantic job spec) and the `python -m trainer` CLI front."""
+"""Unit tests for trainer/jobspec/ (the pydantic job spec) and the `python -m trainer` CLI front."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from trainer.spec import SpecError, apply_overrides, default_timesteps, load_spec, parse_spec
+from trainer.jobspec import SpecError, apply_overrides, default_timesteps, load_spec, parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO / "presets").glob("*.yaml"))
@@ -410,8 +410,8 @@ def test_bounds_at_the_edge_are_accepted() -> None:
 
 def test_builtin_name_lists_match_the_trainer() -> None:
     from trainer.discriminator import _SAM_VARIANTS
+    from trainer.jobspec.limits import PIXEL_SCORER_NAMES, SAM_DEPTH, TINY_FAMILIES
     from trainer.reward import PIXEL_SCORERS
-    from trainer.spec.limits import PIXEL_SCORER_NAMES, SAM_DEPTH, TINY_FAMILIES
     from trainer.tiny import FAMILIES
 
     assert TINY_FAMILIES == FAMILIES

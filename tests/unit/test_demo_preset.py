@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from flashjob.demo import DEMO_PRESET, DEMO_SPEC
-from trainer.spec import load_spec, parse_spec
+from trainer.jobspec import load_spec, parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -17,7 +17,7 @@ from trainer.discriminator import (
     load_sam_image_encoder,
     sam_preprocess,
 )
-from trainer.spec import DiscriminatorSpec
+from trainer.jobspec import DiscriminatorSpec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,7 +46,7 @@ def test_imports_and_runs_without_torchvision() -> None:
 
         sys.meta_path.insert(0, BlockTorchvision())
         import torch
-        from trainer.spec import DiscriminatorSpec
+        from trainer.jobspec import DiscriminatorSpec
         from trainer.discriminator import build_discriminator
 
         d = build_discriminator(DiscriminatorSpec(backbone="tiny", head_channels=8))

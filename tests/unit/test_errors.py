@@ -130,7 +130,7 @@ def test_a_trainer_run_with_an_unreachable_teacher_ends_fast_with_one_line(tmp_p
 def test_an_out_of_memory_error_carries_the_plan_figure() -> None:
     """The runner adds `flashdmd plan`'s figure when it is cheap (a local or cached teacher), nothing otherwise."""
     from api.runner import plan_note
-    from trainer.spec import parse_spec
+    from trainer.jobspec import parse_spec
 
     spec = parse_spec({"kind": "distill", "model": {"teacher": "tiny:sdxl"}, "data": {"builtin": "digits"},
                        "distill": {"discriminator": {"backbone": "tiny"}}})

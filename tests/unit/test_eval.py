@@ -14,8 +14,8 @@ from inference.scorers import IMAGEREWARD_MEAN, IMAGEREWARD_STD, Preprocess, bui
 from inference.testing import make_checkpoint
 from inference.tiny_scorers import tiny_clip_dir, tiny_fid_detector, tiny_imagereward_dir
 from trainer.errors import InputError
+from trainer.jobspec import ScorerSpec, SpecError, parse_spec, total_steps
 from trainer.sink import JsonlSink
-from trainer.spec import ScorerSpec, SpecError, parse_spec, total_steps
 from trainer.toy import TEACHER_DIR
 
 PROMPTS = ["a handwritten digit one", "a photo of a cat", "a red dog", "the digit two", "a dog"]

@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import gpu_train_step as gts  # noqa: E402
 
-from trainer.spec import load_spec  # noqa: E402
+from trainer.jobspec import load_spec  # noqa: E402
 
 
 @pytest.mark.parametrize(("config", "preset"), [("s1-all", "sdxl-4step.yaml"), ("s2-all", "sdxl-rl-4step.yaml")])

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from trainer.errors import COLLAPSED, Collapsed
+from trainer.jobspec import load_spec
 from trainer.loop import train
 from trainer.sink import JsonlSink
-from trainer.spec import load_spec
 
 PRESETS = Path(__file__).resolve().parents[2] / "presets"
 

@@ -101,7 +101,7 @@ def test_sam_weights_load_from_a_hub_id(hub_cache, tmp_path):
 def test_a_scorer_from_a_hub_id_scores_like_the_same_local_folder(hub_cache, tmp_path):
     from inference.scorers import build_scorer
     from inference.tiny_scorers import tiny_clip_dir
-    from trainer.spec import ScorerSpec
+    from trainer.jobspec import ScorerSpec
 
     local = tiny_clip_dir(tmp_path / "clip")
     add_snapshot(hub_cache, "org/clip", {"clip": local})
@@ -159,11 +159,11 @@ def test_check_spec_paths_over_the_api(tmp_path):
 
 
 def test_the_reward_model_loads_from_a_hub_id(hub_cache, tmp_path, make_cfg, tiny_dir):
+    from trainer.jobspec import ModelSpec, RewardSpec
     from trainer.models import load_teacher
     from trainer.reward import LatentRewardModel, save_lrm
     from trainer.rl_loop import build_reward
     from trainer.sink import JsonlSink
-    from trainer.spec import ModelSpec, RewardSpec
 
     teacher = load_teacher(ModelSpec(teacher=str(tiny_dir("sdxl"))))
     save_lrm(LatentRewardModel.from_pipeline(teacher.pipe, resolution=teacher.resolution, seed=3), tmp_path / "lrm")

@@ -98,10 +98,10 @@ def bf16_accelerator():
 
 def test_joint_rl_bf16_reference_and_reward(make_cfg, bf16_accelerator):
     from trainer.distill import Distiller
+    from trainer.jobspec import parse_spec
     from trainer.memory import AutocastReward, reward_for_training
     from trainer.reward import LatentRewardModel
     from trainer.rl import JointRL
-    from trainer.spec import parse_spec
 
     raw = make_cfg("sdxl", distill__gan_weight=0.0).model_dump(mode="json")
     raw.update(kind="rl", rl={"threshold_min": -1.0, "threshold_max": -1.0, "optimizer": {"lr": 1e-3}},

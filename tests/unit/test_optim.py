@@ -7,6 +7,7 @@ import torch
 from accelerate import Accelerator
 
 from trainer.errors import InputError
+from trainer.jobspec import SpecError, parse_spec
 from trainer.optim import (
     adamw_state_bytes,
     build_optimizer,
@@ -14,7 +15,6 @@ from trainer.optim import (
     optimizer_state_bytes,
     runtime_problem,
 )
-from trainer.spec import SpecError, parse_spec
 
 SPEC = {"model": {"teacher": "tiny:sdxl"}, "data": {"builtin": "digits"}}
 

@@ -8,11 +8,11 @@ from accelerate import Accelerator
 from click.testing import CliRunner
 
 from trainer.distill import Distiller
+from trainer.jobspec import load_spec
 from trainer.models import load_teacher
 from trainer.optim import optimizer_state_bytes
 from trainer.plan import GIB, load_arch, make_plan
 from trainer.plan_cli import plan_command
-from trainer.spec import load_spec
 
 SDXL_PRESET = "presets/sdxl-4step.yaml"
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from trainer.jobspec import load_spec
 from trainer.plan import GIB, RESERVED_RATIO, load_arch, make_plan
 from trainer.plan_dist import fsdp_gather_bytes, shard_units
-from trainer.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 PRESET, PRESET8 = "presets/sdxl-4step.yaml", "presets/sdxl-4step-8gpu.yaml"

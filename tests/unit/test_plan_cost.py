@@ -6,9 +6,9 @@ import pytest
 from click.testing import CliRunner
 
 from trainer.errors import InputError
+from trainer.jobspec import load_spec
 from trainer.plan_cli import plan_command
 from trainer.plan_cost import COSTS, quote
-from trainer.spec import load_spec
 
 
 def test_quote_scales_with_steps_samples_and_price():

@@ -85,9 +85,9 @@ def test_sd3_medium_with_the_levers_agrees_with_its_stored_trace():
     import json
     from pathlib import Path
 
+    from trainer.jobspec import load_spec
     from trainer.plan import make_plan
     from trainer.plan_cli import trace_result
-    from trainer.spec import load_spec
 
     repo = Path(__file__).resolve().parents[2]
     stored = json.loads((repo / "bench/results/plan_trace/sd3-medium-4step-lora-levers.json").read_text())

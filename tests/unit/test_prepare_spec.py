@@ -7,7 +7,7 @@ import pytest
 from api.errors import APIError
 from api.settings import Settings
 from api.spec_paths import check_spec_paths
-from trainer.spec import SpecError, num_processes, parse_spec, total_steps
+from trainer.jobspec import SpecError, num_processes, parse_spec, total_steps
 
 
 def test_a_prepare_spec_validates_and_runs_as_one_process():

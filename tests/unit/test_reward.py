@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from trainer.jobspec import ModelSpec
 from trainer.models import load_teacher
 from trainer.reward import (
     LatentRewardModel,
@@ -24,7 +25,6 @@ from trainer.reward import (
     visual_feature_dim,
 )
 from trainer.reward_train import read_pairs, train_lrm
-from trainer.spec import ModelSpec
 
 PROMPTS = ["a handwritten digit one", "a handwritten digit two", "a handwritten digit one"]
 

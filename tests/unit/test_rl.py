@@ -9,6 +9,7 @@ import torch
 from accelerate import Accelerator
 
 from trainer.distill import Distiller
+from trainer.jobspec import SpecError, parse_spec
 from trainer.losses import dpo_loss, gaussian_log_density
 from trainer.models import load_teacher
 from trainer.reward import LatentRewardModel, PixelReward, contrast_scorer
@@ -23,7 +24,6 @@ from trainer.rl import (
     stochastic_transitions,
 )
 from trainer.schedules import EpsDDPM, Flow
-from trainer.spec import SpecError, parse_spec
 
 SD_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 S4 = [999, 749, 499, 249]

@@ -68,10 +68,10 @@ def test_train_rollout_reward_end_to_end_on_a_two_step_generator(tmp_path):
 
     from flashjob.demo import DEMO_SPEC
     from flashjob.rollout_reward import train_rollout_reward
+    from trainer.jobspec import parse_spec
     from trainer.loop import train
     from trainer.reward import load_lrm
     from trainer.sink import JsonlSink
-    from trainer.spec import parse_spec
 
     spec = json.loads(json.dumps(DEMO_SPEC))
     spec["train"].update(max_steps=2, checkpoint_every=2, sample_every=2, batch_size=4, num_samples=2)
@@ -102,9 +102,9 @@ def test_shipped_rollout_reward_ranks_candidates_and_still_ranks_clean_digits():
     import json
 
     from trainer.data import DigitsDataset
+    from trainer.jobspec import ModelSpec
     from trainer.models import load_teacher
     from trainer.reward import load_lrm
-    from trainer.spec import ModelSpec
     from trainer.toy import HERE
     from trainer.toy.reward import encode_pairs, make_pairs, pair_accuracy, split
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from trainer.jobspec import ModelSpec
 from trainer.models import load_teacher
-from trainer.spec import ModelSpec
 from trainer.toy import EVALUATOR_DIR, TEACHER_DIR
 from trainer.toy import evaluate as E
 from trainer.toy import metrics as M
@@ -228,7 +228,7 @@ def test_report_has_every_metric(evaluator) -> None:
 
 def test_heldout_split_is_disjoint_stratified_and_the_gan_reals_exclude_it() -> None:
     from trainer.data import build_dataset
-    from trainer.spec import DataSpec
+    from trainer.jobspec import DataSpec
 
     images, labels = E.real_digits()
     tr, te = E.split_indices(labels)

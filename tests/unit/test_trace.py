@@ -68,8 +68,8 @@ def test_the_plan_agrees_with_the_trace_of_a_tiny_preset(family, tiny_preset, ba
     # the analytic plan of the same spec within 5% of the traced peak (fp32 graphs, VAE decode, SAM, kept
     # tensors). tiny-sd3: at 32² its 64 image tokens join 333 text tokens in every joint block, which the MMDiT
     # estimate counts (trainer/plan_act.py: mmdit_graph_bytes); it planned -16% when only image tokens counted
+    from trainer.jobspec import load_spec
     from trainer.plan import make_plan
-    from trainer.spec import load_spec
 
     traced = base_trace(family)["peak_bytes"]
     planned = make_plan(load_spec(tiny_preset(family))).total()
@@ -91,8 +91,8 @@ def test_tracker_correction_pins_the_optimiser_state_of_a_sharded_stack():
 def test_a_ddp_trace_counts_the_reducers_gradient_buckets(tiny_spec):
     # rank 0 of a fake group of 2: every trainable net is DDP-wrapped, and its Reducer's buckets (allocated in C++
     # before the tracker starts) are counted from the wrapped parameters, as the plan counts them from the config
+    from trainer.jobspec import load_spec
     from trainer.plan import make_plan
-    from trainer.spec import load_spec
 
     got = _run("trainer.trace", tiny_spec, "--gpus", "2")
     buckets = got["by_category"]["DDP gradient buckets (counted)"]

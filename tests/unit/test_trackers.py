@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from trainer.errors import InputError
+from trainer.jobspec import SpecError, parse_spec
 from trainer.sink import JsonlSink, read_metrics
-from trainer.spec import SpecError, parse_spec
 from trainer.trackers import TRACKER_DIR, flat_config
 
 

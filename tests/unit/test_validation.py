@@ -11,11 +11,11 @@ from PIL import Image
 
 from trainer import validation
 from trainer.errors import InputError
+from trainer.jobspec import ModelSpec, SpecError
 from trainer.loop import train
 from trainer.models import load_teacher
 from trainer.roots import ENV
 from trainer.sink import JsonlSink
-from trainer.spec import ModelSpec, SpecError
 from trainer.validation import Cell, plan_validation, render_validation, sample_cells
 
 S = [999, 749, 499, 249]

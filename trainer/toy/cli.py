@@ -98,8 +98,8 @@ def eval_teacher_command(teacher: Path, evaluator: Path, guidance: float | None,
                          threads: int | None) -> None:
     """Score the teacher's 50-step CFG samples and its own 4-step samplers with the digits evaluator."""
     from trainer.errors import InputError
+    from trainer.jobspec import ModelSpec
     from trainer.models import load_teacher
-    from trainer.spec import ModelSpec
     from trainer.toy import evaluate as E
     from trainer.toy import reference as R
     from trainer.toy import teacher_sampling as TS

@@ -42,8 +42,8 @@ def copy_report(sample_feats: Tensor, sample_pixels: Tensor, real_feats: Tensor,
 
 def teacher_copy_check(per_class: int = 100, guidance: float = 1.0, seed: int = 0) -> dict[str, Any]:
     """The teacher's 50-step samples (CFG `guidance`) vs train-split digits, both measured to the held-out digits."""
+    from trainer.jobspec import ModelSpec
     from trainer.models import load_teacher
-    from trainer.spec import ModelSpec
     from trainer.toy.evaluate import default_evaluator, real_digits, split_indices
     from trainer.toy.teacher_sampling import eval_labels, generate
 

@@ -138,8 +138,8 @@ def train_toy_reward(teacher_ref: str, out: str | Path | None, *, steps: int = 6
                      log_every: int = 50, timesteps: Sequence[int] = LRM_TIMESTEPS) -> dict:
     """Build pairs, train the LRM from the teacher, evaluate on held-out pairs; saves to `out` when given.
     timesteps: the training noise levels (drawn uniformly per pair)."""
+    from trainer.jobspec import ModelSpec
     from trainer.models import load_teacher
-    from trainer.spec import ModelSpec
 
     torch.manual_seed(seed)
     t0 = time.time()

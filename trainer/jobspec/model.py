@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from trainer.spec.base import Strict
-from trainer.spec.limits import TINY_FAMILIES, TOY_MODELS
+from trainer.jobspec.base import Strict
+from trainer.jobspec.limits import TINY_FAMILIES, TOY_MODELS
 
 
 class LoraSpec(Strict):

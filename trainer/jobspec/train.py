@@ -1,7 +1,7 @@
 """The sections every training job shares: the step schedule S, the optimisers, the memory levers and the loop.
 
 The cross-section rules (sharding against optimiser, LoRA and stage 2) are checked once, on the job
-(trainer/spec/distill.py DistillJob), because they read more than one section.
+(trainer/jobspec/distill.py DistillJob), because they read more than one section.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StrictFloat, StrictInt, field_validator, model_validator
 
-from trainer.spec.base import NUM_TRAIN_TIMESTEPS, Strict, default_timesteps
-from trainer.spec.limits import (
+from trainer.jobspec.base import NUM_TRAIN_TIMESTEPS, Strict, default_timesteps
+from trainer.jobspec.limits import (
     INT32_MAX,
     SEED_MAX,
     VALIDATION_MAX_IMAGES,

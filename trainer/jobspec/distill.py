@@ -10,11 +10,11 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from trainer.spec.base import Strict
-from trainer.spec.data import DataSpec
-from trainer.spec.limits import SAM_DEPTH
-from trainer.spec.model import ModelSpec
-from trainer.spec.train import MemorySpec, OptimSpec, ScheduleSpec, TrainSpec
+from trainer.jobspec.base import Strict
+from trainer.jobspec.data import DataSpec
+from trainer.jobspec.limits import SAM_DEPTH
+from trainer.jobspec.model import ModelSpec
+from trainer.jobspec.train import MemorySpec, OptimSpec, ScheduleSpec, TrainSpec
 
 # Real-score CFG defaults per family (DESIGN §3; DMD2 uses 8 for SDXL, 1.75 for SD1.5).
 DEFAULT_REAL_GUIDANCE: dict[str, float] = {"sdxl": 8.0, "sd15": 1.75, "sd3": 4.0}

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from trainer.spec.base import Strict
+from trainer.jobspec.base import Strict
 
 
 class BucketSpec(Strict):

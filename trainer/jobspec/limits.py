@@ -1,7 +1,7 @@
 """Limits of the job spec: bounds the database and the trainer can take, names of built-ins, and the YAML
 reading that lets strict spec models still take hand-written YAML.
 
-Imports only the standard library and yaml (no torch), like the rest of trainer/spec/, which applies these.
+Imports only the standard library and yaml (no torch), like the rest of trainer/jobspec/, which applies these.
 """
 
 from __future__ import annotations

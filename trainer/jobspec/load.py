@@ -9,12 +9,12 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from trainer.spec.base import SpecError, format_validation_error
-from trainer.spec.distill import DistillJob
-from trainer.spec.eval import EvalJob
-from trainer.spec.limits import load_yaml
-from trainer.spec.prepare import PrepareJob
-from trainer.spec.rl import RLJob
+from trainer.jobspec.base import SpecError, format_validation_error
+from trainer.jobspec.distill import DistillJob
+from trainer.jobspec.eval import EvalJob
+from trainer.jobspec.limits import load_yaml
+from trainer.jobspec.prepare import PrepareJob
+from trainer.jobspec.rl import RLJob
 
 JobSpec = Annotated[DistillJob | RLJob, Field(discriminator="kind")]
 

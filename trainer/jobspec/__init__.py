@@ -12,7 +12,7 @@ derives from `Strict` (base.py), which forbids unknown keys, so a typo is an err
 - load.py: `load_spec`, `parse_spec`, `apply_overrides`: a file or mapping to the job model its `kind` names.
 """
 
-from trainer.spec.base import (
+from trainer.jobspec.base import (
     NUM_TRAIN_TIMESTEPS,
     Family,
     SpecError,
@@ -20,20 +20,20 @@ from trainer.spec.base import (
     default_timesteps,
     format_validation_error,
 )
-from trainer.spec.data import BucketSpec, DataSpec
-from trainer.spec.distill import (
+from trainer.jobspec.data import BucketSpec, DataSpec
+from trainer.jobspec.distill import (
     DEFAULT_REAL_GUIDANCE,
     SAM_GLOBAL_BLOCKS,
     DiscriminatorSpec,
     DistillJob,
     DistillSpec,
 )
-from trainer.spec.eval import EvalJob, EvalSpec, ScorerKind, ScorerSpec
-from trainer.spec.load import JobSpec, apply_overrides, load_spec, num_processes, parse_spec, total_steps
-from trainer.spec.model import LoraSpec, ModelSpec
-from trainer.spec.prepare import PrepareJob, PrepareSpec
-from trainer.spec.rl import RL_THRESHOLD_SDXL, RewardSpec, RLJob, RLSpec
-from trainer.spec.train import (
+from trainer.jobspec.eval import EvalJob, EvalSpec, ScorerKind, ScorerSpec
+from trainer.jobspec.load import JobSpec, apply_overrides, load_spec, num_processes, parse_spec, total_steps
+from trainer.jobspec.model import LoraSpec, ModelSpec
+from trainer.jobspec.prepare import PrepareJob, PrepareSpec
+from trainer.jobspec.rl import RL_THRESHOLD_SDXL, RewardSpec, RLJob, RLSpec
+from trainer.jobspec.train import (
     GuardSpec,
     MemorySpec,
     OptimizerSpec,

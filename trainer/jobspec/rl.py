@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from trainer.spec.base import Strict
-from trainer.spec.distill import DistillJob
-from trainer.spec.limits import PIXEL_SCORER_NAMES
-from trainer.spec.train import OptimizerSpec
+from trainer.jobspec.base import Strict
+from trainer.jobspec.distill import DistillJob
+from trainer.jobspec.limits import PIXEL_SCORER_NAMES
+from trainer.jobspec.train import OptimizerSpec
 
 # LPO's SDXL thresholds on the softmax gap of a (winner, loser) score pair; SD1.5 uses [0.35, 0.5].
 RL_THRESHOLD_SDXL: tuple[float, float] = (0.45, 0.6)

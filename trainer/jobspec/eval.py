@@ -1,6 +1,6 @@
 """The `kind: eval` job spec: score a checkpoint with the digits evaluator or the COCO-10k protocol.
 
-Like the rest of trainer/spec/, this imports only pydantic, so the API validates eval specs without torch.
+Like the rest of trainer/jobspec/, this imports only pydantic, so the API validates eval specs without torch.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from trainer.spec.base import Strict
-from trainer.spec.limits import INT32_MAX, SEED_MAX
+from trainer.jobspec.base import Strict
+from trainer.jobspec.limits import INT32_MAX, SEED_MAX
 
 ScorerKind = Literal["clip", "pickscore", "hpsv2", "imagereward", "fid"]
 

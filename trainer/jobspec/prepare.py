@@ -1,6 +1,6 @@
 """The `kind: prepare` job spec: encode a data source once into a cache that `data.cache` reads.
 
-Like the rest of trainer/spec/, this imports only pydantic, so the API validates prepare specs without torch.
+Like the rest of trainer/jobspec/, this imports only pydantic, so the API validates prepare specs without torch.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from trainer.spec.base import Strict
-from trainer.spec.data import BucketSpec
-from trainer.spec.limits import SEED_MAX
-from trainer.spec.model import ModelSpec
+from trainer.jobspec.base import Strict
+from trainer.jobspec.data import BucketSpec
+from trainer.jobspec.limits import SEED_MAX
+from trainer.jobspec.model import ModelSpec
 
 
 class PrepareSpec(Strict):

@@ -1,6 +1,6 @@
 """The strict base model of every spec section, and the small shared types and errors.
 
-Like the rest of trainer/spec/, this imports only pydantic and yaml (through limits.py), so the API can validate a
+Like the rest of trainer/jobspec/, this imports only pydantic and yaml (through limits.py), so the API can validate a
 spec without importing torch. Every model forbids unknown keys, so a typo is an error that names the field instead
 of a silently ignored setting.
 """
@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from trainer.spec.limits import check_storable_text, is_union_tag
+from trainer.jobspec.limits import check_storable_text, is_union_tag
 
 NUM_TRAIN_TIMESTEPS = 1000
 Family = Literal["sdxl", "sd15", "sd3"]
