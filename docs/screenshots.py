@@ -30,8 +30,12 @@ def digits_grid(url: str, token: str, job: str, seeds: int = 8, scale: int = 3) 
         for word in WORDS:
             row = []
             for first in range(0, seeds, 4):  # the service's default cap is 4 images per request
-                resp = client.post("/generate", json={"job": job, "prompt": f"a handwritten digit {word}",
-                                                      "seed": first, "num_images": min(4, seeds - first)})
+                body = {"job": job, "prompt": f"a handwritten digit {word}", "seed": first,
+                        "num_images": min(4, seeds - first)}
+                resp = client.post("/generate", json=body)
+                while resp.status_code == 429:  # the per-token rate limit: wait as the server says
+                    time.sleep(float(resp.headers.get("retry-after", "5")))
+                    resp = client.post("/generate", json=body)
                 resp.raise_for_status()
                 row += [Image.open(io.BytesIO(base64.b64decode(i["data"]))).convert("RGB")
                         for i in resp.json()["images"]]

@@ -156,7 +156,9 @@ def _run(train: RunJob, cfg: Any, run_dir: Path, resume: bool, resolved: dict, s
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
-        click.echo(json.dumps(resolved, indent=2), err=True)
+        # One line, not the spec: the log is what the dashboard and `flashdmd jobs logs` show, and the resolved
+        # spec is in config.json (and `--dry-run` prints it).
+        click.echo(f"resolved spec: {run_dir / 'config.json'}", err=True)
     try:
         train(cfg, sink, run_dir=run_dir, resume=resume, hooks=hooks)
     finally:
