@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,7 +203,7 @@ def tiny_worker(rank: int, world: int, port: int, overrides: list[str], mode: st
         counter.on = False
         real = {k: v / steps for k, v in counter.bytes.items()}
         counter.bytes = dict.fromkeys(counter.bytes, 0)
-        mb = d._micro(next(batches)[0], 0, 0, 0)
+        mb = d.micro_batches(next(batches)[0], 0)[0]
         x = torch.randn(d.teacher.latent_shape(t.batch_size))
         cond = {"encoder_hidden_states": mb.cond.embeds,
                 "added_cond_kwargs": {"text_embeds": mb.cond.pooled, "time_ids": mb.cond.time_ids}}
@@ -226,7 +227,19 @@ def run_tiny(overrides: list[str], mode: str, steps: int) -> dict[str, Any]:
     procs = [ctx.Process(target=tiny_worker, args=(r, 2, port, overrides, mode, steps, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    out = queue.get(timeout=900)
+    # Poll: a rank that dies before putting its result must fail the run now, not after the queue's timeout.
+    deadline = time.monotonic() + 900
+    while True:
+        try:
+            out = queue.get(timeout=2)
+            break
+        except Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"tiny {mode}: a rank exited with {dead} before reporting" if dead else
+                                   f"tiny {mode}: no result within 900 s") from None
     for p in procs:
         p.join(timeout=120)
         if p.exitcode != 0:
