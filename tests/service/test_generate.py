@@ -88,25 +88,41 @@ def test_several_images_come_back_as_json_with_seeds(client, owner, job):
 
 
 def test_accept_picks_bytes_or_json_and_the_default_is_unchanged(client, owner, job):
-    def post(accept: str | None, n: int):  # noqa: ANN202
-        headers = {**owner, **({"Accept": accept} if accept is not None else {})}
+    # Three requests only: the module's other tests share this token's /generate rate budget.
+    def post(accept: str, n: int):  # noqa: ANN202
         return client.post("/generate", json={"prompt": "a handwritten digit seven", "job": job, "seed": 9,
-                                              "num_images": n}, headers=headers)
+                                              "num_images": n}, headers={**owner, "Accept": accept})
 
     raw = post("image/png", 1)
-    assert raw.headers["content-type"] == "image/png" and raw.headers["x-seed"] == "9"
+    assert raw.status_code == 200 and raw.headers["content-type"] == "image/png" and raw.headers["x-seed"] == "9"
     as_json = post("application/json", 1)  # one image as JSON: what a script that always parses JSON wants
-    assert as_json.headers["content-type"] == "application/json"
+    assert as_json.status_code == 200 and as_json.headers["content-type"] == "application/json"
     assert base64.b64decode(as_json.json()["images"][0]["data"]) == raw.content
-    # Without a preference (httpx and curl send */*): bytes for one image, JSON for several, as before.
-    assert post("*/*", 1).headers["content-type"] == "image/png"
-    assert post("*/*", 2).headers["content-type"] == "application/json"
-    assert post("image/png, application/json;q=0.5", 2).headers["content-type"] == "application/json"
-    assert post("application/json;q=0.2, image/*", 1).headers["content-type"] == "image/png"
-    several = post("image/png", 2)  # two images cannot be one PNG body
+    several = post("image/png", 2)  # two images cannot be one PNG body: refused before any work
     assert several.status_code == 406 and several.json()["error"]["fields"] == ["num_images"]
-    nothing = post("text/html", 1)
-    assert nothing.status_code == 406 and "application/json" in nothing.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("accept, n, want", [
+    (None, 1, False), (None, 2, True),  # no header: as before negotiation existed
+    ("*/*", 1, False), ("*/*", 2, True),  # httpx's and curl's default
+    ("image/png, application/json;q=0.5", 2, True),  # JSON is still acceptable for several images
+    ("application/json;q=0.2, image/*", 1, False),
+    ("application/json, image/png;q=0.5", 1, True),
+])
+def test_the_accept_header_is_weighed_by_q(accept, n, want):
+    from api.routes.generate import _answer_as_json
+
+    assert _answer_as_json(accept, "image/png", n) is want
+
+
+@pytest.mark.parametrize("accept, n", [("image/png", 2), ("text/html", 1), ("image/webp", 1)])
+def test_an_unacceptable_accept_is_406_naming_the_field(accept, n):
+    from api.errors import APIError
+    from api.routes.generate import _answer_as_json
+
+    with pytest.raises(APIError) as err:
+        _answer_as_json(accept, "image/png", n)
+    assert err.value.status == 406 and "application/json" in err.value.message
 
 
 @pytest.mark.parametrize("body, fields", [
