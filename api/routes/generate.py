@@ -85,7 +85,7 @@ def _answer_as_json(accept: str | None, media_type: str, num_images: int) -> boo
             weights["json"] = max(weights["json"], q)
         elif kind in (media_type, "image/*"):
             weights["image"] = max(weights["image"], q)
-        elif kind == "*/*":
+        elif kind == "*/*":  # a named type outranks the wildcard at the same q (RFC 9110, 12.5.1: the more specific)
             weights["json"], weights["image"] = max(weights["json"], q * 0.999), max(weights["image"], q * 0.999)
     if not accept or weights["json"] == weights["image"] and weights["json"] > 0:
         return num_images > 1

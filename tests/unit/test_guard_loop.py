@@ -24,14 +24,19 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_an_absurd_learning_rate_trips_the_guard_and_stops_with_a_checkpoint(make_cfg, tmp_path):
-    # An AdamW step size of 1 (the spec's ceiling) throws the student's latents far out of the VAE's range within a few updates:
-    # the decoded grid blows out to the ends of [-1, 1] (saturation), which no healthy run does.
-    cfg = make_cfg(optim__generator__lr=1.0, optim__grad_clip=None, train__max_steps=12, train__sample_every=1,
+def _collapsing(make_cfg, run: Path, max_steps: int, action: str):  # noqa: ANN001, ANN202
+    """A tiny run pushed to collapse, validated every step, and its sink. An AdamW step size of 1 (the spec's
+    ceiling) throws the student's latents far out of the VAE's range within a few updates: the decoded grid blows
+    out to the ends of [-1, 1] (saturation), which no healthy run does."""
+    cfg = make_cfg(optim__generator__lr=1.0, optim__grad_clip=None, train__max_steps=max_steps, train__sample_every=1,
                    train__checkpoint_every=100, train__max_nonfinite=100,
-                   train__guard={"enabled": True, "patience": 2, "action": "stop"})
+                   train__guard={"enabled": True, "patience": 2, "action": action})
+    return cfg, JsonlSink(run)
+
+
+def test_an_absurd_learning_rate_trips_the_guard_and_stops_with_a_checkpoint(make_cfg, tmp_path):
     run = tmp_path / "run"
-    sink = JsonlSink(run)
+    cfg, sink = _collapsing(make_cfg, run, 12, "stop")
     with pytest.raises(Collapsed) as err:
         train(cfg, sink, run_dir=run)
     sink.close()
@@ -49,11 +54,8 @@ def test_an_absurd_learning_rate_trips_the_guard_and_stops_with_a_checkpoint(mak
 
 
 def test_warn_only_records_the_event_and_runs_to_the_end(make_cfg, tmp_path):
-    cfg = make_cfg(optim__generator__lr=1.0, optim__grad_clip=None, train__max_steps=6, train__sample_every=1,
-                   train__checkpoint_every=100, train__max_nonfinite=100,
-                   train__guard={"enabled": True, "patience": 2, "action": "warn"})
     run = tmp_path / "run"
-    sink = JsonlSink(run)
+    cfg, sink = _collapsing(make_cfg, run, 6, "warn")
     assert train(cfg, sink, run_dir=run) == 6
     sink.close()
     kinds = [e["kind"] for e in _events(run)]
