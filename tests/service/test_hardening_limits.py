@@ -243,3 +243,17 @@ def test_serve_binds_loopback_unless_told(monkeypatch) -> None:
     help_text = CliRunner().invoke(cli, ["serve", "--help"]).output
     assert "[default: 127.0.0.1]" in help_text
     assert os.environ.get("FLASHDMD_HOST") is None
+
+
+def test_a_small_request_with_a_bad_token_always_gets_its_401_not_a_reset(server) -> None:
+    # The edge answers before reading the body and closes; a small body left unread in the socket made the kernel
+    # reset the connection, so a client sometimes saw "connection reset" instead of 401. Small bodies are drained.
+    _, port, _ = server
+    body = json.dumps({"prompt": "x" * 2000, "job": "j"}).encode()
+    statuses = []
+    for _ in range(30):
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:  # a fresh connection each
+            statuses.append(http.post("/generate", content=body, headers={"Authorization": "Bearer bad",
+                                                                          "Content-Type": "application/json"})
+                            .status_code)
+    assert statuses == [401] * 30
