@@ -103,6 +103,9 @@ class LazyGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """Flash-DMD: distil, tune, evaluate, export and serve few-step diffusion generators."""
+    from trainer.cli import configure_process
+
+    configure_process()  # every command below: the roots and cache root, read once from the environment
     # `flashdmd generate --job ID` (inference/cli.py, RUN_DIR_META) finds a job's run directory through this:
     # the storage root is the service's setting, and inference/ does not import api/.
     ctx.meta["flashdmd.run_dir"] = _run_dir

@@ -31,6 +31,7 @@ from api.routes import generate, health, jobs, live, specs
 from api.settings import Settings
 from api.ui import install_ui
 from api.warmup import Warmup
+from trainer.cli import configure_process
 
 
 def _version() -> str:
@@ -47,6 +48,7 @@ def _pool_args(settings: Settings) -> dict[str, float]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    configure_process()  # an app served without `flashdmd` (uvicorn api.main:app): the cache root for tiny: teachers
     engine = make_engine(settings.sqlalchemy_url, **settings.db_timeouts("api"), **_pool_args(settings))
     sessions = make_sessionmaker(engine)
     reads = make_read_sessionmaker(engine)

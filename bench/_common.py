@@ -24,7 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python bench/x.py` puts bench/ on the path, not the repo root
     sys.path.insert(0, str(REPO))
 
+from trainer.cli import configure_process  # noqa: E402
 from trainer.jobspec import DistillJob, parse_spec  # noqa: E402
+
+configure_process()  # a bench script is a process entry: $FLASHDMD_CACHE (where tiny teachers are built), roots
 
 CONFIGS: tuple[tuple[str, int], ...] = (("flash", 1), ("flash", 2), ("dmd2", 5))
 BASELINE = "dmd2-ttur5"

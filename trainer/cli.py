@@ -1,11 +1,15 @@
 """What the process entry (flashjob/cli.py) needs from the trainer: exit codes, the CPU thread policy, and the
-run's timeouts and test hooks read from the environment (the one place the trainer reads them)."""
+process's settings read from the environment (the one place the trainer reads them): the run's timeouts and
+test hooks, the allowed roots the worker hands over, and the cache root."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
+from trainer.cache import CACHE_ENV, install_cache_root
 from trainer.hooks import Hooks, parse_hooks
+from trainer.roots import install_roots, parse_roots
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
@@ -25,6 +29,14 @@ def cpu_threads(available: int | None = None) -> int | None:
     if available is None:
         available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, available - 1)
+
+
+def configure_process(env: Mapping[str, str] | None = None) -> None:
+    """Read this process's roots and cache root from `env` (default: the environment) and install them, once,
+    at the process entry: library code below asks trainer/roots.py and trainer/cache.py, never the environment."""
+    env = os.environ if env is None else env
+    install_roots(parse_roots(env))
+    install_cache_root(env.get(CACHE_ENV) or None)
 
 
 def hooks_from_env() -> Hooks:

@@ -22,6 +22,7 @@ from trainer.cli import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_STOPPED,
+    configure_process,
     cpu_threads,
     hooks_from_env,
     quiet_libraries,
@@ -136,6 +137,7 @@ def _run(train: RunJob, cfg: Any, run_dir: Path, resume: bool, resolved: dict, s
     from trainer.parallel import init_state
 
     hooks = hooks_from_env()  # the process entry reads the environment once and passes it down
+    configure_process()  # the roots the worker handed over, the cache root
     quiet_libraries()
     threads = cpu_threads()
     if threads is not None:

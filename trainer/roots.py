@@ -7,22 +7,23 @@ for fields that may also be a builtin or a hub id, which name no local file). Bo
 this module imports nothing heavy (no torch, nothing of api/), so the API can import it.
 
 The worker hands the trainer its roots through the environment it spawns it with (api/runner.py):
-FLASHDMD_ALLOWED_DATA_ROOTS, FLASHDMD_ALLOWED_MODEL_ROOTS and FLASHDMD_RUN_ROOT. This module is the one
-place in trainer/ that reads them (library modules otherwise never read env), because the spec must not be
-able to widen its own roots. Unset (a trainer run by hand with `flashdmd train`) means no check: the person
-at the shell can read the files anyway.
+FLASHDMD_ALLOWED_DATA_ROOTS, FLASHDMD_ALLOWED_MODEL_ROOTS and FLASHDMD_RUN_ROOT, never through the spec, which
+must not be able to widen its own roots. The process entry (trainer/cli.py `configure_process`) parses them
+once (`parse_roots`) and installs them here (`install_roots`); this module itself reads no environment.
+Unset (a trainer run by hand with `flashdmd train`) means no check: the person at the shell can read the
+files anyway.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from trainer.errors import InputError
-from trainer.jobspec.limits import is_hub_ref
 
 ENV = "FLASHDMD_ALLOWED_DATA_ROOTS"
 MODEL_ENV = "FLASHDMD_ALLOWED_MODEL_ROOTS"
@@ -41,18 +42,48 @@ def under_root(real: str | os.PathLike[str], roots: Iterable[str | os.PathLike[s
     return False
 
 
-def _roots(env: str) -> list[str] | None:
-    """Realpaths of the roots in `env` (JSON list, or comma/os.pathsep separated, as api/settings.py reads them)."""
-    raw = os.environ.get(env)
+@dataclass(frozen=True)
+class Roots:
+    """The roots a process checks opened paths against; None: that kind is unchecked (a run by hand)."""
+
+    data: tuple[str, ...] | None = None
+    model: tuple[str, ...] | None = None
+    run_root: str | None = None  # <storage_root>/jobs: a `kind: prepare` job's cache, a stage-1 checkpoint
+
+
+def _parse(raw: str | None) -> tuple[str, ...] | None:
+    """Realpaths of a JSON list, or a comma/os.pathsep separated list (as api/settings.py reads them)."""
     if raw is None:
         return None
     text = raw.strip()
     items = json.loads(text) if text.startswith("[") else text.replace(os.pathsep, ",").split(",")
-    return [os.path.realpath(os.path.expanduser(str(p).strip())) for p in items if str(p).strip()]
+    return tuple(os.path.realpath(os.path.expanduser(str(p).strip())) for p in items if str(p).strip())
+
+
+def parse_roots(env: Mapping[str, str]) -> Roots:
+    """The roots the worker spawned this process with (api/runner.py roots_env), from `env`."""
+    run_root = env.get(RUN_ROOT_ENV)
+    return Roots(data=_parse(env.get(ENV)), model=_parse(env.get(MODEL_ENV)),
+                 run_root=os.path.realpath(run_root) if run_root else None)
+
+
+_installed = Roots()
+
+
+def install_roots(roots: Roots) -> Roots:
+    """Make `roots` the ones every later check uses; returns the previous ones (to restore them)."""
+    global _installed
+    previous, _installed = _installed, roots
+    return previous
+
+
+def installed_roots() -> Roots:
+    return _installed
 
 
 def allowed_data_roots() -> list[str] | None:
-    return _roots(ENV)
+    data = _installed.data
+    return None if data is None else list(data)
 
 
 def _named_run(spelled: str, run_root: str) -> str | None:
@@ -76,11 +107,12 @@ def check_opened(path: str | os.PathLike[str], field: str, *, kind: Literal["dat
     (as at submit): a folder swapped for a link into another owner's run directory is refused."""
     spelled = os.path.expanduser(os.fspath(path))
     real = os.path.realpath(spelled)
-    roots = _roots(ENV if kind == "data" else MODEL_ENV)
+    installed = _installed
+    roots = installed.data if kind == "data" else installed.model
     if roots is None:
         return Path(real)
-    run_root = os.environ.get(RUN_ROOT_ENV)
-    if run_root and under_root(real, [rr := os.path.realpath(run_root)]):
+    rr = installed.run_root
+    if rr and under_root(real, [rr]):
         named = _named_run(spelled, rr)
         ok = named is not None and under_root(real, [named]) and (runs_ok or under_root(real, roots))
     else:
@@ -99,6 +131,8 @@ def opened_model(value: str, field: str, *, runs_ok: bool = False) -> str:
     submit (api/spec_paths.py), and so is a name that is no local path (the loader asks the hub for it); a
     local path, as its realpath once `check_opened` finds it under the model roots. A relative hub-shaped
     value that exists is the job's own file (the trainer runs in its run directory), as submit judges it."""
+    from trainer.jobspec.limits import is_hub_ref  # here: the process entry imports this module, the spec is heavier
+
     expanded = os.path.expanduser(value)
     local = value.startswith(("/", "./", "../", "~")) or os.path.exists(value)  # as the loaders decide it
     if value.startswith(BUILTIN) or not local or (not os.path.isabs(expanded) and is_hub_ref(value)):

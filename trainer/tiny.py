@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import torch
 
+from trainer.cache import flashdmd_cache
+
 Family = Literal["sdxl", "sd15", "sd3"]
 FAMILIES: tuple[str, ...] = ("sdxl", "sd15", "sd3")
 
@@ -354,18 +356,11 @@ def build_tiny_pipeline(family: Family, out_dir: str | Path, seed: int = 0, *, t
     return out
 
 
-def _cache_root(cache_root: str | Path | None) -> Path:
-    if cache_root is not None:
-        return Path(cache_root)
-    env = os.environ.get("FLASHDMD_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "flashdmd"
-
-
 def tiny_pipeline_dir(family: str, cache_root: str | Path | None = None) -> Path:
     """Path of the cached tiny ``family`` pipeline (the ``tiny:<family>`` teacher), built on first use."""
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny family {family!r}; expected one of {FAMILIES}")
-    target = _cache_root(cache_root) / "tiny" / family
+    target = flashdmd_cache(cache_root) / "tiny" / family
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -138,9 +138,11 @@ def _plant(net: torch.nn.Module, mib: int) -> None:
     net.register_forward_pre_hook(hook)
 
 
-def trace(spec: Any, gpus: int | None = None, micro_batches: int | None = None) -> dict[str, Any]:
+def trace(spec: Any, gpus: int | None = None, micro_batches: int | None = None, *,
+          plant_mib: int = 0) -> dict[str, Any]:
     """Trace one iteration of `spec` on `gpus` ranks (default train.num_processes) with `micro_batches`
-    micro-batches (default train.grad_accum); returns the peak by category and where it happened."""
+    micro-batches (default train.grad_accum); returns the peak by category and where it happened.
+    plant_mib: a test hook, a buffer of that size kept by the generator across the step (main reads it)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from trainer.distill import Distiller
@@ -164,7 +166,7 @@ def trace(spec: Any, gpus: int | None = None, micro_batches: int | None = None) 
     sharded = t.sharding == "fsdp" and world > 1
     acc = make_accelerator(t.mixed_precision)
     n_micro = micro_batches or t.grad_accum
-    plant = int(os.environ.get(PLANT_ENV, "0"))
+    plant = plant_mib
     fake = FakeTensorMode()
     with fake, ScalarMode(), FreshCopyMode(), fake_module_moves(fake), _no_weight_files(), \
             _fake_ddp_checks(world):
@@ -237,6 +239,7 @@ def trace(spec: Any, gpus: int | None = None, micro_batches: int | None = None) 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
+    from trainer.cli import configure_process
     from trainer.jobspec import load_spec
 
     ap = argparse.ArgumentParser(prog="python -m trainer.trace", description=__doc__.splitlines()[0])
@@ -246,7 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    out = trace(load_spec(args.spec, args.overrides), args.gpus, args.micro_batches)
+    configure_process()  # the model roots a teacher config is read under, the cache root
+    out = trace(load_spec(args.spec, args.overrides), args.gpus, args.micro_batches,
+                plant_mib=int(os.environ.get(PLANT_ENV, "0")))
     sys.stdout.write(json.dumps(out, default=str) + "\n")
 
 

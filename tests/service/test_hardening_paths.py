@@ -175,11 +175,11 @@ def test_image_folder_links_outside_the_data_roots_are_refused(api: Api, roots, 
     assert res.status_code == 201, res.text
 
 
-def test_the_trainer_checks_every_entry_again_at_load(roots, outside, monkeypatch) -> None:
+def test_the_trainer_checks_every_entry_again_at_load(roots, outside, process_env) -> None:
     """The worker's trainer gets FLASHDMD_ALLOWED_DATA_ROOTS (settings_env/the worker's env): a manifest edited
     after submit, or one too big to check at submit, is refused where it is loaded, naming the line."""
     folder = _data_dir(roots)
-    monkeypatch.setenv(ENV, str(roots["data"]))
+    process_env.setenv(ENV, str(roots["data"]))
     messages = {}
     for key in ("exists", "missing"):
         path, _ = _manifest_spec(folder, str(outside[key]))
@@ -196,7 +196,7 @@ def test_the_trainer_checks_every_entry_again_at_load(roots, outside, monkeypatc
     assert [p.name for p, _ in _image_folder(folder)] == ["ok.png"]
     path, _ = _manifest_spec(folder, str(folder / "ok.png"))
     assert len(_manifest(path)) == 2
-    monkeypatch.delenv(ENV)  # a trainer run by hand (`flashdmd train`) has no roots to enforce
+    process_env.delenv(ENV)  # a trainer run by hand (`flashdmd train`) has no roots to enforce
     path, _ = _manifest_spec(folder, str(outside["exists"]))
     assert len(_manifest(path)) == 2
 

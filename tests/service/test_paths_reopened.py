@@ -26,10 +26,10 @@ SECRET = "another user's prompt\n"
 
 
 @pytest.fixture
-def trainer_env(settings, monkeypatch):
-    """The environment the worker spawns the trainer with."""
+def trainer_env(settings, process_env):
+    """The environment the worker spawns the trainer with, as the trainer's process entry installs it."""
     for key, value in roots_env(settings).items():
-        monkeypatch.setenv(key, value)
+        process_env.setenv(key, value)
 
 
 def _swap_for_link(path: Path, target: Path) -> None:

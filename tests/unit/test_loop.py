@@ -38,9 +38,12 @@ def _reads_environ(path: Path) -> list[int]:
     return lines
 
 
-def test_the_loop_and_its_methods_do_not_read_the_environment():
-    # trainer/cli.py and entry.py are the process entry; trackers pass the environment to tracker libraries; roots are
-    # handed over by the worker's environment; tiny/trace/plan_cli are tools with their own entry points.
-    allowed = {"cli.py", "entry.py", "trackers.py", "roots.py", "tiny.py", "trace.py", "plan_cli.py"}
+def test_library_modules_do_not_read_the_environment():
+    # trainer/cli.py and entry.py are the process entry (roots, cache root, timeouts, hooks: read once, passed
+    # down); trackers hand the environment to tracker libraries configured by it (WANDB_*, MLFLOW_*); trace and
+    # plan_cli are the memory tool's own entry (`python -m trainer.trace`) and its launcher.
+    allowed = {"cli.py", "entry.py", "trackers.py", "trace.py", "plan_cli.py"}
     readers = {p.name: lines for p in TRAINER.rglob("*.py") if p.name not in allowed and (lines := _reads_environ(p))}
     assert readers == {}
+    inference = {p.name: lines for p in (TRAINER.parent / "inference").rglob("*.py") if (lines := _reads_environ(p))}
+    assert inference == {}

@@ -93,12 +93,12 @@ def test_jsonl_source_and_its_errors(tmp_path):
         open_source(str(tmp_path / "missing-{0..1}.tar"))
 
 
-def test_a_source_line_outside_the_allowed_data_roots_is_refused(tmp_path, monkeypatch):
+def test_a_source_line_outside_the_allowed_data_roots_is_refused(tmp_path, process_env):
     inside, outside = tmp_path / "in", tmp_path / "out"
     inside.mkdir()
     outside.mkdir()
     (outside / "x.png").write_bytes(_png(0))
     (inside / "m.jsonl").write_text(json.dumps({"image": str(outside / "x.png"), "caption": "c"}) + "\n")
-    monkeypatch.setenv("FLASHDMD_ALLOWED_DATA_ROOTS", str(inside))
+    process_env.setenv("FLASHDMD_ALLOWED_DATA_ROOTS", str(inside))
     with pytest.raises(InputError, match="not under the allowed data roots"):
         list(open_source(str(inside / "m.jsonl")).stream())

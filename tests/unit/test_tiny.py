@@ -119,7 +119,7 @@ def test_sd3_without_t5(tmp_path: Path) -> None:
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
 
 
-def test_tiny_pipeline_dir_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiny_pipeline_dir_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, process_env) -> None:
     built: list[str] = []
     real_build = tiny.build_tiny_pipeline
 
@@ -138,8 +138,8 @@ def test_tiny_pipeline_dir_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     # No temp folders left behind next to the cache entry.
     assert sorted(os.listdir(tmp_path / "tiny")) == ["sd15"]
 
-    # $FLASHDMD_CACHE is the default root.
-    monkeypatch.setenv("FLASHDMD_CACHE", str(tmp_path))
+    # $FLASHDMD_CACHE, as the process entry installs it, is the default root.
+    process_env.setenv("FLASHDMD_CACHE", str(tmp_path))
     assert tiny.tiny_pipeline_dir("sd15") == first
     assert built == ["sd15"]
 

@@ -44,9 +44,9 @@ def reference_key(teacher: Any, evaluator: DigitsEvaluator, *, per_class: int, s
 
 
 def default_cache_dir() -> Path:
-    from trainer.tiny import _cache_root
+    from trainer.cache import flashdmd_cache
 
-    return _cache_root(None) / "toy"
+    return flashdmd_cache() / "toy"
 
 
 def teacher_reference(teacher: Any, evaluator: DigitsEvaluator | None = None, *,
