@@ -69,6 +69,7 @@ def job_command(run_job: RunJob, kinds: tuple[str, ...] = TRAINER_KINDS) -> clic
     def train_command(spec: Path, overrides: tuple[str, ...], run_dir: Path | None, resume: bool,
                       dry_run: bool) -> None:
         """Distil a teacher into a few-step generator with Flash-DMD (or the dmd2 baseline)."""
+        configure_process()  # first: the roots the worker handed over and the cache root, before the spec is read
         try:
             cfg = load_spec(spec, list(overrides))
         except SpecError as err:
@@ -137,7 +138,6 @@ def _run(train: RunJob, cfg: Any, run_dir: Path, resume: bool, resolved: dict, s
     from trainer.parallel import init_state
 
     hooks = hooks_from_env()  # the process entry reads the environment once and passes it down
-    configure_process()  # the roots the worker handed over, the cache root
     quiet_libraries()
     threads = cpu_threads()
     if threads is not None:

@@ -131,7 +131,8 @@ def opened_model(value: str, field: str, *, runs_ok: bool = False) -> str:
     submit (api/spec_paths.py), and so is a name that is no local path (the loader asks the hub for it); a
     local path, as its realpath once `check_opened` finds it under the model roots. A relative hub-shaped
     value that exists is the job's own file (the trainer runs in its run directory), as submit judges it."""
-    from trainer.jobspec.limits import is_hub_ref  # here: the process entry imports this module, the spec is heavier
+    # Imported here: the process entry imports this module, and the spec package is heavier.
+    from trainer.jobspec.limits import is_hub_ref
 
     expanded = os.path.expanduser(value)
     local = value.startswith(("/", "./", "../", "~")) or os.path.exists(value)  # as the loaders decide it
