@@ -12,22 +12,26 @@ keys are stable fully-qualified names ("generator.conv_in.weight", ...) whatever
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:  # distill.py imports this module when it saves: a type only, no import circle
+    from trainer.distill import Distiller
+
 SHARDED_DIR = "sharded"
 
 
-def _container(distiller) -> nn.ModuleDict:  # noqa: ANN001
+def _container(distiller: Distiller) -> nn.ModuleDict:
     return nn.ModuleDict(distiller.trainable_modules())
 
 
-def _optimizers(distiller) -> list[torch.optim.Optimizer]:  # noqa: ANN001
+def _optimizers(distiller: Distiller) -> list[torch.optim.Optimizer]:
     return [getattr(o, "optimizer", o) for o in distiller.optimizers().values()]
 
 
-def save_sharded(distiller, path: Path) -> None:  # noqa: ANN001
+def save_sharded(distiller: Distiller, path: Path) -> None:
     """Collective: every rank writes its shards of the weights (buffers included) and optimiser states."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -36,7 +40,7 @@ def save_sharded(distiller, path: Path) -> None:  # noqa: ANN001
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
 
 
-def load_sharded(distiller, path: Path) -> None:  # noqa: ANN001
+def load_sharded(distiller: Distiller, path: Path) -> None:
     """Collective: read the shards back into the (identically sharded) networks and optimisers."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -48,7 +52,7 @@ def load_sharded(distiller, path: Path) -> None:  # noqa: ANN001
     set_state_dict(container, opts, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def full_generator_state(distiller) -> dict[str, torch.Tensor]:  # noqa: ANN001
+def full_generator_state(distiller: Distiller) -> dict[str, torch.Tensor]:
     """Collective: the generator's full weights on the CPU (complete on rank 0, as torch returns them)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -69,7 +73,7 @@ def full_model_on_meta(like: nn.Module, state: dict[str, torch.Tensor]) -> nn.Mo
     return net
 
 
-def export_full_generator(distiller, state: dict[str, torch.Tensor], out: Path) -> str:  # noqa: ANN001
+def export_full_generator(distiller: Distiller, state: dict[str, torch.Tensor], out: Path) -> str:
     """Rank 0: the teacher's denoiser class holding the gathered weights, saved with diffusers'
     save_pretrained: the same files a single-process run writes."""
     t = distiller.teacher
