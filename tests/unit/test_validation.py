@@ -51,13 +51,13 @@ def test_default_plan_is_num_samples_captions_with_seed_i(make_cfg, teacher):
     assert plan.prompts == [ds[0]["caption"], ds[(len(ds) - 1) // 2]["caption"], ds[len(ds) - 1]["caption"]]
 
 
-def test_file_prompts_are_read_and_checked_against_the_data_roots(make_cfg, teacher, tmp_path, monkeypatch):
+def test_file_prompts_are_read_and_checked_against_the_data_roots(make_cfg, teacher, tmp_path, process_env):
     inside, outside = tmp_path / "in", tmp_path / "out"
     inside.mkdir()
     outside.mkdir()
     (inside / "p.txt").write_text("a red cat\n\n  a blue dog  \n")
     (outside / "p.txt").write_text("secret\n")
-    monkeypatch.setenv(ENV, str(inside))
+    process_env.setenv(ENV, str(inside))
     cfg = make_cfg(train__validation={"file": str(inside / "p.txt"), "seeds": [5, 6], "every": 7})
     plan = plan_validation(cfg.train, None, teacher)
     assert plan.prompts == ["a red cat", "a red cat", "a blue dog", "a blue dog"]
