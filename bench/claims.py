@@ -49,6 +49,8 @@ RL_RUNS = ("joint-5to1", "post-train", "all-timesteps", "joint-critics-distill-o
 CONTROL = "distill-only"
 EMA_SWEEP = {"flash-ttur1-k4-ema0.9": 0.9, "flash-ttur1-k4": 0.98, "flash-ttur1-k4-ema0.995": 0.995}
 FD_LABEL = {"fd_heldout": "FD vs held-out real", "fd_real": "FD vs all real digits"}
+JUDGE2 = "judge_independent"
+REWARD_LABEL = {JUDGE2: "independent judge's score", "reward": "reward"}
 
 
 # ------------------------------------------------------------------------------------------- prices of updates
@@ -168,7 +170,8 @@ def rl_diff(runs: dict[str, dict[int, dict]], start: dict, a: str, b: str, key: 
     return paired({s: rl_change(r, start, key) for s, r in runs[a].items()}, {s: b_val(s) for s in runs[a]})
 
 
-def matched_reward(runs: dict[str, dict[int, dict]], start: dict, joint: str, post: str, fd: str) -> Interval | None:
+def matched_reward(runs: dict[str, dict[int, dict]], start: dict, joint: str, post: str, fd: str,
+                   reward: str = "reward") -> Interval | None:
     """Post-train stopped early: per seed, post-train's FD change where its reward first reaches joint's final
     reward (interpolated between checkpoints), minus joint's final FD change. Below 0: stopped-early post-train
     pays less FD for the same reward."""
@@ -176,13 +179,21 @@ def matched_reward(runs: dict[str, dict[int, dict]], start: dict, joint: str, po
     for s, r in runs[post].items():
         if s not in runs[joint]:
             continue
-        target = rl_change(runs[joint][s], start, "reward")
+        target = rl_change(runs[joint][s], start, reward)
         pts = [{"step": 0, **start}, *r["points"]]
-        neg = [{**p, "neg": -p["reward"]} for p in pts]
-        hit = None if target is None else interp_reach(neg, "neg", -(start["reward"] + target), (fd,))
+        neg = [{**p, "neg": -p[reward]} for p in pts]
+        hit = None if target is None else interp_reach(neg, "neg", -(start[reward] + target), (fd,))
         jf = rl_change(runs[joint][s], start, fd)
         diffs[s] = None if hit is None or jf is None else (hit[fd] - start[fd]) - jf
     return paired(diffs, dict.fromkeys(diffs, 0.0))
+
+
+def reward_key(rl: dict) -> str:
+    """The RL rows' reward: the independent judge's score (trainer/toy/judge.py: trained on the held-out split, no
+    reward descends from it) where the study recorded it at the start and at every checkpoint; otherwise the
+    score of the judge the trained reward was fine-tuned from (an older study), whose rise is near in-sample."""
+    points = [p for by in rl["runs"].values() for r in by.values() for p in r["points"]]
+    return "judge_independent" if JUDGE2 in rl["start"] and all(JUDGE2 in p for p in points) else "reward"
 
 
 # ------------------------------------------------------------------------------------------------- the table
@@ -239,27 +250,29 @@ def decide(q: dict | None, rl: dict | None, timing: Path = RESULTS / "train_step
     if rl is not None:
         runs, start = _runs(rl), rl["start"]
         fd = fd_key(next(iter(next(iter(runs.values())).values()))["points"])
+        rk = reward_key(rl)
+        rl_label = REWARD_LABEL[rk]
         if CONTROL in runs:
             for name in [n for n in RL_RUNS if n in runs]:
                 claim = "c" if name in ("joint-5to1", "post-train") else "d" if name == "all-timesteps" else "rl"
-                rw = add(claim, f"{name} - no-RL control: reward change", rl_diff(runs, start, name, CONTROL, "reward"),
+                rw = add(claim, f"{name} - no-RL control: {rl_label} change", rl_diff(runs, start, name, CONTROL, rk),
                          ("lowers the reward", "raises the reward"), hacking_of=name)
                 add(claim, f"{name} - no-RL control: {FD_LABEL[fd]} change", rl_diff(runs, start, name, CONTROL, fd),
                     ("better FD", "worse FD"), hacking_pair=id(rw))
         if "joint-5to1" in runs and "post-train" in runs:
-            for k in ("reward", fd):
-                add("c", f"joint-5to1 - post-train: {'reward' if k == 'reward' else FD_LABEL[k]} change",
+            for k in (rk, fd):
+                add("c", f"joint-5to1 - post-train: {rl_label if k == rk else FD_LABEL[k]} change",
                     rl_diff(runs, start, "joint-5to1", "post-train", k),
                     ("lower", "higher"))
-            add("c", f"post-train stopped at joint-5to1's reward (interpolated) - joint-5to1: {FD_LABEL[fd]} change",
-                matched_reward(runs, start, "joint-5to1", "post-train", fd), ("post-train early pays less FD",
+            add("c", f"post-train stopped at joint-5to1's {rl_label} (interpolated) - joint-5to1: {FD_LABEL[fd]} change",
+                matched_reward(runs, start, "joint-5to1", "post-train", fd, rk), ("post-train early pays less FD",
                                                                               "post-train early pays more FD"))
         if "joint-5to1" in runs and "all-timesteps" in runs:
             pairs = (lambda r: ("step", r["points"][-1]["step"] * 2 / 3), "matched preference pairs (2 vs 3 per update)")
             wall = (lambda r: ("wall_s", r["points"][-1]["wall_s"]), "matched training wall time")
             for limit, how in ((None, "matched updates"), pairs, wall):
-                add("d", f"joint-5to1 (999, 749) - all-timesteps (999, 749, 499), {how}: reward change",
-                    rl_diff(runs, start, "joint-5to1", "all-timesteps", "reward", limit),
+                add("d", f"joint-5to1 (999, 749) - all-timesteps (999, 749, 499), {how}: {rl_label} change",
+                    rl_diff(runs, start, "joint-5to1", "all-timesteps", rk, limit),
                     ("not reproduced", "reproduced"))
     return adjust(rows)
 
@@ -306,12 +319,24 @@ def table(rows: list[dict[str, Any]]) -> str:
                           fmt(r["interval"]), p(r["p"]), p(r["p_holm"]), r["raw"], r["verdict"]] for r in rows])
 
 
+def rl_note(rl: dict | None) -> str:
+    if rl is None:
+        return "No RL study."
+    fd = FD_LABEL[fd_key(next(iter(next(iter(_runs(rl).values())).values()))["points"])]
+    if reward_key(rl) == JUDGE2:
+        return (f"RL rows: {fd}; reward = the independent judge's score (trained on the held-out split with its own "
+                "seed and width; no reward was trained from it).")
+    return (f"RL rows: the earlier RL study, {fd}, reward scored by the judge the trained reward was fine-tuned "
+            "from (not an independent judge).")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quality", type=Path, default=RESULTS / "quality_vs_cost.json")
     ap.add_argument("--earlier", type=Path, default=RESULTS / "quality_vs_cost_alldigits.json",
                     help="the study before the held-out split (FD vs all digits); its rows join the family, tagged")
-    ap.add_argument("--rl", type=Path, default=RESULTS / "rl_ablation.json")
+    heldout_rl = RESULTS / "rl_ablation_heldout.json"  # the RL study scored by the independent judge, if it ran
+    ap.add_argument("--rl", type=Path, default=heldout_rl if heldout_rl.is_file() else RESULTS / "rl_ablation.json")
     ap.add_argument("--timing", type=Path, default=RESULTS / "train_step_digits.json")
     ap.add_argument("--out", type=Path, default=RESULTS / "claims")
     args = ap.parse_args()
@@ -331,8 +356,7 @@ def main() -> None:
         + "; ".join(f"{n}: {len(s)} ({','.join(map(str, s))})" for n, s in seeds.items()), "",
         "Held-out study: FD vs the 360 held-out real digits, teacher reference at the students' CFG 1. "
         "[earlier study]: FD vs all 1,797 digits (the evaluator trained on 1,437 of them), teacher reference at "
-        "CFG 2. RL rows: the earlier RL study, FD vs all digits, reward scored by the judge the trained reward was "
-        "fine-tuned from (not an independent judge).", "", "## Price of an update", "", cost_table(args.timing), "", table(rows)]) + "\n"
+        "CFG 2. " + rl_note(rl), "", "## Price of an update", "", cost_table(args.timing), "", table(rows)]) + "\n"
     write_json(args.out.with_name(args.out.name + ".json"),
                {"command": command_line(), "alpha": ALPHA, "seeds": seeds,
                 "rows": [{k: v for k, v in r.items() if k != "hacking_of"} for r in rows]})

@@ -173,3 +173,21 @@ def test_holm_in_the_table_matches_a_hand_calculation() -> None:
     assert [r["p_holm"] for r in out] == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert [r["verdict"] for r in out] == ["lo", "inconclusive", "inconclusive", "lo"]
     assert holm([0.5, math.nan]) == [0.5, pytest.approx(math.nan, nan_ok=True)]
+
+
+def test_rl_rows_use_the_independent_judge_where_every_point_has_it() -> None:
+    rl = _rl()
+    assert C.reward_key(rl) == "reward"
+    # The independent judge sees the opposite of the trained reward's rise: the verdict must follow the judge.
+    rl["start"]["judge_independent"] = 5.0
+    for by in rl["runs"].values():
+        for r in by.values():
+            for i, p in enumerate(r["points"]):
+                p["judge_independent"] = 5.0 - 0.1 * (i + 1) * (p["reward"] - 8.0) + 0.001 * i * i
+    assert C.reward_key(rl) == "judge_independent"
+    by = {r["comparison"]: r for r in C.decide(None, rl)}
+    joint = by["joint-5to1 - no-RL control: independent judge's score change"]
+    assert joint["interval"]["mean"] < 0 and joint["verdict"] == "no reward gain"
+    assert "independent judge" in C.rl_note(rl) and "not an independent judge" in C.rl_note(_rl())
+    del rl["runs"]["post-train"][1]["points"][-1]["judge_independent"]  # one point without it: the old key
+    assert C.reward_key(rl) == "reward"
