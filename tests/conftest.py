@@ -31,12 +31,10 @@ class ProcessEnv:
 
 @pytest.fixture
 def process_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[ProcessEnv]:
-    from trainer.cache import install_cache_root
+    from trainer.cache import install_cache_root, installed_cache_root
     from trainer.roots import install_roots, installed_roots
 
-    roots = installed_roots()
-    cache = install_cache_root(None)
-    install_cache_root(cache)
+    roots, cache = installed_roots(), installed_cache_root()
     yield ProcessEnv(monkeypatch)
     install_roots(roots)
     install_cache_root(cache)

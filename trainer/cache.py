@@ -21,6 +21,10 @@ def install_cache_root(root: str | Path | None) -> Path | None:
     return previous
 
 
+def installed_cache_root() -> Path | None:
+    return _root
+
+
 def flashdmd_cache(override: str | Path | None = None) -> Path:
     """`override` if given, else the installed root, else `~/.cache/flashdmd`."""
     if override is not None:

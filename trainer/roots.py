@@ -81,11 +81,6 @@ def installed_roots() -> Roots:
     return _installed
 
 
-def allowed_data_roots() -> list[str] | None:
-    data = _installed.data
-    return None if data is None else list(data)
-
-
 def _named_run(spelled: str, run_root: str) -> str | None:
     """The run directory <run_root>/<job> that a spec value names as spelled (no realpath), or None.
 
@@ -143,7 +138,7 @@ def opened_model(value: str, field: str, *, runs_ok: bool = False) -> str:
 
 def check_data_file(path: Path, where: str) -> None:
     """Raise InputError naming `where` (e.g. "data.manifest: m.jsonl:3") when `path` leads outside the roots."""
-    roots = allowed_data_roots()
+    roots = _installed.data
     if roots is None:
         return
     if not under_root(os.path.realpath(path), roots):
