@@ -75,7 +75,7 @@ def build(cfg: Any) -> tuple[Any, Any]:
     if cfg.data.cache:
         attach_cache(ds, teacher, data_preprocess(cfg, teacher.resolution))
     torch.manual_seed(0)
-    return Distiller(cfg, teacher, Accelerator(cpu=True)), sharded_batches(ds, cfg.train.batch_size, 0)
+    return Distiller.for_job(cfg, teacher, Accelerator(cpu=True)), sharded_batches(ds, cfg.train.batch_size, 0)
 
 
 def timed(fn: Any) -> tuple[float, float]:

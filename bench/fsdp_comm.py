@@ -194,7 +194,7 @@ def tiny_worker(rank: int, world: int, port: int, overrides: list[str], mode: st
     t = cfg.train
     counter = CommCounter()
     with counter.installed(), sharding(mode) as hold:
-        d = Distiller(cfg, teacher, acc)
+        d = Distiller.for_job(cfg, teacher, acc)
         batches = sharded_batches(ds, t.batch_size, t.seed, rank=rank, world=world, accum=t.grad_accum)
         d.step(next(batches), 0)  # warm-up: FSDP2's lazy init
         counter.on = True

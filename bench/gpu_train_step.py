@@ -196,11 +196,11 @@ def run_config(name: str, args: argparse.Namespace, device: str, folder: Path, t
         if cfg.memory.text_cache:
             use_text_cache(teacher, build_text_cache(teacher, [digit_prompt(i) for i in range(10)], tmp / name))
         with random_sam_discriminator(args.dry_run):
-            distiller = Distiller(cfg, teacher, acc)
+            distiller = Distiller.for_job(cfg, teacher, acc)
         if cfg.kind == "rl":
             from trainer.rl import JointRL
 
-            trainer = JointRL(cfg, distiller, reward, acc)
+            trainer = JointRL(distiller, reward, acc, rl=cfg.rl)
         out["build_s"] = time.perf_counter() - built
         if cuda:
             out["after_build_alloc_gib"] = torch.cuda.memory_allocated() / GIB

@@ -133,7 +133,7 @@ def probe_memory(arg: str) -> None:
         reset = True
     except OSError:
         reset = False
-    distiller = Distiller(cfg, teacher, acc)
+    distiller = Distiller.for_job(cfg, teacher, acc)
     run_iterations(distiller, batches, 0, cfg.distill.ttur + 1, None)  # two generator turns: Adam states exist
     st = _proc_status()
     print("PROBE " + json.dumps({
@@ -182,7 +182,7 @@ def time_model(teacher_ref: str, batch: int, iters: int, cfgs: dict[str, Any] | 
     for name, cfg in cfgs.items():
         torch.manual_seed(cfg.train.seed)
         t0 = time.perf_counter()
-        distiller = Distiller(cfg, teacher, acc)
+        distiller = Distiller.for_job(cfg, teacher, acc)
         build_s = time.perf_counter() - t0
         phases = instrument_phases(distiller)
         batches = infinite_batches(ds, batch, cfg.train.seed)

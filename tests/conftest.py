@@ -9,8 +9,8 @@ import pytest
 
 class ProcessEnv:
     """Set or unset environment variables, then install what they say as the process entry would
-    (trainer/cli.py `configure_process`): library code reads the installed roots and cache root, not the
-    environment, so an in-process test changes both together."""
+    (trainer/cli.py `configure_process`): library code reads the installed roots, cache root and tracker
+    settings, not the environment, so an in-process test changes both together."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.monkeypatch = monkeypatch
@@ -33,8 +33,10 @@ class ProcessEnv:
 def process_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[ProcessEnv]:
     from trainer.cache import install_cache_root, installed_cache_root
     from trainer.roots import install_roots, installed_roots
+    from trainer.trackers import install_tracker_env, installed_tracker_env
 
-    roots, cache = installed_roots(), installed_cache_root()
+    roots, cache, trackers = installed_roots(), installed_cache_root(), installed_tracker_env()
     yield ProcessEnv(monkeypatch)
     install_roots(roots)
     install_cache_root(cache)
+    install_tracker_env(trackers)

@@ -28,7 +28,7 @@ from trainer.sink import METRICS_FILE, Sink
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from trainer.jobspec import DistillJob
+    from trainer.jobspec import DistillJob, LoraSpec
     from trainer.method import Method
 
 CKPT_DIR = "checkpoints"
@@ -54,10 +54,10 @@ def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: v.cpu().contiguous() for n, v in state.items()}
 
 
-def _export_generator(distiller: Method, out: Path) -> str:
+def _export_generator(distiller: Method, lora: LoraSpec | None, out: Path) -> str:
     t = distiller.teacher
     gen = distiller.generator
-    if distiller.cfg.model.lora is None:
+    if lora is None:
         gen.save_pretrained(out / t.denoiser_name, safe_serialization=True)
         return t.denoiser_name
     from peft.utils import get_peft_model_state_dict
@@ -99,7 +99,7 @@ def save_checkpoint(run_dir: Path, step: int, distiller: Method, acc: Accelerato
         if full is None:
             for name, mod in distiller.trainable_modules().items():
                 save_file(trainable_state(mod), str(tmp / "trainable" / f"{name}.safetensors"))
-            kind = _export_generator(distiller, tmp)
+            kind = _export_generator(distiller, cfg.model.lora, tmp)
         else:
             from trainer.sharded import export_full_generator
 

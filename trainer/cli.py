@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from trainer.cache import CACHE_ENV, install_cache_root
 from trainer.hooks import Hooks, parse_hooks
 from trainer.roots import install_roots, parse_roots
+from trainer.trackers import TrackerEnv, install_tracker_env
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
@@ -32,11 +33,13 @@ def cpu_threads(available: int | None = None) -> int | None:
 
 
 def configure_process(env: Mapping[str, str] | None = None) -> None:
-    """Read this process's roots and cache root from `env` (default: the environment) and install them, once,
-    at the process entry: library code below asks trainer/roots.py and trainer/cache.py, never the environment."""
+    """Read this process's roots, cache root and tracker settings from `env` (default: the environment) and
+    install them, once, at the process entry: library code below asks trainer/roots.py, trainer/cache.py and
+    trainer/trackers.py, never the environment."""
     env = os.environ if env is None else env
     install_roots(parse_roots(env))
     install_cache_root(env.get(CACHE_ENV) or None)
+    install_tracker_env(TrackerEnv.parse(env))
 
 
 def hooks_from_env() -> Hooks:

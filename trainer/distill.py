@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from trainer.gan import LatentHead, mid_features
-from trainer.jobspec import DEFAULT_REAL_GUIDANCE, DistillJob
+from trainer.gan import LatentHead, latent_head_for, mid_features
+from trainer.jobspec import DEFAULT_REAL_GUIDANCE
 from trainer.losses import GAN_LOSSES, diffusion_loss, dm_loss, ema_inject_, matching_parameters
 from trainer.micro import latent_shape, make_micro
 from trainer.micro import real_latents as micro_real_latents
@@ -30,80 +30,99 @@ from trainer.optim import build_optimizer
 from trainer.parallel import gathered, no_sync, wrap
 from trainer.rng import Gen, SampleRNG, mix_seed, randint, randn, shared_choice
 from trainer.schedules import backward_simulate, rollout_to_clean, sample_dm_timesteps
-from trainer.updates import Micro, Update, cat_rng, finish_update, frozen, mean_logs
+from trainer.updates import Micro, Update, cat_rng, finish_update, frozen, mean_logs, spectral_power
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-class Distiller:
-    """Stage 1's networks and Alg. 1's phases. nonfinite_at: {(rank, step)} whose generator loss is made
-    infinite (the test hook of trainer/hooks.py: every rank must skip that update together)."""
+    from trainer.jobspec import (
+        DistillJob,
+        DistillSpec,
+        LoraSpec,
+        MemorySpec,
+        OptimSpec,
+        ScheduleSpec,
+        TrainSpec,
+    )
 
-    def __init__(self, cfg: DistillJob, teacher: Teacher, accelerator: Accelerator, *,
+def job_sections(job: DistillJob) -> dict[str, Any]:
+    """The Distiller's keyword arguments: the sections of a stage-1 (or stage-2) job it reads."""
+    return {"distill": job.distill, "schedule": job.schedule, "optim": job.optim, "train": job.train,
+            "memory": job.memory, "lora": job.model.lora, "real_images": job.data.has_real_images}
+
+
+class Distiller:
+    """Stage 1's networks and Alg. 1's phases. It takes the spec sections it reads, not the whole job, so
+    what it depends on is visible at the call (`for_job` picks them out of a job). nonfinite_at:
+    {(rank, step)} whose generator loss is made infinite (the test hook of trainer/hooks.py: every rank must
+    skip that update together)."""
+
+    def __init__(self, teacher: Teacher, accelerator: Accelerator, *, distill: DistillSpec,
+                 schedule: ScheduleSpec, optim: OptimSpec, train: TrainSpec, memory: MemorySpec,
+                 lora: LoraSpec | None, real_images: bool,
                  nonfinite_at: frozenset[tuple[int, int]] = frozenset()) -> None:
-        self.cfg, self.teacher, self.acc = cfg, teacher, accelerator
+        self.teacher, self.acc = teacher, accelerator
+        self.distill, self.schedule, self.optim, self.train, self.memory = distill, schedule, optim, train, memory
+        self.lora = lora
         self.device = accelerator.device
         self.param = teacher.param
-        self.S = list(cfg.schedule.timesteps)
-        d = cfg.distill
+        self.S = list(schedule.timesteps)
+        d = distill
         self.flash = d.mode == "flash"
         self.real_guidance = d.real_guidance or DEFAULT_REAL_GUIDANCE[teacher.family]
         kind = teacher.denoiser_name
-        self.generator = trainable_copy(teacher.denoiser, cfg.model.lora, kind).to(self.device)
-        self.fake = trainable_copy(teacher.denoiser, cfg.model.lora, kind).to(self.device)
+        self.generator = trainable_copy(teacher.denoiser, lora, kind).to(self.device)
+        self.fake = trainable_copy(teacher.denoiser, lora, kind).to(self.device)
         copy_trainable_(self.fake, self.generator)  # LoRA: matching adapter factors for Eq. (11)
-        if cfg.train.gradient_checkpointing:
+        if train.gradient_checkpointing:
             for net in (self.generator, self.fake):
                 net.enable_gradient_checkpointing()
-        if cfg.train.mixed_precision == "bf16":
+        if train.mixed_precision == "bf16":
             teacher.denoiser.to(torch.bfloat16)  # the frozen real score runs in bf16, as in DMD2
         self.d_loss, self.g_loss = GAN_LOSSES[d.gan_loss]
         self.disc: nn.Module | None = None
         self.latent_head: LatentHead | None = None
-        self.use_gan = bool(d.gan_weight) and cfg.data.has_real_images
+        self.use_gan = bool(d.gan_weight) and real_images
         if self.use_gan and self.flash:
             from trainer.discriminator import build_discriminator
 
-            self.disc = build_discriminator(d.discriminator, sdpa=cfg.memory.sam_sdpa).to(self.device)
-            if cfg.memory.vae_decode_checkpointing:  # the generator's decode on the GAN path (trainer/memory.py)
+            self.disc = build_discriminator(d.discriminator, sdpa=memory.sam_sdpa).to(self.device)
+            if memory.vae_decode_checkpointing:  # the generator's decode on the GAN path (trainer/memory.py)
                 from trainer.memory import checkpoint_vae_decoder
 
                 checkpoint_vae_decoder(teacher.vae)
-            self.disc.gradient_checkpointing = cfg.train.gradient_checkpointing
+            self.disc.gradient_checkpointing = train.gradient_checkpointing
         elif self.use_gan:
-            self.latent_head = self._build_latent_head().to(self.device)
+            self.latent_head = latent_head_for(self.fake, teacher, self.device).to(self.device)
         # The wrapped networks: called once per micro-batch by their own loss (trainer/parallel.py). FSDP
         # shards the two denoisers; the small D heads / latent head stay DDP replicas. The spec allows fsdp
         # for full-weight stage 1 only (trainer/jobspec DistillJob).
-        self.sharded = cfg.train.sharding == "fsdp" and accelerator.num_processes > 1
-        sharding = cfg.train.sharding
+        self.sharded = train.sharding == "fsdp" and accelerator.num_processes > 1
+        sharding = train.sharding
         self.generator_w = wrap(accelerator, self.generator, sharding)
         self.fake_w = wrap(accelerator, self.fake, sharding)
         self.disc_w = wrap(accelerator, self.disc, "ddp") if self.disc is not None else None
         self.latent_head_w = wrap(accelerator, self.latent_head, "ddp") if self.latent_head else None
         # EMA injection (Eq. 11) pairs trainable parameters of equal name: all weights, or LoRA adapters.
         self.ema_pairs = [(p, q) for p, q in matching_parameters(self.fake, self.generator) if q.requires_grad]
-        self.opt_g = self._adamw(self.generator, cfg.optim.generator)
+        self.opt_g = self._adamw(self.generator, optim.generator)
         fake_params = [*self.fake.parameters(), *(self.latent_head.parameters() if self.latent_head else [])]
-        self.opt_f = self._adamw(fake_params, cfg.optim.fake_score)
-        self.opt_d = self._adamw(self.disc.trainable_parameters(), cfg.optim.discriminator) if self.disc else None
+        self.opt_f = self._adamw(fake_params, optim.fake_score)
+        self.opt_d = self._adamw(self.disc.trainable_parameters(), optim.discriminator) if self.disc else None
         self.opt_g, self.opt_f = accelerator.prepare(self.opt_g, self.opt_f)
         if self.opt_d is not None:
             self.opt_d = accelerator.prepare(self.opt_d)
         self._poison = nonfinite_at
 
+    @staticmethod
+    def for_job(job: DistillJob, teacher: Teacher, accelerator: Accelerator, *,
+                nonfinite_at: frozenset[tuple[int, int]] = frozenset()) -> Distiller:
+        """A Distiller with the sections of `job` it reads (stage 2 passes its RLJob: the same sections)."""
+        return Distiller(teacher, accelerator, **job_sections(job), nonfinite_at=nonfinite_at)
+
     # ---------------------------------------------------------------- setup helpers
     def _adamw(self, params: Any, spec: Any) -> torch.optim.Optimizer:
-        return build_optimizer(params, spec, self.cfg.optim.optimizer, self.cfg.optim.adamw8bit_backend)
-
-    def _build_latent_head(self) -> LatentHead:
-        # A dry run on one latent tells the head its input channels and spatial size.
-        t = self.teacher
-        x = torch.zeros(t.latent_shape(1), device=self.device)
-        cond = t.encode([""])
-        with torch.no_grad():
-            feat = mid_features(self.fake, x, torch.zeros(1, dtype=torch.long, device=self.device), cond, self.param)
-        return LatentHead(feat.shape[1], feat.shape[-1])
+        return build_optimizer(params, spec, self.optim.optimizer, self.optim.adamw8bit_backend)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         mods = {"generator": self.generator, "fake_score": self.fake}
@@ -121,10 +140,10 @@ class Distiller:
 
     def set_learning_rates(self, step: int) -> float:
         """Linear warm-up as a pure function of the step (EDM2 style), so resuming needs no scheduler state."""
-        warm = self.cfg.optim.warmup_steps
+        warm = self.optim.warmup_steps
         scale = min(1.0, (step + 1) / warm) if warm else 1.0
-        specs = {"generator": self.cfg.optim.generator, "fake_score": self.cfg.optim.fake_score,
-                 "discriminator": self.cfg.optim.discriminator}
+        specs = {"generator": self.optim.generator, "fake_score": self.optim.fake_score,
+                 "discriminator": self.optim.discriminator}
         for name, opt in self.optimizers().items():
             for group in opt.param_groups:
                 group["lr"] = specs[name].lr * scale
@@ -133,12 +152,12 @@ class Distiller:
     # ---------------------------------------------------------------- small pieces
     def rng(self, step: int, salt: int = 0) -> torch.Generator:
         """Per-step randomness, identical on every rank (the step choice k: DMD2 broadcasts k)."""
-        return torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, step, salt))
+        return torch.Generator().manual_seed(mix_seed(self.train.seed, step, salt))
 
     def sample_rng(self, step: int, salt: int, micro: int, batch: int) -> SampleRNG:
         """Per-sample randomness keyed by the global index of each sample in this step's global batch."""
         first = (micro * self.acc.num_processes + self.acc.process_index) * batch
-        return SampleRNG(self.cfg.train.seed, step, salt, list(range(first, first + batch)))
+        return SampleRNG(self.train.seed, step, salt, list(range(first, first + batch)))
 
     def randn(self, shape: tuple[int, ...], gen: Gen) -> Tensor:
         return randn(shape, gen, device=self.device)
@@ -150,7 +169,7 @@ class Distiller:
 
     def pick_step(self, step: int, generator_turn: bool) -> int:
         """Index k into S. Flash: only high-noise (DM) steps; dmd2: any step (DESIGN §3)."""
-        choices = [self.S.index(t) for t in self.cfg.schedule.dm_steps] if self.flash else list(range(len(self.S)))
+        choices = [self.S.index(t) for t in self.schedule.dm_steps] if self.flash else list(range(len(self.S)))
         g = self.rng(step, salt=1)  # rank-independent, so every rank trains the same k
         return choices[int(torch.randint(len(choices), (1,), generator=g))]
 
@@ -160,7 +179,7 @@ class Distiller:
     # ---------------------------------------------------------------- Alg. 1 phases
     def dm_term(self, x: Tensor, cond: Cond, uncond: Cond, gen: Gen) -> tuple[Tensor, dict]:
         """Eq. (4) on the generator output x (DMD2's normalisation; teacher with CFG, fake score without)."""
-        d = self.cfg.distill
+        d = self.distill
         b = x.shape[0]
         t = sample_dm_timesteps(b, d.dm_min, d.dm_max, gen, self.device)
         x_t = self.param.add_noise(x.detach(), self.randn(x.shape, gen), t)
@@ -178,36 +197,24 @@ class Distiller:
         gradients from G's backward (dmd2's latent GAN only) are cleared before its update instead."""
         return frozen(None if self.sharded else self.fake, self.latent_head, self.disc)
 
-    @contextlib.contextmanager
-    def sn_power(self, update: bool):
-        """Spectral norm runs one power iteration per forward in train mode. With grad_accum only the first
-        micro-batch of a phase iterates (the others use the stored _u/_v), so a step with A micro-batches
-        moves D exactly like one step with their union as a batch."""
-        heads = self.disc.heads if self.disc is not None else None
-        if heads is None or update:
-            yield
-            return
-        heads.eval()
-        try:
-            yield
-        finally:
-            heads.train()
+    def sn_power(self, update: bool) -> contextlib.AbstractContextManager:
+        return spectral_power(self.disc.heads if self.disc is not None else None, update)
 
     def finish(self, params: list[Tensor], opt: torch.optim.Optimizer, loss_finite: bool) -> Update:
         """After the (accumulated) backward: agree, unscale, clip, step -- or skip on every rank together."""
-        return finish_update(self.acc, params, opt, loss_finite, self.cfg.optim.grad_clip)
+        return finish_update(self.acc, params, opt, loss_finite, self.optim.grad_clip)
 
     def generator_step(self, loss_finite: bool) -> dict[str, float]:
         upd = self.finish([p for p in self.generator.parameters() if p.requires_grad], self.opt_g, loss_finite)
-        if upd.applied and self.flash and self.cfg.distill.ema:
-            ema_inject_(self.ema_pairs, self.cfg.distill.ema)  # Eq. (11), Alg. 1 line 18
+        if upd.applied and self.flash and self.distill.ema:
+            ema_inject_(self.ema_pairs, self.distill.ema)  # Eq. (11), Alg. 1 line 18
         return {"grad_norm/generator": upd.grad_norm, "skipped/generator": float(not upd.applied)}
 
     def generator_loss(self, x: Tensor, k: int, cond: Cond, uncond: Cond,
                        gen: Gen) -> tuple[Tensor, dict, Tensor | None]:
         """Alg. 1 lines 12-17: Eq. (4) (+ Eq. 9 or DMD2's latent GAN). Call it, and its backward, inside
         `self.frozen_critics()`."""
-        d = self.cfg.distill
+        d = self.distill
         logs: dict[str, float] = {"dm/step_index": float(k), "dm/timestep": float(self.S[k])}
         loss_dm, dm_logs = self.dm_term(x, cond, uncond, gen)
         logs.update(dm_logs)
@@ -217,7 +224,7 @@ class Distiller:
             # Eq. (8): roll x out to a clean x0 (detached), re-noise at t_hat in the low-noise set;
             # Eq. (9): the generator's x0 at t_hat, decoded, judged by the Pixel-GAN.
             x_clean = rollout_to_clean(lambda z, t: self.gen_x0(z, t, cond), x, self.S, k, self.param, gen)
-            gan_steps = self.cfg.schedule.gan_steps
+            gan_steps = self.schedule.gan_steps
             t_hat = gan_steps[shared_choice(len(gan_steps), gen)]
             x_hat = self.param.add_noise(x_clean, self.randn(x.shape, gen), t_hat)
             x0_hat = self.gen_x0(x_hat, t_hat, cond)
@@ -261,7 +268,7 @@ class Distiller:
             both = self.latent_logits(torch.cat([real_latents, x]), Cond.cat([real_cond, cond]),
                                       cat_rng(gen))
             d_loss, d_logs = self.d_loss(*both.chunk(2))
-            loss = loss + self.cfg.distill.disc_weight * d_loss
+            loss = loss + self.distill.disc_weight * d_loss
             logs.update(d_logs)
         return loss, logs
 
@@ -281,7 +288,7 @@ class Distiller:
         """Off generator turns, D still needs fakes: the same Eq. (8)-(9) path, without grad."""
         with torch.no_grad():
             x_clean = rollout_to_clean(lambda z, t: self.gen_x0(z, t, cond), x, self.S, k, self.param, gen)
-            t_hat = self.cfg.schedule.gan_steps[-1]
+            t_hat = self.schedule.gan_steps[-1]
             x0_hat = self.gen_x0(self.param.add_noise(x_clean, self.randn(x.shape, gen), t_hat), t_hat, cond)
             with self.acc.autocast():
                 return self.teacher.decode(x0_hat).clamp(-1, 1)
@@ -302,7 +309,7 @@ class Distiller:
         """
         micro = self.micro_batches(batch, step, salt)
         self.set_learning_rates(step)
-        generator_turn = step % self.cfg.distill.ttur == 0 if train_generator is None else train_generator
+        generator_turn = step % self.distill.ttur == 0 if train_generator is None else train_generator
         k = self.pick_step(step, generator_turn)
         logs: dict[str, float] = {"generator_turn": float(generator_turn)}
         g_logs, xs, fakes = self.generator_phase(micro, k, step, generator_turn)
@@ -374,8 +381,7 @@ class Distiller:
     def discriminator_phase(self, micro: list[Micro], xs: list[Tensor], fakes: list[Tensor | None],
                             k: int) -> dict[str, float]:
         """Alg. 1 lines 25-26, accumulated over the micro-batches."""
-        n = len(micro)
-        rows, finite = [], True
+        n, rows, finite = len(micro), [], True
         self.opt_d.zero_grad(set_to_none=True)
         with gathered(self.generator if any(f is None for f in fakes) else None):  # FSDP: one gather
             fakes = [f if f is not None else self.decoded_fake(xs[m], k, mb.cond, mb.rng)

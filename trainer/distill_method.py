@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from trainer.data import sharded_batches
-from trainer.distill import Distiller
+from trainer.distill import Distiller, job_sections
 from trainer.method import Setup
 from trainer.parallel import gathered
 from trainer.validation import ValidationPlan, render_validation
@@ -22,17 +22,17 @@ class DistillMethod(Distiller):
     progress_keys = ("loss/dm", "loss/fake_score", "loss/disc", "loss/gen_adv")
 
     def __init__(self, setup: Setup, dataset: Any) -> None:
-        super().__init__(setup.cfg, setup.teacher, setup.acc, nonfinite_at=setup.hooks.nonfinite_at)
-        self.dataset = dataset
-        self.label = f"{self.cfg.distill.mode} K={len(self.S)}"
+        super().__init__(setup.teacher, setup.acc, **job_sections(setup.cfg), nonfinite_at=setup.hooks.nonfinite_at)
+        self.cfg, self.dataset = setup.cfg, dataset  # the job: checkpoints record it
+        self.label = f"{self.distill.mode} K={len(self.S)}"
 
     def started(self, start: int) -> tuple[str, dict[str, Any]]:
-        t = self.cfg.train
-        return f"{self.cfg.distill.mode} distillation from step {start}", {
+        t = self.train
+        return f"{self.distill.mode} distillation from step {start}", {
             "num_processes": self.acc.num_processes, "grad_accum": t.grad_accum, "sharding": t.sharding}
 
     def batches(self, start: int) -> Iterator[list[dict]]:
-        t = self.cfg.train
+        t = self.train
         return sharded_batches(self.dataset, t.batch_size, t.seed, rank=self.acc.process_index,
                                world=self.acc.num_processes, accum=t.grad_accum, start=start,
                                num_workers=self.cfg.data.num_workers)

@@ -8,9 +8,10 @@ are skipped without copying diffusers' forward.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from trainer.models import Cond, predict
+from trainer.models import Cond, Teacher, predict
 from trainer.schedules import Parameterisation
 
 
@@ -71,3 +72,12 @@ class LatentHead(nn.Module):
             # Bucketed batches have other sizes: pool to the square the conv stack was built for.
             feats = nn.functional.adaptive_avg_pool2d(feats, self.spatial)
         return self.net(feats).flatten(1)
+
+
+def latent_head_for(fake: nn.Module, teacher: Teacher, device: torch.device) -> LatentHead:
+    """A head for `fake`'s mid features: a dry run on one latent tells it their channels and spatial size."""
+    x = torch.zeros(teacher.latent_shape(1), device=device)
+    cond = teacher.encode([""])
+    with torch.no_grad():
+        feat = mid_features(fake, x, torch.zeros(1, dtype=torch.long, device=device), cond, teacher.param)
+    return LatentHead(feat.shape[1], feat.shape[-1])

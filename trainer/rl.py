@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.distill import Distiller
-from trainer.jobspec import RLJob
+from trainer.jobspec import RLSpec
 from trainer.losses import dpo_loss, gaussian_log_density
 from trainer.models import Cond, predict_x0
 from trainer.optim import build_optimizer
@@ -180,32 +180,33 @@ def pair_log_probs(pairs: Pairs, x0_theta: Tensor, x0_ref: Tensor,
 
 # -------------------------------------------------------------------- the stage-2 trainer
 class JointRL:
-    """Wraps a stage-1 `Distiller` (already initialised from the stage-1 checkpoint) with the RL update."""
+    """Wraps a stage-1 `Distiller` (already initialised from the stage-1 checkpoint) with the RL update. It takes
+    the job's `rl` section; the optimiser and memory sections are the wrapped Distiller's (one job)."""
 
-    def __init__(self, cfg: RLJob, distiller: Distiller, reward: RewardModel, accelerator: Accelerator) -> None:
-        self.cfg, self.distiller, self.reward, self.acc = cfg, distiller, reward, accelerator
+    def __init__(self, distiller: Distiller, reward: RewardModel, accelerator: Accelerator, *, rl: RLSpec) -> None:
+        self.rl, self.distiller, self.reward, self.acc = rl, distiller, reward, accelerator
         self.teacher, self.param, self.S = distiller.teacher, distiller.param, distiller.S
         # p_ref: a frozen copy of G as it is now, i.e. the stage-1 generator.
         self.ref: nn.Module = copy.deepcopy(distiller.generator).requires_grad_(False).eval()
-        if cfg.memory.ref_bf16:  # it only runs under bf16 autocast (ref_x0), which already casts its matmul
+        if distiller.memory.ref_bf16:  # it only runs under bf16 autocast (ref_x0), which already casts its matmul
             # weights to bf16: bf16 storage halves it and changes only the norms' weights' rounding
             self.ref.to(torch.bfloat16)
-        self.rl_steps = list(cfg.rl.timesteps)
+        self.rl_steps = list(rl.timesteps)
         stds = {t: float(self.param.std(torch.tensor([s]))[0]) for t, s in stochastic_transitions(self.S)}
-        self.thresholds = {t: pair_threshold(stds[t], list(stds.values()), cfg.rl.threshold_min,
-                                             cfg.rl.threshold_max) for t in self.rl_steps}
-        spec = cfg.rl.optimizer
+        self.thresholds = {t: pair_threshold(stds[t], list(stds.values()), rl.threshold_min,
+                                             rl.threshold_max) for t in self.rl_steps}
+        spec, optim = rl.optimizer, distiller.optim
         params = [p for p in distiller.generator.parameters() if p.requires_grad]
         # memory.rl_optimizer: shared steps L_rl with the generator's own optimiser (rl_update sets its lr to
         # rl.optimizer.lr; the distillation step sets it back). Alg. 1 has one generator theta updated by both
         # objectives, so one set of moments is the paper's reading, and it saves a full-size AdamW (19 GiB in
         # fp32 for SDXL). The betas and weight decay are then optim.generator's. separate keeps a second one.
-        self.shared_optimizer = cfg.memory.rl_optimizer == "shared"
+        self.shared_optimizer = distiller.memory.rl_optimizer == "shared"
         if self.shared_optimizer:
             self.opt_rl = distiller.opt_g
         else:
-            self.opt_rl = accelerator.prepare(build_optimizer(params, spec, cfg.optim.optimizer,
-                                                              cfg.optim.adamw8bit_backend))
+            self.opt_rl = accelerator.prepare(build_optimizer(params, spec, optim.optimizer,
+                                                              optim.adamw8bit_backend))
 
     # what checkpoint.py and the sample grid need, as for a Distiller
     @property
@@ -224,8 +225,8 @@ class JointRL:
 
     def rl_update(self, prompts: list[str], step: int) -> dict[str, float]:
         """Alg. 1 lines 28-31 for one batch of prompts."""
-        d, rl = self.distiller, self.cfg.rl
-        warm = self.cfg.optim.warmup_steps
+        d, rl = self.distiller, self.rl
+        warm = d.optim.warmup_steps
         for group in self.opt_rl.param_groups:
             group["lr"] = rl.optimizer.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
         gen = d.sample_rng(step, 101, 0, len(prompts))
@@ -262,12 +263,12 @@ class JointRL:
 
     def distill_turn(self, step: int) -> bool:
         """After every rl.ratio RL updates comes one distillation iteration (Table 4's N:1)."""
-        return self.cfg.rl.joint and (step + 1) % self.cfg.rl.ratio == 0
+        return self.rl.joint and (step + 1) % self.rl.ratio == 0
 
     def critic_turn(self, step: int) -> bool:
         """rl.critic_updates: every -> the fake score and D also update on RL iterations (Alg. 1 lines 20-26
         run every iteration); distill_only -> only on distillation turns. Not in post-train RL (joint false)."""
-        return self.cfg.rl.joint and self.cfg.rl.critic_updates == "every" and not self.distill_turn(step)
+        return self.rl.joint and self.rl.critic_updates == "every" and not self.distill_turn(step)
 
     def step(self, batch: RLBatch, step: int) -> dict[str, float]:
         """One RL update on the prompts, then (on its turns) a distillation or critic-only iteration."""
@@ -278,7 +279,7 @@ class JointRL:
         if (turn or critic) and distill_batch is None:
             raise ValueError("a distillation or critic turn needs a batch")
         if turn:
-            logs.update(self.distiller.step(distill_batch(), step // self.cfg.rl.ratio))
+            logs.update(self.distiller.step(distill_batch(), step // self.rl.ratio))
         elif critic:
             # Keyed by the RL step with its own salt, so its noise never repeats a distillation turn's.
             logs.update(self.distiller.step(distill_batch(), step, train_generator=False, salt=1000))

@@ -139,13 +139,14 @@ class RLMethod(JointRL):
     def __init__(self, setup: Setup, dataset: Any, reward: RewardModel) -> None:
         cfg = setup.cfg
         assert isinstance(cfg, RLJob)
-        distiller = Distiller(cfg, setup.teacher, setup.acc, nonfinite_at=setup.hooks.nonfinite_at)
+        distiller = Distiller.for_job(cfg, setup.teacher, setup.acc, nonfinite_at=setup.hooks.nonfinite_at)
         self.init = init_from_stage1(cfg, distiller, setup.sink)
-        super().__init__(cfg, distiller, reward, setup.acc)  # p_ref = the generator as initialised above
+        super().__init__(distiller, reward, setup.acc, rl=cfg.rl)  # p_ref = the generator as initialised above
+        self.cfg = cfg  # the job: checkpoints record it
         self.dataset, self.label = dataset, f"rl K={len(self.S)}"
 
     def started(self, start: int) -> tuple[str, dict[str, Any]]:
-        rl = self.cfg.rl
+        rl = self.rl
         return f"joint RL from step {start}", {"rl_timesteps": self.rl_steps, "joint": rl.joint,
                                                "ratio": rl.ratio, "reward": rl.reward.kind}
 
@@ -169,7 +170,7 @@ class RLMethod(JointRL):
         return paths, {"eval/reward": float(self.reward.score(lat, zeros, plan.prompts).float().mean())}, lat
 
     def checkpoint_meta(self) -> dict[str, dict]:
-        rl = self.cfg.rl
+        rl = self.rl
         return {"rl.json": {"kind": "rl", "init_from": str(self.init) if self.init else None,
                             "reward": rl.reward.model_dump(), "rl_timesteps": self.rl_steps, "joint": rl.joint,
                             "ratio": rl.ratio, "critic_updates": rl.critic_updates}}

@@ -171,7 +171,7 @@ def trace(spec: Any, gpus: int | None = None, micro_batches: int | None = None, 
     with fake, ScalarMode(), FreshCopyMode(), fake_module_moves(fake), _no_weight_files(), \
             _fake_ddp_checks(world):
         teacher = fake_teacher(run, on_gpu_text=not m.text_cache)
-        d = Distiller(run, teacher, acc)
+        d = Distiller.for_job(run, teacher, acc)
         rl = reward = None
         if run.kind == "rl":
             from trainer.memory import reward_for_training
@@ -181,7 +181,7 @@ def trace(spec: Any, gpus: int | None = None, micro_batches: int | None = None, 
                 reward = reward_for_training(fake_lrm(teacher), run, acc)
             else:
                 raise ValueError("the trace follows rl.reward.kind lrm (pixel rewards reuse the teacher)")
-            rl = JointRL(run, d, reward, acc)
+            rl = JointRL(d, reward, acc, rl=run.rl)
         _in_place_allreduce(d)
         opts = list(rl.optimizers().values() if rl else d.optimizers().values())
         _prime_optimizers(opts)

@@ -9,15 +9,17 @@ Each tracker is an optional extra. Accelerate silently drops a tracker whose pac
 `check_trackers` fails first, at startup, with the `pip install` line that fixes it.
 
 Where the logs go: `<run_dir>/trackers/`. W&B runs offline and MLflow writes a local store there unless the
-user configured them (WANDB_MODE, MLFLOW_TRACKING_URI), so a run never reaches the network by surprise.
+user configured them (WANDB_MODE, MLFLOW_TRACKING_URI), so a run never reaches the network by surprise. The
+process entry (trainer/cli.py `configure_process`) reads those two once and installs them here as a
+`TrackerEnv`; the libraries still read their own variables (keys, hosts) themselves.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,32 @@ TRACKER_DIR = "trackers"
 # report_to name -> the module accelerate imports for it (the extra of the same name installs it).
 TRACKER_MODULES: dict[str, str] = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 SAMPLE_TAG = "samples"
+
+
+@dataclass(frozen=True)
+class TrackerEnv:
+    """Whether the user configured W&B's mode and MLflow's store (None: unset, so flashdmd's defaults apply)."""
+
+    wandb_mode: str | None = None
+    mlflow_tracking_uri: str | None = None
+
+    @classmethod
+    def parse(cls, env: Mapping[str, str]) -> TrackerEnv:
+        return cls(env.get("WANDB_MODE"), env.get("MLFLOW_TRACKING_URI"))
+
+
+_tracker_env = TrackerEnv()
+
+
+def install_tracker_env(value: TrackerEnv) -> TrackerEnv:
+    """Make `value` the tracker settings of this process; returns the previous ones."""
+    global _tracker_env
+    previous, _tracker_env = _tracker_env, value
+    return previous
+
+
+def installed_tracker_env() -> TrackerEnv:
+    return _tracker_env
 
 
 def check_trackers(names: list[str]) -> None:
@@ -65,16 +93,16 @@ def flat_config(spec: Mapping[str, Any], prefix: str = "") -> dict[str, bool | i
     return out
 
 
-def _init_kwargs(run_dir: Path, env: Mapping[str, str], start: int) -> dict[str, dict[str, Any]]:
+def _init_kwargs(run_dir: Path, env: TrackerEnv, start: int) -> dict[str, dict[str, Any]]:
     logs = (run_dir / TRACKER_DIR).absolute()
     # A resumed run logs again from start + 1; TensorBoard then drops what the previous attempt logged from that
     # step on, as truncate_metrics does for metrics.jsonl, so no step shows twice. (W&B and MLflow start a new run.)
     tensorboard: dict[str, Any] = {"purge_step": start + 1} if start > 0 else {}
     wandb: dict[str, Any] = {"dir": str(logs), "name": run_dir.name}
-    if "WANDB_MODE" not in env:  # offline unless the user chose a mode (then wandb reads it itself)
+    if env.wandb_mode is None:  # offline unless the user chose a mode (then wandb reads it itself)
         wandb["mode"] = "offline"
     mlflow: dict[str, Any] = {"run_name": run_dir.name}
-    if "MLFLOW_TRACKING_URI" not in env:  # a new experiment's artifacts (sample grids) next to its local store
+    if env.mlflow_tracking_uri is None:  # a new experiment's artifacts (sample grids) next to its local store
         mlflow["logging_dir"] = (logs / "mlartifacts").as_uri()
     return {"tensorboard": tensorboard, "wandb": wandb, "mlflow": mlflow}
 
@@ -131,9 +159,11 @@ def tracked_sink(sink: Sink, acc: Any, cfg: Any, run_dir: Path, *, start: int = 
     """
     if not cfg.train.report_to:
         return sink
-    # Read before set_tracking_uri below, which writes MLFLOW_TRACKING_URI into the environment itself.
-    init_kwargs = _init_kwargs(run_dir, os.environ, start)
-    if "mlflow" in cfg.train.report_to and acc.is_main_process and "MLFLOW_TRACKING_URI" not in os.environ:
+    # The settings the entry installed, not the environment now: set_tracking_uri below writes
+    # MLFLOW_TRACKING_URI into the environment, and a later run in this process must still get its own store.
+    env = installed_tracker_env()
+    init_kwargs = _init_kwargs(run_dir, env, start)
+    if "mlflow" in cfg.train.report_to and acc.is_main_process and env.mlflow_tracking_uri is None:
         import mlflow
 
         # A local store in the run directory unless the user points MLflow at a server. SQLite, as MLflow 3

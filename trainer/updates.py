@@ -1,5 +1,5 @@
 """Small pieces of one training step: the agreed optimiser step, update records, temporary freezing,
-micro-batch inputs, log averaging."""
+spectral-norm power iterations under accumulation, micro-batch inputs, log averaging."""
 
 from __future__ import annotations
 
@@ -29,6 +29,21 @@ def frozen(*modules: nn.Module | None):
     finally:
         for p, flag in saved:
             p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def spectral_power(heads: nn.Module | None, update: bool):
+    """Spectral norm runs one power iteration per forward in train mode. With grad_accum only the first
+    micro-batch of a phase iterates (the others use the stored _u/_v, heads in eval mode), so a step with A
+    micro-batches moves D exactly like one step with their union as a batch."""
+    if heads is None or update:
+        yield
+        return
+    heads.eval()
+    try:
+        yield
+    finally:
+        heads.train()
 
 
 @dataclass

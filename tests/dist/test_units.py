@@ -69,7 +69,7 @@ def _distiller(tiny, family: str = "sdxl", **train) -> Distiller:
         raw["model"]["lora"] = {"rank": 2, "alpha": 2}
     cfg = parse_spec(raw)
     torch.manual_seed(0)
-    return Distiller(cfg, load_teacher(cfg.model), Accelerator(cpu=True))
+    return Distiller.for_job(cfg, load_teacher(cfg.model), Accelerator(cpu=True))
 
 
 def test_lora_fake_score_adapters_start_equal_to_the_generators(tiny):

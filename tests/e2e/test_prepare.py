@@ -76,7 +76,7 @@ def _first_step(cfg):
         attach_cache(ds, teacher, data_preprocess(cfg, teacher.resolution))
     batch = next(sharded_batches(ds, 2, cfg.train.seed))
     torch.manual_seed(0)
-    logs = Distiller(cfg, teacher, Accelerator(cpu=True)).step(batch, 0)
+    logs = Distiller.for_job(cfg, teacher, Accelerator(cpu=True)).step(batch, 0)
     return {k: v for k, v in logs.items() if k.startswith("loss/")}, batch[0]
 
 

@@ -88,7 +88,7 @@ def test_the_generator_trains_at_the_bucket_size_with_per_sample_time_ids(make_c
     assert ds.buckets_of[2] == ds.buckets_of[3] and tall[0] > tall[1]
     batch = next(sharded_batches(ds, 2, seed=0))[0]
     assert tuple(batch["image"].shape[-2:]) in (wide, tall)
-    d = Distiller(cfg, teacher, Accelerator(cpu=True))
+    d = Distiller.for_job(cfg, teacher, Accelerator(cpu=True))
     seen: list[tuple] = []
 
     def hook(_mod, args, kwargs):

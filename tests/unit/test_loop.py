@@ -40,9 +40,8 @@ def _reads_environ(path: Path) -> list[int]:
 
 def test_library_modules_do_not_read_the_environment():
     # trainer/cli.py and entry.py are the process entry (roots, cache root, timeouts, hooks: read once, passed
-    # down); trackers hand the environment to tracker libraries configured by it (WANDB_*, MLFLOW_*); trace and
-    # plan_cli are the memory tool's own entry (`python -m trainer.trace`) and its launcher.
-    allowed = {"cli.py", "entry.py", "trackers.py", "trace.py", "plan_cli.py"}
+    # down); trace and plan_cli are the memory tool's own entry (`python -m trainer.trace`) and its launcher.
+    allowed = {"cli.py", "entry.py", "trace.py", "plan_cli.py"}
     readers = {p.name: lines for p in TRAINER.rglob("*.py") if p.name not in allowed and (lines := _reads_environ(p))}
     assert readers == {}
     inference = {p.name: lines for p in (TRAINER.parent / "inference").rglob("*.py") if (lines := _reads_environ(p))}

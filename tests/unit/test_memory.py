@@ -76,7 +76,7 @@ def test_distiller_wires_sdpa_and_vae_checkpointing(make_cfg, batch):
 
     cfg = make_cfg("sdxl", memory__sam_sdpa=True, memory__vae_decode_checkpointing=True)
     teacher = load_teacher(cfg.model)
-    d = Distiller(cfg, teacher, Accelerator(cpu=True))
+    d = Distiller.for_job(cfg, teacher, Accelerator(cpu=True))
     assert all(b.attn.forward.__func__ is _sdpa_attention_forward for b in d.disc.encoder.blocks)
     assert all(hasattr(r, "_flashdmd_forward") for r in teacher.vae.decoder.up_blocks[-1].resnets)
     logs = d.step(batch(2), 0)  # the generator update decodes with grad through the checkpointed VAE and SDPA SAM
@@ -114,7 +114,7 @@ def test_joint_rl_bf16_reference_and_reward(make_cfg, bf16_accelerator):
     reward = reward_for_training(lrm, cfg, acc)
     assert isinstance(reward, AutocastReward) and lrm.unet.dtype == torch.bfloat16
     assert lrm.visual_projection.weight.dtype == torch.float32, "the small projection stays fp32"
-    rl = JointRL(cfg, Distiller(cfg, teacher, acc), reward, acc)
+    rl = JointRL(Distiller.for_job(cfg, teacher, acc), reward, acc, rl=cfg.rl)
     assert all(p.dtype == torch.bfloat16 for p in rl.ref.parameters())
     assert all(p.dtype == torch.float32 for p in rl.generator.parameters()), "the policy trains in fp32"
     logs = rl.rl_update(["a handwritten digit one"], 0)

@@ -84,7 +84,7 @@ def test_shared_rl_optimiser_is_the_generators(make_cfg):
     teacher = load_teacher(cfg.model)
     acc = Accelerator(cpu=True)
     reward = LatentRewardModel.from_pipeline(teacher.pipe, resolution=teacher.resolution).eval().requires_grad_(False)
-    rl = JointRL(cfg, Distiller(cfg, teacher, acc), reward, acc)
+    rl = JointRL(Distiller.for_job(cfg, teacher, acc), reward, acc, rl=cfg.rl)
     assert rl.opt_rl is rl.distiller.opt_g and "rl" not in rl.optimizers()
     before = [p.detach().clone() for p in rl.generator.parameters()]
     logs = rl.rl_update(["a handwritten digit one"], 0)

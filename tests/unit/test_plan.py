@@ -27,7 +27,7 @@ def _bytes(module: torch.nn.Module, grads: bool = False) -> int:
 def test_tiny_sdxl_figures_match_a_cpu_measurement(tiny_dir):
     cfg = load_spec("presets/tiny-sdxl.yaml", [f"model.teacher={tiny_dir('sdxl')}"])
     plan = make_plan(cfg, gpus=1).figures()
-    d = Distiller(cfg, load_teacher(cfg.model), Accelerator(cpu=True))
+    d = Distiller.for_job(cfg, load_teacher(cfg.model), Accelerator(cpu=True))
     for opt in d.optimizers().values():  # one optimiser step each: the states now exist, as after a step
         for group in opt.param_groups:
             for p in group["params"]:
@@ -115,7 +115,7 @@ def test_train_dry_run_shows_the_plan():
 def test_lora_figures_match_peft(make_cfg):
     cfg = make_cfg("sd3")  # flow transformer, generator and fake score as LoRA adapters (rank 2)
     plan = make_plan(cfg, gpus=1).figures()
-    d = Distiller(cfg, load_teacher(cfg.model), Accelerator(cpu=True))
+    d = Distiller.for_job(cfg, load_teacher(cfg.model), Accelerator(cpu=True))
     for p in d.generator.parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)

@@ -23,7 +23,7 @@ from trainer.sink import JsonlSink, read_metrics
 
 
 def fresh(cfg):
-    return Distiller(cfg, load_teacher(cfg.model), Accelerator(cpu=True))
+    return Distiller.for_job(cfg, load_teacher(cfg.model), Accelerator(cpu=True))
 
 
 def opt_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -211,7 +211,7 @@ def joint(make_cfg):
         else:
             reward = LatentRewardModel.from_pipeline(teacher.pipe, resolution=teacher.resolution).eval()
             reward.requires_grad_(False)
-        return JointRL(cfg, Distiller(cfg, teacher, acc), reward, acc)
+        return JointRL(Distiller.for_job(cfg, teacher, acc), reward, acc, rl=cfg.rl)
 
     return build
 
@@ -253,7 +253,7 @@ def test_critic_updates_every_moves_the_fake_score_and_d_on_rl_iterations(joint,
     # Alg. 1 lines 20-26 run every iteration: an RL iteration (no distillation turn) updates the fake
     # score and D on a distillation batch, but not G's distillation loss.
     rl = joint(ratio=2)
-    assert rl.cfg.rl.critic_updates == "every"
+    assert rl.rl.critic_updates == "every"
     f0, d0 = _snap(rl.distiller.fake), _snap(rl.distiller.disc.heads)
     logs = rl.step((["a handwritten digit one"], lambda: batch()), 0)
     assert logs["distill_turn"] == 0.0 and "loss/dm" not in logs and "loss/fake_score" in logs

@@ -84,7 +84,7 @@ def test_distiller_trains_from_the_cache(make_cfg, batch, tmp_path):
     captions = dataset_captions(DigitsDataset(32))
     assert len(captions) == 1797 and "a handwritten digit zero" in captions
     use_text_cache(teacher, build_text_cache(teacher, captions, tmp_path / "c"))
-    d = Distiller(cfg, teacher, Accelerator(cpu=True))
+    d = Distiller.for_job(cfg, teacher, Accelerator(cpu=True))
     logs = d.step(batch(2), 0)
     assert teacher.text_cache_misses == 0
     assert all(torch.isfinite(torch.tensor(v)) for k, v in logs.items() if k.startswith("loss/"))

@@ -11,7 +11,7 @@ from PIL import Image
 from trainer.errors import InputError
 from trainer.jobspec import SpecError, parse_spec
 from trainer.sink import JsonlSink, read_metrics
-from trainer.trackers import TRACKER_DIR, flat_config
+from trainer.trackers import TRACKER_DIR, TrackerEnv, _init_kwargs, flat_config, installed_tracker_env
 
 
 def _accumulator(logdir: Path):
@@ -152,6 +152,26 @@ def test_report_to_accepts_known_trackers_only() -> None:
     assert spec.train.report_to == ["tensorboard", "mlflow"]
     with pytest.raises(SpecError, match=r"train\.report_to"):
         parse_spec({**base, "train": {"report_to": ["comet_ml"]}})
+
+
+def test_tracker_defaults_follow_the_settings_the_entry_installed(process_env, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    process_env.delenv("WANDB_MODE")
+    process_env.delenv("MLFLOW_TRACKING_URI")
+    kw = _init_kwargs(run, installed_tracker_env(), 0)
+    assert kw["wandb"]["mode"] == "offline"
+    assert kw["mlflow"]["logging_dir"] == (run / TRACKER_DIR / "mlartifacts").absolute().as_uri()
+    # A variable set after the entry ran changes nothing (mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI
+    # itself: a second run in the same process must still get its own local store).
+    process_env.monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/mlflow.db")
+    process_env.monkeypatch.setenv("WANDB_MODE", "online")
+    assert installed_tracker_env() == TrackerEnv()
+    # Installed by the entry: the user's choice is left to the libraries, which read it themselves.
+    process_env.configure()
+    assert installed_tracker_env() == TrackerEnv("online", "sqlite:////elsewhere/mlflow.db")
+    kw = _init_kwargs(run, installed_tracker_env(), 3)
+    assert "mode" not in kw["wandb"] and "logging_dir" not in kw["mlflow"]
+    assert kw["tensorboard"] == {"purge_step": 4}
 
 
 def test_flat_config_gives_scalars_for_hparams() -> None:

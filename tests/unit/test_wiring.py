@@ -12,7 +12,7 @@ from trainer.models import load_teacher
 
 def build(cfg):
     teacher = load_teacher(cfg.model)
-    return Distiller(cfg, teacher, Accelerator(cpu=True))
+    return Distiller.for_job(cfg, teacher, Accelerator(cpu=True))
 
 
 def generator_phase(d, b, step: int = 0) -> tuple[dict, int]:
@@ -70,7 +70,7 @@ def test_dmd2_mode_does_use_every_step(make_cfg, batch):
     d = build(make_cfg(distill__mode="dmd2", distill__ttur=1))
     ks = {d.pick_step(step, True) for step in range(40)}
     assert ks == {0, 1, 2, 3}
-    assert d.latent_head is not None and d.disc is None and d.cfg.distill.ema == 0
+    assert d.latent_head is not None and d.disc is None and d.distill.ema == 0
 
 
 def test_ema_injection_follows_eq_11_exactly(make_cfg, batch):
@@ -118,7 +118,7 @@ def test_generator_loss_leaves_no_grads_on_other_networks(make_cfg, batch):
 
 def test_nonfinite_loss_skips_the_update(make_cfg, batch):
     # The non-finite hook makes rank 0's generator loss infinite at step 0 only (trainer/hooks.py).
-    d = Distiller(make_cfg(distill__ttur=1), load_teacher(make_cfg().model), Accelerator(cpu=True),
+    d = Distiller.for_job(make_cfg(distill__ttur=1), load_teacher(make_cfg().model), Accelerator(cpu=True),
                   nonfinite_at=frozenset({(0, 0)}))
     g0 = snapshot(d.generator)
     logs = d.step(batch(), 0)
