@@ -8,8 +8,9 @@ inference/, because it samples a checkpoint through inference's loader and score
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -22,9 +23,10 @@ from trainer.toy.reference import teacher_features, teacher_reference
 from trainer.toy.teacher_sampling import eval_labels, generate
 
 SEED = 0
+T = TypeVar("T")
 
 
-def _timed(fn, n: int):  # noqa: ANN001, ANN202
+def _timed(fn: Callable[[], T], n: int) -> tuple[T, float]:
     t0 = time.perf_counter()
     out = fn()
     return out, (time.perf_counter() - t0) / max(n, 1)

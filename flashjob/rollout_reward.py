@@ -28,6 +28,7 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import torch
@@ -39,6 +40,10 @@ from trainer.reward_train import LRM_TIMESTEPS, lrm_pair_step
 from trainer.schedules import Parameterisation
 from trainer.toy.prompts import digit_prompt
 from trainer.toy.reward import batches, encode_pairs, make_pairs, pair_accuracy, split
+
+if TYPE_CHECKING:
+    from inference.pipeline import FewStepPipeline
+    from trainer.models import Cond
 
 Denoise = Callable[[Tensor, Tensor, Tensor], Tensor]  # (z_t [N, C, H, W], t [N], prompt rows [N]) -> x0
 Judge = Callable[[Tensor, Sequence[str]], Tensor]  # final latents [N, C, H, W], prompts -> reward [N]
@@ -155,7 +160,8 @@ def finetune(lrm: LatentRewardModel, rollout: Iterator[dict], original: Iterator
     lrm.eval().requires_grad_(False)
 
 
-def generator_pairs(pipe, judge_lrm: LatentRewardModel, n: int, rl_step: int, k: int, continuations: int,  # noqa: ANN001
+def generator_pairs(pipe: FewStepPipeline, judge_lrm: LatentRewardModel, n: int, rl_step: int, k: int,
+                    continuations: int,
                     gen: torch.Generator, second_valuation: bool = False, chunk: int = 250) -> dict:
     """`rollout_pairs` for n random digit prompts with a loaded few-step pipeline (inference.pipeline) as G and
     the judge's reward at t = 0 as the value, in chunks of `chunk` groups."""
@@ -170,7 +176,7 @@ def generator_pairs(pipe, judge_lrm: LatentRewardModel, n: int, rl_step: int, k:
         lab = labels[lo:lo + chunk]
         cond = pipe.encode([digit_prompt(int(c)) for c in lab], w, h)
 
-        def denoise(z: Tensor, t: Tensor, rows: Tensor, cond=cond) -> Tensor:  # noqa: ANN001
+        def denoise(z: Tensor, t: Tensor, rows: Tensor, cond: Cond = cond) -> Tensor:
             return predict_x0(pipe.net, z, t, cond[rows], pipe.param).float()
 
         def judge(lat: Tensor, prompts: Sequence[str]) -> Tensor:

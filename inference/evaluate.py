@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +28,9 @@ from trainer.errors import InputError, StopRequested
 from trainer.jobspec import EvalJob
 from trainer.roots import check_opened
 from trainer.sink import Sink
+
+if TYPE_CHECKING:
+    from inference.pipeline import FewStepPipeline
 
 
 def checkpoints_to_score(ref: str, steps: str | list[int]) -> list[Path]:
@@ -113,7 +117,8 @@ class DigitsProtocol:
         return {k: float(v) for k, v in rep.items() if k != "n"}
 
 
-def _generate(pipe, prompts: list[str], seed: int, batch: int, guidance: float, on_batch) -> torch.Tensor:  # noqa: ANN001
+def _generate(pipe: FewStepPipeline, prompts: list[str], seed: int, batch: int, guidance: float,
+              on_batch: Callable[[list[str], torch.Tensor], None]) -> torch.Tensor:
     out = []
     for lo in tqdm(range(0, len(prompts), batch), desc="generate", leave=False):
         chunk = prompts[lo:lo + batch]

@@ -9,8 +9,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +21,9 @@ from trainer.errors import InputError
 from trainer.jobspec import ModelSpec
 from trainer.roots import opened_model
 from trainer.schedules import Parameterisation, parameterisation_for
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 PIPELINE_FAMILY = {
     "StableDiffusionXLPipeline": "sdxl",
@@ -40,10 +45,10 @@ class Cond:
     pooled: Tensor | None = None  # [B, P] SDXL text_embeds / SD3 pooled_projections
     time_ids: Tensor | None = None  # [B, 6] SDXL micro-conditioning
 
-    def map(self, fn) -> Cond:  # noqa: ANN001
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Cond:
         return Cond(*(None if v is None else fn(v) for v in (self.embeds, self.pooled, self.time_ids)))
 
-    def __getitem__(self, idx) -> Cond:  # noqa: ANN001
+    def __getitem__(self, idx: int | slice | Tensor) -> Cond:
         return self.map(lambda v: v[idx])
 
     @staticmethod
@@ -106,7 +111,8 @@ def pipeline_class(family: str):  # noqa: ANN201
 class Teacher:
     """The frozen teacher pipeline plus what the trainer needs from it."""
 
-    def __init__(self, pipe, family: str, ref: str, resolution: int | None, shift: float | None) -> None:  # noqa: ANN001
+    def __init__(self, pipe: DiffusionPipeline, family: str, ref: str, resolution: int | None,
+                 shift: float | None) -> None:
         self.pipe, self.family, self.ref = pipe, family, ref
         self.denoiser_name = "transformer" if family == "sd3" else "unet"
         self.denoiser: nn.Module = getattr(pipe, self.denoiser_name)

@@ -13,13 +13,13 @@ from typing import Any
 
 import click
 
-from trainer.jobspec import SpecError, load_spec
+from trainer.jobspec import JobSpec, SpecError, load_spec
 
 EXIT_BAD_INPUT = 2
 TRACED_MICRO_BATCHES = 2  # longer accumulation: 2 traced, the rest's kept tensors added (see trace_result)
 
 
-def plan_text(cfg, gpus: int | None = None, gpu_mem_gib: float = 80.0) -> str:  # noqa: ANN001
+def plan_text(cfg: JobSpec, gpus: int | None = None, gpu_mem_gib: float = 80.0) -> str:
     """The plan table of a validated spec (also printed by `flashdmd train --dry-run`)."""
     from trainer.plan import format_plan, make_plan
 

@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 
 from trainer.buckets import Size, assign, fit, to_float, to_uint8
 from trainer.datacache import DataCache, preprocess_of
+from trainer.jobspec import PrepareJob
 from trainer.models import Teacher
+from trainer.sink import Sink
 from trainer.sources import Report, Sample, open_source
 
 ENCODE_BATCH = 16
@@ -114,7 +116,7 @@ def prepare(source: str, out: str | Path, teacher: Teacher, *, buckets: list[Siz
     return PrepareResult(cache.root, written, total_images, report.skipped, time.perf_counter() - t0)
 
 
-def run_prepare(cfg, sink, *, run_dir: str | Path, resume: bool = False) -> int:  # noqa: ANN001
+def run_prepare(cfg: PrepareJob, sink: Sink, *, run_dir: str | Path, resume: bool = False) -> int:
     """The `kind: prepare` job (flashjob/cli.py run_job): prepare into prepare.output or RUN_DIR/cache.
 
     A prepare always resumes an unfinished cache (finished shards are kept), so `resume` changes nothing.

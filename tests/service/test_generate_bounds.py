@@ -36,7 +36,7 @@ def _post(client, headers, checkpoint, **body):
 
 
 def test_work_beyond_the_budget_is_a_422_naming_the_fields(client, auth, checkpoint) -> None:
-    """Finding 1: a request within the size limits but 64x the training pixels of a 32 px checkpoint held the
+    """a request within the size limits but 64x the training pixels of a 32 px checkpoint held the
     only slot for minutes. Work (images x pixels / training pixels x steps) is bounded per request."""
     big = _post(client, auth, checkpoint, width=256, height=256)  # 64 x 32^2 pixels, 4 steps: 256 units
     assert big.status_code == 422, big.text

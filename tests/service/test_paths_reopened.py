@@ -1,4 +1,4 @@
-"""Finding 6: a data file or model folder swapped for a symlink after submit was read from outside the roots.
+"""a data file or model folder swapped for a symlink after submit was read from outside the roots.
 
 Every spec field that names a file is checked at submit by the API and again, after realpath, where the
 trainer opens it, with the roots the worker passes down (api/runner.py roots_env) and the one shared

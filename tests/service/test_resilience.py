@@ -50,7 +50,7 @@ def _kinds(app: App, job_id: str) -> list[str]:
 
 
 def test_a_log_offset_far_past_the_end_is_empty_with_the_next_offset(app: App) -> None:
-    """Finding 4: the OS refuses a seek near 2^44, and that was a 500. The offset is bounded by the file."""
+    """the OS refuses a seek near 2^44, and that was a 500. The offset is bounded by the file."""
     auth = app.token()
     job_id = _job(app, auth)
     log = app.settings.run_dir(job_id) / "trainer.log"
@@ -66,7 +66,7 @@ def test_a_log_offset_far_past_the_end_is_empty_with_the_next_offset(app: App) -
 
 @pytest.mark.parametrize("kind", [{"a": 1}, ["distill"], 3, None])
 def test_a_spec_kind_that_is_not_a_string_is_a_422_naming_it(app: App, kind) -> None:
-    """Finding 5: an unhashable kind (an object, a list) raised TypeError in the kind lookup: a 500."""
+    """an unhashable kind (an object, a list) raised TypeError in the kind lookup: a 500."""
     res = app.post_json("/jobs", {"spec": {**TINY_SPEC, "kind": kind}}, app.token())
     assert res.status_code == 422, res.text
     assert res.json()["error"]["fields"] == ["spec.kind"]
@@ -178,7 +178,7 @@ def _drain(app: App, redis_client, queue: str) -> None:
 
 
 def test_a_sent_job_that_nobody_claims_is_sent_again_once_per_interval(app: App, redis_client) -> None:
-    """Finding 2: the broker lost the message (Redis restarted empty); the job had a dispatched_at, so the
+    """the broker lost the message (Redis restarted empty); the job had a dispatched_at, so the
     reaper never sent it again and it stayed queued for ever (and counted against its owner's quota)."""
     settings = app.settings.model_copy(update={"redispatch_after_seconds": 60})
     queue = pool_queue(settings, "cpu1")

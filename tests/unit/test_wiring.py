@@ -165,3 +165,17 @@ def test_cpu_runs_leave_one_core_free_unless_told(monkeypatch):
     monkeypatch.delenv("FLASHDMD_CPU_THREADS")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert cpu_threads(2) is None  # torch already follows OMP_NUM_THREADS
+
+
+def test_the_distiller_follows_the_sections_it_is_given_not_a_job(make_cfg):
+    from trainer.distill import job_sections
+
+    cfg = make_cfg()  # digits: real images, so flash mode builds the Pixel-GAN discriminator
+    sections = job_sections(cfg)
+    assert set(sections) == {"distill", "schedule", "optim", "train", "memory", "lora", "real_images"}
+    assert build(cfg).disc is not None
+    # The same job with the data section's answer overridden: no real images, no GAN. The Distiller holds no
+    # job to read it from behind the caller's back.
+    d = Distiller(load_teacher(cfg.model), Accelerator(cpu=True), **{**sections, "real_images": False})
+    assert d.disc is None and d.latent_head is None and not d.use_gan
+    assert not hasattr(d, "cfg")

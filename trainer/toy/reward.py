@@ -23,6 +23,7 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import torch
@@ -33,6 +34,10 @@ from trainer.data import DigitsDataset
 from trainer.reward import LatentRewardModel, save_lrm
 from trainer.reward_train import LRM_TIMESTEPS, train_lrm
 from trainer.toy.prompts import digit_prompt
+
+if TYPE_CHECKING:
+    from trainer.models import Teacher
+    from trainer.schedules import Parameterisation
 
 LOSER_KINDS = ("wrong_class", "blur", "noise", "erase")
 EVAL_TIMESTEPS = (1, 249, 499, 749, 999)
@@ -83,7 +88,7 @@ def make_pairs(images: Tensor, labels: Tensor, n: int, gen: torch.Generator,
             "label": torch.ones(n)}
 
 
-def encode_pairs(teacher, pairs: dict, gen: torch.Generator, chunk: int = 256) -> dict:  # noqa: ANN001
+def encode_pairs(teacher: Teacher, pairs: dict, gen: torch.Generator, chunk: int = 256) -> dict:
     def enc(x: Tensor) -> Tensor:
         return torch.cat([teacher.encode_images(x[i:i + chunk].to(teacher.device), gen) for i in range(0, len(x), chunk)])
 
@@ -99,7 +104,8 @@ def batches(pairs: dict, batch_size: int, gen: torch.Generator) -> Iterator[dict
 
 
 @torch.no_grad()
-def pair_accuracy(lrm: LatentRewardModel, param, pairs: dict, timesteps: Sequence[int] = EVAL_TIMESTEPS,  # noqa: ANN001
+def pair_accuracy(lrm: LatentRewardModel, param: Parameterisation, pairs: dict,
+                  timesteps: Sequence[int] = EVAL_TIMESTEPS,
                   seed: int = 1, chunk: int = 128) -> dict[str, float]:
     """Fraction of pairs where the winner outscores the loser, both noised at t (independent noise)."""
     gen = torch.Generator().manual_seed(seed)
