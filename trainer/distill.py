@@ -45,6 +45,7 @@ if TYPE_CHECKING:
         TrainSpec,
     )
 
+
 def job_sections(job: DistillJob) -> dict[str, Any]:
     """The Distiller's keyword arguments: the sections of a stage-1 (or stage-2) job it reads."""
     return {"distill": job.distill, "schedule": job.schedule, "optim": job.optim, "train": job.train,

@@ -51,7 +51,7 @@ def resolve_init(ref: str) -> Path:
     return latest
 
 
-def load_stage1(ckpt: Path, distiller: Distiller, cfg: RLJob) -> tuple[dict, list[str]]:
+def load_stage1(ckpt: Path, distiller: Distiller) -> tuple[dict, list[str]]:
     """Copy the stage-1 weights into the distiller's networks; returns (meta, names loaded)."""
     meta = json.loads((ckpt / "meta.json").read_text())
     t = distiller.teacher
@@ -60,7 +60,7 @@ def load_stage1(ckpt: Path, distiller: Distiller, cfg: RLJob) -> tuple[dict, lis
     if list(meta.get("timesteps", [])) != list(distiller.S):
         raise InputError(f"rl.init_from: {ckpt} was trained with timesteps {meta.get('timesteps')}, but "
                          f"schedule.timesteps is {distiller.S}; use the stage-1 schedule")
-    if (meta.get("lora") is None) != (cfg.model.lora is None):
+    if (meta.get("lora") is None) != (distiller.lora is None):
         raise InputError(f"rl.init_from: {ckpt} has {'a LoRA' if meta.get('lora') else 'a full'} generator; "
                          "set model.lora to match it")
     loaded = []
@@ -78,8 +78,9 @@ def load_stage1(ckpt: Path, distiller: Distiller, cfg: RLJob) -> tuple[dict, lis
     return meta, loaded
 
 
-def build_reward(spec: RewardSpec, teacher: Teacher, cfg: RLJob, sink: Sink) -> RewardModel:
-    """The reward model named by rl.reward (built before bf16 casts of the teacher touch its weights)."""
+def build_reward(spec: RewardSpec, teacher: Teacher, seed: int, sink: Sink) -> RewardModel:
+    """The reward model named by rl.reward (built before bf16 casts of the teacher touch its weights). seed:
+    train.seed, which draws an untrained LRM's random projection."""
     if spec.kind == "pixel":
         try:
             scorer = pixel_scorer(spec.scorer or "")
@@ -98,7 +99,7 @@ def build_reward(spec: RewardSpec, teacher: Teacher, cfg: RLJob, sink: Sink) -> 
                        "it only to check the plumbing", field="rl.reward.path")
         try:
             lrm = LatentRewardModel.from_pipeline(teacher.pipe, resolution=teacher.resolution,
-                                                  vfe_scale=spec.vfe_scale, seed=cfg.train.seed)
+                                                  vfe_scale=spec.vfe_scale, seed=seed)
         except TypeError as err:
             raise InputError(f"rl.reward: {err}") from None
     else:
@@ -121,7 +122,7 @@ def init_from_stage1(cfg: RLJob, distiller: Distiller, sink: Sink) -> Path | Non
                        field="rl.init_from")
         return None
     init = resolve_init(cfg.rl.init_from)
-    meta, loaded = load_stage1(init, distiller, cfg)
+    meta, loaded = load_stage1(init, distiller)
     if meta.get("teacher") != cfg.model.teacher:
         sink.log_event("warning", f"rl.init_from was distilled from {meta.get('teacher')!r}, this run's "
                        f"teacher is {cfg.model.teacher!r}", field="rl.init_from")
@@ -180,7 +181,7 @@ def _rl(setup: Setup) -> tuple[Method, ValidationPlan]:
     cfg = setup.cfg
     assert isinstance(cfg, RLJob)
     # The reward is built before the Distiller's bf16 cast of the teacher touches its weights.
-    reward = reward_for_training(build_reward(cfg.rl.reward, setup.teacher, cfg, setup.sink), cfg, setup.acc)
+    reward = reward_for_training(build_reward(cfg.rl.reward, setup.teacher, cfg.train.seed, setup.sink), cfg, setup.acc)
     ds, plan = prepare_data(setup)
     return RLMethod(setup, ds, reward), plan
 

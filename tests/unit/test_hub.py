@@ -168,13 +168,13 @@ def test_the_reward_model_loads_from_a_hub_id(hub_cache, tmp_path, make_cfg, tin
     teacher = load_teacher(ModelSpec(teacher=str(tiny_dir("sdxl"))))
     save_lrm(LatentRewardModel.from_pipeline(teacher.pipe, resolution=teacher.resolution, seed=3), tmp_path / "lrm")
     add_snapshot(hub_cache, "org/lrm", {"sdxl-lrm": tmp_path / "lrm"})
-    cfg, sink = make_cfg(), JsonlSink(tmp_path / "run")
+    seed, sink = make_cfg().train.seed, JsonlSink(tmp_path / "run")
     z, t = torch.randn(2, teacher.latent_channels, 16, 16), torch.tensor([999, 249])
     scores = []
     for path in (str(tmp_path / "lrm"), "org/lrm/sdxl-lrm@main"):
         with torch.no_grad():
-            scores.append(build_reward(RewardSpec(path=path), teacher, cfg, sink).score(z, t, ["a cat", "a dog"]))
+            scores.append(build_reward(RewardSpec(path=path), teacher, seed, sink).score(z, t, ["a cat", "a dog"]))
     torch.testing.assert_close(scores[0], scores[1])
     with pytest.raises(InputError, match=r"^rl\.reward\.path: cannot resolve hub id 'org/lrm@v2'"):
-        build_reward(RewardSpec(path="org/lrm@v2"), teacher, cfg, sink)
+        build_reward(RewardSpec(path="org/lrm@v2"), teacher, seed, sink)
     sink.close()

@@ -277,3 +277,24 @@ def test_flow_lora_generator_with_the_pixel_reward(joint):
     assert logs["loss/rl"] == pytest.approx(math.log(2), abs=1e-12) and logs["rl/updated"] == 1.0
     assert all(torch.equal(p, base0[n]) for n, p in rl.generator.named_parameters() if n in base0)
     assert rl.rl_update(["a handwritten digit one"], 1)["rl/H"] != 0.0
+
+
+def test_init_from_a_stage1_checkpoint_of_the_other_generator_kind_is_an_input_error(make_cfg, tmp_path):
+    """The Distiller's own `lora` section decides: a full-weight generator cannot load a LoRA checkpoint."""
+    import json
+
+    from trainer.errors import InputError
+    from trainer.rl_loop import load_stage1
+
+    cfg = make_cfg()  # full weights
+    d = Distiller.for_job(cfg, load_teacher(cfg.model), Accelerator(cpu=True))
+    ckpt = tmp_path / "step-00000004"
+    (ckpt / "trainable").mkdir(parents=True)
+    meta = {"family": d.teacher.family, "timesteps": list(d.S), "lora": {"rank": 2, "alpha": 2.0}}
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"^rl\.init_from: .* has a LoRA generator; set model\.lora to match it"):
+        load_stage1(ckpt, d)
+    # The same kind passes the check and reaches the weights, which this folder lacks.
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "lora": None}))
+    with pytest.raises(InputError, match=r"has no trainable/generator\.safetensors"):
+        load_stage1(ckpt, d)
