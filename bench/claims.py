@@ -193,7 +193,7 @@ def reward_key(rl: dict) -> str:
     reward descends from it) where the study recorded it at the start and at every checkpoint; otherwise the
     score of the judge the trained reward was fine-tuned from (an older study), whose rise is near in-sample."""
     points = [p for by in rl["runs"].values() for r in by.values() for p in r["points"]]
-    return "judge_independent" if JUDGE2 in rl["start"] and all(JUDGE2 in p for p in points) else "reward"
+    return JUDGE2 if JUDGE2 in rl["start"] and all(JUDGE2 in p for p in points) else "reward"
 
 
 # ------------------------------------------------------------------------------------------------- the table

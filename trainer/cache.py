@@ -9,24 +9,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trainer.installed import Installed
+
 CACHE_ENV = "FLASHDMD_CACHE"
 
-_root: Path | None = None
+_root: Installed[Path | None] = Installed(None)
+installed_cache_root = _root.get
 
 
 def install_cache_root(root: str | Path | None) -> Path | None:
     """Make `root` (None: the default) the cache root of this process; returns the previous one."""
-    global _root
-    previous, _root = _root, (Path(root) if root else None)
-    return previous
-
-
-def installed_cache_root() -> Path | None:
-    return _root
+    return _root.install(Path(root) if root else None)
 
 
 def flashdmd_cache(override: str | Path | None = None) -> Path:
     """`override` if given, else the installed root, else `~/.cache/flashdmd`."""
     if override is not None:
         return Path(override)
-    return _root if _root is not None else Path.home() / ".cache" / "flashdmd"
+    root = _root.get()
+    return root if root is not None else Path.home() / ".cache" / "flashdmd"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from trainer.errors import InputError
+from trainer.installed import Installed
 
 ENV = "FLASHDMD_ALLOWED_DATA_ROOTS"
 MODEL_ENV = "FLASHDMD_ALLOWED_MODEL_ROOTS"
@@ -67,18 +68,9 @@ def parse_roots(env: Mapping[str, str]) -> Roots:
                  run_root=os.path.realpath(run_root) if run_root else None)
 
 
-_installed = Roots()
-
-
-def install_roots(roots: Roots) -> Roots:
-    """Make `roots` the ones every later check uses; returns the previous ones (to restore them)."""
-    global _installed
-    previous, _installed = _installed, roots
-    return previous
-
-
-def installed_roots() -> Roots:
-    return _installed
+_installed: Installed[Roots] = Installed(Roots())
+install_roots = _installed.install  # the roots every later check uses; returns the previous ones
+installed_roots = _installed.get
 
 
 def _named_run(spelled: str, run_root: str) -> str | None:
@@ -102,7 +94,7 @@ def check_opened(path: str | os.PathLike[str], field: str, *, kind: Literal["dat
     (as at submit): a folder swapped for a link into another owner's run directory is refused."""
     spelled = os.path.expanduser(os.fspath(path))
     real = os.path.realpath(spelled)
-    installed = _installed
+    installed = installed_roots()
     roots = installed.data if kind == "data" else installed.model
     if roots is None:
         return Path(real)
@@ -138,7 +130,7 @@ def opened_model(value: str, field: str, *, runs_ok: bool = False) -> str:
 
 def check_data_file(path: Path, where: str) -> None:
     """Raise InputError naming `where` (e.g. "data.manifest: m.jsonl:3") when `path` leads outside the roots."""
-    roots = _installed.data
+    roots = installed_roots().data
     if roots is None:
         return
     if not under_root(os.path.realpath(path), roots):

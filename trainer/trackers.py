@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import InputError
+from trainer.installed import Installed
 from trainer.sink import Sink
 
 TRACKER_DIR = "trackers"
@@ -44,18 +45,9 @@ class TrackerEnv:
         return cls(env.get("WANDB_MODE"), env.get("MLFLOW_TRACKING_URI"))
 
 
-_tracker_env = TrackerEnv()
-
-
-def install_tracker_env(value: TrackerEnv) -> TrackerEnv:
-    """Make `value` the tracker settings of this process; returns the previous ones."""
-    global _tracker_env
-    previous, _tracker_env = _tracker_env, value
-    return previous
-
-
-def installed_tracker_env() -> TrackerEnv:
-    return _tracker_env
+_tracker_env: Installed[TrackerEnv] = Installed(TrackerEnv())
+install_tracker_env = _tracker_env.install  # this process's tracker settings; returns the previous ones
+installed_tracker_env = _tracker_env.get
 
 
 def check_trackers(names: list[str]) -> None:
